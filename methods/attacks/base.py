@@ -1,0 +1,325 @@
+"""What every poisoning attack shares: its config, index selection and label rules, the poisoned dataset, the
+backdoored-model artifact that defenses consume, evaluation (ACC / ASR / RA), and the standard training recipe.
+
+Poisoning happens at the dataset level, before augmentation (methods.md section 2.5); validation and test
+images are kept clean and get the trigger only at evaluation time.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from methods.core.config import Config, choice, ranged
+from methods.core.context import RunContext
+from methods.core.metrics import accuracy
+from methods.core.training import (
+    full_state,
+    make_generator,
+    predict_logits,
+    resolve_seed,
+    restore_full_state,
+    sgd,
+    train_epoch,
+    unwrap,
+)
+from methods.data.augment import standard_augment
+from methods.data.base import DatasetInfo, Splits, load_splits
+from methods.models.base import BackdoorModel, build_model
+from methods.attacks.triggers import Trigger, trigger_from_state
+
+LABEL_MODES = ("all2one", "all2all", "cleanLabel")
+# default: D-BR's counts (all2one: rate x non-target images, all2all: rate x N, cleanLabel: rate x target class);
+# bernoulli: ASD's independent draw per candidate; uniform: PBE/NAD's rate x N over all images.
+POISON_INDEX_MODES = ("default", "bernoulli", "uniform")
+
+
+@dataclass
+class AttackConfig(Config):
+    dataset: str = "digits"
+    model: str = "small_cnn"
+    target: int = ranged(0, 0, None, "target class (all2one, cleanLabel)")
+    label_mode: str = choice("all2one", LABEL_MODES)
+    poison_rate: float = ranged(0.1, 0.0, 1.0, "fraction of candidates poisoned (see poison_index_mode)")
+    poison_index_mode: str = choice("default", POISON_INDEX_MODES)
+    seed: int = ranged(0, 0, None, "derives the split, poison, train and clean seeds unless those are set")
+    split_seed: Optional[int] = ranged(None, 0, None)
+    poison_seed: Optional[int] = ranged(None, 0, None)
+    train_seed: Optional[int] = ranged(None, 0, None)
+    clean_seed: Optional[int] = ranged(None, 0, None, "clean-subset draws of defenses built on this attack")
+    epochs: int = ranged(100, 1, 10_000)
+    batch_size: int = ranged(128, 1, 65_536)
+    lr: float = ranged(0.01, 0.0, 10.0)
+    momentum: float = ranged(0.9, 0.0, 1.0)
+    weight_decay: float = ranged(5e-4, 0.0, 1.0)
+    augment: bool = True
+    eval_batch_size: int = ranged(1024, 1, 1_000_000)
+
+    def seeds(self) -> dict[str, int]:
+        return {
+            "split_seed": resolve_seed(self.seed, "split", self.split_seed),
+            "poison_seed": resolve_seed(self.seed, "poison", self.poison_seed),
+            "train_seed": resolve_seed(self.seed, "train", self.train_seed),
+            "clean_seed": resolve_seed(self.seed, "clean", self.clean_seed),
+        }
+
+    def validate(self) -> None:
+        from methods.core.registry import DATASETS, MODELS
+
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset: unknown {self.dataset!r}; known: {', '.join(DATASETS.names())}")
+        if self.model not in MODELS:
+            raise ValueError(f"model: unknown {self.model!r}; known: {', '.join(MODELS.names())}")
+
+
+def poison_targets(y: torch.Tensor, label_mode: str, target: int, num_classes: int) -> torch.Tensor:
+    if label_mode == "all2one":
+        return torch.full_like(y, target)
+    if label_mode == "all2all":
+        return (y + 1) % num_classes
+    return y.clone()  # cleanLabel keeps labels
+
+
+def select_poison_indices(
+    y: torch.Tensor, rate: float, label_mode: str, target: int, mode: str, generator: torch.Generator
+) -> torch.Tensor:
+    """Sorted indices of the training images to poison (see POISON_INDEX_MODES)."""
+    n = len(y)
+    if label_mode == "cleanLabel":
+        candidates = torch.nonzero(y == target).flatten()
+    elif label_mode == "all2one" and mode != "uniform":
+        candidates = torch.nonzero(y != target).flatten()
+    else:
+        candidates = torch.arange(n)
+    if mode == "bernoulli":
+        picked = candidates[torch.rand(len(candidates), generator=generator) < rate]
+    else:
+        base = n if (mode == "uniform" and label_mode != "cleanLabel") else len(candidates)
+        count = min(int(rate * base), len(candidates))
+        picked = candidates[torch.randperm(len(candidates), generator=generator)[:count]]
+    return picked.sort().values
+
+
+@dataclass
+class PoisonedData:
+    """The poisoned training set with its ground truth, and clean validation/test sets."""
+
+    info: DatasetInfo
+    trigger: Trigger
+    label_mode: str
+    target: int
+    x_train: torch.Tensor  # uint8, poisoned where poison_flags
+    y_train: torch.Tensor  # labels as trained
+    y_train_orig: torch.Tensor
+    poison_flags: torch.Tensor  # bool
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    _backdoor_sets: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    def to(self, device: torch.device) -> "PoisonedData":
+        tensors = {k: v.to(device) for k, v in self.__dict__.items() if isinstance(v, torch.Tensor)}
+        others = {k: v for k, v in self.__dict__.items() if not isinstance(v, torch.Tensor) and k != "_backdoor_sets"}
+        return PoisonedData(**others, **tensors)
+
+    def clean_set(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.x_val, self.y_val) if split == "val" else (self.x_test, self.y_test)
+
+    def backdoor_set(self, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(triggered images, attack targets, true labels) for the ASR/RA of `split`; built once per split."""
+        if split not in self._backdoor_sets:
+            x, y = self.clean_set(split)
+            keep = torch.ones_like(y, dtype=torch.bool) if self.label_mode == "all2all" else y != self.target
+            xs, ys = x[keep], y[keep]
+            self._backdoor_sets[split] = (
+                self.trigger.apply(xs, test=True),
+                poison_targets(ys, "all2one" if self.label_mode == "cleanLabel" else self.label_mode, self.target, self.num_classes),
+                ys,
+            )
+        return self._backdoor_sets[split]
+
+    @property
+    def poison_fraction(self) -> float:
+        return self.poison_flags.float().mean().item()
+
+
+def evaluate(model: nn.Module, data: PoisonedData, splits=("val", "test"), batch_size: int = 1024) -> dict[str, float]:
+    """ACC, ASR and RA of `model` on the given splits (eval mode, un-augmented images)."""
+    out: dict[str, float] = {}
+    for split in splits:
+        x, y = data.clean_set(split)
+        out[f"{split}_acc"] = accuracy(predict_logits(model, x, batch_size).argmax(1), y)
+        xb, yt, ytrue = data.backdoor_set(split)
+        pred = predict_logits(model, xb, batch_size).argmax(1)
+        out[f"{split}_asr"] = accuracy(pred, yt)
+        out[f"{split}_ra"] = accuracy(pred, ytrue)
+    return out
+
+
+@dataclass
+class Backdoor:
+    """A trained backdoored model together with the data it was trained on: what every defense starts from."""
+
+    attack: str
+    config: dict[str, Any]
+    data: PoisonedData
+    model_name: str
+    model_state: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+    seeds: dict[str, int]
+
+    def build_model(self, device: torch.device | str = "cpu") -> BackdoorModel:
+        model = build_model(self.model_name, self.data.info)
+        model.load_state_dict(self.model_state)
+        return model.to(device)
+
+    def to(self, device: torch.device) -> "Backdoor":
+        return Backdoor(self.attack, self.config, self.data.to(device), self.model_name, self.model_state, self.metrics, self.seeds)
+
+    # Saved as safetensors (tensors) plus JSON (everything else): loading never executes code.
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        d = self.data
+        tensors = {
+            **{f"data.{k}": getattr(d, k).cpu().contiguous() for k in (
+                "x_train", "y_train", "y_train_orig", "poison_flags", "x_val", "y_val", "x_test", "y_test")},
+            **{f"trigger.{k}": v.contiguous() for k, v in d.trigger.tensors.items()},
+            **{f"model.{k}": v.cpu().contiguous() for k, v in self.model_state.items()},
+        }
+        save_file(tensors, str(directory / "backdoor.safetensors"))
+        meta = {
+            "attack": self.attack,
+            "config": self.config,
+            "model_name": self.model_name,
+            "metrics": self.metrics,
+            "seeds": self.seeds,
+            "info": d.info.__dict__,
+            "label_mode": d.label_mode,
+            "target": d.target,
+            "trigger": {"kind": d.trigger.kind, "params": d.trigger.params},
+        }
+        (directory / "backdoor.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+
+    @staticmethod
+    def load(directory: Path) -> "Backdoor":
+        from safetensors.torch import load_file
+
+        meta = json.loads((directory / "backdoor.json").read_text())
+        tensors = load_file(str(directory / "backdoor.safetensors"))
+        part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+        info_fields = dict(meta["info"])
+        for key in ("mean", "std"):
+            info_fields[key] = tuple(info_fields[key])
+        info = DatasetInfo(**info_fields)
+        trigger = trigger_from_state(meta["trigger"]["kind"], meta["trigger"]["params"], part("trigger."))
+        data = PoisonedData(info=info, trigger=trigger, label_mode=meta["label_mode"], target=meta["target"], **part("data."))
+        return Backdoor(meta["attack"], meta["config"], data, meta["model_name"], part("model."), meta["metrics"], meta["seeds"])
+
+
+TriggerFactory = Callable[[DatasetInfo, Any, int], Trigger]
+PoisonHook = Callable[..., torch.Tensor]
+
+
+def build_poisoned_data(
+    splits: Splits,
+    cfg: AttackConfig,
+    trigger: Trigger,
+    poison_seed: int,
+    poison_images: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]] = None,
+) -> PoisonedData:
+    """Select the poison indices, apply the trigger (or the attack's own `poison_images`) and relabel."""
+    info = splits.info
+    if not 0 <= cfg.target < info.num_classes:
+        raise ValueError(f"target: {cfg.target} is not a class of {info.name} (0..{info.num_classes - 1})")
+    g = torch.Generator().manual_seed(poison_seed)
+    x, y = splits.x_train.clone(), splits.y_train.clone()
+    idx = select_poison_indices(y, cfg.poison_rate, cfg.label_mode, cfg.target, cfg.poison_index_mode, g)
+    if len(idx):
+        x[idx] = poison_images(x[idx], y[idx], g) if poison_images else trigger.apply(x[idx], test=False, generator=g)
+        y[idx] = poison_targets(y[idx], cfg.label_mode, cfg.target, info.num_classes)
+    flags = torch.zeros(len(y), dtype=torch.bool)
+    flags[idx] = True
+    return PoisonedData(
+        info=info, trigger=trigger, label_mode=cfg.label_mode, target=cfg.target,
+        x_train=x, y_train=y, y_train_orig=splits.y_train.clone(), poison_flags=flags,
+        x_val=splits.x_val, y_val=splits.y_val, x_test=splits.x_test, y_test=splits.y_test,
+    )
+
+
+def train_classifier(
+    ctx: RunContext,
+    model: nn.Module,
+    data: PoisonedData,
+    cfg: AttackConfig,
+    train_seed: int,
+    augment: Optional[Callable[[torch.Tensor, DatasetInfo, torch.Generator], torch.Tensor]] = standard_augment,
+    report: bool = True,
+) -> dict[str, float]:
+    """The standard recipe (SGD with momentum, cosine schedule) on the poisoned set; checkpoints every epoch
+    and resumes from the context's last checkpoint. Reports val/test ACC, ASR and RA each epoch."""
+    device = ctx.device
+    optimizer = sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    g = make_generator(train_seed, device)
+    models, opts, scheds, gens = {"model": model}, {"opt": optimizer}, {"sched": scheduler}, {"train": g}
+    start = 0
+    state = ctx.load_state() if report else None
+    if state is not None:
+        start = restore_full_state(state, models, opts, scheds, gens)
+    wrapped = ctx.wrap_model(model)
+    aug = (lambda xb: augment(xb, data.info, g)) if (augment is not None and cfg.augment) else None
+    metrics: dict[str, float] = {}
+    for epoch in range(start + 1, cfg.epochs + 1):
+        loss = train_epoch(wrapped, optimizer, data.x_train, data.y_train, cfg.batch_size, g, aug,
+                           rank=ctx.rank, world_size=ctx.world_size)
+        scheduler.step()
+        if report:
+            metrics = {**evaluate(unwrap(model), data, batch_size=cfg.eval_batch_size), "train_loss": loss.item()}
+            ctx.report(metrics, step=epoch)
+            ctx.save_state(full_state(epoch, models, opts, scheds, gens))
+    if not report:
+        metrics = evaluate(model, data, batch_size=cfg.eval_batch_size)
+    return metrics
+
+
+def run_attack(
+    ctx: RunContext,
+    name: str,
+    cfg: AttackConfig,
+    make_trigger: TriggerFactory,
+    poison_images_factory: Optional[Callable[..., Any]] = None,
+    augment=standard_augment,
+    postprocess: Optional[Callable[[PoisonedData, dict[str, int]], None]] = None,
+) -> Backdoor:
+    """Load the data, poison it, train the backdoored model, and return the Backdoor artifact.
+    `poison_images_factory` replaces plain trigger stamping (CL); `postprocess` edits the poisoned set before
+    training (WaNet's noise-mode images)."""
+    seeds = cfg.seeds()
+    splits = load_splits(cfg.dataset, seeds["split_seed"], ctx.data_root, ctx.download, ctx.data_config)
+    trigger = make_trigger(splits.info, cfg, seeds["poison_seed"])
+    poison_images = poison_images_factory(ctx, cfg, splits, trigger, seeds) if poison_images_factory else None
+    data = build_poisoned_data(splits, cfg, trigger, seeds["poison_seed"], poison_images)
+    if postprocess is not None:
+        postprocess(data, seeds)
+    data = data.to(ctx.device)
+    torch.manual_seed(seeds["train_seed"])
+    model = build_model(cfg.model, data.info).to(ctx.device)
+    ctx.progress(f"{cfg.dataset}: {int(data.poison_flags.sum())} of {len(data.y_train)} training images poisoned")
+    metrics = train_classifier(ctx, model, data, cfg, seeds["train_seed"], augment)
+    state = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+    return Backdoor(
+        attack=name, config=cfg.to_dict(), data=data, model_name=cfg.model,
+        model_state=state, metrics=metrics, seeds=seeds,
+    )

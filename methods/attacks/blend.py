@@ -1,0 +1,52 @@
+"""Blend: an alpha-blended full-image trigger (Chen, Liu, Li, Lu, Song, "Targeted Backdoor Attacks on Deep
+Learning Systems Using Data Poisoning", 2017). Patterns: a fixed seeded noise image (`random`, standing in for
+the Hello-Kitty image we cannot ship), D-BR's Blend-Strip (`stripe`), fresh noise per image (`noise`, the
+randomPixelTrigger of NAD/D-BR) or a user image file (`file`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from methods.attacks.base import AttackConfig, run_attack
+from methods.attacks.triggers import BlendTrigger, image_file_pattern, random_pattern, stripe_pattern
+from methods.core.config import choice, ranged
+from methods.core.method import register_method
+from methods.data.base import DatasetInfo
+
+
+@dataclass
+class BlendConfig(AttackConfig):
+    pattern: str = choice("random", ("random", "stripe", "noise", "file"))
+    pattern_file: Optional[str] = None
+    alpha: float = ranged(0.2, 0.0, 1.0, "blend weight of the pattern in poisoned training images")
+    alpha_test: Optional[float] = ranged(None, 0.0, 1.0, "blend weight at evaluation (default: alpha)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.pattern == "file" and not self.pattern_file:
+            raise ValueError("pattern_file: required when pattern is 'file'")
+
+
+def make_blend_trigger(info: DatasetInfo, cfg: BlendConfig, seed: int) -> BlendTrigger:
+    c, s = info.channels, info.size
+    params = {
+        "channels": c, "size": s, "pattern": cfg.pattern, "alpha": cfg.alpha,
+        "alpha_test": cfg.alpha if cfg.alpha_test is None else cfg.alpha_test,
+        "noise": cfg.pattern == "noise", "noise_seed": seed,
+    }
+    if cfg.pattern == "noise":
+        return BlendTrigger(params, {})
+    if cfg.pattern == "random":
+        pattern = random_pattern(c, s, seed)
+    elif cfg.pattern == "stripe":
+        pattern = stripe_pattern(c, s)
+    else:
+        pattern = image_file_pattern(cfg.pattern_file, c, s)
+    return BlendTrigger(params, {"pattern": pattern})
+
+
+@register_method("blend", kind="attack", config=BlendConfig)
+def run(ctx, cfg: BlendConfig):
+    return run_attack(ctx, "blend", cfg, make_blend_trigger)

@@ -1,0 +1,63 @@
+"""CL (label-consistent backdoor; Turner, Tsipras, Madry, "Label-Consistent Backdoor Attacks", 2019): only
+target-class images are poisoned and labels are unchanged; each chosen image is first made hard to classify by
+untargeted PGD against a clean model (D-BR: eps 8/255, step 2/255, 4 steps, random start), then the four-corner
+trigger is stamped. The clean model is the `badnets` recipe at poison rate 0 (`clean_epochs` epochs). Test
+images get the trigger only."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from methods.attacks.base import LABEL_MODES, AttackConfig, build_poisoned_data, run_attack, train_classifier
+from methods.attacks.triggers import PatchTrigger, four_corner_pattern
+from methods.core.config import choice, ranged
+from methods.core.pgd import pgd_untargeted
+from methods.core.training import to_float
+from methods.core.method import register_method
+from methods.data.base import DatasetInfo
+from methods.models.base import build_model
+
+
+@dataclass
+class CLConfig(AttackConfig):
+    label_mode: str = choice("cleanLabel", LABEL_MODES)
+    pgd_eps: float = ranged(8 / 255, 0.0, 1.0)
+    pgd_step_size: float = ranged(2 / 255, 0.0, 1.0)
+    pgd_steps: int = ranged(4, 0, 1000)
+    clean_epochs: Optional[int] = ranged(None, 1, 10_000, "epochs of the clean model (default: epochs)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.label_mode != "cleanLabel":
+            raise ValueError("label_mode: CL is a clean-label attack; only 'cleanLabel' is allowed")
+
+
+def make_cl_trigger(info: DatasetInfo, cfg: CLConfig, seed: int) -> PatchTrigger:
+    mask, pattern = four_corner_pattern(info.channels, info.size)
+    return PatchTrigger({"channels": info.channels, "size": info.size, "pattern": "four_corner"},
+                        {"mask": mask, "pattern": pattern})
+
+
+def hardened_poison(ctx, cfg: CLConfig, splits, trigger: PatchTrigger, seeds: dict[str, int]):
+    clean_cfg = cfg.replace(poison_rate=0.0, epochs=cfg.clean_epochs or cfg.epochs)
+    clean_data = build_poisoned_data(splits, clean_cfg, trigger, seeds["poison_seed"]).to(ctx.device)
+    torch.manual_seed(seeds["train_seed"])
+    clean_model = build_model(cfg.model, splits.info).to(ctx.device)
+    ctx.progress("CL: training the clean model that hardens the poisoned images")
+    train_classifier(ctx, clean_model, clean_data, clean_cfg, seeds["train_seed"], report=False)
+
+    def poison_images(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        device_g = torch.Generator(device=ctx.device).manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+        adv = pgd_untargeted(clean_model, to_float(x.to(ctx.device)), y.to(ctx.device), cfg.pgd_eps,
+                             cfg.pgd_step_size, cfg.pgd_steps, random_start=True, generator=device_g)
+        hard = (adv * 255).round().clamp(0, 255).to(torch.uint8).cpu()
+        return trigger.apply(hard, test=False)
+
+    return poison_images
+
+
+@register_method("cl", kind="attack", config=CLConfig)
+def run(ctx, cfg: CLConfig):
+    return run_attack(ctx, "cl", cfg, make_cl_trigger, poison_images_factory=hardened_poison)

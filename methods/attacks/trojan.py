@@ -1,0 +1,27 @@
+"""Trojan: a fixed additive 3x3 patch in the style of TrojanNN (Liu et al., "Trojaning Attack on Neural
+Networks", NDSS 2018). TrojanNN optimises its patch against a model; like D-BR/NAD/ARGD we use a fixed one, but
+ours is generated once by this project from a seed (assets/trojan_patch.npy), nothing from the official
+repositories: x' = clip(x + T)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from methods.attacks.base import AttackConfig, run_attack
+from methods.attacks.triggers import AdditiveTrigger, trojan_patch
+from methods.core.method import register_method
+from methods.data.base import DatasetInfo
+
+
+@dataclass
+class TrojanConfig(AttackConfig):
+    pass
+
+
+def make_trojan_trigger(info: DatasetInfo, cfg: TrojanConfig, seed: int) -> AdditiveTrigger:
+    delta, _ = trojan_patch(info.channels, info.size)
+    return AdditiveTrigger({"channels": info.channels, "size": info.size}, {"delta": delta})
+
+
+@register_method("trojan", kind="attack", config=TrojanConfig)
+def run(ctx, cfg: TrojanConfig):
+    return run_attack(ctx, "trojan", cfg, make_trojan_trigger)

@@ -1,0 +1,53 @@
+"""WaNet: an imperceptible warping trigger (Nguyen & Tran, "WaNet - Imperceptible Warping-based Backdoor
+Attack", ICLR 2021). The grids are built once from the poison seed and saved with the attack so defenses can
+evaluate it; cross_ratio x (poisoned count) further images get a randomly jittered warp with their true label
+(the "noise mode" regulariser). Training uses the crop/rotation augmentation of the WaNet code base."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from methods.attacks.base import AttackConfig, PoisonedData, run_attack
+from methods.attacks.triggers import WarpTrigger, wanet_backdoor_grid, wanet_grids, wanet_noise_grids, warp
+from methods.core.config import ranged
+from methods.core.method import register_method
+from methods.data.augment import backdoor_pipeline_augment
+from methods.data.base import DatasetInfo
+
+
+@dataclass
+class WaNetConfig(AttackConfig):
+    k: int = ranged(4, 2, 64, "control grid size")
+    s: float = ranged(0.5, 0.0, 10.0, "warping strength")
+    grid_rescale: float = ranged(1.0, 0.0, 2.0)
+    cross_ratio: float = ranged(2.0, 0.0, 10.0, "noise-mode images per poisoned image")
+
+
+def make_wanet_trigger(info: DatasetInfo, cfg: WaNetConfig, seed: int) -> WarpTrigger:
+    identity, noise = wanet_grids(info.size, cfg.k, cfg.s, cfg.grid_rescale, seed)
+    grid = wanet_backdoor_grid(identity, noise, cfg.s, cfg.grid_rescale)
+    return WarpTrigger(
+        {"channels": info.channels, "size": info.size, "k": cfg.k, "s": cfg.s, "grid_rescale": cfg.grid_rescale},
+        {"grid": grid, "identity_grid": identity, "noise_grid": noise},
+    )
+
+
+def add_noise_mode(cfg: WaNetConfig):
+    def postprocess(data: PoisonedData, seeds: dict[str, int]) -> None:
+        g = torch.Generator().manual_seed(seeds["poison_seed"] + 1)
+        clean = torch.nonzero(~data.poison_flags).flatten()
+        count = min(int(cfg.cross_ratio * int(data.poison_flags.sum())), len(clean))
+        if count == 0:
+            return
+        chosen = clean[torch.randperm(len(clean), generator=g)[:count]]
+        grids = wanet_noise_grids(data.trigger.tensors["grid"], count, g)
+        data.x_train[chosen] = warp(data.x_train[chosen], grids)
+
+    return postprocess
+
+
+@register_method("wanet", kind="attack", config=WaNetConfig)
+def run(ctx, cfg: WaNetConfig):
+    return run_attack(ctx, "wanet", cfg, make_wanet_trigger, augment=backdoor_pipeline_augment,
+                      postprocess=add_noise_mode(cfg))

@@ -1,0 +1,136 @@
+"""The run context: the only way a method talks to the world.
+
+A method's `run(ctx, cfg)` trains on `ctx.device`, reports metrics with `ctx.report`, checkpoints with
+`ctx.save_state` / `ctx.load_state`, and hands per-sample arrays and per-epoch series over with `ctx.hand_off`
+/ `ctx.hand_off_series`. Defenses get their backdoored model and poisoned data from `ctx.backdoor()`.
+The orchestrator implements this on Ray Tune/Train and MLflow; `LocalContext` implements it in memory for
+tests and for plain scripts. Nothing here imports ray or mlflow.
+"""
+from __future__ import annotations
+
+import copy
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from methods.attacks.base import Backdoor
+    from methods.data.base import DataConfig
+
+
+class StopRun(Exception):
+    """Raised by a context to stop a run early (a test's simulated interruption, a scheduler's stop)."""
+
+
+@runtime_checkable
+class RunContext(Protocol):
+    device: torch.device
+    rank: int
+    world_size: int
+    data_root: Path
+    download: bool
+    data_config: "DataConfig"
+
+    def report(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def save_state(self, state: dict[str, Any]) -> None: ...
+
+    def load_state(self) -> dict[str, Any] | None: ...
+
+    def hand_off(self, name: str, table: dict[str, np.ndarray]) -> None: ...
+
+    def hand_off_series(self, name: str, series: dict[str, list[float]]) -> None: ...
+
+    def backdoor(self) -> "Backdoor": ...
+
+    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model to train with: DistributedDataParallel when world_size > 1, else the model itself."""
+
+    def progress(self, message: str) -> None: ...
+
+
+def serialize_state(state: dict[str, Any]) -> bytes:
+    """Full-state checkpoint to bytes. Loads back with weights_only=True: no code runs on load."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def deserialize_state(blob: bytes) -> dict[str, Any]:
+    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+
+
+@dataclass
+class LocalContext:
+    """In-memory context: reports go to a list, checkpoints to bytes, hand-offs to dicts.
+
+    `stop_after_step` raises StopRun after that step's report and checkpoint, which tests use to simulate an
+    interruption; a new LocalContext built with `checkpoint=` of the old one resumes it.
+    """
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    rank: int = 0
+    world_size: int = 1
+    data_root: Path = field(default_factory=lambda: Path.home() / ".cache" / "bdo" / "data")
+    download: bool = False
+    data_config: Any = None
+    backdoor_provider: Callable[[], "Backdoor"] | None = None
+    stop_after_step: int | None = None
+    checkpoint: bytes | None = None
+    reports: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    hand_offs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    series: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        if self.data_config is None:
+            from methods.data.base import DataConfig
+
+            self.data_config = DataConfig()
+
+    def report(self, metrics: dict[str, float], step: int) -> None:
+        self.reports.append((step, {k: float(v) for k, v in metrics.items()}))
+        if self.verbose:
+            shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
+            print(f"[step {step}] {shown}", flush=True)
+
+    def save_state(self, state: dict[str, Any]) -> None:
+        self.checkpoint = serialize_state(state)
+        step = state.get("step", state.get("epoch"))
+        if self.stop_after_step is not None and step is not None and step >= self.stop_after_step:
+            raise StopRun(f"stopped after step {step}")
+
+    def load_state(self) -> dict[str, Any] | None:
+        return None if self.checkpoint is None else deserialize_state(self.checkpoint)
+
+    def hand_off(self, name: str, table: dict[str, np.ndarray]) -> None:
+        lengths = {len(v) for v in table.values()}
+        if len(lengths) > 1:
+            raise ValueError(f"hand-off {name!r}: columns differ in length {sorted(lengths)}")
+        self.hand_offs[name] = {k: np.asarray(v) for k, v in table.items()}
+
+    def hand_off_series(self, name: str, series: dict[str, list[float]]) -> None:
+        self.series[name] = copy.deepcopy(series)
+
+    def backdoor(self) -> "Backdoor":
+        if self.backdoor_provider is None:
+            raise RuntimeError("this context has no backdoored model; pass backdoor_provider=")
+        return self.backdoor_provider()
+
+    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def progress(self, message: str) -> None:
+        if self.verbose:
+            print(message, flush=True)
+
+    def last(self, key: str) -> float:
+        """The last reported value of a metric."""
+        for _, metrics in reversed(self.reports):
+            if key in metrics:
+                return metrics[key]
+        raise KeyError(f"metric {key!r} was never reported")

@@ -1,0 +1,179 @@
+"""Training plumbing shared by every method: seeds, generators, minibatches over device-resident tensors,
+full-state checkpoints, and one supervised epoch.
+
+Randomness comes only from explicit generators (shuffling and augmentation) whose states go into every
+checkpoint together with the global RNG states, so a run interrupted after epoch k and resumed ends with the
+same weights, bit for bit on CPU.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SEED_PURPOSES = ("split", "poison", "train", "clean")
+
+
+def derive_seed(seed: int, purpose: str) -> int:
+    """A stable 31-bit seed for one purpose, so data split, poison indices, training and clean-subset draws
+    are independent but all follow from one user seed."""
+    digest = hashlib.sha256(f"bdo:{int(seed)}:{purpose}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def resolve_seed(seed: int, purpose: str, explicit: int | None) -> int:
+    return int(explicit) if explicit is not None else derive_seed(seed, purpose)
+
+
+def make_generator(seed: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (checkpoints store the bare module)."""
+    return getattr(model, "module", model)
+
+
+def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
+    return x_uint8.float().div_(255.0)
+
+
+def minibatches(
+    n: int,
+    batch_size: int,
+    generator: torch.Generator | None,
+    device: torch.device,
+    drop_last: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[torch.Tensor]:
+    """Index batches over n samples: a shuffled order when a generator is given. Under DDP every rank draws the
+    same order and takes its share of each global batch, so the global batch size stays `batch_size`."""
+    order = (
+        torch.randperm(n, generator=generator, device=device)
+        if generator is not None
+        else torch.arange(n, device=device)
+    )
+    stop = n - (n % batch_size) if drop_last else n
+    for start in range(0, stop, batch_size):
+        batch = order[start : start + batch_size]
+        if world_size > 1:
+            if len(batch) < world_size:  # every rank must take the same number of steps, or DDP hangs
+                continue
+            batch = batch[rank::world_size]
+        if len(batch):
+            yield batch
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x_uint8: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Eval-mode logits for uint8 images (restores the previous train/eval mode)."""
+    was_training = model.training
+    model.eval()
+    out = [model(to_float(x_uint8[i : i + batch_size])) for i in range(0, len(x_uint8), batch_size)]
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
+def predict_features(model: nn.Module, x_float: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    inner = unwrap(model)
+    out = [inner.features(x_float[i : i + batch_size]) for i in range(0, len(x_float), batch_size)]
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def rng_snapshot(generators: dict[str, torch.Generator]) -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np.frombuffer(np.random.get_state()[1].tobytes(), dtype=np.uint8).copy()),
+        "generators": {k: g.get_state() for k, g in generators.items()},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def rng_restore(state: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, g in generators.items():
+        g.set_state(state["generators"][name])
+
+
+def full_state(
+    step: int,
+    models: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    schedulers: dict[str, Any],
+    generators: dict[str, torch.Generator],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Everything a resumed run needs: weights, optimizer and scheduler states, RNG states and the step."""
+    return {
+        "step": int(step),
+        "models": {k: unwrap(m).state_dict() for k, m in models.items()},
+        "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+        "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+        "rng": rng_snapshot(generators),
+        "extra": extra or {},
+    }
+
+
+def restore_full_state(
+    state: dict[str, Any],
+    models: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    schedulers: dict[str, Any],
+    generators: dict[str, torch.Generator],
+) -> int:
+    """Load a `full_state` checkpoint in place; returns the step it was taken after."""
+    for k, m in models.items():
+        unwrap(m).load_state_dict(state["models"][k])
+    for k, o in optimizers.items():
+        o.load_state_dict(state["optimizers"][k])
+    for k, s in schedulers.items():
+        s.load_state_dict(state["schedulers"][k])
+    rng_restore(state["rng"], generators)
+    return int(state["step"])
+
+
+def sgd(params, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4, nesterov: bool = False) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x_uint8: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    rank: int = 0,
+    world_size: int = 1,
+) -> torch.Tensor:
+    """One supervised epoch over device-resident uint8 images. Returns the mean loss as a tensor, so the caller
+    decides when to synchronise with the host (no .item() per step)."""
+    model.train()
+    total = torch.zeros((), device=x_uint8.device)
+    steps = 0
+    for idx in minibatches(len(y), batch_size, generator, x_uint8.device, rank=rank, world_size=world_size):
+        xb = to_float(x_uint8[idx])
+        if augment is not None:
+            xb = augment(xb)
+        loss = loss_fn(model(xb), y[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach()
+        steps += 1
+    return total / max(steps, 1)

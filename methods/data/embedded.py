@@ -1,0 +1,83 @@
+"""Datasets that need no download: scikit-learn's bundled handwritten digits, and a procedural synthetic set."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from methods.core.registry import DATASETS
+from methods.data.base import DataConfig, DatasetInfo, RawDataset
+
+DIGITS_INFO = DatasetInfo(
+    name="digits", num_classes=10, channels=1, size=16, mean=(0.33,), std=(0.40,),
+    crop_pad=2, hflip=False, rotation_deg=10.0, val_fraction=0.125,
+)
+
+
+@DATASETS.register("digits")
+def digits(data_root=None, download=False, cfg: DataConfig | None = None) -> RawDataset:
+    """scikit-learn's 1,797 8x8 digits (values 0..16), scaled to 0..255 and resized to 16x16.
+
+    There is no official test split, so a fixed 20% (seeded, independent of the run's seeds) becomes the test
+    set; `load_splits` then holds out 12.5% of the remaining 80% for validation: 70/10/20 overall.
+    """
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.from_numpy(bunch.images.astype(np.float32) * (255.0 / 16.0)).unsqueeze(1)
+    images = F.interpolate(images, size=(16, 16), mode="bilinear", align_corners=False)
+    images = images.round().clamp(0, 255).to(torch.uint8)
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(20240521))
+    n_test = int(round(0.2 * len(labels)))
+    test, train = order[:n_test].sort().values, order[n_test:].sort().values
+    return RawDataset(DIGITS_INFO, images[train], labels[train], images[test], labels[test])
+
+
+SYNTHETIC_INFO = DatasetInfo(
+    name="synthetic", num_classes=10, channels=3, size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+    crop_pad=4, hflip=True, rotation_deg=0.0, val_fraction=0.05,
+)
+
+
+def synthetic_images(n: int, seed: int, num_classes: int = 10, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """A learnable CIFAR-shaped set: each class is an oriented grating with its own frequency and colour, drawn
+    at a random phase, contrast and position with pixel noise and a random background tint, so a small CNN has
+    to learn orientation/frequency/colour rather than memorise pixels."""
+    g = torch.Generator().manual_seed(int(seed))
+    class_g = torch.Generator().manual_seed(7)  # class definitions are fixed for every seed
+    angles = torch.arange(num_classes, dtype=torch.float32) * (math.pi / num_classes)
+    freqs = 2.0 + 4.0 * torch.rand(num_classes, generator=class_g)
+    colours = 0.35 + 0.65 * torch.rand(num_classes, 3, generator=class_g)
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    coords = torch.linspace(-1.0, 1.0, size)
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    out = torch.empty(n, 3, size, size, dtype=torch.uint8)
+    chunk = 4096
+    for start in range(0, n, chunk):
+        y = labels[start : start + chunk]
+        b = len(y)
+        angle = angles[y] + 0.15 * torch.randn(b, generator=g)
+        phase = 2 * math.pi * torch.rand(b, generator=g)
+        shift = 0.3 * torch.randn(b, 2, generator=g)
+        proj = (xx[None] - shift[:, 0, None, None]) * torch.cos(angle)[:, None, None] + (
+            yy[None] - shift[:, 1, None, None]
+        ) * torch.sin(angle)[:, None, None]
+        wave = torch.sin(freqs[y][:, None, None] * math.pi * proj + phase[:, None, None])
+        envelope = torch.exp(-((xx[None] - shift[:, 0, None, None]) ** 2 + (yy[None] - shift[:, 1, None, None]) ** 2))
+        contrast = 0.6 + 0.4 * torch.rand(b, 1, 1, 1, generator=g)
+        tint = 0.3 * torch.rand(b, 3, 1, 1, generator=g)
+        img = tint + contrast * colours[y][:, :, None, None] * (0.5 + 0.5 * wave * envelope)[:, None]
+        img = img + 0.08 * torch.randn(b, 3, size, size, generator=g)
+        out[start : start + b] = (img.clamp(0, 1) * 255).round().to(torch.uint8)
+    return out, labels
+
+
+@DATASETS.register("synthetic")
+def synthetic(data_root=None, download=False, cfg: DataConfig | None = None) -> RawDataset:
+    cfg = cfg or DataConfig()
+    x_train, y_train = synthetic_images(cfg.synthetic_train, seed=1)
+    x_test, y_test = synthetic_images(cfg.synthetic_test, seed=2)
+    return RawDataset(SYNTHETIC_INFO, x_train, y_train, x_test, y_test)

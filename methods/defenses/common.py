@@ -1,0 +1,69 @@
+"""Pieces every defense shares: the base config, the clean extra set, per-epoch evaluation with DER, and the
+hand-off of per-sample scores and pools (written by the orchestrator as scores.parquet)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from methods.attacks.base import Backdoor, evaluate
+from methods.core.config import Config, ranged
+from methods.core.context import RunContext
+from methods.core.metrics import POOL_NAMES, der, split_metrics
+from methods.core.training import unwrap
+
+
+@dataclass
+class DefenseConfig(Config):
+    seed: int = ranged(0, 0, None, "training seed of the defense")
+    clean_seed: Optional[int] = ranged(None, 0, None, "clean-subset seed (default: the attack's recorded clean_seed)")
+    eval_batch_size: int = ranged(1024, 1, 1_000_000)
+
+
+def clean_subset(backdoor: Backdoor, clean_ratio: float, clean_seed: int | None = None) -> torch.Tensor:
+    """Indices of `clean_ratio` x N genuinely clean training images (the defender's clean extra set), drawn with
+    the recorded clean-subset seed so the same indices serve every defense (and teacher and student)."""
+    data = backdoor.data
+    seed = backdoor.seeds["clean_seed"] if clean_seed is None else clean_seed
+    clean = torch.nonzero(~data.poison_flags.cpu()).flatten()
+    count = max(1, min(len(clean), int(round(clean_ratio * len(data.y_train)))))
+    g = torch.Generator().manual_seed(int(seed))
+    return clean[torch.randperm(len(clean), generator=g)[:count]].sort().values.to(data.y_train.device)
+
+
+def evaluate_with_der(model: nn.Module, backdoor: Backdoor, batch_size: int = 1024) -> dict[str, float]:
+    """val/test ACC, ASR, RA of `model`, plus DER against the backdoored model's own figures."""
+    metrics = evaluate(unwrap(model), backdoor.data, batch_size=batch_size)
+    before = backdoor.metrics
+    for split in ("val", "test"):
+        metrics[f"{split}_der"] = der(before[f"{split}_acc"], before[f"{split}_asr"],
+                                      metrics[f"{split}_acc"], metrics[f"{split}_asr"])
+    return metrics
+
+
+def report_eval(ctx: RunContext, model: nn.Module, backdoor: Backdoor, step: int,
+                extra: dict[str, float] | None = None, batch_size: int = 1024) -> dict[str, float]:
+    metrics = {**evaluate_with_der(model, backdoor, batch_size), **(extra or {})}
+    ctx.report(metrics, step=step)
+    return metrics
+
+
+def hand_off_scores(ctx: RunContext, backdoor: Backdoor, scores: torch.Tensor | np.ndarray,
+                    pools: torch.Tensor | np.ndarray) -> dict[str, float]:
+    """Hand every training sample's score and pool (0 clean, 1 poison, 2 uncertain) over for scores.parquet;
+    returns the split metrics of that final split."""
+    data = backdoor.data
+    as_np = lambda a: a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)  # noqa: E731
+    pools_np, flags = as_np(pools).astype(np.int64), as_np(data.poison_flags).astype(bool)
+    ctx.hand_off("scores", {
+        "index": np.arange(len(flags)),
+        "label": as_np(data.y_train),
+        "original_label": as_np(data.y_train_orig),
+        "true_poisoned": flags,
+        "score": as_np(scores).astype(np.float64),
+        "pool": np.array([POOL_NAMES[int(p)] for p in pools_np]),
+    })
+    return split_metrics(pools_np, flags, as_np(scores))

@@ -1,0 +1,66 @@
+"""Shared fixtures. One backdoored model per (attack, settings) is trained once per test session and shared by
+every test that needs it, so the suite stays within its time budget on 2 cores."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+import methods  # noqa: E402  (registers everything)
+from methods.attacks.base import Backdoor  # noqa: E402
+from methods.core.context import LocalContext  # noqa: E402
+from methods.core.method import get_method  # noqa: E402
+
+torch.set_num_threads(2)
+
+# The digits attack every defense test starts from: BadNets/Blend all2one at 10% on small_cnn.
+DIGITS_ATTACK = dict(dataset="digits", model="small_cnn", epochs=15, lr=0.05, poison_rate=0.1,
+                     label_mode="all2one", target=0, seed=0)
+
+_BACKDOORS: dict[tuple, tuple[Backdoor, float]] = {}
+
+
+def train_backdoor(attack: str = "badnets", **overrides) -> Backdoor:
+    """Train (once per session) and return the backdoored digits model of `attack` with these settings."""
+    settings = {**DIGITS_ATTACK, **overrides}
+    key = (attack, tuple(sorted(settings.items())))
+    if key not in _BACKDOORS:
+        spec = get_method(attack)
+        started = time.perf_counter()
+        backdoor = spec.run(LocalContext(), spec.make_config(settings))
+        _BACKDOORS[key] = (backdoor, time.perf_counter() - started)
+    return _BACKDOORS[key][0]
+
+
+def backdoor_train_seconds(attack: str = "badnets", **overrides) -> float:
+    settings = {**DIGITS_ATTACK, **overrides}
+    return _BACKDOORS[(attack, tuple(sorted(settings.items())))][1]
+
+
+@pytest.fixture(scope="session")
+def badnets_backdoor() -> Backdoor:
+    return train_backdoor("badnets")
+
+
+@pytest.fixture(scope="session")
+def blend_backdoor() -> Backdoor:
+    return train_backdoor("blend")
+
+
+@pytest.fixture(scope="session", params=["badnets", "blend"])
+def digits_backdoor(request) -> Backdoor:
+    """Parametrises a defense test over the two attacks its issue names."""
+    return train_backdoor(request.param)
+
+
+@pytest.fixture(scope="session")
+def clean_reference() -> Backdoor:
+    """Clean training: the attack recipe at poison rate 0 (what from-scratch defenses are held against)."""
+    return train_backdoor("badnets", poison_rate=0.0)
