@@ -17,6 +17,20 @@ from methods.core.training import unwrap
 
 
 @dataclass
+class DefenseResult:
+    """What a defense's run(ctx, cfg) returns: the final weights (for the model/ artifact) and final metrics."""
+
+    model_state: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+    model_name: str = ""
+
+
+def final_result(model: nn.Module, metrics: dict[str, float], model_name: str) -> DefenseResult:
+    state = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+    return DefenseResult(state, dict(metrics), model_name)
+
+
+@dataclass
 class DefenseConfig(Config):
     seed: int = ranged(0, 0, None, "training seed of the defense")
     clean_seed: Optional[int] = ranged(None, 0, None, "clean-subset seed (default: the attack's recorded clean_seed)")
