@@ -1,0 +1,1 @@
+"""bdo's orchestrator: the only package that knows Ray and MLflow (trainables, Tune, tracking, caching, CLI)."""

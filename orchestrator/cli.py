@@ -1,0 +1,265 @@
+"""The `bdo` command line. Everything is parsed and validated before Ray starts or any MLflow store or run is
+created; bad input prints one line and exits 2. Exit codes: 0 done, 1 a run failed, 2 bad input."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from orchestrator.errors import BadInput
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse prints usage plus the error; we want one line
+        raise BadInput(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _shared(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default=None, help="dataset registry name (default: digits, or the space's)")
+    p.add_argument("--model", default=None, help="model registry name (default: small_cnn, or the space's)")
+    p.add_argument("--seed", type=int, default=None, help="derives the split, poison, train and clean seeds")
+    p.add_argument("--experiment", default="bdo", help="MLflow experiment (default: bdo)")
+    p.add_argument("--storage", default="./bdo_runs", help="run storage: attack cache and Tune state (a local or shared path)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    p.add_argument("--data-root", default=None, help="where datasets live (default: BDO_DATA_ROOT or ~/.cache/bdo/data)")
+    p.add_argument("--download", action="store_true", help="download missing datasets")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (attack.KEY / data.KEY for the attack / dataset); repeatable")
+    p.add_argument("--no-preset", action="store_true", help="ignore search_spaces/presets/<dataset>/<method>.yaml")
+
+
+def _tune_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-samples", type=int, default=None)
+    p.add_argument("--searcher", choices=("random", "grid", "optuna"), default=None)
+    p.add_argument("--scheduler", choices=("fifo", "asha"), default=None)
+    p.add_argument("--objective", choices=("single", "pareto"), default=None)
+    p.add_argument("--max-concurrent", type=int, default=None)
+    p.add_argument("--cpus-per-trial", type=float, default=None)
+    p.add_argument("--gpus-per-trial", type=float, default=None)
+    p.add_argument("--workers-per-trial", type=int, default=None)
+    p.add_argument("--max-failures", type=int, default=1, help="retries of a failed trial, from its last checkpoint")
+    p.add_argument("--quick", action="store_true", help="apply the space's quick: overrides (tiny schedules)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="bdo", description="Backdoor attacks and defenses as tunable trainables.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    p = sub.add_parser("attack", help="train a backdoored model")
+    p.add_argument("name")
+    _shared(p)
+    p = sub.add_parser("defend", help="run a defense against an attack")
+    p.add_argument("name")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--attack", default=None, help="attack registry name (built once, cached)")
+    group.add_argument("--attack-run", default=None, metavar="RUN_ID", help="reuse the attack of this MLflow run")
+    _shared(p)
+    p = sub.add_parser("tune", help="search a method's hyperparameters with Ray Tune")
+    p.add_argument("space", help="search space YAML, e.g. search_spaces/dbr.yaml")
+    p.add_argument("--attack", default=None, help="override the space's attack")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="SWEEP_RUN_ID",
+                   help="continue an interrupted sweep (default: the latest unfinished one of this space)")
+    _shared(p)
+    _tune_flags(p)
+    p = sub.add_parser("study", help="attacks x defenses x seeds: tune each defense, rerun its choice per seed")
+    p.add_argument("study", help="study YAML (docs/studies.md)")
+    _shared(p)
+    _tune_flags(p)
+    p = sub.add_parser("quickstart", help="the embedded demo: one BadNets model on digits, every defense tuned against it")
+    p.add_argument("--quick", action="store_true", help="one trial per defense and tiny schedules")
+    _shared(p)
+    p = sub.add_parser("ui", help="open the MLflow UI on the tracking store")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--tracking-uri", default=None)
+    p = sub.add_parser("report", help="the paper table of a study, from MLflow")
+    p.add_argument("--experiment", default="bdo")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--study", default=None, metavar="RUN_ID")
+    p.add_argument("--format", choices=("md", "csv", "html"), default="md")
+    p.add_argument("--out", default=None)
+    p.add_argument("--metrics", default="acc,asr", help="comma list of acc, asr, ra, der")
+    return parser
+
+
+def _session(args):
+    from methods.data.base import default_data_root
+    from orchestrator.runner import Session
+    from orchestrator.tracking import resolve_tracking_uri
+
+    storage = Path(args.storage).expanduser().resolve()
+    data_root = Path(args.data_root).expanduser().resolve() if args.data_root else default_data_root()
+    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    return Session(resolve_tracking_uri(args.tracking_uri), args.experiment, storage, data_root, args.download, address)
+
+
+def _check_data(spec, session) -> None:
+    """Missing data is bad input: one line naming the expected path, before anything starts."""
+    from methods.data.base import MissingDataError, load_raw
+
+    if spec.dataset in ("digits", "synthetic"):
+        return
+    try:
+        load_raw(spec.dataset, session.data_root, session.download, spec.data_cfg())
+    except MissingDataError as exc:
+        raise BadInput(str(exc)) from None
+
+
+def cmd_attack(args) -> int:
+    from orchestrator.resolve import method_spec, parse_set, resolve_run
+    from orchestrator.runner import run_single
+
+    method_spec(args.name, "attack")
+    spec = resolve_run(args.name, args.dataset or "digits", args.model or "small_cnn", args.seed,
+                       sets=parse_set(args.set), use_preset=not args.no_preset)
+    session = _session(args)
+    _check_data(spec, session)
+    run_id, metrics = run_single(session, spec)
+    print(f"attack run {run_id}: test_acc={metrics['test_acc']:.3f} test_asr={metrics['test_asr']:.3f}")
+    return 0
+
+
+def _attack_from_run(args, session) -> tuple[str, dict, dict]:
+    tracker = session.open_tracker()
+    try:
+        run = tracker.client.get_run(args.attack_run)
+    except Exception:
+        raise BadInput(f"--attack-run {args.attack_run}: no such run in {session.tracking_uri}") from None
+    import yaml
+
+    if run.data.tags.get("role") != "attack":
+        raise BadInput(f"--attack-run {args.attack_run}: not an attack run (role={run.data.tags.get('role')})")
+    path = tracker.client.download_artifacts(args.attack_run, "config.yaml")
+    resolved = yaml.safe_load(Path(path).read_text())
+    return resolved["method"], resolved["config"], resolved["data"]
+
+
+def cmd_defend(args) -> int:
+    from orchestrator.resolve import method_spec, parse_set, resolve_run
+    from orchestrator.runner import run_single
+
+    method_spec(args.name, "defense")
+    sets = parse_set(args.set)
+    session = _session(args)
+    attack_base = data_base = None
+    attack = args.attack
+    if args.attack_run:
+        attack, attack_base, data_base = _attack_from_run(args, session)
+    spec = resolve_run(args.name, args.dataset or (attack_base or {}).get("dataset", "digits"),
+                       args.model or (attack_base or {}).get("model", "small_cnn"), args.seed, attack, sets=sets,
+                       attack_base=attack_base, data_base=data_base, use_preset=not args.no_preset and not args.attack_run)
+    _check_data(spec, session)
+    run_id, metrics = run_single(session, spec, attack_run_id=args.attack_run)
+    print(f"defense run {run_id}: test_acc={metrics.get('test_acc', float('nan')):.3f} "
+          f"test_asr={metrics.get('test_asr', float('nan')):.3f} test_der={metrics.get('test_der', float('nan')):.3f}")
+    return 0
+
+
+def _plan(args, space_path: Path, quick: bool = False):
+    from orchestrator.resolve import parse_set
+    from orchestrator.spaces import load_space, plan_sweep
+
+    space = load_space(space_path)
+    return plan_sweep(
+        space, dataset=args.dataset, model=args.model, seed=args.seed, attack=getattr(args, "attack", None),
+        sets=parse_set(args.set), use_preset=not args.no_preset, quick=quick or getattr(args, "quick", False),
+        searcher=args.searcher, scheduler=args.scheduler, objective=args.objective, num_samples=args.num_samples,
+        max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+        workers_per_trial=args.workers_per_trial,
+    )
+
+
+def cmd_tune(args) -> int:
+    from orchestrator.runner import find_resumable_sweep, format_trials, run_sweep
+
+    plan = _plan(args, Path(args.space))
+    session = _session(args)
+    _check_data(plan.base, session)
+    session.start_ray()
+    try:
+        resume = None
+        if args.resume is not None:
+            resume = find_resumable_sweep(session.open_tracker(), plan, session.storage, args.resume or None)
+        result = run_sweep(session, plan, resume_run_id=resume, max_failures=args.max_failures)
+    finally:
+        session.stop_ray()
+    print(format_trials(result, plan.space.metric))
+    if plan.objective == "pareto":
+        print("Pareto front (val_acc max, val_asr min): " + ", ".join(t["trial_id"] for t in result.pareto))
+    print(f"sweep run {result.sweep_run_id}; open the UI with: bdo ui --tracking-uri {session.tracking_uri}")
+    return 1 if result.failed else 0
+
+
+def cmd_study(args) -> int:
+    from orchestrator.study import load_study, run_study
+
+    study = load_study(Path(args.study), args)
+    session = _session(args)
+    session.start_ray()
+    try:
+        outcome = run_study(session, study, args)
+    finally:
+        session.stop_ray()
+    print(outcome.table)
+    print(f"study run {outcome.study_run_id}; table: bdo report --experiment {args.experiment} --study {outcome.study_run_id}")
+    return 1 if outcome.failed else 0
+
+
+def cmd_quickstart(args) -> int:
+    from orchestrator.quickstart import run_quickstart
+
+    session = _session(args)
+    return run_quickstart(session, args)
+
+
+def cmd_ui(args) -> int:
+    import subprocess
+
+    from orchestrator.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", args.host,
+               "--port", str(args.port), "--workers", "1"]
+    print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it", flush=True)
+    try:
+        return subprocess.call(command, env=env)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_report(args) -> int:
+    from orchestrator.report import run_report
+
+    return run_report(args)
+
+
+COMMANDS = {"attack": cmd_attack, "defend": cmd_defend, "tune": cmd_tune, "study": cmd_study,
+            "quickstart": cmd_quickstart, "ui": cmd_ui, "report": cmd_report}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except BadInput as exc:
+        print(f"bdo: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bdo: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a run failed: say so in one line, keep the traceback for --debug users
+        if os.environ.get("BDO_DEBUG"):
+            raise
+        print(f"bdo: run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,191 @@
+"""The Ray/MLflow implementation of the methods' run context.
+
+A method calls report(...) then save_state(...) each epoch; the context logs the metrics to MLflow in one
+batched call and hands metrics plus a checkpoint directory to the reporter (Ray Tune, Ray Train, or a local
+progress bar) together, so a retried trial resumes from exactly the step MLflow last saw.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from methods.attacks.base import Backdoor
+from methods.core.context import deserialize_state, serialize_state
+from methods.data.base import DataConfig
+
+STATE_FILE = "state.pt"
+
+
+def atomic_write_bytes(path: Path, blob: bytes) -> None:
+    """Write, flush to disk, then rename: a kill never leaves a half-written file that reads as good."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "wb") as f:
+        f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_parquet_atomic(path: Path, table: dict[str, np.ndarray]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    pq.write_table(pa.table({k: np.asarray(v) for k, v in table.items()}), tmp)
+    os.replace(tmp, path)
+
+
+class Reporter:
+    """Where reports and checkpoints go besides MLflow. The base class keeps them in memory (plain runs)."""
+
+    def __init__(self) -> None:
+        self.state: bytes | None = None
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        if checkpoint_dir is not None:
+            self.state = (checkpoint_dir / STATE_FILE).read_bytes()
+
+    def get_state(self) -> bytes | None:
+        return self.state
+
+
+class TuneReporter(Reporter):
+    def report(self, metrics, checkpoint_dir):
+        from ray import tune
+
+        checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
+        tune.report(metrics, checkpoint=checkpoint)
+
+    def get_state(self):
+        from ray import tune
+
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as d:
+            return (Path(d) / STATE_FILE).read_bytes()
+
+
+class TrainReporter(Reporter):
+    """Inside a Ray Train worker: every rank reports (a barrier); only rank 0 attaches the checkpoint."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+
+    def report(self, metrics, checkpoint_dir):
+        import ray.train
+
+        checkpoint = None
+        if checkpoint_dir is not None and self.rank == 0:
+            checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir))
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    def get_state(self):
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as d:
+            return (Path(d) / STATE_FILE).read_bytes()
+
+
+@dataclass
+class TrackedContext:
+    """RunContext on MLflow (rank 0 logs) plus a Reporter."""
+
+    device: torch.device
+    run_id: str | None
+    tracker: Any | None
+    reporter: Reporter
+    backdoor_obj: Backdoor | None = None
+    rank: int = 0
+    world_size: int = 1
+    data_root: Path = field(default_factory=lambda: Path.home() / ".cache" / "bdo" / "data")
+    download: bool = False
+    data_config: DataConfig = field(default_factory=DataConfig)
+    on_report: Callable[[int, dict[str, float]], None] | None = None
+    history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    tables: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    series: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    _pending: tuple[int, dict[str, float]] | None = None
+
+    @property
+    def logs(self) -> bool:
+        return self.rank == 0 and self.tracker is not None and self.run_id is not None
+
+    def report(self, metrics: dict[str, float], step: int) -> None:
+        self.flush()
+        clean = {k: float(v) for k, v in metrics.items()}
+        self._pending = (int(step), clean)
+
+    def _send(self, checkpoint_dir: Path | None) -> None:
+        if self._pending is None:
+            return
+        step, metrics = self._pending
+        self._pending = None
+        self.history.append((step, metrics))
+        if self.logs:
+            self.tracker.log_metrics(self.run_id, metrics, step)
+        if self.on_report is not None and self.rank == 0:
+            self.on_report(step, metrics)
+        self.reporter.report({**metrics, "step": step}, checkpoint_dir)
+
+    def flush(self) -> None:
+        """Send a report that no checkpoint followed."""
+        self._send(None)
+
+    def save_state(self, state: dict[str, Any]) -> None:
+        blob = serialize_state(state)
+        with tempfile.TemporaryDirectory(prefix="bdo-ckpt-") as d:
+            atomic_write_bytes(Path(d) / STATE_FILE, blob)
+            if self._pending is None:  # a checkpoint without a new report: attach it to a repeat of the last
+                step, metrics = self.history[-1] if self.history else (0, {})
+                self.reporter.report({**metrics, "step": step}, Path(d))
+            else:
+                self._send(Path(d))
+
+    def load_state(self) -> dict[str, Any] | None:
+        blob = self.reporter.get_state()
+        return None if blob is None else deserialize_state(blob)
+
+    def hand_off(self, name: str, table: dict[str, np.ndarray]) -> None:
+        self.tables[name] = {k: np.asarray(v) for k, v in table.items()}
+
+    def hand_off_series(self, name: str, series: dict[str, list[float]]) -> None:
+        self.series[name] = {k: list(v) for k, v in series.items()}
+
+    def backdoor(self) -> Backdoor:
+        if self.backdoor_obj is None:
+            raise RuntimeError("this run has no backdoored model (attacks build their own)")
+        return self.backdoor_obj
+
+    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.world_size <= 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    def progress(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, flush=True)
+
+
+def tmp_dir(prefix: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,174 @@
+"""Running one resolved method run (attack or defense) with a context, and logging what it leaves behind.
+
+Used alike by `bdo attack`/`bdo defend` in-process, by Tune trials and by Ray Train workers, so every path runs
+the same methods/ code and produces the same MLflow artifacts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from methods.attacks.base import Backdoor
+from methods.core.method import METHODS
+from methods.defenses.common import DefenseResult
+from orchestrator import plots
+from orchestrator.cache import AttackCache, cache_key
+from orchestrator.context import Reporter, TrackedContext, write_parquet_atomic
+from orchestrator.resolve import RunSpec
+from orchestrator.tracking import Tracker
+
+
+def pick_device(gpus: float = 0.0) -> torch.device:
+    if gpus > 0 and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def base_tags(spec: RunSpec, role: str, seeds: dict[str, int]) -> dict[str, str]:
+    tags = {"role": role, "method": spec.method, "attack": spec.attack, "dataset": spec.dataset, "model": spec.model}
+    tags.update({k: str(v) for k, v in seeds.items()})
+    if spec.presets:
+        tags["preset"] = ",".join(spec.presets)
+    return tags
+
+
+def attack_seeds(spec: RunSpec) -> dict[str, int]:
+    return spec.attack_cfg().seeds()
+
+
+def fault_hook(spec: str | None, trial_index: int | None) -> Any:
+    """BDO_FAULT (read on the driver, shipped to trials) injects failures for fault-tolerance tests and drills:
+    `raise:step=2[:trial=0]` raises after that step's report, `kill:step=2[:trial=0][:once=/path]` SIGKILLs the
+    process (once: only if the marker file does not exist yet, creating it)."""
+    if not spec:
+        return None
+    parts = dict(p.split("=", 1) for p in spec.split(":")[1:] if "=" in p)
+    action, step = spec.split(":")[0], int(parts.get("step", "1"))
+    if "trial" in parts and trial_index is not None and int(parts["trial"]) != trial_index:
+        return None
+
+    def hook(reported_step: int, metrics: dict[str, float]) -> None:
+        if reported_step != step:
+            return
+        marker = parts.get("once")
+        if marker:
+            if Path(marker).exists():
+                return
+            Path(marker).write_text("fired")
+        if action == "kill":
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"BDO_FAULT injected failure at step {step}")
+
+    return hook
+
+
+def run_method(spec: RunSpec, ctx: TrackedContext) -> Backdoor | DefenseResult:
+    method = METHODS.get(spec.method)
+    cfg = spec.method_config()
+    result = method.run(ctx, cfg)
+    ctx.flush()
+    return result
+
+
+def _samples(data, n: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Validation images next to the same images with the evaluation trigger."""
+    clean = data.x_val[:n].cpu()
+    return clean.numpy(), data.trigger.apply(clean, test=True).numpy()
+
+
+def log_outputs(tracker: Tracker, run_id: str, spec: RunSpec, ctx: TrackedContext, model_state: dict,
+                backdoor: Backdoor, seeds: dict[str, int]) -> None:
+    """config.yaml, model/, trigger.png, samples.png, scores.parquet and plots/ for one run."""
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory(prefix="bdo-artifacts-") as tmp:
+        d = Path(tmp)
+        resolved = {"method": spec.method, "kind": spec.kind, "config": spec.config, "attack": spec.attack,
+                    "attack_config": spec.attack_config, "data": spec.data_config, "seeds": seeds,
+                    "presets": spec.presets}
+        (d / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=True))
+        model_dir = d / "model"
+        model_dir.mkdir()
+        save_file({k: v.contiguous() for k, v in model_state.items()}, str(model_dir / "model.safetensors"))
+        (model_dir / "model.json").write_text(json.dumps(
+            {"model": spec.model, "dataset": spec.dataset, "info": backdoor.data.info.__dict__,
+             "format": "safetensors state_dict; load with methods.models.base.build_model"}, indent=1))
+        data = backdoor.data
+        plots.trigger_png(d / "trigger.png", data.trigger.preview_pattern().numpy())
+        clean, poisoned = _samples(data)
+        plots.samples_png(d / "samples.png", clean, poisoned)
+        if "scores" in ctx.tables:
+            write_parquet_atomic(d / "scores.parquet", ctx.tables["scores"])
+        plot_dir = d / "plots"
+        plot_dir.mkdir()
+        plots.curves_png(plot_dir / "curves.png", ctx.history, f"{spec.method} on {spec.attack} / {spec.dataset}")
+        plots.draw_handoffs(plot_dir, ctx.tables, ctx.series, spec.method)
+        for item in sorted(d.iterdir()):
+            tracker.log_artifact(run_id, item, None if item.is_file() else item.name)
+
+
+def build_attack(spec: RunSpec, tracker: Tracker, storage: Path, data_root: Path, download: bool,
+                 extra_tags: dict[str, str] | None = None, device: torch.device | None = None,
+                 on_report=None) -> tuple[Backdoor, str, str]:
+    """The backdoored model of `spec`'s attack, from the cache or trained now (once per content hash, with
+    its own top-level MLflow run, role=attack). Returns (backdoor, attack_run_id, cache key)."""
+    attack_spec = RunSpec(spec.attack, "attack", spec.attack_config, spec.attack, spec.attack_config,
+                          spec.data_config, [p for p in spec.presets if f"/{spec.attack}.yaml" in p])
+    key = cache_key(spec.attack, spec.attack_config, spec.data_config)
+    cache = AttackCache(storage)
+
+    def build() -> tuple[Backdoor, dict]:
+        seeds = attack_seeds(attack_spec)
+        run_id = tracker.start_run(f"attack-{spec.attack}", {**base_tags(attack_spec, "attack", seeds),
+                                                               "attack_cache_key": key, **(extra_tags or {})})
+        tracker.log_params(run_id, attack_spec.flat_params())
+        ctx = TrackedContext(device=device or pick_device(), run_id=run_id, tracker=tracker, reporter=Reporter(),
+                             data_root=data_root, download=download, data_config=attack_spec.data_cfg(),
+                             on_report=on_report)
+        try:
+            backdoor = run_method(attack_spec, ctx)
+            log_outputs(tracker, run_id, attack_spec, ctx, backdoor.model_state, backdoor, seeds)
+        except BaseException:
+            tracker.end(run_id, "FAILED")
+            raise
+        tracker.end(run_id, "FINISHED")
+        return backdoor.to(torch.device("cpu")), {"attack_run_id": run_id}
+
+    backdoor, meta, _ = cache.get_or_build(key, build)
+    return backdoor, meta.get("attack_run_id", ""), key
+
+
+def execute_defense(spec: RunSpec, ctx: TrackedContext, tracker: Tracker | None, run_id: str | None,
+                    backdoor: Backdoor) -> tuple[dict[str, float], dict]:
+    """Run a defense with its context and log its outputs (rank 0). Returns (final metrics, final weights)."""
+    result = run_method(spec, ctx)
+    if ctx.logs:
+        log_outputs(tracker, run_id, spec, ctx, result.model_state, backdoor, backdoor.seeds)
+    return result.metrics, result.model_state
+
+
+def execute_attack(spec: RunSpec, ctx: TrackedContext, tracker: Tracker | None,
+                   run_id: str | None) -> tuple[dict[str, float], dict]:
+    backdoor = run_method(spec, ctx)
+    if ctx.logs:
+        log_outputs(tracker, run_id, spec, ctx, backdoor.model_state, backdoor, backdoor.seeds)
+    return backdoor.metrics, backdoor.model_state
+
+
+def weights_digest(state: dict) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

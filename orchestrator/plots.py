@@ -1,0 +1,147 @@
+"""Every PNG the project draws: per-epoch curves, trigger and sample grids, the FCT histogram, ASD's clean-pool
+composition, a sweep's Pareto front. methods/ hands over arrays; only this module draws."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _image_grid(images: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) uint8 -> one row image (H, N*W[, 3])."""
+    n, c, h, w = images.shape
+    row = images.transpose(2, 0, 3, 1).reshape(h, n * w, c)
+    return row[..., 0] if c == 1 else row
+
+
+def trigger_png(path: Path, pattern: np.ndarray) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(2.5, 2.5))
+    img = pattern.transpose(1, 2, 0)
+    ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    ax.set_title("trigger on a grey image", fontsize=8)
+    ax.axis("off")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def samples_png(path: Path, clean: np.ndarray, poisoned: np.ndarray) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(2, 1, figsize=(1.2 * len(clean), 3))
+    for ax, images, title in zip(axes, (clean, poisoned), ("clean", "poisoned")):
+        ax.imshow(_image_grid(images), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def curves_png(path: Path, history: Sequence[tuple[int, dict[str, float]]], title: str = "") -> bool:
+    """ACC / ASR / RA per step, validation dashed and test solid. Returns False when there is nothing to draw."""
+    keys = [k for k in ("acc", "asr", "ra") if any(f"test_{k}" in m for _, m in history)]
+    if not keys:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for k, colour in zip(keys, ("tab:blue", "tab:red", "tab:green")):
+        for split, style in (("val", "--"), ("test", "-")):
+            pts = [(s, m[f"{split}_{k}"]) for s, m in history if f"{split}_{k}" in m]
+            if pts:
+                ax.plot(*zip(*pts), style, color=colour, label=f"{split} {k.upper()}")
+    ax.set_xlabel("step (epoch / round)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=3)
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def score_histogram_png(path: Path, scores: np.ndarray, flags: np.ndarray, title: str = "FCT score") -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bins = np.histogram_bin_edges(scores, bins=40)
+    ax.hist(scores[~flags], bins=bins, alpha=0.6, label=f"clean ({int((~flags).sum())})", color="tab:blue")
+    ax.hist(scores[flags], bins=bins, alpha=0.6, label=f"poisoned ({int(flags.sum())})", color="tab:red")
+    ax.set_xlabel(title)
+    ax.set_ylabel("training images")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def pool_composition_png(path: Path, series: dict[str, list[float]]) -> bool:
+    """ASD: the clean pool's size and the poisoned images inside it, per epoch."""
+    epochs = series.get("epoch")
+    size = series.get("clean_pool_size")
+    poisoned = series.get("clean_pool_poisoned")
+    if not epochs or size is None or poisoned is None:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    clean = np.asarray(size) - np.asarray(poisoned)
+    ax.stackplot(epochs, clean, poisoned, labels=["clean images", "poisoned images"], colors=["tab:blue", "tab:red"], alpha=0.7)
+    if "stage" in series:
+        for e, (a, b) in zip(epochs[1:], zip(series["stage"], series["stage"][1:])):
+            if a != b:
+                ax.axvline(e, color="k", ls=":", lw=1)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("clean pool")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points not dominated when maximising the first value and minimising the second."""
+    front = []
+    for i, (acc, asr) in enumerate(points):
+        dominated = any((a >= acc and s <= asr) and (a > acc or s < asr) for j, (a, s) in enumerate(points) if j != i)
+        if not dominated and not (np.isnan(acc) or np.isnan(asr)):
+            front.append(i)
+    return front
+
+
+def pareto_png(path: Path, points: Sequence[tuple[float, float]], labels: Sequence[str] | None = None) -> None:
+    plt = _plt()
+    front = set(pareto_front(points))
+    fig, ax = plt.subplots(figsize=(5, 4))
+    xs, ys = zip(*points) if points else ((), ())
+    ax.scatter(ys, xs, c=["tab:red" if i in front else "tab:gray" for i in range(len(points))], s=30)
+    ordered = sorted((points[i][1], points[i][0]) for i in front)
+    if ordered:
+        ax.plot(*zip(*ordered), "r-", lw=1, label="Pareto front")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("val ASR (lower is better)")
+    ax.set_ylabel("val ACC (higher is better)")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def draw_handoffs(directory: Path, tables: dict[str, dict[str, Any]], series: dict[str, dict[str, list]], method: str) -> list[Path]:
+    """The plots that come from methods' hand-offs: FCT / score histograms and ASD's pools."""
+    out = []
+    directory.mkdir(parents=True, exist_ok=True)
+    scores = tables.get("scores")
+    if scores is not None and len(scores.get("score", [])):
+        name = "fct_hist.png" if method in ("sd", "dbr", "dst") else "score_hist.png"
+        score_histogram_png(directory / name, np.asarray(scores["score"], dtype=float),
+                            np.asarray(scores["true_poisoned"], dtype=bool),
+                            "FCT score" if name == "fct_hist.png" else f"{method} score")
+        out.append(directory / name)
+    pools = series.get("asd_pools")
+    if pools and pool_composition_png(directory / "asd_pools.png", pools):
+        out.append(directory / "asd_pools.png")
+    return out

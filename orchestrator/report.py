@@ -1,0 +1,106 @@
+"""`bdo report`: the table papers print, read back from MLflow. Rows are attacks, columns no defense and each
+defense, cells test ACC / ASR (and RA, DER on request) as mean ± std over seeds, from a study's final runs
+(each defense's configuration is the one its sweep selected on validation)."""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import tempfile
+from pathlib import Path
+
+from orchestrator.errors import BadInput
+from orchestrator.tracking import Tracker, resolve_tracking_uri
+
+METRICS = ("acc", "asr", "ra", "der")
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return math.nan, math.nan
+    mean = sum(vals) / len(vals)
+    return mean, (math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0)
+
+
+def collect(tracker: Tracker, study_run_id: str, metrics: list[str]) -> tuple[list[str], list[str], dict]:
+    """(attacks, columns, cells) where cells[(attack, column)] = {metric: (mean, std), 'seeds': n, 'trials': n}."""
+    finals = tracker.search(f"tags.study_run_id = '{study_run_id}' and tags.role = 'final'")
+    attacks_runs = tracker.search(f"tags.study_run_id = '{study_run_id}' and tags.role = 'attack'")
+    sweeps = tracker.search(f"tags.study_run_id = '{study_run_id}' and tags.role = 'sweep'")
+    trials_per_sweep = {s.info.run_id: len(tracker.children(s.info.run_id)) for s in sweeps}
+    groups: dict[tuple[str, str], list] = {}
+    for run in attacks_runs:
+        groups.setdefault((run.data.tags["method"], "no defense"), []).append(run)
+    for run in finals:
+        groups.setdefault((run.data.tags["attack"], run.data.tags["method"]), []).append(run)
+    attacks = sorted({a for a, _ in groups})
+    columns = ["no defense"] + sorted({c for _, c in groups if c != "no defense"})
+    cells = {}
+    for key, runs in groups.items():
+        cell = {"seeds": len(runs)}
+        for m in metrics:
+            cell[m] = _mean_std([r.data.metrics.get(f"test_{m}", math.nan) for r in runs])
+        sweep_ids = {r.data.tags.get("sweep_run_id") for r in runs} - {None}
+        cell["trials"] = sum(trials_per_sweep.get(s, 0) for s in sweep_ids)
+        cells[key] = cell
+    return attacks, columns, cells
+
+
+def render(attacks: list[str], columns: list[str], cells: dict, metrics: list[str], fmt: str) -> str:
+    def text(cell) -> str:
+        if cell is None:
+            return "-"
+        parts = [f"{100 * cell[m][0]:.1f}±{100 * cell[m][1]:.1f}" for m in metrics]
+        extra = f" (seeds {cell['seeds']}" + (f", trials {cell['trials']})" if cell["trials"] else ")")
+        return " / ".join(parts) + extra
+
+    header = ["attack"] + columns
+    rows = [[a] + [text(cells.get((a, c))) for c in columns] for a in attacks]
+    caption = "cells: test " + " / ".join(m.upper() for m in metrics) + " in %, mean±std over seeds"
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(header)
+        writer.writerows(rows)
+        return out.getvalue()
+    if fmt == "html":
+        body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+        head = "".join(f"<th>{h}</th>" for h in header)
+        return f"<table><caption>{caption}</caption><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>\n"
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + f"\n\n{caption}\n"
+
+
+def run_report(args) -> int:
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    bad = [m for m in metrics if m not in METRICS]
+    if bad:
+        raise BadInput(f"--metrics: unknown {', '.join(bad)}; choose from {', '.join(METRICS)}")
+    uri = resolve_tracking_uri(args.tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise BadInput(f"--tracking-uri {uri}: no MLflow store there")
+    tracker = Tracker(uri)
+    experiment = tracker.client.get_experiment_by_name(args.experiment)
+    if experiment is None:
+        raise BadInput(f"--experiment {args.experiment!r} does not exist in {uri}")
+    tracker.experiment_id = experiment.experiment_id
+    study_id = args.study
+    if study_id is None:
+        studies = tracker.search("tags.role = 'study'")
+        if not studies:
+            raise BadInput(f"experiment {args.experiment!r} has no study run; run bdo study first")
+        study_id = studies[0].info.run_id
+    attacks, columns, cells = collect(tracker, study_id, metrics)
+    content = render(attacks, columns, cells, metrics, args.format)
+    name = f"report.{args.format}"
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(content)
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / name).write_text(content)
+        tracker.log_artifact(study_id, Path(d) / name)
+    print(content)
+    return 0

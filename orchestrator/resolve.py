@@ -1,0 +1,198 @@
+"""From CLI flags, presets and YAML to validated method, attack and data configs.
+
+Precedence, lowest first: the method's defaults, the preset for (dataset, method) if one exists, the search
+space's fixed values, then `--set`. Keys address the method's config; `attack.KEY` the attack's and `data.KEY`
+the dataset's. Every value is validated here, so nothing starts with a bad config.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import methods  # noqa: F401  (registers everything)
+from methods.core.config import Config
+from methods.core.method import METHODS, MethodSpec
+from methods.core.registry import DATASETS, MODELS
+from methods.data.base import DataConfig
+from orchestrator.errors import BadInput, where
+
+ROOT = Path(__file__).resolve().parent.parent
+SEARCH_SPACES = ROOT / "search_spaces"
+PRESETS = SEARCH_SPACES / "presets"
+DEFAULT_ATTACK = "badnets"
+
+
+def method_spec(name: str, kind: str | None = None, source: str | None = None) -> MethodSpec:
+    if name not in METHODS:
+        known = ", ".join(n for n, s in METHODS.items() if kind is None or s.kind == kind)
+        raise BadInput(where(source, None, f"unknown {kind or 'method'} {name!r}; known: {known}"))
+    spec = METHODS.get(name)
+    if kind is not None and spec.kind != kind:
+        raise BadInput(where(source, None, f"{name!r} is a{'n' if spec.kind == 'attack' else ''} {spec.kind}, not a{'n' if kind == 'attack' else ''} {kind}"))
+    return spec
+
+
+def check_dataset_model(dataset: str, model: str, source: str | None = None) -> None:
+    if dataset not in DATASETS:
+        raise BadInput(where(source, "dataset", f"unknown {dataset!r}; known: {', '.join(DATASETS.names())}"))
+    if model not in MODELS:
+        raise BadInput(where(source, "model", f"unknown {model!r}; known: {', '.join(MODELS.names())}"))
+
+
+def parse_set(items: list[str] | None) -> dict[str, Any]:
+    """`--set key=value` pairs, values parsed as YAML scalars (so 0.1 is a float, true a bool, [1,2] a list)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise BadInput(f"--set {item!r}: expected key=value, e.g. --set lr=0.01 or --set attack.poison_rate=0.05")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise BadInput(f"--set {item!r}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None
+    return out
+
+
+def split_keys(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Split a flat mapping into (method, attack., data.) parts."""
+    method, attack, data = {}, {}, {}
+    for key, value in values.items():
+        if key.startswith("attack."):
+            attack[key[len("attack."):]] = value
+        elif key.startswith("data."):
+            data[key[len("data."):]] = value
+        else:
+            method[key] = value
+    return method, attack, data
+
+
+def load_yaml(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise BadInput(f"{path}: {what} file not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise BadInput(f"{path}: malformed YAML{at}: {problem}") from None
+
+
+def preset_path(dataset: str, method: str) -> Path:
+    return PRESETS / dataset / f"{method}.yaml"
+
+
+def load_preset(dataset: str, method: str, use: bool = True) -> tuple[dict[str, Any], Path | None]:
+    path = preset_path(dataset, method)
+    if not use or not path.is_file():
+        return {}, None
+    values = load_yaml(path, "preset") or {}
+    if not isinstance(values, dict):
+        raise BadInput(f"{path}: a preset is a flat mapping of config keys to values")
+    return values, path
+
+
+def build_config(cls: type[Config], values: dict[str, Any], source: str | None) -> Config:
+    try:
+        return cls.from_dict(values)
+    except (ValueError, TypeError) as exc:
+        raise BadInput(where(source, None, str(exc))) from None
+
+
+@dataclass
+class RunSpec:
+    """Everything a single run (or one trial) needs, fully resolved and validated."""
+
+    method: str
+    kind: str
+    config: dict[str, Any]
+    attack: str
+    attack_config: dict[str, Any]
+    data_config: dict[str, Any]
+    presets: list[str] = field(default_factory=list)
+
+    @property
+    def dataset(self) -> str:
+        return self.attack_config["dataset"]
+
+    @property
+    def model(self) -> str:
+        return self.attack_config["model"]
+
+    def method_config(self) -> Config:
+        return METHODS.get(self.method).config_cls.from_dict(self.config)
+
+    def attack_cfg(self) -> Config:
+        return METHODS.get(self.attack).config_cls.from_dict(self.attack_config)
+
+    def data_cfg(self) -> DataConfig:
+        return DataConfig.from_dict(self.data_config)
+
+    def flat_params(self) -> dict[str, Any]:
+        params = {k: v for k, v in self.config.items()} if self.kind == "defense" else {}
+        params.update({f"attack.{k}": v for k, v in self.attack_config.items()})
+        params.update({f"data.{k}": v for k, v in self.data_config.items()})
+        params["method"], params["attack"] = self.method, self.attack
+        return params
+
+
+def resolve_attack_config(
+    attack: str, dataset: str, model: str, seed: int | None, overrides: dict[str, Any], use_preset: bool,
+    source: str | None = None, presets: list[str] | None = None,
+) -> dict[str, Any]:
+    spec = method_spec(attack, "attack", source)
+    check_dataset_model(dataset, model, source)
+    preset, path = load_preset(dataset, attack, use_preset)
+    if path is not None and presets is not None:
+        presets.append(str(path.relative_to(ROOT)))
+    values = {**preset, **overrides, "dataset": dataset, "model": model}
+    if seed is not None:
+        values["seed"] = seed
+    return build_config(spec.config_cls, values, source or f"attack {attack}").to_dict()
+
+
+def resolve_run(
+    method: str,
+    dataset: str = "digits",
+    model: str = "small_cnn",
+    seed: int | None = None,
+    attack: str | None = None,
+    sets: dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None,
+    attack_base: dict[str, Any] | None = None,
+    data_base: dict[str, Any] | None = None,
+    use_preset: bool = True,
+    source: str | None = None,
+) -> RunSpec:
+    """Resolve a method run. `base`/`attack_base`/`data_base` come from a search space or study (under --set)."""
+    spec = method_spec(method, None, source)
+    set_method, set_attack, set_data = split_keys(sets or {})
+    presets: list[str] = []
+    if spec.kind == "attack":
+        if attack not in (None, method):
+            raise BadInput(where(source, None, f"--attack {attack}: {method} is itself an attack; --attack applies to defenses"))
+        if set_attack:
+            raise BadInput(where(source, None, f"attack.{next(iter(set_attack))}: an attack run takes its keys without the 'attack.' prefix"))
+        attack_cfg = resolve_attack_config(method, dataset, model, seed, {**(base or {}), **set_method}, use_preset, source, presets)
+        method_cfg = attack_cfg
+        attack = method
+    else:
+        attack = attack or DEFAULT_ATTACK
+        attack_cfg = resolve_attack_config(attack, dataset, model, seed, {**(attack_base or {}), **set_attack}, use_preset, source, presets)
+        preset, path = load_preset(dataset, method, use_preset)
+        if path is not None:
+            presets.append(str(path.relative_to(ROOT)))
+        values = {**preset, **(base or {}), **set_method}
+        if seed is not None:
+            values["seed"] = seed
+        method_cfg = build_config(spec.config_cls, values, source or f"defense {method}").to_dict()
+    data_cfg = build_config(DataConfig, {**(data_base or {}), **set_data}, source or "data").to_dict()
+    return RunSpec(method, spec.kind, method_cfg, attack, attack_cfg, data_cfg, presets)
+
+
+def config_fields(method: str) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(METHODS.get(method).config_cls)}

@@ -1,0 +1,355 @@
+"""What the CLI commands do once their input is validated: single runs, sweeps (with resume), and Ray set-up."""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import BadInput
+from orchestrator.execute import (
+    base_tags,
+    build_attack,
+    execute_attack,
+    execute_defense,
+    pick_device,
+)
+from orchestrator.context import Reporter, TrackedContext
+from orchestrator.plots import pareto_front, pareto_png
+from orchestrator.resolve import RunSpec
+from orchestrator.spaces import PARETO_METRICS, SweepPlan, tune_param_space
+from orchestrator.tracking import Tracker, is_local_store
+
+TRIAL_COLUMNS = ("val_acc", "val_asr", "val_der", "test_acc", "test_asr", "test_der")
+
+
+@dataclass
+class Session:
+    """Where runs go: tracking store, experiment, storage, data, Ray address."""
+
+    tracking_uri: str
+    experiment: str
+    storage: Path
+    data_root: Path
+    download: bool = False
+    address: str | None = None
+    tracker: Tracker | None = None
+    _started_ray: bool = False
+
+    def open_tracker(self) -> Tracker:
+        if self.tracker is None:
+            self.tracker = Tracker(self.tracking_uri, self.experiment)
+        return self.tracker
+
+    def start_ray(self, num_cpus: float | None = None) -> None:
+        import ray
+
+        os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+        if not ray.is_initialized():
+            env = {"RAY_CHDIR_TO_TRIAL_DIR": "0", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+            for key in ("BDO_DATA_ROOT", "MLFLOW_TRACKING_URI"):
+                if key in os.environ:
+                    env[key] = os.environ[key]
+            kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+            if self.address:
+                ray.init(address=self.address, **kwargs)
+            else:
+                ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+            self._started_ray = True
+        alive = [n for n in ray.nodes() if n.get("Alive")]
+        if len(alive) > 1 and is_local_store(self.tracking_uri):
+            self.stop_ray()
+            raise BadInput(f"--tracking-uri {self.tracking_uri}: this Ray cluster has {len(alive)} nodes and other "
+                           "nodes cannot write a local sqlite file; point --tracking-uri (or MLFLOW_TRACKING_URI) "
+                           "at the head node's MLflow server, e.g. http://<head-ip>:5000")
+
+    def stop_ray(self) -> None:
+        import ray
+
+        if self._started_ray and ray.is_initialized():
+            ray.shutdown()
+        self._started_ray = False
+
+
+class ProgressPrinter:
+    """A one-line-per-step progress display for single runs."""
+
+    def __init__(self, label: str, total: int | None) -> None:
+        self.label, self.total, self.started = label, total, time.perf_counter()
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        shown = "  ".join(f"{k}={metrics[k]:.3f}" for k in ("val_acc", "val_asr", "test_acc", "test_asr") if k in metrics)
+        total = f"/{self.total}" if self.total else ""
+        bar = ""
+        if self.total:
+            filled = int(20 * min(step, self.total) / self.total)
+            bar = "[" + "#" * filled + "." * (20 - filled) + "] "
+        print(f"{self.label} {bar}step {step}{total}  {shown}  ({time.perf_counter() - self.started:.0f}s)", flush=True)
+
+
+def run_single(session: Session, spec: RunSpec, extra_tags: dict[str, str] | None = None,
+               attack_run_id: str | None = None, role: str | None = None, parent_id: str | None = None) -> tuple[str, dict[str, float]]:
+    """`bdo attack` / `bdo defend`: one top-level run, trained in this process."""
+    tracker = session.open_tracker()
+    device = pick_device(1.0)
+    total = spec.config.get("epochs") if isinstance(spec.config.get("epochs"), int) else None
+    progress = ProgressPrinter(spec.method, total)
+    if spec.kind == "attack":
+        seeds = spec.attack_cfg().seeds()
+        run_id = tracker.start_run(f"attack-{spec.method}", {**base_tags(spec, role or "attack", seeds), **(extra_tags or {})}, parent_id)
+        tracker.log_params(run_id, spec.flat_params())
+        ctx = TrackedContext(device=device, run_id=run_id, tracker=tracker, reporter=Reporter(),
+                             data_root=session.data_root, download=session.download,
+                             data_config=spec.data_cfg(), on_report=progress)
+        try:
+            metrics, _ = execute_attack(spec, ctx, tracker, run_id)
+        except BaseException:
+            tracker.end(run_id, "FAILED")
+            raise
+        tracker.end(run_id, "FINISHED")
+        return run_id, metrics
+    backdoor, attack_id, key = build_attack(spec, tracker, session.storage, session.data_root, session.download,
+                                            device=device, on_report=ProgressPrinter(f"{spec.attack} (attack)", spec.attack_config.get("epochs")))
+    seeds = backdoor.seeds
+    tags = {**base_tags(spec, role or "defense", seeds), "attack_run_id": attack_run_id or attack_id,
+            "attack_cache_key": key, **(extra_tags or {})}
+    run_id = tracker.start_run(f"{spec.method}-on-{spec.attack}", tags, parent_id)
+    tracker.log_params(run_id, spec.flat_params())
+    ctx = TrackedContext(device=device, run_id=run_id, tracker=tracker, reporter=Reporter(), backdoor_obj=backdoor.to(device),
+                         data_root=session.data_root, download=session.download, data_config=spec.data_cfg(),
+                         on_report=progress)
+    try:
+        metrics, _ = execute_defense(spec, ctx, tracker, run_id, ctx.backdoor_obj)
+    except BaseException:
+        tracker.end(run_id, "FAILED")
+        raise
+    tracker.end(run_id, "FINISHED")
+    return run_id, metrics
+
+
+def space_fingerprint(plan: SweepPlan) -> str:
+    return hashlib.sha256(Path(plan.space.path).read_bytes()).hexdigest()[:16]
+
+
+@dataclass
+class SweepResult:
+    sweep_run_id: str
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    pareto: list[dict[str, Any]] = field(default_factory=list)
+    failed: int = 0
+
+
+def _scheduler(plan: SweepPlan):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if plan.scheduler == "asha":
+        max_t = plan.space.max_t or 10_000
+        return ASHAScheduler(time_attr="step", max_t=max_t, grace_period=plan.space.grace_period,
+                             reduction_factor=plan.space.reduction_factor)
+    return FIFOScheduler()
+
+
+def _search_alg(plan: SweepPlan, seed: int):
+    from ray.tune.search import ConcurrencyLimiter
+
+    if plan.searcher != "optuna":
+        return None
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    if plan.objective == "pareto":
+        metric = [m for m, _ in PARETO_METRICS]
+        mode = [d for _, d in PARETO_METRICS]
+        alg = OptunaSearch(metric=metric, mode=mode, sampler=optuna.samplers.TPESampler(seed=seed))
+    else:
+        alg = OptunaSearch(metric=plan.space.metric, mode=plan.space.mode, sampler=optuna.samplers.TPESampler(seed=seed))
+    return ConcurrencyLimiter(alg, max_concurrent=plan.max_concurrent or 2)
+
+
+class _StatusCallback:
+    """Driver-side: when Tune finishes or errors a trial, its MLflow run gets the matching terminal status,
+    even if the trial process was killed or stopped by the scheduler before it could say so itself."""
+
+    def __new__(cls, *args, **kwargs):
+        from ray.tune import Callback
+
+        class StatusCallback(Callback):
+            def __init__(self, tracker: Tracker, sweep_run_id: str) -> None:
+                self.tracker, self.sweep_run_id = tracker, sweep_run_id
+
+            def _finish(self, trial, status: str) -> None:
+                for run in self.tracker.children(self.sweep_run_id, f"tags.trial_id = '{trial.trial_id}'"):
+                    if run.info.status == "RUNNING" or status == "FAILED":
+                        self.tracker.end(run.info.run_id, status)
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                self._finish(trial, "FINISHED")
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                self._finish(trial, "FAILED")
+
+        return StatusCallback(*args, **kwargs)
+
+
+def run_sweep(session: Session, plan: SweepPlan, extra_tags: dict[str, str] | None = None,
+              parent_id: str | None = None, resume_run_id: str | None = None, max_failures: int = 1,
+              verbose: int = 1) -> SweepResult:
+    """`bdo tune`: build the attack once, then a Tune sweep whose trials are child runs of one sweep run."""
+    from ray import tune
+
+    from orchestrator.trial import TrialSetup, tune_trainable
+
+    tracker = session.open_tracker()
+    spec = plan.base
+    cache_key = attack_run_id = None
+    if spec.kind == "defense":
+        _, attack_run_id, cache_key = build_attack(spec, tracker, session.storage, session.data_root, session.download,
+                                                   extra_tags=extra_tags)
+    seeds = spec.attack_cfg().seeds()
+    tune_root = session.storage / "tune"
+    if resume_run_id:
+        sweep_run_id = resume_run_id
+        tune_path = tracker.client.get_run(sweep_run_id).data.tags.get("tune_path")
+        tracker.client.update_run(sweep_run_id, status="RUNNING")
+    else:
+        tags = {**base_tags(spec, "sweep", seeds), "space": str(plan.space.path), "space_sha256": space_fingerprint(plan),
+                "searcher": plan.searcher, "scheduler": plan.scheduler, "objective": plan.objective,
+                "objective_metric": plan.space.metric, "objective_mode": plan.space.mode,
+                "storage": str(session.storage), **(extra_tags or {})}
+        if attack_run_id:
+            tags["attack_run_id"], tags["attack_cache_key"] = attack_run_id, cache_key
+        sweep_run_id = tracker.start_run(f"sweep-{spec.method}", tags, parent_id)
+        tracker.log_params(sweep_run_id, {**spec.flat_params(), **{f"space.{d.key}": f"{d.kind} {d.args}" for d in plan.tuned},
+                                          "num_samples": plan.num_samples})
+        tune_path = str(tune_root / f"{spec.method}-{sweep_run_id[:12]}")
+        tracker.set_tags(sweep_run_id, {"tune_path": tune_path})
+
+    setup = TrialSetup(plan=plan, tracking_uri=tracker.uri, experiment_id=tracker.experiment_id,
+                       sweep_run_id=sweep_run_id, storage=str(session.storage), cache_key=cache_key,
+                       attack_run_id=attack_run_id, data_root=str(session.data_root), download=session.download,
+                       tags={k: v for k, v in (extra_tags or {}).items()}, max_failures=max_failures,
+                       fault=os.environ.get("BDO_FAULT"))
+    if plan.workers_per_trial > 1:
+        resources: dict[str, float] = {"CPU": 0.01}
+    else:
+        resources = {"CPU": plan.cpus_per_trial, "GPU": plan.gpus_per_trial}
+    trainable = tune.with_resources(tune.with_parameters(tune_trainable, setup=setup), resources)
+    single = plan.objective == "single"
+    callbacks = [_StatusCallback(tracker, sweep_run_id)]
+    try:
+        if resume_run_id:
+            if not tune_path or not tune.Tuner.can_restore(tune_path):
+                raise BadInput(f"--resume {resume_run_id}: its Tune state at {tune_path} is missing; start a new sweep")
+            tuner = tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=tune_param_space(plan),
+                tune_config=tune.TuneConfig(
+                    metric=plan.space.metric if single else None, mode=plan.space.mode if single else None,
+                    search_alg=_search_alg(plan, spec.config.get("seed", 0) or 0), scheduler=_scheduler(plan),
+                    num_samples=plan.num_samples, max_concurrent_trials=plan.max_concurrent,
+                ),
+                run_config=tune.RunConfig(
+                    name=Path(tune_path).name, storage_path=str(tune_root), callbacks=callbacks, verbose=verbose,
+                    failure_config=tune.FailureConfig(max_failures=max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                ),
+            )
+        grid = tuner.fit()
+    except BaseException:
+        tracker.end(sweep_run_id, "KILLED" if isinstance(sys.exc_info()[1], KeyboardInterrupt) else "FAILED")
+        raise
+    result = summarize(tracker, plan, sweep_run_id, grid)
+    tracker.end(sweep_run_id, "FINISHED" if result.trials and result.failed < len(result.trials) else "FAILED")
+    return result
+
+
+def summarize(tracker: Tracker, plan: SweepPlan, sweep_run_id: str, grid) -> SweepResult:
+    """Close every child run, pick the best trial on validation metrics (and the Pareto front), log it all."""
+    out = SweepResult(sweep_run_id)
+    runs = {r.data.tags.get("trial_id"): r for r in tracker.children(sweep_run_id)}
+    for result in grid:
+        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        metrics = result.metrics or {}
+        row = {"trial_id": metrics.get("trial_id", trial_id), "config": result.config, "error": result.error is not None,
+               **{k: metrics.get(k, math.nan) for k in TRIAL_COLUMNS}, "step": metrics.get("step")}
+        run = runs.get(row["trial_id"])
+        row["run_id"] = run.info.run_id if run else None
+        if run is not None:
+            status = "FAILED" if row["error"] else "FINISHED"
+            if tracker.status(run.info.run_id) != status:
+                tracker.end(run.info.run_id, status)
+        out.failed += int(row["error"])
+        out.trials.append(row)
+    for run in tracker.children(sweep_run_id):  # anything Tune no longer knows about was orphaned by a kill
+        if run.info.status == "RUNNING":
+            tracker.end(run.info.run_id, "KILLED")
+    metric, mode = plan.space.metric, plan.space.mode
+    ok = [t for t in out.trials if not t["error"]]
+    scored = [t for t in ok if not math.isnan(_metric(t, metric))]
+    if scored:
+        best = (max if mode == "max" else min)(scored, key=lambda t: _metric(t, metric))
+        out.best = best
+        tags = {"best_trial_id": best["trial_id"], "best_run_id": best["run_id"] or ""}
+        tracker.set_tags(sweep_run_id, tags)
+        tracker.log_params(sweep_run_id, {f"best.{k}": v for k, v in best["config"].items()})
+        tracker.log_metrics(sweep_run_id, {f"best_{k}": best[k] for k in TRIAL_COLUMNS if not math.isnan(best[k])}, 0)
+    points = [(t["val_acc"], t["val_asr"]) for t in ok]
+    front = [ok[i] for i in pareto_front(points)] if points else []
+    out.pareto = front
+    if front:
+        import json
+        import tempfile
+
+        for t in front:
+            if t["run_id"]:
+                tracker.set_tags(t["run_id"], {"pareto": "true"})
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "pareto.json").write_text(json.dumps(
+                [{k: t[k] for k in ("trial_id", "run_id", "val_acc", "val_asr", "config")} for t in front], indent=1, default=str))
+            plot_dir = Path(d) / "plots"
+            plot_dir.mkdir()
+            pareto_png(plot_dir / "pareto.png", points)
+            tracker.log_artifact(sweep_run_id, Path(d) / "pareto.json")
+            tracker.log_artifact(sweep_run_id, plot_dir, "plots")
+    return out
+
+
+def _metric(row: dict[str, Any], key: str) -> float:
+    value = row.get(key, math.nan)
+    return math.nan if value is None else float(value)
+
+
+def find_resumable_sweep(tracker: Tracker, plan: SweepPlan, storage: Path, run_id: str | None) -> str:
+    if run_id:
+        try:
+            run = tracker.client.get_run(run_id)
+        except Exception:
+            raise BadInput(f"--resume {run_id}: no such run in this tracking store") from None
+        if run.data.tags.get("role") != "sweep":
+            raise BadInput(f"--resume {run_id}: that run is not a sweep (role={run.data.tags.get('role')})")
+        return run_id
+    query = (f"tags.role = 'sweep' and tags.space_sha256 = '{space_fingerprint(plan)}' "
+             f"and tags.storage = '{storage}' and attributes.status != 'FINISHED'")
+    runs = tracker.search(query)
+    if not runs:
+        raise BadInput(f"--resume: no unfinished sweep of {plan.space.path} in this experiment and storage; "
+                       "start one without --resume")
+    return runs[0].info.run_id
+
+
+def format_trials(result: SweepResult, metric: str) -> str:
+    header = f"{'trial':<22} {'status':<8} " + " ".join(f"{c:>9}" for c in TRIAL_COLUMNS)
+    lines = [header, "-" * len(header)]
+    for t in result.trials:
+        mark = "*" if result.best is t else " "
+        cells = " ".join(f"{_metric(t, c):9.3f}" for c in TRIAL_COLUMNS)
+        lines.append(f"{mark}{t['trial_id']:<21} {'FAILED' if t['error'] else 'done':<8} {cells}")
+    lines.append(f"* selected on {metric} (validation); test columns are reported, never used to choose")
+    return "\n".join(lines)

@@ -1,0 +1,157 @@
+"""The Tune function trainable. One trial either trains in-process (one worker) or drives a Ray Train
+TorchTrainer with `workers_per_trial` workers whose reports it forwards to Tune; both run the same methods/
+code through TrackedContext. Ray 2.60 runs Train V2, where Tuner(TorchTrainer) fails, hence this shape."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.cache import AttackCache
+from orchestrator.context import TrackedContext, TrainReporter, TuneReporter
+from orchestrator.execute import execute_attack, execute_defense, fault_hook, pick_device, weights_digest
+from orchestrator.resolve import RunSpec
+from orchestrator.spaces import SweepPlan, trial_values
+from orchestrator.tracking import Tracker
+
+
+@dataclass
+class TrialSetup:
+    """Everything a trial needs; shipped to trials with tune.with_parameters."""
+
+    plan: SweepPlan
+    tracking_uri: str
+    experiment_id: str
+    sweep_run_id: str
+    storage: str
+    cache_key: str | None
+    attack_run_id: str | None
+    data_root: str
+    download: bool
+    tags: dict[str, str] = field(default_factory=dict)
+    max_failures: int = 1
+    fault: str | None = None
+
+
+def trial_spec(setup: TrialSetup, sampled: dict[str, Any]) -> RunSpec:
+    base = setup.plan.base
+    values = trial_values(setup.plan, sampled)
+    attack_config = values if base.kind == "attack" else base.attack_config
+    return RunSpec(base.method, base.kind, values, base.attack, attack_config, base.data_config, base.presets)
+
+
+def trial_index(trial_id: str) -> int | None:
+    tail = trial_id.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+def child_run(tracker: Tracker, setup: TrialSetup, spec: RunSpec, trial_id: str, trial_name: str) -> str:
+    """The trial's MLflow run: reopened when the trial is retried or resumed, so each trial has one run."""
+    existing = tracker.children(setup.sweep_run_id, f"tags.trial_id = '{trial_id}'")
+    if existing:
+        run_id = existing[0].info.run_id
+        tracker.client.update_run(run_id, status="RUNNING")
+        return run_id
+    from orchestrator.execute import base_tags
+
+    seeds = spec.attack_cfg().seeds()
+    tags = {**base_tags(spec, "trial", seeds), "trial_id": trial_id, "sweep_run_id": setup.sweep_run_id, **setup.tags}
+    if setup.attack_run_id:
+        tags["attack_run_id"] = setup.attack_run_id
+    if setup.cache_key:
+        tags["attack_cache_key"] = setup.cache_key
+    run_id = tracker.start_run(trial_name, tags, parent_id=setup.sweep_run_id)
+    tracker.log_params(run_id, spec.flat_params())
+    return run_id
+
+
+def _backdoor(setup: TrialSetup):
+    if setup.cache_key is None:
+        return None
+    backdoor = AttackCache(Path(setup.storage)).load(setup.cache_key)
+    if backdoor is None:
+        raise RuntimeError(f"attack cache entry {setup.cache_key} is missing or corrupt in {setup.storage}")
+    return backdoor
+
+
+def tune_trainable(config: dict[str, Any], setup: TrialSetup) -> None:
+    from ray import tune
+
+    context = tune.get_context()
+    trial_id, trial_name = context.get_trial_id(), context.get_trial_name()
+    spec = trial_spec(setup, config)
+    tracker = Tracker(setup.tracking_uri, experiment_id=setup.experiment_id)
+    run_id = child_run(tracker, setup, spec, trial_id, trial_name)
+    try:
+        if setup.plan.workers_per_trial > 1:
+            _drive_train(setup, spec, config, run_id, trial_id)
+        else:
+            device = pick_device(setup.plan.gpus_per_trial)
+            backdoor = _backdoor(setup)
+            ctx = TrackedContext(device=device, run_id=run_id, tracker=tracker, reporter=TuneReporter(),
+                                 backdoor_obj=None if backdoor is None else backdoor.to(device),
+                                 data_root=Path(setup.data_root), download=setup.download,
+                                 data_config=spec.data_cfg(), on_report=fault_hook(setup.fault, trial_index(trial_id)))
+            if spec.kind == "attack":
+                execute_attack(spec, ctx, tracker, run_id)
+            else:
+                execute_defense(spec, ctx, tracker, run_id, ctx.backdoor_obj)
+    except BaseException:
+        tracker.end(run_id, "FAILED")
+        raise
+    tracker.end(run_id, "FINISHED")
+
+
+def _drive_train(setup: TrialSetup, spec: RunSpec, config: dict[str, Any], run_id: str, trial_id: str) -> None:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    plan = setup.plan
+    n = plan.workers_per_trial
+    per_worker = {"CPU": max(plan.cpus_per_trial / n, 0.01)}
+    if plan.gpus_per_trial > 0:
+        per_worker["GPU"] = plan.gpus_per_trial / n
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"setup": setup, "config": config, "run_id": run_id, "trial_id": trial_id},
+        scaling_config=ray.train.ScalingConfig(num_workers=n, use_gpu=plan.gpus_per_trial > 0,
+                                               resources_per_worker=per_worker),
+        run_config=ray.train.RunConfig(
+            name=f"train-{trial_id}", storage_path=str(Path(setup.storage) / "train"),
+            callbacks=[TuneReportCallback()],
+            failure_config=ray.train.FailureConfig(max_failures=setup.max_failures),
+        ),
+    )
+    trainer.fit()
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: rank 0 logs to MLflow; every rank trains (DDP through ctx.wrap_model)."""
+    import ray.train
+    import torch
+
+    setup: TrialSetup = loop_config["setup"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    spec = trial_spec(setup, loop_config["config"])
+    device = torch.device("cuda", context.get_local_rank()) if (setup.plan.gpus_per_trial > 0 and torch.cuda.is_available()) else torch.device("cpu")
+    tracker = Tracker(setup.tracking_uri, experiment_id=setup.experiment_id) if rank == 0 else None
+    backdoor = _backdoor(setup)
+    ctx = TrackedContext(device=device, run_id=loop_config["run_id"] if rank == 0 else None, tracker=tracker,
+                         reporter=TrainReporter(rank), backdoor_obj=None if backdoor is None else backdoor.to(device),
+                         rank=rank, world_size=world, data_root=Path(setup.data_root), download=setup.download,
+                         data_config=spec.data_cfg(), on_report=fault_hook(setup.fault, trial_index(loop_config["trial_id"])))
+    if spec.kind == "attack":
+        _, state = execute_attack(spec, ctx, tracker, ctx.run_id)
+    else:
+        _, state = execute_defense(spec, ctx, tracker, ctx.run_id, ctx.backdoor_obj)
+    # every rank's final weights must agree under DDP; rank 0 records whether they did
+    import torch.distributed as dist
+
+    digest = weights_digest(state)
+    digests = [None] * world
+    dist.all_gather_object(digests, digest)
+    if rank == 0:
+        tracker.set_tags(ctx.run_id, {"ddp_world_size": world, "ddp_weights_identical": str(len(set(digests)) == 1).lower(),
+                                      "weights_sha256": digest})
