@@ -21,7 +21,8 @@ def _shared(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model registry name (default: small_cnn, or the space's)")
     p.add_argument("--seed", type=int, default=None, help="derives the split, poison, train and clean seeds")
     p.add_argument("--experiment", default="bdo", help="MLflow experiment (default: bdo)")
-    p.add_argument("--storage", default="./bdo_runs", help="run storage: attack cache and Tune state (a local or shared path)")
+    p.add_argument("--storage", default=os.environ.get("BDO_STORAGE", "./bdo_runs"),
+                   help="run storage: attack cache and Tune state, a local or shared path (default: BDO_STORAGE or ./bdo_runs)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.add_argument("--data-root", default=None, help="where datasets live (default: BDO_DATA_ROOT or ~/.cache/bdo/data)")
     p.add_argument("--download", action="store_true", help="download missing datasets")

@@ -119,12 +119,14 @@ class TrackedContext:
     tables: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     series: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     _pending: tuple[int, dict[str, float]] | None = None
+    _ddp_models: list = field(default_factory=list)
 
     @property
     def logs(self) -> bool:
         return self.rank == 0 and self.tracker is not None and self.run_id is not None
 
     def report(self, metrics: dict[str, float], step: int) -> None:
+        self._sync_buffers()
         self.flush()
         clean = {k: float(v) for k, v in metrics.items()}
         self._pending = (int(step), clean)
@@ -176,7 +178,25 @@ class TrackedContext:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
+        self._ddp_models.append(model)
         return DistributedDataParallel(model, device_ids=ids)
+
+    def _sync_buffers(self) -> None:
+        """Average BatchNorm running statistics across ranks at every report: DDP keeps parameters identical but
+        each rank's last forward passes update its own buffers (SyncBatchNorm does not run on CPU), so without
+        this the ranks would end with different models."""
+        if self.world_size <= 1 or not self._ddp_models:
+            return
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for model in self._ddp_models:
+                for buffer in model.buffers():
+                    if buffer.is_floating_point():
+                        dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+                        buffer.div_(self.world_size)
+                    else:
+                        dist.broadcast(buffer, src=0)
 
     def progress(self, message: str) -> None:
         if self.rank == 0:
