@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
@@ -60,8 +61,18 @@ def serialize_state(state: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint holds something other than tensors and plain containers (e.g. a pickled object)."""
+
+
 def deserialize_state(blob: bytes) -> dict[str, Any]:
-    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    """Load a checkpoint without executing code: torch's weights_only unpickler refuses any object that is not
+    a tensor, a number, a string or a plain container, so a planted pickle payload never runs."""
+    try:
+        return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsafeCheckpointError(f"refusing to load a checkpoint that carries executable objects: {first}") from None
 
 
 @dataclass
