@@ -216,19 +216,20 @@ def cmd_quickstart(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    import subprocess
-
     from orchestrator.tracking import resolve_tracking_uri
+    from orchestrator.ui import start_server, stop_server
 
     uri = resolve_tracking_uri(args.tracking_uri)
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", args.host,
-               "--port", str(args.port), "--workers", "1"]
-    print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it", flush=True)
+    if uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///"):]):
+        raise BadInput(f"--tracking-uri {uri}: no MLflow store there yet; run bdo quickstart or bdo tune first")
+    process, url = start_server(uri, args.host, args.port)
+    print(f"MLflow UI on {url} (store {uri}); Ctrl-C stops it", flush=True)
     try:
-        return subprocess.call(command, env=env)
+        return process.wait()
     except KeyboardInterrupt:
         return 0
+    finally:
+        stop_server(process)
 
 
 def cmd_report(args) -> int:
