@@ -19,6 +19,7 @@ import torch
 
 from methods.attacks.base import Backdoor
 from methods.core.context import deserialize_state, serialize_state
+from methods.core.fastpath import FastPath, accelerate
 from methods.data.base import DataConfig
 
 STATE_FILE = "state.pt"
@@ -114,6 +115,7 @@ class TrackedContext:
     data_root: Path = field(default_factory=lambda: Path.home() / ".cache" / "bdo" / "data")
     download: bool = False
     data_config: DataConfig = field(default_factory=DataConfig)
+    fast: FastPath = field(default_factory=FastPath)
     on_report: Callable[[int, dict[str, float]], None] | None = None
     history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     tables: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
@@ -173,13 +175,14 @@ class TrackedContext:
         return self.backdoor_obj
 
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        fast = accelerate(model, self.device, self.fast)
         if self.world_size <= 1:
-            return model
+            return fast
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
         self._ddp_models.append(model)
-        return DistributedDataParallel(model, device_ids=ids)
+        return DistributedDataParallel(fast, device_ids=ids)
 
     def _sync_buffers(self) -> None:
         """Average BatchNorm running statistics across ranks at every report: DDP keeps parameters identical but

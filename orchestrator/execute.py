@@ -122,7 +122,7 @@ def build_attack(spec: RunSpec, tracker: Tracker, storage: Path, data_root: Path
     """The backdoored model of `spec`'s attack, from the cache or trained now (once per content hash, with
     its own top-level MLflow run, role=attack). Returns (backdoor, attack_run_id, cache key)."""
     attack_spec = RunSpec(spec.attack, "attack", spec.attack_config, spec.attack, spec.attack_config,
-                          spec.data_config, [p for p in spec.presets if f"/{spec.attack}.yaml" in p])
+                          spec.data_config, [p for p in spec.presets if f"/{spec.attack}.yaml" in p], spec.fast_config)
     key = cache_key(spec.attack, spec.attack_config, spec.data_config)
     cache = AttackCache(storage)
 
@@ -132,7 +132,7 @@ def build_attack(spec: RunSpec, tracker: Tracker, storage: Path, data_root: Path
                                                                "attack_cache_key": key, **(extra_tags or {})})
         tracker.log_params(run_id, attack_spec.flat_params())
         ctx = TrackedContext(device=device or pick_device(), run_id=run_id, tracker=tracker, reporter=Reporter(),
-                             data_root=data_root, download=download, data_config=attack_spec.data_cfg(),
+                             data_root=data_root, download=download, data_config=attack_spec.data_cfg(), fast=attack_spec.fast_cfg(),
                              on_report=on_report)
         try:
             backdoor = run_method(attack_spec, ctx)

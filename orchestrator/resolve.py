@@ -15,6 +15,7 @@ import yaml
 
 import methods  # noqa: F401  (registers everything)
 from methods.core.config import Config
+from methods.core.fastpath import FastPath
 from methods.core.method import METHODS, MethodSpec
 from methods.core.registry import DATASETS, MODELS
 from methods.data.base import DataConfig
@@ -57,17 +58,19 @@ def parse_set(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def split_keys(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """Split a flat mapping into (method, attack., data.) parts."""
-    method, attack, data = {}, {}, {}
+def split_keys(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Split a flat mapping into (method, attack., data., fast.) parts."""
+    method, attack, data, fast = {}, {}, {}, {}
     for key, value in values.items():
         if key.startswith("attack."):
             attack[key[len("attack."):]] = value
         elif key.startswith("data."):
             data[key[len("data."):]] = value
+        elif key.startswith("fast."):
+            fast[key[len("fast."):]] = value
         else:
             method[key] = value
-    return method, attack, data
+    return method, attack, data, fast
 
 
 def load_yaml(path: Path, what: str) -> Any:
@@ -114,6 +117,7 @@ class RunSpec:
     attack_config: dict[str, Any]
     data_config: dict[str, Any]
     presets: list[str] = field(default_factory=list)
+    fast_config: dict[str, Any] = field(default_factory=dict)  # speed switches only: never part of the cache key
 
     @property
     def dataset(self) -> str:
@@ -132,10 +136,14 @@ class RunSpec:
     def data_cfg(self) -> DataConfig:
         return DataConfig.from_dict(self.data_config)
 
+    def fast_cfg(self) -> FastPath:
+        return FastPath.from_dict(self.fast_config)
+
     def flat_params(self) -> dict[str, Any]:
         params = {k: v for k, v in self.config.items()} if self.kind == "defense" else {}
         params.update({f"attack.{k}": v for k, v in self.attack_config.items()})
         params.update({f"data.{k}": v for k, v in self.data_config.items()})
+        params.update({f"fast.{k}": v for k, v in self.fast_config.items()})
         params["method"], params["attack"] = self.method, self.attack
         return params
 
@@ -170,7 +178,7 @@ def resolve_run(
 ) -> RunSpec:
     """Resolve a method run. `base`/`attack_base`/`data_base` come from a search space or study (under --set)."""
     spec = method_spec(method, None, source)
-    set_method, set_attack, set_data = split_keys(sets or {})
+    set_method, set_attack, set_data, set_fast = split_keys(sets or {})
     presets: list[str] = []
     if spec.kind == "attack":
         if attack not in (None, method):
@@ -191,7 +199,8 @@ def resolve_run(
             values["seed"] = seed
         method_cfg = build_config(spec.config_cls, values, source or f"defense {method}").to_dict()
     data_cfg = build_config(DataConfig, {**(data_base or {}), **set_data}, source or "data").to_dict()
-    return RunSpec(method, spec.kind, method_cfg, attack, attack_cfg, data_cfg, presets)
+    fast_cfg = build_config(FastPath, set_fast, source or "fast").to_dict() if set_fast else {}
+    return RunSpec(method, spec.kind, method_cfg, attack, attack_cfg, data_cfg, presets, fast_cfg)
 
 
 def config_fields(method: str) -> dict[str, dataclasses.Field]:

@@ -104,7 +104,7 @@ def run_single(session: Session, spec: RunSpec, extra_tags: dict[str, str] | Non
         tracker.log_params(run_id, spec.flat_params())
         ctx = TrackedContext(device=device, run_id=run_id, tracker=tracker, reporter=Reporter(),
                              data_root=session.data_root, download=session.download,
-                             data_config=spec.data_cfg(), on_report=progress)
+                             data_config=spec.data_cfg(), fast=spec.fast_cfg(), on_report=progress)
         try:
             metrics, _ = execute_attack(spec, ctx, tracker, run_id)
         except BaseException:
@@ -120,7 +120,7 @@ def run_single(session: Session, spec: RunSpec, extra_tags: dict[str, str] | Non
     run_id = tracker.start_run(f"{spec.method}-on-{spec.attack}", tags, parent_id)
     tracker.log_params(run_id, spec.flat_params())
     ctx = TrackedContext(device=device, run_id=run_id, tracker=tracker, reporter=Reporter(), backdoor_obj=backdoor.to(device),
-                         data_root=session.data_root, download=session.download, data_config=spec.data_cfg(),
+                         data_root=session.data_root, download=session.download, data_config=spec.data_cfg(), fast=spec.fast_cfg(),
                          on_report=progress)
     try:
         metrics, _ = execute_defense(spec, ctx, tracker, run_id, ctx.backdoor_obj)

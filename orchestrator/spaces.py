@@ -296,8 +296,8 @@ def plan_sweep(
     source = str(space.path)
     sets = dict(sets or {})
     quick_values = space.quick if quick else {}
-    q_method, q_attack, q_data = split_keys(quick_values)
-    s_method, _, _ = split_keys(sets)
+    q_method, q_attack, q_data, _ = split_keys(quick_values)
+    s_method, _, _, _ = split_keys(sets)
     # --set and the quick block pin searched keys (their range is replaced by the value)
     pinned = {k: v for k, v in {**q_method, **s_method}.items() if k in {d.key for d in space.dims}}
     base = resolve_run(

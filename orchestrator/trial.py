@@ -37,7 +37,8 @@ def trial_spec(setup: TrialSetup, sampled: dict[str, Any]) -> RunSpec:
     base = setup.plan.base
     values = trial_values(setup.plan, sampled)
     attack_config = values if base.kind == "attack" else base.attack_config
-    return RunSpec(base.method, base.kind, values, base.attack, attack_config, base.data_config, base.presets)
+    return RunSpec(base.method, base.kind, values, base.attack, attack_config, base.data_config, base.presets,
+                   base.fast_config)
 
 
 def trial_index(trial_id: str) -> int | None:
@@ -82,6 +83,11 @@ def tune_trainable(config: dict[str, Any], setup: TrialSetup) -> None:
     spec = trial_spec(setup, config)
     tracker = Tracker(setup.tracking_uri, experiment_id=setup.experiment_id)
     run_id = child_run(tracker, setup, spec, trial_id, trial_name)
+    # Set on every attempt, so a trial retried elsewhere after losing its node names the node it finished on;
+    # the node id, not the IP, because several nodes may share one host.
+    import ray
+
+    tracker.set_tags(run_id, {"ray_node_id": ray.get_runtime_context().get_node_id()})
     try:
         if setup.plan.workers_per_trial > 1:
             _drive_train(setup, spec, config, run_id, trial_id)
@@ -91,7 +97,7 @@ def tune_trainable(config: dict[str, Any], setup: TrialSetup) -> None:
             ctx = TrackedContext(device=device, run_id=run_id, tracker=tracker, reporter=TuneReporter(),
                                  backdoor_obj=None if backdoor is None else backdoor.to(device),
                                  data_root=Path(setup.data_root), download=setup.download,
-                                 data_config=spec.data_cfg(), on_report=fault_hook(setup.fault, trial_index(trial_id)))
+                                 data_config=spec.data_cfg(), fast=spec.fast_cfg(), on_report=fault_hook(setup.fault, trial_index(trial_id)))
             if spec.kind == "attack":
                 execute_attack(spec, ctx, tracker, run_id)
             else:
@@ -141,7 +147,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     ctx = TrackedContext(device=device, run_id=loop_config["run_id"] if rank == 0 else None, tracker=tracker,
                          reporter=TrainReporter(rank), backdoor_obj=None if backdoor is None else backdoor.to(device),
                          rank=rank, world_size=world, data_root=Path(setup.data_root), download=setup.download,
-                         data_config=spec.data_cfg(), on_report=fault_hook(setup.fault, trial_index(loop_config["trial_id"])))
+                         data_config=spec.data_cfg(), fast=spec.fast_cfg(), on_report=fault_hook(setup.fault, trial_index(loop_config["trial_id"])))
     if spec.kind == "attack":
         _, state = execute_attack(spec, ctx, tracker, ctx.run_id)
     else:

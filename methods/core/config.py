@@ -78,7 +78,12 @@ def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any]:
 
 
 def _type_name(annotation: Any) -> str:
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+    args = typing.get_args(annotation)
+    if type(None) in args:  # Optional[X] reads "X or null" (null is YAML's None)
+        return " or ".join(_type_name(a) for a in args if a is not type(None)) + " or null"
+    if args:
+        return str(annotation).replace("typing.", "")
+    return getattr(annotation, "__name__", None) or str(annotation)
 
 
 @dataclasses.dataclass

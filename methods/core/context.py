@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from methods.core.fastpath import FastPath, accelerate
+
 if TYPE_CHECKING:  # pragma: no cover
     from methods.attacks.base import Backdoor
     from methods.data.base import DataConfig
@@ -49,7 +51,8 @@ class RunContext(Protocol):
     def backdoor(self) -> "Backdoor": ...
 
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The model to train with: DistributedDataParallel when world_size > 1, else the model itself."""
+        """The model to train with: the fast path's wrapper where it applies (methods.core.fastpath), inside
+        DistributedDataParallel when world_size > 1; the model itself on one CPU worker."""
 
     def progress(self, message: str) -> None: ...
 
@@ -96,6 +99,7 @@ class LocalContext:
     hand_offs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     series: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     verbose: bool = False
+    fast: FastPath | None = None  # None: the defaults (on for CUDA, off for CPU)
 
     def __post_init__(self) -> None:
         if self.data_config is None:
@@ -133,7 +137,7 @@ class LocalContext:
         return self.backdoor_provider()
 
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model
+        return accelerate(model, self.device, self.fast)
 
     def progress(self, message: str) -> None:
         if self.verbose:

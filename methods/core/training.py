@@ -34,8 +34,10 @@ def make_generator(seed: int, device: torch.device) -> torch.Generator:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel wrapper (checkpoints store the bare module)."""
-    return getattr(model, "module", model)
+    """The bare module inside DistributedDataParallel and the fast path's wrapper (checkpoints store it)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
 
 
 def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
