@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import tempfile
 from pathlib import Path
@@ -26,12 +27,13 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def collect(tracker: Tracker, study_run_id: str, metrics: list[str]) -> tuple[list[str], list[str], dict]:
     """(attacks, columns, cells) where cells[(attack, column)] = {metric: (mean, std), 'seeds': n, 'trials': n}."""
     finals = tracker.search(f"tags.study_run_id = '{study_run_id}' and tags.role = 'final'")
-    attacks_runs = tracker.search(f"tags.study_run_id = '{study_run_id}' and tags.role = 'attack'")
     sweeps = tracker.search(f"tags.study_run_id = '{study_run_id}' and tags.role = 'sweep'")
     trials_per_sweep = {s.info.run_id: len(tracker.children(s.info.run_id)) for s in sweeps}
     groups: dict[tuple[str, str], list] = {}
-    for run in attacks_runs:
-        groups.setdefault((run.data.tags["method"], "no defense"), []).append(run)
+    # see run_study: the attack runs tagged with the study are neither all of the column nor only it
+    recorded = tracker.client.get_run(study_run_id).data.tags.get("no_defense_run_ids", "{}")
+    for attack, run_ids in json.loads(recorded).items():
+        groups[(attack, "no defense")] = [tracker.client.get_run(r) for r in run_ids]
     for run in finals:
         groups.setdefault((run.data.tags["attack"], run.data.tags["method"]), []).append(run)
     attacks = sorted({a for a, _ in groups})

@@ -241,6 +241,10 @@ def run_sweep(session: Session, plan: SweepPlan, extra_tags: dict[str, str] | No
     trainable = tune.with_resources(tune.with_parameters(tune_trainable, setup=setup), resources)
     single = plan.objective == "single"
     callbacks = [_StatusCallback(tracker, sweep_run_id)]
+    # Some objectives exist only at a run's last step (SD's val_fct_auroc is computed once, on the final split);
+    # Tune's strict check would fail such a sweep at its first report. summarize() still refuses to pick a best
+    # trial on a metric that no trial reported.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     try:
         if resume_run_id:
             if not tune_path or not tune.Tuner.can_restore(tune_path):
@@ -278,7 +282,7 @@ def summarize(tracker: Tracker, plan: SweepPlan, sweep_run_id: str, grid) -> Swe
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
         metrics = result.metrics or {}
         row = {"trial_id": metrics.get("trial_id", trial_id), "config": result.config, "error": result.error is not None,
-               **{k: metrics.get(k, math.nan) for k in TRIAL_COLUMNS}, "step": metrics.get("step")}
+               **{k: metrics.get(k, math.nan) for k in (*TRIAL_COLUMNS, plan.space.metric)}, "step": metrics.get("step")}
         run = runs.get(row["trial_id"])
         row["run_id"] = run.info.run_id if run else None
         if run is not None:
@@ -345,11 +349,13 @@ def find_resumable_sweep(tracker: Tracker, plan: SweepPlan, storage: Path, run_i
 
 
 def format_trials(result: SweepResult, metric: str) -> str:
-    header = f"{'trial':<22} {'status':<8} " + " ".join(f"{c:>9}" for c in TRIAL_COLUMNS)
+    columns = TRIAL_COLUMNS if metric in TRIAL_COLUMNS else (metric, *TRIAL_COLUMNS)
+    widths = [max(9, len(c)) for c in columns]
+    header = f"{'trial':<22} {'status':<8} " + " ".join(f"{c:>{w}}" for c, w in zip(columns, widths))
     lines = [header, "-" * len(header)]
     for t in result.trials:
         mark = "*" if result.best is t else " "
-        cells = " ".join(f"{_metric(t, c):9.3f}" for c in TRIAL_COLUMNS)
+        cells = " ".join(f"{_metric(t, c):{w}.3f}" for c, w in zip(columns, widths))
         lines.append(f"{mark}{t['trial_id']:<21} {'FAILED' if t['error'] else 'done':<8} {cells}")
     lines.append(f"* selected on {metric} (validation); test columns are reported, never used to choose")
     return "\n".join(lines)

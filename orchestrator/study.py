@@ -3,6 +3,7 @@ tuned against each attack on validation metrics (a sweep, child of the study run
 is then rerun on every seed (final runs, each on the attack trained with that seed)."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +102,7 @@ def run_study(session: Session, study: StudyPlan, args) -> StudyOutcome:
     tags = {"study_run_id": study_run_id}
     failed = 0
     cells: dict[tuple[str, str], list[dict[str, float]]] = {}
+    no_defense: dict[str, list[str]] = {}
     try:
         for ai, (attack, _) in enumerate(study.attacks):
             for seed in study.seeds:  # the "no defense" column: the attack itself, per seed
@@ -110,6 +112,11 @@ def run_study(session: Session, study: StudyPlan, args) -> StudyOutcome:
                                      data_base=first.base.data_config, use_preset=False)
                 backdoor, attack_run_id, _ = build_attack(seeded, tracker, session.storage, session.data_root, session.download, extra_tags=tags)
                 cells.setdefault((attack, "none"), []).append(backdoor.metrics)
+                no_defense.setdefault(attack, []).append(attack_run_id)
+            # bdo report reads the column from these ids, not from the study_run_id tag: a cached attack keeps the
+            # tags of whichever command built it, and the sweeps' own attacks (tuning seed, a space's data block)
+            # carry this study's tag without belonging to the column.
+            tracker.set_tags(study_run_id, {"no_defense_run_ids": json.dumps(no_defense)})
             for di, (defense, _) in enumerate(study.defenses):
                 plan = study.sweeps[(ai, di)]
                 result = run_sweep(session, plan, extra_tags=tags, parent_id=study_run_id, verbose=0)
