@@ -25,7 +25,7 @@ demo: env
 
 test: env
 	@sh scripts/browser-deps.sh
-	$(VENV)/bin/python -m pytest tests
+	$(VENV)/bin/python -m pytest tests --durations=30
 
 test-fast: env
 	$(VENV)/bin/python -m pytest tests -m "not slow"
