@@ -59,9 +59,10 @@ def steps(client, run_id: str, key: str = "val_acc") -> list[int]:
 
 def tune_trial_status(storage: Path) -> dict[str, str]:
     """Trial id -> status as Tune last persisted it (what a resumed sweep starts from). A resumed sweep writes a
-    new state file next to the old one, so only the newest counts."""
+    new state file next to the old one, so only the newest counts: newest by the start time in its name, as Tune
+    picks it, never by mtime, because the resumed sweep's syncs copy the old file up again."""
     try:
-        states = sorted(storage.glob("tune/*/experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+        states = sorted(storage.glob("tune/*/experiment_state-*.json"), key=lambda p: p.name)
         if not states:
             return {}
         return {trial["trial_id"]: trial["status"]
