@@ -102,6 +102,10 @@ def tune_trainable(config: dict[str, Any], setup: TrialSetup) -> None:
                 execute_attack(spec, ctx, tracker, run_id)
             else:
                 execute_defense(spec, ctx, tracker, run_id, ctx.backdoor_obj)
+    except SystemExit:
+        # Tune ends a stopped trial's thread (ASHA, or its reused actor being reset) with sys.exit at the next
+        # report; that is no failure, and the driver's callback and summary give the run its status.
+        raise
     except BaseException:
         tracker.end(run_id, "FAILED")
         raise
