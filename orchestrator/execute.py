@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +47,16 @@ def attack_seeds(spec: RunSpec) -> dict[str, int]:
 def fault_hook(spec: str | None, trial_index: int | None) -> Any:
     """BDO_FAULT (read on the driver, shipped to trials) injects failures for fault-tolerance tests and drills:
     `raise:step=2[:trial=0]` raises after that step's report, `kill:step=2[:trial=0][:once=/path]` SIGKILLs the
-    process (once: only if the marker file does not exist yet, creating it)."""
+    process (once: only if the marker file does not exist yet, creating it), `wait:step=2[:trial=0]:until=/path`
+    holds the trial there until that file exists (a trial that is surely mid-run when a test kills something)."""
     if not spec:
         return None
     parts = dict(p.split("=", 1) for p in spec.split(":")[1:] if "=" in p)
     action, step = spec.split(":")[0], int(parts.get("step", "1"))
     if "trial" in parts and trial_index is not None and int(parts["trial"]) != trial_index:
         return None
+    if action == "wait" and "until" not in parts:
+        raise ValueError(f"BDO_FAULT={spec!r}: wait needs until=/path, the file that releases the trial")
 
     def hook(reported_step: int, metrics: dict[str, float]) -> None:
         if reported_step != step:
@@ -62,6 +66,11 @@ def fault_hook(spec: str | None, trial_index: int | None) -> Any:
             if Path(marker).exists():
                 return
             Path(marker).write_text("fired")
+        if action == "wait":
+            release = Path(parts["until"])
+            while not release.exists():
+                time.sleep(0.2)
+            return
         if action == "kill":
             import signal
 

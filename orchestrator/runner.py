@@ -155,10 +155,11 @@ def _scheduler(plan: SweepPlan):
 
 
 def _search_alg(plan: SweepPlan, seed: int):
-    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     if plan.searcher != "optuna":
-        return None
+        # seeded like Optuna, so the same command samples the same trials
+        return BasicVariantGenerator(random_state=seed)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -245,6 +246,10 @@ def run_sweep(session: Session, plan: SweepPlan, extra_tags: dict[str, str] | No
     # Tune's strict check would fail such a sweep at its first report. summarize() still refuses to pick a best
     # trial on a metric that no trial reported.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    # Trials checkpoint every epoch and keep two, so Tune snapshots its state every second checkpoint (what keeps
+    # --resume pointing at checkpoints that still exist). With second-long epochs it warned about that on every
+    # snapshot, hundreds of times in one quickstart; the snapshots are cheap next to the checkpoints themselves.
+    os.environ["TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"] = "0"
     try:
         if resume_run_id:
             if not tune_path or not tune.Tuner.can_restore(tune_path):

@@ -75,9 +75,18 @@ def _backdoor(setup: TrialSetup):
     return backdoor
 
 
+def _quiet_checkpoint_logs() -> None:
+    """Ray logs a line per persisted checkpoint, i.e. per epoch of every trial; the path is in the run's records."""
+    import logging
+
+    for name in ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def tune_trainable(config: dict[str, Any], setup: TrialSetup) -> None:
     from ray import tune
 
+    _quiet_checkpoint_logs()
     context = tune.get_context()
     trial_id, trial_name = context.get_trial_id(), context.get_trial_name()
     spec = trial_spec(setup, config)
@@ -142,6 +151,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     import torch
 
     setup: TrialSetup = loop_config["setup"]
+    _quiet_checkpoint_logs()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     spec = trial_spec(setup, loop_config["config"])

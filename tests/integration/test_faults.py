@@ -113,9 +113,12 @@ def test_sweep_survives_losing_a_worker_node(tmp_path, mlflow_template):
         args = ["tune", str(SPACES / "badnets.yaml"), "--num-samples", "2", "--cpus-per-trial", "1", "--set", "epochs=4",
                 "--max-failures", "2", *PINNED, "--address", cluster.address, "--tracking-uri", url,
                 "--storage", str(tmp_path / "shared")]
+        # both trials hold at step 2 until the worker is gone, so the one on the worker is surely mid-run
+        release = tmp_path / "release"
         with open(log, "w") as out:
-            driver = subprocess.Popen(bdo_command(*args), cwd=work, env=child_env(cluster.ray_tmp), stdout=out,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
+            driver = subprocess.Popen(bdo_command(*args), cwd=work,
+                                      env=child_env(cluster.ray_tmp, BDO_FAULT=f"wait:step=2:until={release}"),
+                                      stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             client = MlflowClient(url)
             worker = cluster.workers[0]
@@ -132,6 +135,7 @@ def test_sweep_survives_losing_a_worker_node(tmp_path, mlflow_template):
 
             moved = wait_until(trial_on_worker_trained, 240, "a trial training on each node", poll=1.0, why=lambda: tail(log))
             cluster.kill_worker(0)
+            release.touch()
             driver.wait(300)
         finally:
             if driver.poll() is None:
@@ -151,10 +155,6 @@ def test_sweep_survives_losing_a_worker_node(tmp_path, mlflow_template):
 
 # --- the driver is SIGKILLed, then the sweep is resumed -------------------------------------------------------------
 
-# Long enough that the second trial is still training when the poll sees it: on a reused, warm actor a digits
-# epoch takes ~0.4 s, and 3 epochs were over before the kill landed.
-DRIVER_KILL_EPOCHS = 20
-
 
 def test_driver_killed_mid_sweep_then_resume_finishes_it(tmp_path, mlflow_template):
     from mlflow.tracking import MlflowClient
@@ -164,14 +164,18 @@ def test_driver_killed_mid_sweep_then_resume_finishes_it(tmp_path, mlflow_templa
     shutil.copy(mlflow_template, work / "mlflow.db")
     storage = work / "bdo_runs"
     args = ["tune", str(SPACES / "badnets.yaml"), "--num-samples", "2", "--max-concurrent", "1", "--cpus-per-trial", "1",
-            "--set", f"epochs={DRIVER_KILL_EPOCHS}", *PINNED]
+            "--set", "epochs=3", *PINNED]
     ray_tmp = short_tmp()
     log = tmp_path / "driver.log"
+    # the second trial holds at step 2 (after step 1's checkpoint) until released, so the kill surely lands
+    # mid-trial however fast a warm, reused trial process trains
+    release = tmp_path / "release"
+    hold = f"wait:step=2:trial=1:until={release}"
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     driver = None
     try:
         with open(log, "w") as out:
-            driver = subprocess.Popen(bdo_command(*args), cwd=work, env=child_env(ray_tmp), stdout=out,
+            driver = subprocess.Popen(bdo_command(*args), cwd=work, env=child_env(ray_tmp, BDO_FAULT=hold), stdout=out,
                                       stderr=subprocess.STDOUT, start_new_session=True)
 
         def one_done_one_training():
@@ -199,6 +203,7 @@ def test_driver_killed_mid_sweep_then_resume_finishes_it(tmp_path, mlflow_templa
         orphans = [r for r in experiment_runs(client, "tags.role = 'trial'") if r.info.status == "RUNNING"]
         assert orphans, "the kill should have left the training trial's run RUNNING"
 
+        release.touch()
         done = run_bdo(args + ["--resume"], work, child_env(ray_tmp), timeout=400)
         assert done.returncode == 0, explain(done)
     finally:
@@ -225,7 +230,7 @@ def test_driver_killed_mid_sweep_then_resume_finishes_it(tmp_path, mlflow_templa
     for trial_id, run in finished_before.items():  # finished trials are not rerun
         now = client.get_run(run.info.run_id)
         assert now.info.status == "FINISHED" and now.info.end_time == run.info.end_time, trial_id
-        assert steps(client, run.info.run_id) == list(range(1, DRIVER_KILL_EPOCHS + 1))
+        assert steps(client, run.info.run_id) == [1, 2, 3]
     assert f"sweep run {sweep.info.run_id}" in done.stdout
 
 
