@@ -43,6 +43,8 @@ def _tune_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers-per-trial", type=int, default=None)
     p.add_argument("--max-failures", type=int, default=1, help="retries of a failed trial, from its last checkpoint")
     p.add_argument("--quick", action="store_true", help="apply the space's quick: overrides (tiny schedules)")
+    p.add_argument("--no-default-trial", action="store_true",
+                   help="sample every trial; by default the first runs the untuned values (preset, else defaults)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,7 +170,7 @@ def _plan(args, space_path: Path, quick: bool = False):
         sets=parse_set(args.set), use_preset=not args.no_preset, quick=quick or getattr(args, "quick", False),
         searcher=args.searcher, scheduler=args.scheduler, objective=args.objective, num_samples=args.num_samples,
         max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-        workers_per_trial=args.workers_per_trial,
+        workers_per_trial=args.workers_per_trial, default_trial=not getattr(args, "no_default_trial", False),
     )
 
 

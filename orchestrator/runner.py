@@ -21,7 +21,7 @@ from orchestrator.execute import (
 from orchestrator.context import Reporter, TrackedContext
 from orchestrator.plots import pareto_front, pareto_png
 from orchestrator.resolve import RunSpec
-from orchestrator.spaces import PARETO_METRICS, SweepPlan, tune_param_space
+from orchestrator.spaces import PARETO_METRICS, SweepPlan, default_point, tune_param_space
 from orchestrator.tracking import Tracker, is_local_store
 
 TRIAL_COLUMNS = ("val_acc", "val_asr", "val_der", "test_acc", "test_asr", "test_der")
@@ -157,18 +157,22 @@ def _scheduler(plan: SweepPlan):
 def _search_alg(plan: SweepPlan, seed: int):
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
+    start = default_point(plan)
+    points = [start] if start else None
     if plan.searcher != "optuna":
         # seeded like Optuna, so the same command samples the same trials
-        return BasicVariantGenerator(random_state=seed)
+        return BasicVariantGenerator(points_to_evaluate=points, random_state=seed)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
     if plan.objective == "pareto":
         metric = [m for m, _ in PARETO_METRICS]
         mode = [d for _, d in PARETO_METRICS]
-        alg = OptunaSearch(metric=metric, mode=mode, sampler=optuna.samplers.TPESampler(seed=seed))
+        alg = OptunaSearch(metric=metric, mode=mode, points_to_evaluate=points,
+                           sampler=optuna.samplers.TPESampler(seed=seed))
     else:
-        alg = OptunaSearch(metric=plan.space.metric, mode=plan.space.mode, sampler=optuna.samplers.TPESampler(seed=seed))
+        alg = OptunaSearch(metric=plan.space.metric, mode=plan.space.mode, points_to_evaluate=points,
+                           sampler=optuna.samplers.TPESampler(seed=seed))
     return ConcurrencyLimiter(alg, max_concurrent=plan.max_concurrent or 2)
 
 

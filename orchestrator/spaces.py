@@ -268,10 +268,33 @@ class SweepPlan:
     gpus_per_trial: float
     workers_per_trial: int
     pinned: dict[str, Any] = field(default_factory=dict)
+    default_trial: bool = True
 
     @property
     def tuned(self) -> list[Dimension]:
         return [d for d in self.space.tuned if d.key not in self.pinned]
+
+
+def _inside(d: Dimension, value: Any) -> bool:
+    if d.kind == "choice":
+        return value in d.args
+    if d.kind == "randint":
+        return isinstance(value, int) and not isinstance(value, bool) and d.args[0] <= value < d.args[1]
+    if d.kind in ("uniform", "loguniform"):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and d.args[0] <= value <= d.args[1]
+    return False
+
+
+def default_point(plan: SweepPlan) -> dict[str, Any] | None:
+    """The tuned keys at the values a plain run would use (the preset, else the paper's defaults), evaluated as
+    the first trial so a search is never reported worse than not tuning. None where that point is not in the
+    space (a default outside its range), where the user turned it off, or for grids, which enumerate anyway."""
+    if not plan.default_trial or plan.searcher == "grid" or any(d.kind == "grid" for d in plan.tuned):
+        return None
+    point = {d.key: plan.base.config.get(d.key) for d in plan.tuned}
+    if not point or not all(_inside(d, point[d.key]) for d in plan.tuned):
+        return None
+    return point
 
 
 def plan_sweep(
@@ -292,6 +315,7 @@ def plan_sweep(
     cpus_per_trial: float | None = None,
     gpus_per_trial: float | None = None,
     workers_per_trial: int | None = None,
+    default_trial: bool = True,
 ) -> SweepPlan:
     source = str(space.path)
     sets = dict(sets or {})
@@ -325,7 +349,7 @@ def plan_sweep(
         cpus_per_trial=cpus_per_trial if cpus_per_trial is not None else space.resources.get("cpus_per_trial", 1.0),
         gpus_per_trial=gpus_per_trial if gpus_per_trial is not None else space.resources.get("gpus_per_trial", 0.0),
         workers_per_trial=int(workers_per_trial if workers_per_trial is not None else space.resources.get("workers_per_trial", 1)),
-        pinned=pinned,
+        pinned=pinned, default_trial=default_trial,
     )
     if plan.num_samples < 1:
         raise BadInput("--num-samples: a positive integer")

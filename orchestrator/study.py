@@ -80,6 +80,7 @@ def load_study(path: Path, args) -> StudyPlan:
                 searcher=args.searcher or tune.get("searcher"), scheduler=args.scheduler or tune.get("scheduler"),
                 num_samples=args.num_samples or tune.get("num_samples"), max_concurrent=args.max_concurrent or tune.get("max_concurrent"),
                 cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, workers_per_trial=args.workers_per_trial,
+                default_trial=not getattr(args, "no_default_trial", False),
             )
     return plan
 

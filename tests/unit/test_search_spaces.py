@@ -9,7 +9,7 @@ import yaml
 from methods.core.method import METHODS, method_names
 from orchestrator.errors import BadInput
 from orchestrator.resolve import PRESETS, SEARCH_SPACES, build_config
-from orchestrator.spaces import load_space, plan_sweep, trial_values
+from orchestrator.spaces import default_point, load_space, plan_sweep, trial_values
 
 SPACE_FILES = sorted(SEARCH_SPACES.glob("*.yaml"))
 PRESET_FILES = sorted(PRESETS.glob("*/*.yaml"))
@@ -62,3 +62,21 @@ def test_derived_values_follow_their_source(tmp_path):
 def test_grid_searcher_refuses_continuous_dimensions():
     with pytest.raises(BadInput, match="searcher grid"):
         plan_sweep(load_space(SEARCH_SPACES / "badnets.yaml"), searcher="grid")
+
+
+def test_first_trial_runs_the_untuned_values_when_they_lie_in_the_space():
+    space = load_space(SEARCH_SPACES / "argd.yaml")
+    plan = plan_sweep(space, dataset="digits")
+    point = default_point(plan)
+    assert point is not None and set(point) == {d.key for d in plan.tuned}
+    assert point["w_vert"] == 0.03 and point["teacher_epochs"] == 30, "the digits preset, not the paper's values"
+    assert all(point[k] == plan.base.config[k] for k in point)
+    assert default_point(plan_sweep(space, dataset="digits", default_trial=False)) is None
+
+
+def test_no_first_point_outside_the_space_or_for_grids(tmp_path):
+    path = tmp_path / "ft.yaml"
+    path.write_text("method: ft\nspace:\n  lr: {loguniform: [0.2, 0.5]}\n")
+    assert default_point(plan_sweep(load_space(path), dataset="digits", use_preset=False)) is None
+    path.write_text("method: ft\nspace:\n  lr: {grid: [0.01, 0.05]}\n")
+    assert default_point(plan_sweep(load_space(path), dataset="digits")) is None
