@@ -287,7 +287,7 @@ def _inside(d: Dimension, value: Any) -> bool:
 
 def default_point(plan: SweepPlan) -> dict[str, Any] | None:
     """The tuned keys at the values a plain run would use (the preset, else the paper's defaults), evaluated as
-    the first trial so a search is never reported worse than not tuning. None where that point is not in the
+    the first trial so the selected trial never scores below not tuning on validation. None where that point is not in the
     space (a default outside its range), where the user turned it off, or for grids, which enumerate anyway."""
     if not plan.default_trial or plan.searcher == "grid" or any(d.kind == "grid" for d in plan.tuned):
         return None
