@@ -60,17 +60,15 @@ def parse_set(items: list[str] | None) -> dict[str, Any]:
 
 def split_keys(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Split a flat mapping into (method, attack., data., fast.) parts."""
-    method, attack, data, fast = {}, {}, {}, {}
+    method: dict[str, Any] = {}
+    prefixed: dict[str, dict[str, Any]] = {"attack": {}, "data": {}, "fast": {}}
     for key, value in values.items():
-        if key.startswith("attack."):
-            attack[key[len("attack."):]] = value
-        elif key.startswith("data."):
-            data[key[len("data."):]] = value
-        elif key.startswith("fast."):
-            fast[key[len("fast."):]] = value
+        head, dot, rest = key.partition(".")
+        if dot and head in prefixed:
+            prefixed[head][rest] = value
         else:
             method[key] = value
-    return method, attack, data, fast
+    return method, prefixed["attack"], prefixed["data"], prefixed["fast"]
 
 
 def load_yaml(path: Path, what: str) -> Any:

@@ -101,6 +101,16 @@ class Dimension:
             return [self.args[0], self.args[1]]
         return []
 
+    def contains(self, value: Any) -> bool:
+        """Whether the distribution can draw `value`."""
+        if self.kind in ("choice", "grid"):
+            return value in self.args
+        if self.kind == "randint":
+            return _number(value) and value == int(value) and self.args[0] <= value < self.args[1]
+        if self.kind in ("uniform", "loguniform"):
+            return _number(value) and self.args[0] <= value <= self.args[1]
+        return False
+
 
 @dataclass
 class SearchSpace:
@@ -275,16 +285,6 @@ class SweepPlan:
         return [d for d in self.space.tuned if d.key not in self.pinned]
 
 
-def _inside(d: Dimension, value: Any) -> bool:
-    if d.kind == "choice":
-        return value in d.args
-    if d.kind == "randint":
-        return isinstance(value, int) and not isinstance(value, bool) and d.args[0] <= value < d.args[1]
-    if d.kind in ("uniform", "loguniform"):
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and d.args[0] <= value <= d.args[1]
-    return False
-
-
 def default_point(plan: SweepPlan) -> dict[str, Any] | None:
     """The tuned keys at the values a plain run would use (the preset, else the paper's defaults), evaluated as
     the first trial so the selected trial never scores below not tuning on validation. None where that point is not in the
@@ -292,7 +292,7 @@ def default_point(plan: SweepPlan) -> dict[str, Any] | None:
     if not plan.default_trial or plan.searcher == "grid" or any(d.kind == "grid" for d in plan.tuned):
         return None
     point = {d.key: plan.base.config.get(d.key) for d in plan.tuned}
-    if not point or not all(_inside(d, point[d.key]) for d in plan.tuned):
+    if not point or not all(d.contains(point[d.key]) for d in plan.tuned):
         return None
     return point
 
