@@ -80,7 +80,7 @@ def test_a_method_trained_under_the_fast_path_reaches_the_reference(badnets_back
     assert fast["test_asr"] >= 0.9
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="compares the CUDA fast path with the CPU reference")
+@pytest.mark.gpu
 def test_cuda_fast_path_matches_the_cpu_reference(badnets_backdoor):
     reference = badnets_backdoor.metrics
     on = _digits_badnets(torch.device("cuda"), None)  # the defaults: every switch on
@@ -88,3 +88,78 @@ def test_cuda_fast_path_matches_the_cpu_reference(badnets_backdoor):
     for metrics in (on, off):
         assert abs(metrics["test_acc"] - reference["test_acc"]) <= 0.03
         assert metrics["test_asr"] >= 0.9
+
+
+class _ThreeOutputs(torch.nn.Module):
+    """Shaped like NAD's student forward: extra arguments in, a tuple of logits, a list of maps and None out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = build_model("small_cnn", DIGITS_INFO)
+
+    def forward(self, x, scale, *, extra=None):
+        logits = self.model(x) * scale
+        return logits, [logits.softmax(1), {"n": torch.tensor(3)}], extra
+
+
+def test_wrapper_passes_any_arguments_and_casts_nested_outputs_to_fp32():
+    wrapped = accelerate(_ThreeOutputs(), "cpu", ON_CPU)
+    logits, (probs, counts), none = wrapped(torch.rand(8, 1, 16, 16), 2.0, extra=None)
+    assert logits.dtype == probs.dtype == torch.float32
+    assert counts["n"].dtype == torch.int64 and none is None
+
+
+def test_wrapper_under_distributed_data_parallel(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(accelerate(_ThreeOutputs(), "cpu", ON_CPU))
+        logits, (probs, _), _ = ddp(torch.rand(8, 1, 16, 16), 1.0)
+        F.cross_entropy(logits, torch.randint(0, 10, (8,))).backward()
+        assert logits.dtype == torch.float32 and probs.dtype == torch.float32
+        assert all(p.grad is not None for p in unwrap(ddp).parameters())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_compiled_forward_serves_only_full_training_batches(monkeypatch):
+    """A compiled (CUDA-graphed) forward sees one batch shape: partial batches and evaluation go eager, so a
+    schedule never recompiles for its last batch. torch.compile is replaced by a recorder: the routing is what is
+    tested here, the compiler is torch's."""
+    calls = []
+
+    def fake_compile(module, mode=None):
+        def compiled(*args, **kwargs):
+            calls.append((args[0].shape[0], mode))
+            return module(*args, **kwargs)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    wrapped = accelerate(build_model("small_cnn", DIGITS_INFO), "cpu",
+                         FastPath(bf16=False, channels_last=False, compile=True, compile_mode="reduce-overhead"))
+    wrapped.train()
+    for batch in (32, 32, 7, 32):
+        wrapped(torch.rand(batch, 1, 16, 16))
+    wrapped.eval()
+    wrapped(torch.rand(32, 1, 16, 16))
+    assert calls == [(32, "reduce-overhead")] * 3
+
+
+def test_resolved_switches_name_what_applies_on_each_device():
+    fast = FastPath(compile=True, compile_mode="reduce-overhead")
+    assert fast.resolved("cuda") == {"bf16": True, "channels_last": True, "cudnn_benchmark": True,
+                                     "compile": "reduce-overhead"}
+    assert FastPath().resolved("cpu") == {"bf16": False, "channels_last": False, "cudnn_benchmark": False,
+                                          "compile": False}
+    with pytest.raises(ValueError, match="compile_mode"):
+        FastPath.from_dict({"compile_mode": "fastest"})
+
+
+@pytest.mark.gpu
+def test_cuda_graphed_training_step_reaches_the_reference(badnets_backdoor):
+    """The opt-in CUDA-graph path (torch.compile reduce-overhead) trains the same model as the eager one."""
+    graphed = _digits_badnets(torch.device("cuda"), FastPath(compile=True, compile_mode="reduce-overhead"))
+    assert abs(graphed["test_acc"] - badnets_backdoor.metrics["test_acc"]) <= 0.03
+    assert graphed["test_asr"] >= 0.9

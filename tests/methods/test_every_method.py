@@ -1,0 +1,91 @@
+"""Every registered method, on every training path: a short run with each fast-path switch forced on (bf16 autocast
+and channels_last run on CPU too) and with all of them off. Parametrised over the registry, so a new attack or
+defense is covered by this file without a line added here; its search space's `quick:` block says what small
+means, and the epoch-like counts are cut further so the whole matrix stays within the CI budget."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from methods.attacks.base import Backdoor
+from methods.core.context import LocalContext
+from methods.core.fastpath import FastForward, FastPath
+from methods.core.method import get_method, method_names
+from methods.data.base import DataConfig
+
+yaml = pytest.importorskip("yaml")
+
+SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
+TINY_DATA = DataConfig(train_limit=240, test_limit=200)
+ALL_ON = FastPath(bf16=True, channels_last=True, cudnn_benchmark=False)
+ALL_OFF = FastPath(bf16=False, channels_last=False, cudnn_benchmark=False)
+PATHS = {"fast": ALL_ON, "plain": ALL_OFF}
+# Counts that set a run's length; each is cut to at most 2 where the config still validates.
+LENGTH_WORDS = ("epoch", "round", "iterations", "n_steps", "draws", "pgd_steps", "adv_steps")
+
+
+def quick_values(name: str) -> dict:
+    """The method keys of its search space's quick block (data.* keys are replaced by TINY_DATA)."""
+    raw = yaml.safe_load((SPACES / f"{name}.yaml").read_text()) or {}
+    return {k: v for k, v in (raw.get("quick") or {}).items() if "." not in k}
+
+
+def tiny_config(name: str):
+    spec = get_method(name)
+    cfg = spec.make_config(quick_values(name))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value > 2):
+            continue
+        if any(word in f.name for word in LENGTH_WORDS):
+            try:
+                cfg = spec.make_config({**cfg.to_dict(), f.name: 2})
+            except ValueError:
+                pass  # a cross-field rule needs this count as it is
+    return cfg
+
+
+class CountingContext(LocalContext):
+    """Records what wrap_model returned, so the test can see that training really went through the fast path."""
+
+    wrapped: list
+
+    def wrap_model(self, model):
+        out = super().wrap_model(model)
+        self.__dict__.setdefault("wrapped", []).append(out)
+        return out
+
+
+@pytest.fixture(scope="module")
+def tiny_backdoor() -> Backdoor:
+    spec = get_method("badnets")
+    cfg = spec.make_config(dict(dataset="digits", model="small_cnn", epochs=3, lr=0.05, poison_rate=0.1, seed=0))
+    return spec.run(LocalContext(data_config=TINY_DATA), cfg)
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("name", method_names())
+def test_every_method_trains_on_the_fast_and_the_plain_path(name, path, tiny_backdoor):
+    spec = get_method(name)
+    fast = PATHS[path]
+    ctx = CountingContext(data_config=TINY_DATA, fast=fast,
+                          backdoor_provider=None if spec.kind == "attack" else (lambda: tiny_backdoor))
+    result = spec.run(ctx, tiny_config(name))
+    assert ctx.reports, f"{name} reported nothing"
+    final = ctx.reports[-1][1]
+    for key in ("val_acc", "test_acc"):
+        if key in final:
+            assert 0.0 <= final[key] <= 1.0 and math.isfinite(final[key])
+    assert all(math.isfinite(v) for v in final.values()), final
+    wrapped = ctx.__dict__.get("wrapped", [])
+    assert wrapped, f"{name} never trains through ctx.wrap_model, so no fast switch reaches it"
+    if path == "fast":
+        assert all(isinstance(w, FastForward) for w in wrapped)
+    else:
+        assert not any(isinstance(w, FastForward) for w in wrapped)
+    weights = result.model_state
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
