@@ -8,7 +8,7 @@ VENV := .venv
 export UV_COMPILE_BYTECODE := 1
 export UV_LINK_MODE := copy
 
-.PHONY: env demo test test-fast bench clean
+.PHONY: env demo test test-fast test-gpu bench clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -29,6 +29,13 @@ test: env
 
 test-fast: env
 	$(VENV)/bin/python -m pytest tests -m "not slow"
+
+# The pure-torch tests (methods, efficacy included, and units) on CUDA. Meant for a GPU box that may have only
+# torch, torchvision and pytest: it uses .venv when there is one, else $(PYTHON) as it is, and tests that need
+# Ray or MLflow skip themselves. Without a visible GPU every test is skipped, with the reason.
+TEST_PYTHON := $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,$(PYTHON))
+test-gpu:
+	$(TEST_PYTHON) -m pytest tests/methods tests/unit --device cuda -p no:cacheprovider --durations=20
 
 bench: env
 	$(VENV)/bin/python -m benchmarks

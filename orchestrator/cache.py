@@ -24,9 +24,10 @@ CHECKSUM_FILE = "SHA256SUMS"
 META_FILE = "entry.json"
 
 
-def cache_key(attack: str, attack_config: dict, data_config: dict) -> str:
-    payload = json.dumps({"v": FORMAT_VERSION, "attack": attack, "config": attack_config, "data": data_config},
-                         sort_keys=True, default=str)
+def cache_key(attack: str, attack_config: dict, data_config: dict, built_with: dict) -> str:
+    """`built_with`: the device type and resolved fast-path switches the model is trained under."""
+    payload = json.dumps({"v": FORMAT_VERSION, "attack": attack, "config": attack_config, "data": data_config,
+                          "built_with": built_with}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 

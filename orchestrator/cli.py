@@ -39,7 +39,8 @@ def _tune_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objective", choices=("single", "pareto"), default=None)
     p.add_argument("--max-concurrent", type=int, default=None)
     p.add_argument("--cpus-per-trial", type=float, default=None)
-    p.add_argument("--gpus-per-trial", type=float, default=None)
+    p.add_argument("--gpus-per-trial", type=float, default=None,
+                   help="GPU share of each trial (default: the GPUs Ray finds, divided among concurrent trials; 0: CPU)")
     p.add_argument("--workers-per-trial", type=int, default=None)
     p.add_argument("--max-failures", type=int, default=1, help="retries of a failed trial, from its last checkpoint")
     p.add_argument("--quick", action="store_true", help="apply the space's quick: overrides (tiny schedules)")
@@ -174,12 +175,24 @@ def _plan(args, space_path: Path, quick: bool = False):
     )
 
 
+def _check_local_gpus(plans, session) -> None:
+    """A local Ray gets this machine's GPUs: a share it cannot give is bad input before Ray starts. On a cluster
+    the same check runs against its nodes once connected, still before any run (orchestrator.devices)."""
+    if session.address:
+        return
+    from orchestrator.devices import check_gpu_request, local_gpu_count
+
+    for plan in plans:
+        check_gpu_request(plan.gpus_per_trial, [float(local_gpu_count())])
+
+
 def cmd_tune(args) -> int:
     from orchestrator.runner import find_resumable_sweep, format_trials, run_sweep
 
     plan = _plan(args, Path(args.space))
     session = _session(args)
     _check_data(plan.base, session)
+    _check_local_gpus([plan], session)
     session.start_ray()
     try:
         resume = None
@@ -200,6 +213,7 @@ def cmd_study(args) -> int:
 
     study = load_study(Path(args.study), args)
     session = _session(args)
+    _check_local_gpus(study.sweeps.values(), session)
     session.start_ray()
     try:
         outcome = run_study(session, study, args)

@@ -22,14 +22,9 @@ from methods.defenses.common import DefenseResult
 from orchestrator import plots
 from orchestrator.cache import AttackCache, cache_key
 from orchestrator.context import Reporter, TrackedContext, write_parquet_atomic
+from orchestrator.devices import pick_device
 from orchestrator.resolve import RunSpec
 from orchestrator.tracking import Tracker
-
-
-def pick_device(gpus: float = 0.0) -> torch.device:
-    if gpus > 0 and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def base_tags(spec: RunSpec, role: str, seeds: dict[str, int]) -> dict[str, str]:
@@ -83,6 +78,9 @@ def fault_hook(spec: str | None, trial_index: int | None) -> Any:
 def run_method(spec: RunSpec, ctx: TrackedContext) -> Backdoor | DefenseResult:
     method = METHODS.get(spec.method)
     cfg = spec.method_config()
+    if ctx.logs:  # which chip and which fast switches produced this run's numbers
+        ctx.tracker.set_tags(ctx.run_id, {"device": ctx.device.type,
+                                          "fast_path": json.dumps(ctx.fast.resolved(ctx.device), sort_keys=True)})
     result = method.run(ctx, cfg)
     ctx.flush()
     return result
@@ -129,10 +127,16 @@ def build_attack(spec: RunSpec, tracker: Tracker, storage: Path, data_root: Path
                  extra_tags: dict[str, str] | None = None, device: torch.device | None = None,
                  on_report=None) -> tuple[Backdoor, str, str]:
     """The backdoored model of `spec`'s attack, from the cache or trained now (once per content hash, with
-    its own top-level MLflow run, role=attack). Returns (backdoor, attack_run_id, cache key)."""
+    its own top-level MLflow run, role=attack). Returns (backdoor, attack_run_id, cache key).
+
+    The same config trains a different model on a CPU than on a GPU, and under another fast path (other random
+    streams, bf16), so the device type and the resolved fast switches are part of the key and recorded in the
+    entry: a GPU sweep never silently reuses a CPU-built model, nor the other way round."""
     attack_spec = RunSpec(spec.attack, "attack", spec.attack_config, spec.attack, spec.attack_config,
                           spec.data_config, [p for p in spec.presets if f"/{spec.attack}.yaml" in p], spec.fast_config)
-    key = cache_key(spec.attack, spec.attack_config, spec.data_config)
+    device = device or pick_device()
+    built_with = {"device": device.type, "fast": attack_spec.fast_cfg().resolved(device)}
+    key = cache_key(spec.attack, spec.attack_config, spec.data_config, built_with)
     cache = AttackCache(storage)
 
     def build() -> tuple[Backdoor, dict]:
@@ -140,7 +144,7 @@ def build_attack(spec: RunSpec, tracker: Tracker, storage: Path, data_root: Path
         run_id = tracker.start_run(f"attack-{spec.attack}", {**base_tags(attack_spec, "attack", seeds),
                                                                "attack_cache_key": key, **(extra_tags or {})})
         tracker.log_params(run_id, attack_spec.flat_params())
-        ctx = TrackedContext(device=device or pick_device(), run_id=run_id, tracker=tracker, reporter=Reporter(),
+        ctx = TrackedContext(device=device, run_id=run_id, tracker=tracker, reporter=Reporter(),
                              data_root=data_root, download=download, data_config=attack_spec.data_cfg(), fast=attack_spec.fast_cfg(),
                              on_report=on_report)
         try:
@@ -150,7 +154,7 @@ def build_attack(spec: RunSpec, tracker: Tracker, storage: Path, data_root: Path
             tracker.end(run_id, "FAILED")
             raise
         tracker.end(run_id, "FINISHED")
-        return backdoor.to(torch.device("cpu")), {"attack_run_id": run_id}
+        return backdoor.to(torch.device("cpu")), {"attack_run_id": run_id, "built_with": built_with}
 
     backdoor, meta, _ = cache.get_or_build(key, build)
     return backdoor, meta.get("attack_run_id", ""), key

@@ -16,8 +16,8 @@ from orchestrator.execute import (
     build_attack,
     execute_attack,
     execute_defense,
-    pick_device,
 )
+from orchestrator.devices import ClusterShape, driver_device, pick_device, resolve_gpus
 from orchestrator.context import Reporter, TrackedContext
 from orchestrator.plots import pareto_front, pareto_png
 from orchestrator.resolve import RunSpec
@@ -92,10 +92,11 @@ class ProgressPrinter:
 
 
 def run_single(session: Session, spec: RunSpec, extra_tags: dict[str, str] | None = None,
-               attack_run_id: str | None = None, role: str | None = None, parent_id: str | None = None) -> tuple[str, dict[str, float]]:
-    """`bdo attack` / `bdo defend`: one top-level run, trained in this process."""
+               attack_run_id: str | None = None, role: str | None = None, parent_id: str | None = None,
+               device=None) -> tuple[str, dict[str, float]]:
+    """`bdo attack` / `bdo defend`: one top-level run, trained in this process (on `device`, else the default)."""
     tracker = session.open_tracker()
-    device = pick_device(1.0)
+    device = device or pick_device()
     total = spec.config.get("epochs") if isinstance(spec.config.get("epochs"), int) else None
     progress = ProgressPrinter(spec.method, total)
     if spec.kind == "attack":
@@ -209,12 +210,13 @@ def run_sweep(session: Session, plan: SweepPlan, extra_tags: dict[str, str] | No
 
     from orchestrator.trial import TrialSetup, tune_trainable
 
+    plan = resolve_gpus(plan, ClusterShape.from_ray())  # before the store is touched: a bad share is bad input
     tracker = session.open_tracker()
     spec = plan.base
     cache_key = attack_run_id = None
     if spec.kind == "defense":
         _, attack_run_id, cache_key = build_attack(spec, tracker, session.storage, session.data_root, session.download,
-                                                   extra_tags=extra_tags)
+                                                   extra_tags=extra_tags, device=driver_device(plan))
     seeds = spec.attack_cfg().seeds()
     tune_root = session.storage / "tune"
     if resume_run_id:
@@ -225,6 +227,7 @@ def run_sweep(session: Session, plan: SweepPlan, extra_tags: dict[str, str] | No
         tags = {**base_tags(spec, "sweep", seeds), "space": str(plan.space.path), "space_sha256": space_fingerprint(plan),
                 "searcher": plan.searcher, "scheduler": plan.scheduler, "objective": plan.objective,
                 "objective_metric": plan.space.metric, "objective_mode": plan.space.mode,
+                "gpus_per_trial": f"{plan.gpus_per_trial:g}",
                 "storage": str(session.storage), **(extra_tags or {})}
         if attack_run_id:
             tags["attack_run_id"], tags["attack_cache_key"] = attack_run_id, cache_key

@@ -275,7 +275,7 @@ class SweepPlan:
     num_samples: int
     max_concurrent: int | None
     cpus_per_trial: float
-    gpus_per_trial: float
+    gpus_per_trial: float | None  # None: chosen from the cluster when the sweep starts (orchestrator.devices)
     workers_per_trial: int
     pinned: dict[str, Any] = field(default_factory=dict)
     default_trial: bool = True
@@ -347,14 +347,17 @@ def plan_sweep(
         num_samples=num_samples or space.num_samples,
         max_concurrent=max_concurrent or space.max_concurrent,
         cpus_per_trial=cpus_per_trial if cpus_per_trial is not None else space.resources.get("cpus_per_trial", 1.0),
-        gpus_per_trial=gpus_per_trial if gpus_per_trial is not None else space.resources.get("gpus_per_trial", 0.0),
+        gpus_per_trial=gpus_per_trial if gpus_per_trial is not None else space.resources.get("gpus_per_trial"),
         workers_per_trial=int(workers_per_trial if workers_per_trial is not None else space.resources.get("workers_per_trial", 1)),
         pinned=pinned, default_trial=default_trial,
     )
     if plan.num_samples < 1:
         raise BadInput("--num-samples: a positive integer")
-    if plan.cpus_per_trial <= 0 or plan.gpus_per_trial < 0 or plan.workers_per_trial < 1:
+    gpus = plan.gpus_per_trial
+    if plan.cpus_per_trial <= 0 or (gpus is not None and gpus < 0) or plan.workers_per_trial < 1:
         raise BadInput("resources: cpus per trial must be > 0, gpus >= 0, workers >= 1")
+    if gpus is not None and gpus > 1 and not float(gpus).is_integer():
+        raise BadInput(f"--gpus-per-trial {gpus:g}: above 1 a trial takes whole GPUs (2, 4, ...); fractions share one")
     if searcher == "grid":
         bad = [d.key for d in plan.tuned if d.kind not in ("grid", "choice")]
         if bad:

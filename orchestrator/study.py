@@ -93,6 +93,7 @@ class StudyOutcome:
 
 
 def run_study(session: Session, study: StudyPlan, args) -> StudyOutcome:
+    from orchestrator.devices import driver_device
     from orchestrator.execute import build_attack
 
     tracker = session.open_tracker()
@@ -111,7 +112,8 @@ def run_study(session: Session, study: StudyPlan, args) -> StudyOutcome:
                 seeded = resolve_run(first.base.method, study.dataset, study.model, seed, attack,
                                      attack_base={k: v for k, v in first.base.attack_config.items() if k not in ("seed",)},
                                      data_base=first.base.data_config, use_preset=False)
-                backdoor, attack_run_id, _ = build_attack(seeded, tracker, session.storage, session.data_root, session.download, extra_tags=tags)
+                backdoor, attack_run_id, _ = build_attack(seeded, tracker, session.storage, session.data_root, session.download,
+                                                          extra_tags=tags, device=driver_device(first))
                 cells.setdefault((attack, "none"), []).append(backdoor.metrics)
                 no_defense.setdefault(attack, []).append(attack_run_id)
             # bdo report reads the column from these ids, not from the study_run_id tag: a cached attack keeps the
@@ -134,7 +136,7 @@ def run_study(session: Session, study: StudyPlan, args) -> StudyOutcome:
                     spec.config = _with_derived(plan, spec.config)
                     _, metrics = run_single(session, spec, extra_tags={**tags, "sweep_run_id": result.sweep_run_id,
                                                                        "selected_trial_id": result.best["trial_id"]},
-                                            role="final", parent_id=study_run_id)
+                                            role="final", parent_id=study_run_id, device=driver_device(plan))
                     cells.setdefault((attack, defense), []).append(metrics)
     except BaseException:
         tracker.end(study_run_id, "FAILED")

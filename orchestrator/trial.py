@@ -9,7 +9,8 @@ from typing import Any
 
 from orchestrator.cache import AttackCache
 from orchestrator.context import TrackedContext, TrainReporter, TuneReporter
-from orchestrator.execute import execute_attack, execute_defense, fault_hook, pick_device, weights_digest
+from orchestrator.devices import pick_device
+from orchestrator.execute import execute_attack, execute_defense, fault_hook, weights_digest
 from orchestrator.resolve import RunSpec
 from orchestrator.spaces import SweepPlan, trial_values
 from orchestrator.tracking import Tracker

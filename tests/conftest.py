@@ -20,6 +20,31 @@ from methods.core.method import get_method  # noqa: E402
 
 torch.set_num_threads(2)
 
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu",
+                     help="where method tests train: cpu (the reference path, default) or cuda (make test-gpu)")
+
+
+def pytest_configure(config):
+    # Methods train on default_device(); the suite pins it so `make test` on a GPU box still checks the CPU
+    # reference path, and `make test-gpu` (--device cuda) runs the same tests on the GPU.
+    os.environ["BDO_DEVICE"] = config.getoption("--device")
+
+
+def pytest_collection_modifyitems(config, items):
+    wanted = config.getoption("--device")
+    if wanted.startswith("cuda") and not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason=f"--device {wanted}: no CUDA device is visible here")
+        for item in items:
+            item.add_marker(skip)
+        return
+    if not torch.cuda.is_available():
+        skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip_gpu)
+
 # The digits attack every defense test starts from: BadNets/Blend all2one at 10% on small_cnn.
 DIGITS_ATTACK = dict(dataset="digits", model="small_cnn", epochs=15, lr=0.05, poison_rate=0.1,
                      label_mode="all2one", target=0, seed=0)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from methods.core.fastpath import FastPath, accelerate
+from methods.core.training import default_device
 
 if TYPE_CHECKING:  # pragma: no cover
     from methods.attacks.base import Backdoor
@@ -86,7 +87,7 @@ class LocalContext:
     interruption; a new LocalContext built with `checkpoint=` of the old one resumes it.
     """
 
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    device: torch.device = field(default_factory=default_device)
     rank: int = 0
     world_size: int = 1
     data_root: Path = field(default_factory=lambda: Path.home() / ".cache" / "bdo" / "data")

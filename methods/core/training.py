@@ -8,6 +8,7 @@ same weights, bit for bit on CPU.
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -27,6 +28,25 @@ def derive_seed(seed: int, purpose: str) -> int:
 
 def resolve_seed(seed: int, purpose: str, explicit: int | None) -> int:
     return int(explicit) if explicit is not None else derive_seed(seed, purpose)
+
+
+def default_device() -> torch.device:
+    """Where a run trains when nobody says: BDO_DEVICE if set (cpu, cuda, cuda:1), else the first visible GPU,
+    else the CPU. The GPU is the target; the CPU is the reference path that tests pin with BDO_DEVICE=cpu."""
+    requested = os.environ.get("BDO_DEVICE", "").strip()
+    if requested:
+        try:
+            device = torch.device(requested)
+        except RuntimeError:
+            raise ValueError(f"BDO_DEVICE={requested!r}: use cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"BDO_DEVICE={requested!r}: no CUDA device is visible to this process; use cpu")
+        return device
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+class CheckpointDeviceError(ValueError):
+    """A checkpoint taken on one device type offered to a run on another."""
 
 
 def make_generator(seed: int, device: torch.device) -> torch.Generator:
@@ -118,9 +138,11 @@ def full_state(
     generators: dict[str, torch.Generator],
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Everything a resumed run needs: weights, optimizer and scheduler states, RNG states and the step."""
+    """Everything a resumed run needs: weights, optimizer and scheduler states, RNG states and the step, and the
+    device type its generators live on (their states differ in size and stream between CPU and CUDA)."""
     return {
         "step": int(step),
+        "device_type": _generator_device_type(generators),
         "models": {k: unwrap(m).state_dict() for k, m in models.items()},
         "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
         "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
@@ -136,7 +158,14 @@ def restore_full_state(
     schedulers: dict[str, Any],
     generators: dict[str, torch.Generator],
 ) -> int:
-    """Load a `full_state` checkpoint in place; returns the step it was taken after."""
+    """Load a `full_state` checkpoint in place; returns the step it was taken after. A checkpoint from another
+    device type is refused before anything is loaded: its random streams cannot continue on this device, so the
+    resumed run would silently differ from the interrupted one."""
+    saved, here = state.get("device_type"), _generator_device_type(generators)
+    if saved is not None and here is not None and saved != here:
+        raise CheckpointDeviceError(f"this checkpoint was taken on {saved} and this run is on {here}: resume it on a "
+                                    f"{saved} machine (BDO_DEVICE={saved}, or --gpus-per-trial 0 for cpu), or start "
+                                    "the run afresh")
     for k, m in models.items():
         unwrap(m).load_state_dict(state["models"][k])
     for k, o in optimizers.items():
@@ -145,6 +174,11 @@ def restore_full_state(
         s.load_state_dict(state["schedulers"][k])
     rng_restore(state["rng"], generators)
     return int(state["step"])
+
+
+def _generator_device_type(generators: dict[str, torch.Generator]) -> str | None:
+    types = {g.device.type for g in generators.values()}
+    return types.pop() if len(types) == 1 else None
 
 
 def sgd(params, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4, nesterov: bool = False) -> torch.optim.SGD:

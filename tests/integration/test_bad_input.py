@@ -31,6 +31,8 @@ CASES = {
     "missing space file": (["tune", "no/such/space.yaml"], "search space file not found"),
     "pareto with asha": (["tune", str(SPACES / "badnets.yaml"), "--objective", "pareto", "--scheduler", "asha"], "ASHA is single-objective"),
     "unknown flag": (["tune", str(SPACES / "badnets.yaml"), "--num-smaples", "3"], "unrecognized arguments"),
+    "GPU share this machine lacks": (["tune", str(SPACES / "badnets.yaml"), "--gpus-per-trial", "0.5"], "no node has a GPU"),
+    "GPU share above 1 as a fraction": (["tune", str(SPACES / "badnets.yaml"), "--gpus-per-trial", "1.5"], "whole GPUs"),
     "missing real dataset": (["attack", "badnets", "--dataset", "cifar10", "--data-root", "/nonexistent/bdo"], "--download"),
 }
 

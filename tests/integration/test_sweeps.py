@@ -50,6 +50,10 @@ def test_asha_stops_poor_trials_early(ray_session, workdir, tmp_path):
     print("reports per trial under ASHA:", lengths)
     assert lengths[0] < 6 and lengths[-1] == 6, "some trials stopped early, the best ran to max_t"
     assert all(t.info.status == "FINISHED" for t in trials)
+    # no GPU here: the automatic share is 0 and every trial records that it trained on the CPU
+    assert {t.data.tags.get("device") for t in trials} == {"cpu"}
+    _, (sweep,) = runs(workdir, query="tags.role = 'sweep'")
+    assert sweep.data.tags["gpus_per_trial"] == "0"
 
 
 def test_optuna_pareto_sweep_returns_a_front(ray_session, workdir, capsys):
