@@ -258,6 +258,16 @@ def build_poisoned_data(
     )
 
 
+def with_implant(metrics: dict[str, float]) -> dict[str, float]:
+    """Add `<split>_implant` = min(ACC, ASR): one number an attack sweep can maximise that rewards ASR only while
+    clean accuracy keeps up (a backdoor bought by losing a class scores its ACC, not its ASR). Defenses do not
+    report it; for them a low ASR is the goal."""
+    for split in ("val", "test"):
+        if f"{split}_acc" in metrics and f"{split}_asr" in metrics:
+            metrics[f"{split}_implant"] = min(metrics[f"{split}_acc"], metrics[f"{split}_asr"])
+    return metrics
+
+
 def train_classifier(
     ctx: RunContext,
     model: nn.Module,
@@ -266,9 +276,12 @@ def train_classifier(
     train_seed: int,
     augment: Optional[Callable[[torch.Tensor, DatasetInfo, torch.Generator], torch.Tensor]] = standard_augment,
     report: bool = True,
+    constants: Optional[dict[str, float]] = None,
 ) -> dict[str, float]:
     """The standard recipe (SGD with momentum, cosine schedule) on the poisoned set; checkpoints every epoch
-    and resumes from the context's last checkpoint. Reports val/test ACC, ASR and RA each epoch."""
+    and resumes from the context's last checkpoint. Reports val/test ACC, ASR, RA and implant each epoch, plus
+    `constants` (facts fixed before training, such as the poison count) so every step and the final metrics
+    carry them and a sweep's table shows them next to ASR."""
     device = ctx.device
     optimizer = sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
@@ -286,11 +299,12 @@ def train_classifier(
                            rank=ctx.rank, world_size=ctx.world_size)
         scheduler.step()
         if report:
-            metrics = {**evaluate(unwrap(model), data, batch_size=cfg.eval_batch_size), "train_loss": loss.item()}
+            metrics = {**with_implant(evaluate(unwrap(model), data, batch_size=cfg.eval_batch_size)),
+                       "train_loss": loss.item(), **(constants or {})}
             ctx.report(metrics, step=epoch)
             ctx.save_state(full_state(epoch, models, opts, scheds, gens))
     if not report:
-        metrics = evaluate(model, data, batch_size=cfg.eval_batch_size)
+        metrics = {**with_implant(evaluate(model, data, batch_size=cfg.eval_batch_size)), **(constants or {})}
     return metrics
 
 
@@ -305,19 +319,26 @@ def run_attack(
 ) -> Backdoor:
     """Load the data, poison it, train the backdoored model, and return the Backdoor artifact.
     `poison_images_factory` replaces plain trigger stamping (CL); `postprocess` edits the poisoned set before
-    training (WaNet's noise-mode images)."""
+    training (WaNet's noise-mode images). Both may add diagnostics to the `facts` dict they are handed; those,
+    with `poison_count`, are reported at every step, because an attack that poisons too few images or whose
+    poisoning step did nothing otherwise shows up only as a low ASR with no hint why."""
     seeds = cfg.seeds()
     splits = load_splits(cfg.dataset, seeds["split_seed"], ctx.data_root, ctx.download, ctx.data_config)
     trigger = make_trigger(splits.info, cfg, seeds["poison_seed"])
-    poison_images = poison_images_factory(ctx, cfg, splits, trigger, seeds) if poison_images_factory else None
+    facts: dict[str, float] = {}
+    poison_images = poison_images_factory(ctx, cfg, splits, trigger, seeds, facts) if poison_images_factory else None
     data = build_poisoned_data(splits, cfg, trigger, seeds["poison_seed"], poison_images)
     if postprocess is not None:
-        postprocess(data, seeds)
+        postprocess(data, seeds, facts)
     data = data.to(ctx.device)
     torch.manual_seed(seeds["train_seed"])
     model = build_model(cfg.model, data.info).to(ctx.device)
-    ctx.progress(f"{cfg.dataset}: {int(data.poison_flags.sum())} of {len(data.y_train)} training images poisoned")
-    metrics = train_classifier(ctx, model, data, cfg, seeds["train_seed"], augment)
+    count = int(data.poison_flags.sum())
+    facts = {"poison_count": float(count), **facts}
+    ctx.progress(f"{name} on {cfg.dataset}: poison_count {count} of {len(data.y_train)} training images "
+                 f"({cfg.label_mode}, poison_rate {cfg.poison_rate})"
+                 + "".join(f", {k} {v:.4g}" for k, v in facts.items() if k != "poison_count"))
+    metrics = train_classifier(ctx, model, data, cfg, seeds["train_seed"], augment, constants=facts)
     state = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
     return Backdoor(
         attack=name, config=cfg.to_dict(), data=data, model_name=cfg.model,

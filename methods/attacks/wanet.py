@@ -1,9 +1,12 @@
 """WaNet: an imperceptible warping trigger (Nguyen & Tran, "WaNet - Imperceptible Warping-based Backdoor
 Attack", ICLR 2021). The grids are built once from the poison seed and saved with the attack so defenses can
 evaluate it; cross_ratio x (poisoned count) further images get a randomly jittered warp with their true label
-(the "noise mode" regulariser). Training uses the crop/rotation augmentation of the WaNet code base."""
+(the "noise mode" regulariser). Training uses the crop/rotation augmentation of the WaNet code base; its
+rotation (10 degrees by default) moves border pixels of a small image further than a weak warp does, so
+`rotation_deg` can turn it down or off (0) without touching crop and flip."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +25,7 @@ class WaNetConfig(AttackConfig):
     s: float = ranged(0.5, 0.0, 10.0, "warping strength")
     grid_rescale: float = ranged(1.0, 0.0, 2.0)
     cross_ratio: float = ranged(2.0, 0.0, 10.0, "noise-mode images per poisoned image")
+    rotation_deg: float = ranged(10.0, 0.0, 180.0, "training rotation range in degrees; 0 turns rotation off")
 
 
 def make_wanet_trigger(info: DatasetInfo, cfg: WaNetConfig, seed: int) -> WarpTrigger:
@@ -34,10 +38,11 @@ def make_wanet_trigger(info: DatasetInfo, cfg: WaNetConfig, seed: int) -> WarpTr
 
 
 def add_noise_mode(cfg: WaNetConfig):
-    def postprocess(data: PoisonedData, seeds: dict[str, int]) -> None:
+    def postprocess(data: PoisonedData, seeds: dict[str, int], facts: dict[str, float]) -> None:
         g = torch.Generator().manual_seed(seeds["poison_seed"] + 1)
         clean = torch.nonzero(~data.poison_flags).flatten()
         count = min(int(cfg.cross_ratio * int(data.poison_flags.sum())), len(clean))
+        facts["wanet_noise_count"] = float(count)
         if count == 0:
             return
         chosen = clean[torch.randperm(len(clean), generator=g)[:count]]
@@ -49,5 +54,5 @@ def add_noise_mode(cfg: WaNetConfig):
 
 @register_method("wanet", kind="attack", config=WaNetConfig)
 def run(ctx, cfg: WaNetConfig):
-    return run_attack(ctx, "wanet", cfg, make_wanet_trigger, augment=backdoor_pipeline_augment,
-                      postprocess=add_noise_mode(cfg))
+    augment = functools.partial(backdoor_pipeline_augment, rotation_deg=cfg.rotation_deg)
+    return run_attack(ctx, "wanet", cfg, make_wanet_trigger, augment=augment, postprocess=add_noise_mode(cfg))

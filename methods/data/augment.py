@@ -143,12 +143,14 @@ def strong_augment(x: torch.Tensor, info: DatasetInfo, g: torch.Generator) -> to
     return brightness_contrast(x, 0.4, g, p=0.8)
 
 
-def backdoor_pipeline_augment(x: torch.Tensor, info: DatasetInfo, g: torch.Generator) -> torch.Tensor:
+def backdoor_pipeline_augment(x: torch.Tensor, info: DatasetInfo, g: torch.Generator,
+                              rotation_deg: float = 10.0) -> torch.Tensor:
     """The GPU batch augmentation of the PBE/WaNet code bases: crop (padding 5 on 32 px, scaled) with p 0.8,
-    rotation 10 degrees with p 0.5, flip where the dataset allows it."""
+    rotation `rotation_deg` (10 in those code bases) with p 0.5, flip where the dataset allows it.
+    rotation_deg 0 skips the rotation without drawing from the generator, so crop and flip are unchanged."""
     pad = max(1, round(5 * info.size / 32))
     x = random_crop(x, pad, g, p=0.8)
-    x = random_rotation(x, 10.0, g, p=0.5)
+    x = random_rotation(x, rotation_deg, g, p=0.5)
     if info.hflip:
         x = horizontal_flip(x, g)
     return x

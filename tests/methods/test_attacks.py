@@ -29,6 +29,10 @@ def test_every_attack_trains_one_epoch_and_reports(name):
         assert 0.0 <= metrics[key] <= 1.0
     assert backdoor.data.poison_flags.any()
     assert len(backdoor.seeds) == 4
+    # The poison count is reported with every step, so a run that poisoned nothing is visible in its metrics.
+    assert metrics["poison_count"] == backdoor.metrics["poison_count"] == int(backdoor.data.poison_flags.sum())
+    if name == "cl":
+        assert 0.0 <= metrics["cl_hardened_clean_acc"] <= 1.0
 
 
 @pytest.mark.parametrize("name", ["small_cnn", "wrn16_1", "preact_resnet18", "resnet18", "wrn40_2", "vgg16_bn"])

@@ -29,3 +29,16 @@ def test_strong_views_stay_in_range_for_both_kinds_of_dataset():
         x = torch.rand(8, info.channels, info.size, info.size)
         v = strong_augment(x, info, torch.Generator().manual_seed(0))
         assert v.shape == x.shape and v.min() >= 0 and v.max() <= 1 and not torch.equal(v, x)
+
+
+def test_backdoor_pipeline_rotation_switches_off_without_changing_crop_and_flip():
+    from methods.data.augment import backdoor_pipeline_augment, random_crop
+
+    x = torch.rand(64, 3, 32, 32)
+    off = backdoor_pipeline_augment(x, SYNTHETIC_INFO, torch.Generator().manual_seed(5), rotation_deg=0.0)
+    # With rotation off the pipeline is exactly crop (p 0.8) then flip, drawing the same random numbers.
+    g = torch.Generator().manual_seed(5)
+    expected = horizontal_flip(random_crop(x, 5, g, p=0.8), g)
+    assert torch.equal(off, expected)
+    on = backdoor_pipeline_augment(x, SYNTHETIC_INFO, torch.Generator().manual_seed(5))
+    assert not torch.equal(on, off)  # the default (10 degrees) still rotates some images
