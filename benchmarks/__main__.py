@@ -30,7 +30,10 @@ def parse(argv: list[str] | None):
                         help="benchmarks to run: names or prefixes (train, train.small_cnn, pgd, sweep, ...)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write rows and metadata as JSON")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown (for RESULTS.md)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model in the fast-path rows")
+    parser.add_argument("--compile", nargs="?", const="default", default="", metavar="MODE",
+                        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                        help="torch.compile the model in the fast-path rows (MODE: default, or reduce-overhead for "
+                             "CUDA graphs)")
     parser.add_argument("--timeout", type=float, default=None, metavar="S",
                         help="seconds per benchmark process (default 900 quick, 7200 full)")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
@@ -56,8 +59,8 @@ def run_batch(names: list[str], expected: list[str], device: str, args, log_dir:
     log_path = log_dir / f"{names[0]}.log"
     command = [sys.executable, "-m", "benchmarks.worker", "--cases", ",".join(names), "--device", device,
                "--out", str(out)]
-    command += [flag for flag, on in (("--quick", args.quick), ("--compile", args.compile),
-                                      ("--verbose", args.verbose)) if on]
+    command += [flag for flag, on in (("--quick", args.quick), ("--verbose", args.verbose)) if on]
+    command += [f"--compile={args.compile}"] if args.compile else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     timeout = args.timeout or (900 if args.quick else 7200)
     reason = ""

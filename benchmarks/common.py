@@ -333,7 +333,7 @@ class BenchContext:
     sizes: Sizes
     probe: MemoryProbe
     scratch: Path
-    compile: bool = False
+    compile: str = ""  # a torch.compile mode for the fast-path rows; empty: no compile
     verbose: bool = False
     shared: dict[str, Any] = field(default_factory=dict)
 

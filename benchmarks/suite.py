@@ -36,6 +36,8 @@ def all_cases() -> list[Case]:
         gpu_only = model not in CPU_MODELS
         cases.append(Case(f"train.{model}.fast", "benchmarks.throughput:bench_train_fast", (f"train.{model}.fast",),
                           {"model": model}, gpu_only=gpu_only))
+    cases.append(Case("train.resnet18.fast.b512", "benchmarks.throughput:bench_train_fast",
+                      ("train.resnet18.fast.b512",), {"model": "resnet18", "batch_size": 512}, gpu_only=True))
     cases.append(Case("share4.wrn16_1", "benchmarks.throughput:bench_share", ("share4.wrn16_1",),
                       {"model": "wrn16_1", "processes": 4}))
     for family in ("pgd", "fct"):

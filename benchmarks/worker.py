@@ -1,7 +1,7 @@
 """One benchmark process: runs the named cases (one case, or the cases of one group) and writes their rows as
 JSON after each case, so a crash or a timeout still leaves the finished rows behind.
 
-    python -m benchmarks.worker --cases NAME[,NAME] --device cpu|cuda [--quick] [--compile] --out rows.json
+    python -m benchmarks.worker --cases NAME[,NAME] --device cpu|cuda [--quick] [--compile=MODE] --out rows.json
     python -m benchmarks.worker --share-child JSON --out result.json   (a process of the device-sharing row)
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ def _write(path: Path, rows: list[Row]) -> None:
     tmp.replace(path)
 
 
-def run_cases(names: list[str], device: str, quick: bool, compile_model: bool, verbose: bool, out: Path) -> int:
+def run_cases(names: list[str], device: str, quick: bool, compile_model: str, verbose: bool, out: Path) -> int:
     from benchmarks.suite import GROUP_SETUP, case_by_name
 
     cases = [case_by_name(n) for n in names]
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default="")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile", default="", metavar="MODE")
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--share-child", default=None)
     parser.add_argument("--out", required=True)
