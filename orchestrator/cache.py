@@ -12,6 +12,8 @@ import json
 import os
 import shutil
 import socket
+import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -59,27 +61,49 @@ def verify_checksums(directory: Path) -> bool:
 
 
 class ExclusiveLock:
-    """A lock file created with O_CREAT|O_EXCL (atomic on local disks and NFSv3+). A holder that died is
-    detected by its heartbeat going stale, so a crashed builder never blocks the cache forever."""
+    """A lock file created with O_CREAT|O_EXCL (atomic on local disks and NFSv3+), naming its holder (host, pid).
 
-    def __init__(self, path: Path, stale_after: float = 600.0, poll: float = 0.5) -> None:
+    A holder on this host is stale only when its process is gone: a live builder keeps the lock however long a
+    CIFAR-scale attack trains. A holder on another host cannot be asked, so it refreshes the file's mtime from a
+    heartbeat thread every `stale_after / 4` seconds while it holds the lock, and it counts as dead once the
+    heartbeat is older than `stale_after`: a crashed builder never blocks the cache for long, a live one never
+    loses its lock. A waiter says once whom it is waiting for."""
+
+    def __init__(self, path: Path, stale_after: float = 600.0, poll: float = 0.5,
+                 on_wait: Callable[[str], None] | None = None) -> None:
         self.path, self.stale_after, self.poll = path, stale_after, poll
+        self.on_wait = on_wait or (lambda message: print(message, file=sys.stderr, flush=True))
+        self._beating: threading.Event | None = None
 
     def acquire(self, timeout: float = 24 * 3600.0) -> None:
         deadline = time.monotonic() + timeout
+        told = False
         while True:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
                 with os.fdopen(fd, "w") as f:
                     json.dump({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}, f)
+                self._start_heartbeat()
                 return
             except FileExistsError:
                 if self._stale():
                     self.path.unlink(missing_ok=True)
                     continue
+                if not told:
+                    self.on_wait(f"waiting for {self.holder()} to finish building {self.path.stem}")
+                    told = True
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"cache lock {self.path} held too long; delete it if no build is running")
+                    raise TimeoutError(f"cache lock {self.path} held by {self.holder()} for too long; delete it if "
+                                       "no build is running")
                 time.sleep(self.poll)
+
+    def holder(self) -> str:
+        try:
+            info = json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            return "another process"
+        since = time.strftime("%H:%M:%S", time.localtime(info.get("time", 0)))
+        return f"pid {info.get('pid', '?')} on {info.get('host', '?')} (since {since})"
 
     def _stale(self) -> bool:
         try:
@@ -93,7 +117,8 @@ class ExclusiveLock:
             except ProcessLookupError:
                 return True
             except PermissionError:
-                pass
+                pass  # alive, owned by another user
+            return False
         return age > self.stale_after
 
     def heartbeat(self) -> None:
@@ -102,7 +127,20 @@ class ExclusiveLock:
         except OSError:
             pass
 
+    def _start_heartbeat(self) -> None:
+        stop = threading.Event()
+        self._beating = stop
+
+        def beat() -> None:
+            while not stop.wait(self.stale_after / 4):
+                self.heartbeat()
+
+        threading.Thread(target=beat, name=f"heartbeat-{self.path.name}", daemon=True).start()
+
     def release(self) -> None:
+        if self._beating is not None:
+            self._beating.set()
+            self._beating = None
         self.path.unlink(missing_ok=True)
 
     def __enter__(self) -> "ExclusiveLock":
@@ -114,7 +152,8 @@ class ExclusiveLock:
 
 
 class AttackCache:
-    def __init__(self, storage: Path) -> None:
+    def __init__(self, storage: Path, lock_stale_after: float = 600.0) -> None:
+        self.lock_stale_after = lock_stale_after  # how long a silent holder on another host is trusted
         self.root = Path(storage).expanduser().resolve() / "attacks"
         self.root.mkdir(parents=True, exist_ok=True)
         self.builds = 0  # how many entries this process built (tests and benchmarks read it)
@@ -146,17 +185,19 @@ class AttackCache:
         found = self.load(key)
         if found is not None:
             return found, self.meta(key), False
-        lock = ExclusiveLock(self.root / f"{key}.lock")
+        lock = ExclusiveLock(self.root / f"{key}.lock", stale_after=self.lock_stale_after, poll=0.1)
         with lock:
             found = self.load(key)
             if found is not None:
                 return found, self.meta(key), False
             backdoor, meta = build()
-            lock.heartbeat()
             tmp = self.root / f".{key}.tmp-{uuid.uuid4().hex[:8]}"
             backdoor.save(tmp)
             (tmp / META_FILE).write_text(json.dumps({**meta, "key": key, "created": time.time()}, sort_keys=True))
             write_checksums(tmp)
+            if self.entry(key).is_dir():  # a builder on another host whose heartbeat lapsed finished first
+                shutil.rmtree(tmp, ignore_errors=True)
+                return self.load(key) or backdoor, self.meta(key), False
             os.replace(tmp, self.entry(key))
             self.builds += 1
             return backdoor, self.meta(key), True
