@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", help="study YAML (docs/studies.md)")
     _shared(p)
     _tune_flags(p)
-    p = sub.add_parser("quickstart", help="the embedded demo: one BadNets model on digits, every defense tuned against it")
+    p = sub.add_parser("quickstart", help="the demo: one BadNets model (on digits unless --dataset says), every defense tuned against it")
     p.add_argument("--quick", action="store_true", help="one trial per defense and tiny schedules")
     _shared(p)
     p = sub.add_parser("ui", help="open the MLflow UI on the tracking store")
@@ -99,33 +99,28 @@ def _session(args):
     return Session(resolve_tracking_uri(args.tracking_uri), args.experiment, storage, data_root, args.download, address)
 
 
-def _check_data(spec, session) -> None:
-    """Missing data is bad input: one line naming the expected path, before anything starts."""
-    from methods.data.base import MissingDataError, load_raw
-
-    if spec.dataset in ("digits", "synthetic"):
-        return
-    try:
-        load_raw(spec.dataset, session.data_root, session.download, spec.data_cfg())
-    except MissingDataError as exc:
-        raise BadInput(str(exc)) from None
+def _require_store(uri: str, flag: str) -> None:
+    """A flag that points into an existing store must not create an empty one when the store is missing."""
+    if uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///"):]):
+        raise BadInput(f"{flag}: there is no MLflow store at {uri}; pass --tracking-uri of the store that holds the run")
 
 
 def cmd_attack(args) -> int:
-    from orchestrator.resolve import method_spec, parse_set, resolve_run
+    from orchestrator.resolve import check_data, method_spec, parse_set, resolve_run
     from orchestrator.runner import run_single
 
     method_spec(args.name, "attack")
     spec = resolve_run(args.name, args.dataset or "digits", args.model or "small_cnn", args.seed,
                        sets=parse_set(args.set), use_preset=not args.no_preset)
     session = _session(args)
-    _check_data(spec, session)
+    check_data(spec, session)
     run_id, metrics = run_single(session, spec)
     print(f"attack run {run_id}: test_acc={metrics['test_acc']:.3f} test_asr={metrics['test_asr']:.3f}")
     return 0
 
 
 def _attack_from_run(args, session) -> tuple[str, dict, dict]:
+    _require_store(session.tracking_uri, f"--attack-run {args.attack_run}")
     tracker = session.open_tracker()
     try:
         run = tracker.client.get_run(args.attack_run)
@@ -141,7 +136,7 @@ def _attack_from_run(args, session) -> tuple[str, dict, dict]:
 
 
 def cmd_defend(args) -> int:
-    from orchestrator.resolve import method_spec, parse_set, resolve_run
+    from orchestrator.resolve import check_data, method_spec, parse_set, resolve_run
     from orchestrator.runner import run_single
 
     method_spec(args.name, "defense")
@@ -154,11 +149,16 @@ def cmd_defend(args) -> int:
     spec = resolve_run(args.name, args.dataset or (attack_base or {}).get("dataset", "digits"),
                        args.model or (attack_base or {}).get("model", "small_cnn"), args.seed, attack, sets=sets,
                        attack_base=attack_base, data_base=data_base, use_preset=not args.no_preset and not args.attack_run)
-    _check_data(spec, session)
+    check_data(spec, session)
     run_id, metrics = run_single(session, spec, attack_run_id=args.attack_run)
     print(f"defense run {run_id}: test_acc={metrics.get('test_acc', float('nan')):.3f} "
           f"test_asr={metrics.get('test_asr', float('nan')):.3f} test_der={metrics.get('test_der', float('nan')):.3f}")
     return 0
+
+
+def _check_failures(args) -> None:
+    if args.max_failures < 0:  # Ray reads -1 as "retry forever"
+        raise BadInput(f"--max-failures {args.max_failures}: 0 or more retries of a failed trial")
 
 
 def _plan(args, space_path: Path, quick: bool = False):
@@ -187,17 +187,20 @@ def _check_local_gpus(plans, session) -> None:
 
 
 def cmd_tune(args) -> int:
+    from orchestrator.resolve import check_data
     from orchestrator.runner import find_resumable_sweep, format_trials, run_sweep
 
+    _check_failures(args)
     plan = _plan(args, Path(args.space))
     session = _session(args)
-    _check_data(plan.base, session)
+    check_data(plan.base, session)
     _check_local_gpus([plan], session)
+    resume = None
+    if args.resume is not None:  # a bad id is bad input: said before Ray starts
+        _require_store(session.tracking_uri, "--resume")
+        resume = find_resumable_sweep(session.open_tracker(), plan, session.storage, args.resume or None)
     session.start_ray()
     try:
-        resume = None
-        if args.resume is not None:
-            resume = find_resumable_sweep(session.open_tracker(), plan, session.storage, args.resume or None)
         result = run_sweep(session, plan, resume_run_id=resume, max_failures=args.max_failures)
     finally:
         session.stop_ray()
@@ -211,6 +214,7 @@ def cmd_tune(args) -> int:
 def cmd_study(args) -> int:
     from orchestrator.study import load_study, run_study
 
+    _check_failures(args)
     study = load_study(Path(args.study), args)
     session = _session(args)
     _check_local_gpus(study.sweeps.values(), session)

@@ -12,17 +12,18 @@ from orchestrator.spaces import load_space, plan_sweep
 
 
 def run_quickstart(session: Session, args) -> int:
-    from orchestrator.resolve import parse_set
+    from orchestrator.resolve import check_data, parse_set
 
     started = time.perf_counter()
     defenses = [n for n in method_names("defense") if (SEARCH_SPACES / f"{n}.yaml").is_file()]
     plans = []
     for name in defenses:
         space = load_space(SEARCH_SPACES / f"{name}.yaml")
-        plans.append(plan_sweep(space, dataset="digits", model=args.model or "small_cnn", seed=args.seed,
+        plans.append(plan_sweep(space, dataset=args.dataset or "digits", model=args.model or "small_cnn", seed=args.seed,
                                 attack="badnets", sets=parse_set(args.set), use_preset=not args.no_preset,
                                 quick=args.quick, num_samples=1 if args.quick else 2, scheduler="fifo",
                                 max_concurrent=2))
+    check_data(plans[0].base, session)  # --dataset, --data-root and --download apply here as everywhere
     session.start_ray()
     rows, failed = [], 0
     try:

@@ -94,6 +94,13 @@ def run_report(args) -> int:
         if not studies:
             raise BadInput(f"experiment {args.experiment!r} has no study run; run bdo study first")
         study_id = studies[0].info.run_id
+    else:
+        try:
+            role = tracker.client.get_run(study_id).data.tags.get("role")
+        except Exception:
+            raise BadInput(f"--study {study_id}: no such run in {uri}; bdo report without --study takes the latest") from None
+        if role != "study":
+            raise BadInput(f"--study {study_id}: that run is not a study (role={role})")
     attacks, columns, cells = collect(tracker, study_id, metrics)
     content = render(attacks, columns, cells, metrics, args.format)
     name = f"report.{args.format}"

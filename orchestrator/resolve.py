@@ -44,6 +44,36 @@ def check_dataset_model(dataset: str, model: str, source: str | None = None) -> 
         raise BadInput(where(source, "model", f"unknown {model!r}; known: {', '.join(MODELS.names())}"))
 
 
+def dataset_classes(dataset: str) -> int | None:
+    """The class count of a registered dataset without loading it: the DatasetInfo its module declares."""
+    import methods.data.embedded as embedded
+    import methods.data.real as real
+    from methods.data.base import DatasetInfo
+
+    infos = {v.name: v for m in (embedded, real) for v in vars(m).values() if isinstance(v, DatasetInfo)}
+    return infos[dataset].num_classes if dataset in infos else None
+
+
+def check_target(values: dict[str, Any], dataset: str, source: str | None) -> None:
+    """A target class the dataset does not have would pass every range check and fail mid-run."""
+    classes = dataset_classes(dataset)
+    target = values.get("target")
+    if classes is not None and isinstance(target, int) and not 0 <= target < classes:
+        raise BadInput(where(source, "target", f"{target} is not a class of {dataset} (0..{classes - 1})"))
+
+
+def check_data(spec, session) -> None:
+    """Missing data is bad input: one line naming the expected path, before anything starts."""
+    from methods.data.base import MissingDataError, load_raw
+
+    if spec.dataset in ("digits", "synthetic"):
+        return
+    try:
+        load_raw(spec.dataset, session.data_root, session.download, spec.data_cfg())
+    except MissingDataError as exc:
+        raise BadInput(str(exc)) from None
+
+
 def parse_set(items: list[str] | None) -> dict[str, Any]:
     """`--set key=value` pairs, values parsed as YAML scalars (so 0.1 is a float, true a bool, [1,2] a list)."""
     out: dict[str, Any] = {}
@@ -158,7 +188,9 @@ def resolve_attack_config(
     values = {**preset, **overrides, "dataset": dataset, "model": model}
     if seed is not None:
         values["seed"] = seed
-    return build_config(spec.config_cls, values, source or f"attack {attack}").to_dict()
+    resolved = build_config(spec.config_cls, values, source or f"attack {attack}").to_dict()
+    check_target(resolved, dataset, source or f"attack {attack}")
+    return resolved
 
 
 def resolve_run(

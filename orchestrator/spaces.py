@@ -344,15 +344,17 @@ def plan_sweep(
         raise BadInput("--objective pareto with --scheduler asha: ASHA is single-objective; use --scheduler fifo")
     plan = SweepPlan(
         space=space, base=base, searcher=searcher, scheduler=scheduler, objective=objective,
-        num_samples=num_samples or space.num_samples,
-        max_concurrent=max_concurrent or space.max_concurrent,
+        num_samples=num_samples if num_samples is not None else space.num_samples,
+        max_concurrent=max_concurrent if max_concurrent is not None else space.max_concurrent,
         cpus_per_trial=cpus_per_trial if cpus_per_trial is not None else space.resources.get("cpus_per_trial", 1.0),
         gpus_per_trial=gpus_per_trial if gpus_per_trial is not None else space.resources.get("gpus_per_trial"),
         workers_per_trial=int(workers_per_trial if workers_per_trial is not None else space.resources.get("workers_per_trial", 1)),
         pinned=pinned, default_trial=default_trial,
     )
     if plan.num_samples < 1:
-        raise BadInput("--num-samples: a positive integer")
+        raise BadInput(f"--num-samples {plan.num_samples}: a positive integer")
+    if plan.max_concurrent is not None and plan.max_concurrent < 1:
+        raise BadInput(f"--max-concurrent {plan.max_concurrent}: a positive integer (leave it out for no limit)")
     gpus = plan.gpus_per_trial
     if plan.cpus_per_trial <= 0 or (gpus is not None and gpus < 0) or plan.workers_per_trial < 1:
         raise BadInput("resources: cpus per trial must be > 0, gpus >= 0, workers >= 1")

@@ -31,6 +31,11 @@ class StudyPlan:
     sweeps: dict[tuple[int, int], SweepPlan] = field(default_factory=dict)
 
 
+def _given(flag: Any, from_study: Any) -> Any:
+    """A command-line value wins over the study file's, even when it is 0 (which plan_sweep then refuses)."""
+    return flag if flag is not None else from_study
+
+
 def load_study(path: Path, args) -> StudyPlan:
     raw = load_yaml(path, "study")
     src = str(path)
@@ -53,7 +58,11 @@ def load_study(path: Path, args) -> StudyPlan:
         values = {"name": item} if isinstance(item, str) else dict(item)
         name = str(values.get("name", ""))
         method_spec(name, "defense", f"{src}: defenses")
-        space = Path(values.get("space", SEARCH_SPACES / f"{name}.yaml"))
+        given = values.get("space")
+        # a study's own space path is relative to the study file, so a study folder works from anywhere
+        space = (path.parent / given).resolve() if given and not Path(given).is_absolute() else Path(given or SEARCH_SPACES / f"{name}.yaml")
+        if not space.is_file():
+            raise BadInput(f"{src}: defenses: {name}: space {given} not found (paths are relative to the study file)")
         defenses.append((name, space))
     seeds = raw["seeds"]
     if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
@@ -67,6 +76,11 @@ def load_study(path: Path, args) -> StudyPlan:
     from orchestrator.resolve import parse_set
 
     sets = parse_set(args.set)
+    from orchestrator.resolve import resolve_attack_config
+
+    for attack, attack_values in attacks:  # the study's own attack values are checked against the study file
+        resolve_attack_config(attack, plan.dataset, plan.model, seeds[0], attack_values, not args.no_preset,
+                              f"{src}: attacks: {attack}")
     for ai, (attack, attack_values) in enumerate(attacks):
         for di, (defense, space_path) in enumerate(defenses):
             space = load_space(space_path)
@@ -75,10 +89,13 @@ def load_study(path: Path, args) -> StudyPlan:
             space.attack_values = {**space.attack_values, **attack_values}
             space.data_values = {**space.data_values, **(raw.get("data") or {})}
             plan.sweeps[(ai, di)] = plan_sweep(
-                space, dataset=plan.dataset, model=plan.model, seed=tune.get("seed", seeds[0]), attack=attack,
+                space, dataset=plan.dataset, model=plan.model,
+                seed=args.seed if args.seed is not None else tune.get("seed", seeds[0]), attack=attack,
                 sets=sets, use_preset=not args.no_preset, quick=quick,
                 searcher=args.searcher or tune.get("searcher"), scheduler=args.scheduler or tune.get("scheduler"),
-                num_samples=args.num_samples or tune.get("num_samples"), max_concurrent=args.max_concurrent or tune.get("max_concurrent"),
+                objective=args.objective,
+                num_samples=_given(args.num_samples, tune.get("num_samples")),
+                max_concurrent=_given(args.max_concurrent, tune.get("max_concurrent")),
                 cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, workers_per_trial=args.workers_per_trial,
                 default_trial=not getattr(args, "no_default_trial", False),
             )
@@ -122,7 +139,8 @@ def run_study(session: Session, study: StudyPlan, args) -> StudyOutcome:
             tracker.set_tags(study_run_id, {"no_defense_run_ids": json.dumps(no_defense)})
             for di, (defense, _) in enumerate(study.defenses):
                 plan = study.sweeps[(ai, di)]
-                result = run_sweep(session, plan, extra_tags=tags, parent_id=study_run_id, verbose=0)
+                result = run_sweep(session, plan, extra_tags=tags, parent_id=study_run_id, verbose=0,
+                                   max_failures=args.max_failures)
                 failed += result.failed
                 if result.best is None:
                     failed += 1

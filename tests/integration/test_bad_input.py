@@ -33,6 +33,17 @@ CASES = {
     "unknown flag": (["tune", str(SPACES / "badnets.yaml"), "--num-smaples", "3"], "unrecognized arguments"),
     "GPU share this machine lacks": (["tune", str(SPACES / "badnets.yaml"), "--gpus-per-trial", "0.5"], "no node has a GPU"),
     "GPU share above 1 as a fraction": (["tune", str(SPACES / "badnets.yaml"), "--gpus-per-trial", "1.5"], "whole GPUs"),
+    "zero samples": (["tune", str(SPACES / "badnets.yaml"), "--num-samples", "0"], "--num-samples 0: a positive"),
+    "zero concurrency": (["tune", str(SPACES / "badnets.yaml"), "--max-concurrent", "0"], "--max-concurrent 0"),
+    "negative concurrency": (["tune", str(SPACES / "badnets.yaml"), "--max-concurrent", "-2"], "--max-concurrent -2"),
+    "negative failures": (["tune", str(SPACES / "badnets.yaml"), "--max-failures", "-1"], "--max-failures -1"),
+    "target the dataset lacks": (["attack", "badnets", "--set", "target=15"], "target: 15 is not a class of digits"),
+    "attack target the dataset lacks": (["defend", "ft", "--attack", "badnets", "--set", "attack.target=15"],
+                                        "target: 15 is not a class of digits"),
+    "attack run in a missing store": (["defend", "ft", "--attack-run", "doesnotexist"], "no MLflow store"),
+    "resume in a missing store": (["tune", str(SPACES / "badnets.yaml"), "--resume", "BADID"], "no MLflow store"),
+    "study in a missing store": (["report", "--study", "deadbeef"], "no MLflow store"),
+    "quickstart on missing data": (["quickstart", "--dataset", "cifar10", "--data-root", "/nonexistent/bdo"], "--download"),
     "missing real dataset": (["attack", "badnets", "--dataset", "cifar10", "--data-root", "/nonexistent/bdo"], "--download"),
 }
 
@@ -85,6 +96,10 @@ STUDY_CASES = {
     "missing seeds": ("attacks: [badnets]\ndefenses: [ft]\n", "seeds: a non-empty list"),
     "unknown attack": ("attacks: [nope]\ndefenses: [ft]\nseeds: [0]\n", "unknown attack 'nope'"),
     "unknown key": ("attacks: [badnets]\ndefenses: [ft]\nseeds: [0]\nseed: 1\n", "unknown key(s) seed"),
+    "bad attack value names the study": ("attacks: [{name: badnets, poison_rate: 2.0}]\ndefenses: [ft]\nseeds: [0]\n",
+                                         "study.yaml: attacks: badnets: poison_rate: 2.0 is outside"),
+    "missing space beside the study": ("attacks: [badnets]\ndefenses: [{name: ft, space: nope.yaml}]\nseeds: [0]\n",
+                                       "space nope.yaml not found"),
 }
 
 
@@ -124,3 +139,41 @@ def test_alpha_sum_above_one_is_refused(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "alpha_c" in err and "alpha_p" in err
     assert_nothing_created(tmp_path)
+
+
+
+def test_bad_ids_in_an_existing_store_name_the_run(tmp_path, monkeypatch, capsys):
+    """A store that exists but lacks the run: still one line and exit 2, and the store is left as it was."""
+    from orchestrator.tracking import Tracker
+
+    monkeypatch.chdir(tmp_path)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    Tracker(store, "bdo")
+    capsys.readouterr()  # MLflow's own lines while it created the store
+    before = (tmp_path / "mlflow.db").read_bytes()
+    cases = [(["report", "--tracking-uri", store, "--study", "deadbeef"], "--study deadbeef: no such run"),
+             (["defend", "ft", "--tracking-uri", store, "--attack-run", "doesnotexist"], "--attack-run doesnotexist: no such run"),
+             (["tune", str(SPACES / "badnets.yaml"), "--tracking-uri", store, "--resume", "BADID"], "--resume BADID: no such run")]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert sorted(os.listdir(tmp_path)) == ["mlflow.db"]
+    assert (tmp_path / "mlflow.db").read_bytes() == before
+
+
+def test_a_study_space_is_found_beside_the_study_file(tmp_path, monkeypatch):
+    import argparse
+
+    from orchestrator.study import load_study
+
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    (folder / "ft-small.yaml").write_text((SPACES / "ft.yaml").read_text())
+    study = write(folder / "study.yaml", "attacks: [badnets]\ndefenses: [{name: ft, space: ft-small.yaml}]\nseeds: [0]\n")
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(dataset=None, model=None, seed=None, set=[], no_preset=False, quick=True,
+                              searcher=None, scheduler=None, objective=None, num_samples=None, max_concurrent=None,
+                              cpus_per_trial=None, gpus_per_trial=None, workers_per_trial=None)
+    plan = load_study(study, args)
+    assert plan.defenses == [("ft", (folder / "ft-small.yaml").resolve())]

@@ -3,6 +3,7 @@ params, per-step metrics and artifacts, and the attack trained exactly once for 
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -38,6 +39,9 @@ def test_four_trial_defense_sweep(defense, flags, ray_session, workdir, capsys):
     # the attack was built once: one MLflow attack run, one cache entry, every run built on it
     entries = [p for p in (workdir / "bdo_runs" / "attacks").iterdir() if p.is_dir()]
     assert len(entries) == 1
+    built_with = json.loads((entries[0] / "entry.json").read_text())["built_with"]
+    assert built_with["device"] == "cpu" and built_with["fast"]["bf16"] is False, built_with
+    assert attack.data.tags["device"] == "cpu"
     assert sweep.data.tags["attack_run_id"] == attack.info.run_id
     for t in trials:
         assert t.data.tags["mlflow.parentRunId"] == sweep.info.run_id
