@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--experiment", default="bdo", help="the experiment whose runs page to print (default: bdo)")
     p = sub.add_parser("report", help="the paper table of a study, from MLflow")
     p.add_argument("--experiment", default="bdo")
     p.add_argument("--tracking-uri", default=None)
@@ -242,8 +243,15 @@ def cmd_ui(args) -> int:
     uri = resolve_tracking_uri(args.tracking_uri)
     if uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///"):]):
         raise BadInput(f"--tracking-uri {uri}: no MLflow store there yet; run bdo quickstart or bdo tune first")
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.ui import runs_page
+
+    experiment = MlflowClient(uri).get_experiment_by_name(args.experiment)
     process, url = start_server(uri, args.host, args.port)
     print(f"MLflow UI on {url} (store {uri}); Ctrl-C stops it", flush=True)
+    if experiment is not None:
+        print(f"runs of experiment {args.experiment}: {runs_page(url, experiment.experiment_id)}", flush=True)
     try:
         return process.wait()
     except KeyboardInterrupt:

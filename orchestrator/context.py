@@ -117,6 +117,7 @@ class TrackedContext:
     data_config: DataConfig = field(default_factory=DataConfig)
     fast: FastPath = field(default_factory=FastPath)
     on_report: Callable[[int, dict[str, float]], None] | None = None
+    system_metrics: float = 0.0  # seconds between MLflow system-metrics samples of this run; 0: none
     history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     tables: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     series: dict[str, dict[str, list[float]]] = field(default_factory=dict)

@@ -24,7 +24,7 @@ from orchestrator.cache import AttackCache, cache_key
 from orchestrator.context import Reporter, TrackedContext, write_parquet_atomic
 from orchestrator.devices import pick_device
 from orchestrator.resolve import RunSpec
-from orchestrator.tracking import Tracker
+from orchestrator.tracking import DatasetRecord, Tracker, system_metrics_interval
 
 
 def base_tags(spec: RunSpec, role: str, seeds: dict[str, int]) -> dict[str, str]:
@@ -78,12 +78,54 @@ def fault_hook(spec: str | None, trial_index: int | None) -> Any:
 def run_method(spec: RunSpec, ctx: TrackedContext) -> Backdoor | DefenseResult:
     method = METHODS.get(spec.method)
     cfg = spec.method_config()
-    if ctx.logs:  # which chip and which fast switches produced this run's numbers
-        ctx.tracker.set_tags(ctx.run_id, {"device": ctx.device.type,
-                                          "fast_path": json.dumps(ctx.fast.resolved(ctx.device), sort_keys=True)})
-    result = method.run(ctx, cfg)
-    ctx.flush()
+    if not ctx.logs:
+        result = method.run(ctx, cfg)
+        ctx.flush()
+        return result
+    # which chip and which fast switches produced this run's numbers
+    ctx.tracker.set_tags(ctx.run_id, {"device": ctx.device.type,
+                                      "fast_path": json.dumps(ctx.fast.resolved(ctx.device), sort_keys=True)})
+    with ctx.tracker.system_metrics(ctx.run_id, ctx.system_metrics):
+        result = method.run(ctx, cfg)
+        ctx.flush()
     return result
+
+
+def _digest(*tensors: torch.Tensor) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def dataset_records(spec: RunSpec, backdoor: Backdoor) -> list[DatasetRecord]:
+    """The splits a run trained and was measured on, named so the runs table tells a poisoned training set from
+    the clean one and runs can be filtered by dataset; the digest changes whenever the images or labels do."""
+    data, seeds = backdoor.data, backdoor.seeds
+    poisoned = int(data.poison_flags.sum())
+    source = {"dataset": spec.dataset, "split_seed": seeds.get("split_seed"), "data": spec.data_config}
+    train_name = f"{spec.dataset}-train" + (f"-{backdoor.attack}" if poisoned else "")
+    return [
+        DatasetRecord(train_name, _digest(data.x_train, data.y_train), "training",
+                      {**source, "attack": backdoor.attack, "poison_seed": seeds.get("poison_seed")},
+                      {"num_rows": len(data.y_train), "poison_count": poisoned}),
+        DatasetRecord(f"{spec.dataset}-val", _digest(data.x_val, data.y_val), "validation", source,
+                      {"num_rows": len(data.y_val)}),
+        DatasetRecord(f"{spec.dataset}-test", _digest(data.x_test, data.y_test), "test", source,
+                      {"num_rows": len(data.y_test)}),
+    ]
+
+
+def log_mlflow_model(tracker: Tracker, run_id: str, spec: RunSpec, model_state: dict, backdoor: Backdoor) -> None:
+    from methods.core.training import to_float
+    from methods.models.base import build_model
+
+    model = build_model(spec.model, backdoor.data.info)
+    model.load_state_dict(model_state)
+    example = to_float(backdoor.data.x_val[:2].cpu()).numpy()
+    tracker.log_pytorch_model(run_id, model.eval(), example)
 
 
 def _samples(data, n: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -121,6 +163,8 @@ def log_outputs(tracker: Tracker, run_id: str, spec: RunSpec, ctx: TrackedContex
         plots.draw_handoffs(plot_dir, ctx.tables, ctx.series, spec.method)
         for item in sorted(d.iterdir()):
             tracker.log_artifact(run_id, item, None if item.is_file() else item.name)
+    tracker.log_datasets(run_id, dataset_records(spec, backdoor))
+    log_mlflow_model(tracker, run_id, spec, model_state, backdoor)
 
 
 def build_attack(spec: RunSpec, tracker: Tracker, storage: Path, data_root: Path, download: bool,
@@ -146,7 +190,7 @@ def build_attack(spec: RunSpec, tracker: Tracker, storage: Path, data_root: Path
         tracker.log_params(run_id, attack_spec.flat_params())
         ctx = TrackedContext(device=device, run_id=run_id, tracker=tracker, reporter=Reporter(),
                              data_root=data_root, download=download, data_config=attack_spec.data_cfg(), fast=attack_spec.fast_cfg(),
-                             on_report=on_report)
+                             on_report=on_report, system_metrics=system_metrics_interval())
         try:
             backdoor = run_method(attack_spec, ctx)
             log_outputs(tracker, run_id, attack_spec, ctx, backdoor.model_state, backdoor, seeds)

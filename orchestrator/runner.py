@@ -22,7 +22,7 @@ from orchestrator.context import Reporter, TrackedContext
 from orchestrator.plots import pareto_front, pareto_png
 from orchestrator.resolve import RunSpec
 from orchestrator.spaces import PARETO_METRICS, SweepPlan, default_point, tune_param_space
-from orchestrator.tracking import Tracker, is_local_store
+from orchestrator.tracking import Tracker, is_local_store, system_metrics_interval
 
 TRIAL_COLUMNS = ("val_acc", "val_asr", "val_der", "test_acc", "test_asr", "test_der")
 
@@ -105,7 +105,8 @@ def run_single(session: Session, spec: RunSpec, extra_tags: dict[str, str] | Non
         tracker.log_params(run_id, spec.flat_params())
         ctx = TrackedContext(device=device, run_id=run_id, tracker=tracker, reporter=Reporter(),
                              data_root=session.data_root, download=session.download,
-                             data_config=spec.data_cfg(), fast=spec.fast_cfg(), on_report=progress)
+                             data_config=spec.data_cfg(), fast=spec.fast_cfg(), on_report=progress,
+                             system_metrics=system_metrics_interval())
         try:
             metrics, _ = execute_attack(spec, ctx, tracker, run_id)
         except BaseException:
@@ -122,7 +123,7 @@ def run_single(session: Session, spec: RunSpec, extra_tags: dict[str, str] | Non
     tracker.log_params(run_id, spec.flat_params())
     ctx = TrackedContext(device=device, run_id=run_id, tracker=tracker, reporter=Reporter(), backdoor_obj=backdoor.to(device),
                          data_root=session.data_root, download=session.download, data_config=spec.data_cfg(), fast=spec.fast_cfg(),
-                         on_report=progress)
+                         on_report=progress, system_metrics=system_metrics_interval())
     try:
         metrics, _ = execute_defense(spec, ctx, tracker, run_id, ctx.backdoor_obj)
     except BaseException:
@@ -241,7 +242,7 @@ def run_sweep(session: Session, plan: SweepPlan, extra_tags: dict[str, str] | No
                        sweep_run_id=sweep_run_id, storage=str(session.storage), cache_key=cache_key,
                        attack_run_id=attack_run_id, data_root=str(session.data_root), download=session.download,
                        tags={k: v for k, v in (extra_tags or {}).items()}, max_failures=max_failures,
-                       fault=os.environ.get("BDO_FAULT"))
+                       fault=os.environ.get("BDO_FAULT"), system_metrics=system_metrics_interval())
     if plan.workers_per_trial > 1:
         resources: dict[str, float] = {"CPU": 0.01}
     else:

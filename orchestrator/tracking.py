@@ -13,12 +13,17 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 from orchestrator.errors import BadInput
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_URI = "sqlite:///mlflow.db"
+# MLflow 3's UI opens an experiment in the mode this tag names; without it a new experiment lands on the GenAI
+# overview (traces, token usage), not on the runs table where bdo's runs are.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+SYSTEM_METRICS_INTERVAL_S = 5.0
 SECRET_HINTS = ("token", "password", "secret", "api_key", "apikey", "credential")
 
 
@@ -61,6 +66,44 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def system_metrics_interval() -> float:
+    """Seconds between MLflow system-metrics samples of a run (CPU, memory, disk, network, GPU where present);
+    0 turns them off. BDO_SYSTEM_METRICS=0 switches them off (the test suite does, for speed)."""
+    raw = os.environ.get("BDO_SYSTEM_METRICS", "").strip().lower()
+    if raw in ("0", "off", "false", "no"):
+        return 0.0
+    try:
+        return float(raw) if raw not in ("", "1", "on", "true", "yes") else SYSTEM_METRICS_INTERVAL_S
+    except ValueError:
+        raise BadInput(f"BDO_SYSTEM_METRICS={raw!r}: 0 (off), 1 (on, every {SYSTEM_METRICS_INTERVAL_S:g} s) or "
+                       "a sampling interval in seconds") from None
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """One data split a run used, as MLflow shows it in the runs table's Dataset column."""
+
+    name: str
+    digest: str
+    context: str  # training, validation or test
+    source: dict[str, Any]
+    profile: dict[str, Any]
+
+
+@functools.lru_cache(maxsize=1)
+def model_requirements() -> list[str]:
+    """What loading a logged model needs, pinned to the versions installed here (uv installs the lockfile's)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for name in ("torch", "torchvision", "numpy"):  # and bdo's methods package, which PyPI does not serve
+        try:
+            out.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            continue
+    return out
+
+
 def scrub(params: dict[str, Any]) -> dict[str, Any]:
     """Never log a secret: values under keys that look like credentials are dropped."""
     return {k: v for k, v in params.items() if not any(h in k.lower() for h in SECRET_HINTS)}
@@ -83,17 +126,23 @@ class Tracker:
         if found is not None:
             if found.lifecycle_stage == "deleted":
                 raise BadInput(f"--experiment {name!r} was deleted in MLflow; restore it or choose another name")
+            for key, value in EXPERIMENT_TAGS.items():  # stores written before the tag existed
+                if found.tags.get(key) != value:
+                    self.client.set_experiment_tag(found.experiment_id, key, value)
             return found.experiment_id
         location = None
         if self.uri.startswith("sqlite:///"):
             location = (Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts" / name).resolve().as_uri()
         try:
-            return self.client.create_experiment(name, artifact_location=location)
+            return self.client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
         except Exception:  # created concurrently by another driver
             return self.client.get_experiment_by_name(name).experiment_id
 
     def start_run(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
-        all_tags = {**code_version(), **package_versions(), **{k: str(v) for k, v in tags.items()}}
+        # mlflow.source.* fill the runs table's Source column
+        source = {"mlflow.source.type": "LOCAL", "mlflow.source.name": "bdo",
+                  "mlflow.source.git.commit": code_version()["git_commit"]}
+        all_tags = {**source, **code_version(), **package_versions(), **{k: str(v) for k, v in tags.items()}}
         if parent_id:
             all_tags["mlflow.parentRunId"] = parent_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
@@ -124,6 +173,67 @@ class Tracker:
             self.client.log_artifacts(run_id, str(path), artifact_path)
         else:
             self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_datasets(self, run_id: str, records: list[DatasetRecord]) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = [DatasetInput(Dataset(r.name, r.digest, "bdo", json.dumps(r.source, sort_keys=True),
+                                       profile=json.dumps(r.profile, sort_keys=True)),
+                               [InputTag("mlflow.data.context", r.context)]) for r in records]
+        self.client.log_inputs(run_id, datasets=inputs)
+
+    def log_pytorch_model(self, run_id: str, model: Any, example: Any, step: int = 0) -> str:
+        """The run's final weights as an MLflow model named "model" (PyTorch flavour, pickle format, with a
+        signature and an input example), so `mlflow.pytorch.load_model(f"runs:/{run_id}/model")` works and the
+        runs table and the Models view list it. Loading it unpickles the model object, which imports bdo's
+        `methods.models` classes and would run whatever a tampered pickle holds: load only from stores you trust.
+        bdo itself never loads these; the attack cache and every check read the safetensors file under model/."""
+        import logging
+        import tempfile
+
+        import mlflow.pytorch
+        import torch
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+        from mlflow.models import infer_signature
+
+        with torch.no_grad():
+            logits = model(torch.from_numpy(example)).numpy()
+        logged = self.client.create_logged_model(self.experiment_id, name="model", source_run_id=run_id,
+                                                 tags={"flavor": "pytorch"})
+        # uv's environments have no pip, and MLflow warns on every model that it cannot pin pip's version
+        logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)
+        with tempfile.TemporaryDirectory(prefix="bdo-mlflow-model-") as tmp:
+            local = Path(tmp) / "model"
+            # pickle, not MLflow's default pt2: exporting a graph took ~3 s per run here against ~0.4 s
+            mlflow.pytorch.save_model(model, str(local), signature=infer_signature(example, logits),
+                                      input_example=example, pip_requirements=model_requirements(),
+                                      serialization_format="pickle")
+            self.client.log_model_artifacts(logged.model_id, str(local))
+        self.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step)])
+        self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+        return logged.model_id
+
+    def system_metrics(self, run_id: str, interval: float):
+        """A context that samples MLflow's system metrics into the run while it is open (interval 0: nothing)."""
+        import contextlib
+        import logging
+
+        if interval <= 0:
+            return contextlib.nullcontext()
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # one INFO line per run otherwise
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, tracking_uri=self.uri)
+
+        @contextlib.contextmanager
+        def sampling():
+            monitor.start()
+            try:
+                yield monitor
+            finally:
+                monitor.finish()
+
+        return sampling()
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)

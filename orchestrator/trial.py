@@ -32,6 +32,7 @@ class TrialSetup:
     tags: dict[str, str] = field(default_factory=dict)
     max_failures: int = 1
     fault: str | None = None
+    system_metrics: float = 0.0  # read on the driver, so a trial follows the command's setting
 
 
 def trial_spec(setup: TrialSetup, sampled: dict[str, Any]) -> RunSpec:
@@ -107,7 +108,8 @@ def tune_trainable(config: dict[str, Any], setup: TrialSetup) -> None:
             ctx = TrackedContext(device=device, run_id=run_id, tracker=tracker, reporter=TuneReporter(),
                                  backdoor_obj=None if backdoor is None else backdoor.to(device),
                                  data_root=Path(setup.data_root), download=setup.download,
-                                 data_config=spec.data_cfg(), fast=spec.fast_cfg(), on_report=fault_hook(setup.fault, trial_index(trial_id)))
+                                 data_config=spec.data_cfg(), fast=spec.fast_cfg(), on_report=fault_hook(setup.fault, trial_index(trial_id)),
+                                 system_metrics=setup.system_metrics)
             if spec.kind == "attack":
                 execute_attack(spec, ctx, tracker, run_id)
             else:
@@ -162,7 +164,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     ctx = TrackedContext(device=device, run_id=loop_config["run_id"] if rank == 0 else None, tracker=tracker,
                          reporter=TrainReporter(rank), backdoor_obj=None if backdoor is None else backdoor.to(device),
                          rank=rank, world_size=world, data_root=Path(setup.data_root), download=setup.download,
-                         data_config=spec.data_cfg(), fast=spec.fast_cfg(), on_report=fault_hook(setup.fault, trial_index(loop_config["trial_id"])))
+                         data_config=spec.data_cfg(), fast=spec.fast_cfg(), on_report=fault_hook(setup.fault, trial_index(loop_config["trial_id"])),
+                         system_metrics=setup.system_metrics)
     if spec.kind == "attack":
         _, state = execute_attack(spec, ctx, tracker, ctx.run_id)
     else:

@@ -28,6 +28,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def runs_page(url: str, experiment_id: str) -> str:
+    """The experiment's runs table. MLflow 3.17's UI opens every experiment in its GenAI mode (traces, token
+    usage) unless the address or the browser's saved choice says otherwise: its bundled code takes the mode from
+    the `workflowType` parameter, else from local storage, and no longer from the experiment's
+    `mlflow.experimentKind` tag, which bdo sets all the same. So bdo hands out this address."""
+    return f"{url}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
 def _url(host: str, port: int) -> str:
     shown = f"[{host}]" if ":" in host else host
     return f"http://{shown}:{port}"

@@ -11,6 +11,8 @@ import torch
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# MLflow system metrics (a sampling thread per run) are on for users; tests that check them switch them on.
+os.environ.setdefault("BDO_SYSTEM_METRICS", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 import methods  # noqa: E402  (registers everything)

@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlparse
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.ui import start_server, stop_server
+from orchestrator.ui import runs_page, start_server, stop_server
 from tests.integration.conftest import runs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -153,24 +153,33 @@ def test_mlflow_ui_shows_sweep_trials_metrics_and_artifacts(browser_binaries, ra
         return By.CSS_SELECTOR, f'a[href="#/experiments/{exp_id}/runs/{run.info.run_id}"]'
 
     try:
-        # 1. The experiment's run list: the sweep, then, expanded, its two trials.
-        driver.get(f"{url}/#/experiments/{exp_id}/runs{ML_VIEW}")
+        # 1. The page `bdo ui` hands out: the runs table (not MLflow's GenAI overview) with the sweep, then,
+        # expanded, its two trials, each naming its datasets and its logged model.
+        driver.get(runs_page(url, exp_id))
         sweep_link = wait.until(EC.visibility_of_element_located(run_link(sweep)))
         for close in driver.find_elements(By.CSS_SELECTOR, ASSISTANT_CLOSE):  # more room for the runs table
             close.click()
         assert sweep_link.text.strip() == "sweep-badnets"
+        assert not driver.find_elements(By.XPATH, "//*[normalize-space(text())='Token Usage']"), "GenAI overview"
         assert not driver.find_elements(*run_link(trial)), "trials must be nested under the sweep, not listed flat"
         expand = sweep_link.find_element(By.XPATH, "./ancestor::div[@role='gridcell'][1]//button")
         expand.click()
         for child in trials:
             link = wait.until(EC.visibility_of_element_located(run_link(child)))
             assert link.text.strip() == child.info.run_name
+            # the grid draws a run's row in several containers (pinned name column, the rest): read them all
+            row = f"//div[@role='row'][@row-id='{child.info.run_id}']"
+            wait.until(lambda d, row=row: "digits-train-badnets" in (text := " ".join(
+                e.text for e in d.find_elements(By.XPATH, row))) and "model" in text.split())
         driver.save_screenshot(str(output_dir / "ui-experiment.png"))
 
         # 2. A trial's metric charts: the val_acc card draws a line through one point per epoch.
         driver.get(f"{url}/#/experiments/{exp_id}/runs/{trial.info.run_id}/model-metrics{ML_VIEW}")
         wait.until(EC.visibility_of_element_located(
             (By.XPATH, f"//*[normalize-space(text())='{trial.info.run_name}']")))
+        # the page draws only the charts in view, and a run has a dozen metrics: filter to the one checked here
+        search = wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "input[placeholder='Search metric charts']")))
+        search.send_keys("val_acc")
         card_xpath = "//div[@data-testid='experiment-view-compare-runs-card'][.//h4[@title='val_acc']]"
         card = wait.until(EC.presence_of_element_located((By.XPATH, card_xpath)))
         driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", card)
