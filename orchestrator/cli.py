@@ -11,6 +11,12 @@ from typing import Sequence
 from orchestrator.errors import BadInput
 
 
+
+def default_experiment() -> str:
+    """MLflow's own variable names the experiment, as it does for MLflow's clients; else bdo's."""
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or "bdo"
+
+
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse prints usage plus the error; we want one line
         raise BadInput(f"{self.prog}: {message} (see {self.prog} --help)")
@@ -20,7 +26,8 @@ def _shared(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default=None, help="dataset registry name (default: digits, or the space's)")
     p.add_argument("--model", default=None, help="model registry name (default: small_cnn, or the space's)")
     p.add_argument("--seed", type=int, default=None, help="derives the split, poison, train and clean seeds")
-    p.add_argument("--experiment", default="bdo", help="MLflow experiment (default: bdo)")
+    p.add_argument("--experiment", default=default_experiment(),
+                   help="MLflow experiment (default: MLFLOW_EXPERIMENT_NAME, else bdo)")
     p.add_argument("--storage", default=os.environ.get("BDO_STORAGE", "./bdo_runs"),
                    help="run storage: attack cache and Tune state, a local or shared path (default: BDO_STORAGE or ./bdo_runs)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
@@ -30,6 +37,8 @@ def _shared(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (attack.KEY / data.KEY for the attack / dataset); repeatable")
     p.add_argument("--no-preset", action="store_true", help="ignore search_spaces/presets/<dataset>/<method>.yaml")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved configuration, device and resources, then exit without running")
 
 
 def _tune_flags(p: argparse.ArgumentParser) -> None:
@@ -50,7 +59,12 @@ def _tune_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="bdo", description="Backdoor attacks and defenses as tunable trainables.")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    p = sub.add_parser("list", help="what is registered: attacks, defenses, datasets, models")
+    p.add_argument("kind", nargs="?", default=None, help="attacks, defenses, datasets or models (default: all)")
+    p = sub.add_parser("describe", help="a method's config fields, presets and search space")
+    p.add_argument("name")
     p = sub.add_parser("attack", help="train a backdoored model")
     p.add_argument("name")
     _shared(p)
@@ -78,15 +92,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--tracking-uri", default=None)
-    p.add_argument("--experiment", default="bdo", help="the experiment whose runs page to print (default: bdo)")
+    p.add_argument("--experiment", default=default_experiment(),
+                   help="the experiment whose runs page to print (default: MLFLOW_EXPERIMENT_NAME, else bdo)")
     p = sub.add_parser("report", help="the paper table of a study, from MLflow")
-    p.add_argument("--experiment", default="bdo")
+    p.add_argument("--experiment", default=default_experiment())
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--study", default=None, metavar="RUN_ID")
     p.add_argument("--format", choices=("md", "csv", "html"), default="md")
     p.add_argument("--out", default=None)
     p.add_argument("--metrics", default="acc,asr", help="comma list of acc, asr, ra, der")
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        number = version("bdo")
+    except PackageNotFoundError:
+        number = "unknown"
+    from orchestrator.tracking import code_version
+
+    commit = code_version()
+    dirty = "+changes" if commit["git_dirty"] == "true" else ""
+    return f"bdo {number} (git {commit['git_commit'][:12]}{dirty})"
+
+
+def _dry_run_resources(plans, session) -> dict:
+    """The device and GPU share a sweep would get, as far as it can be known without starting Ray."""
+    from orchestrator.devices import ClusterShape, driver_device, resolve_gpus
+
+    if session.address:
+        return {"gpu_share": "chosen from the cluster's GPUs when the sweep starts", "cluster": session.address}
+    shape = ClusterShape.local()
+    resolved = [resolve_gpus(p, shape) for p in plans]
+    return {"local_gpus": int(shape.node_gpus[0]), "gpus_per_trial_resolved": resolved[0].gpus_per_trial,
+            "attack_device": str(driver_device(resolved[0]))}
+
+
+def cmd_list(args) -> int:
+    from orchestrator.discover import list_lines
+
+    print("\n".join(list_lines(args.kind)))
+    return 0
+
+
+def cmd_describe(args) -> int:
+    from orchestrator.discover import describe_lines
+
+    print("\n".join(describe_lines(args.name)))
+    return 0
+
+
+def _print_run_plan(spec) -> int:
+    import yaml
+
+    from orchestrator.devices import pick_device
+
+    print(yaml.safe_dump({"method": spec.method, "kind": spec.kind, "config": spec.config, "attack": spec.attack,
+                          "attack_config": spec.attack_config, "data": spec.data_config,
+                          "fast": spec.fast_config or "defaults (on for CUDA, off on CPU)", "presets": spec.presets,
+                          "device": str(pick_device())}, sort_keys=False), end="")
+    return 0
 
 
 def _session(args):
@@ -115,6 +182,8 @@ def cmd_attack(args) -> int:
                        sets=parse_set(args.set), use_preset=not args.no_preset)
     session = _session(args)
     check_data(spec, session)
+    if args.dry_run:
+        return _print_run_plan(spec)
     run_id, metrics = run_single(session, spec)
     print(f"attack run {run_id}: test_acc={metrics['test_acc']:.3f} test_asr={metrics['test_asr']:.3f}")
     return 0
@@ -151,6 +220,8 @@ def cmd_defend(args) -> int:
                        args.model or (attack_base or {}).get("model", "small_cnn"), args.seed, attack, sets=sets,
                        attack_base=attack_base, data_base=data_base, use_preset=not args.no_preset and not args.attack_run)
     check_data(spec, session)
+    if args.dry_run:
+        return _print_run_plan(spec)
     run_id, metrics = run_single(session, spec, attack_run_id=args.attack_run)
     print(f"defense run {run_id}: test_acc={metrics.get('test_acc', float('nan')):.3f} "
           f"test_asr={metrics.get('test_asr', float('nan')):.3f} test_der={metrics.get('test_der', float('nan')):.3f}")
@@ -196,6 +267,11 @@ def cmd_tune(args) -> int:
     session = _session(args)
     check_data(plan.base, session)
     _check_local_gpus([plan], session)
+    if args.dry_run:
+        from orchestrator.discover import plan_text
+
+        print(plan_text([plan], _dry_run_resources([plan], session)), end="")
+        return 0
     resume = None
     if args.resume is not None:  # a bad id is bad input: said before Ray starts
         _require_store(session.tracking_uri, "--resume")
@@ -219,6 +295,13 @@ def cmd_study(args) -> int:
     study = load_study(Path(args.study), args)
     session = _session(args)
     _check_local_gpus(study.sweeps.values(), session)
+    if args.dry_run:
+        from orchestrator.discover import plan_text
+
+        plans = list(study.sweeps.values())
+        print(f"study {study.name}: {len(study.attacks)} attacks x {len(study.defenses)} defenses x seeds {study.seeds}")
+        print(plan_text(plans, _dry_run_resources(plans, session)), end="")
+        return 0
     session.start_ray()
     try:
         outcome = run_study(session, study, args)
@@ -266,7 +349,7 @@ def cmd_report(args) -> int:
     return run_report(args)
 
 
-COMMANDS = {"attack": cmd_attack, "defend": cmd_defend, "tune": cmd_tune, "study": cmd_study,
+COMMANDS = {"list": cmd_list, "describe": cmd_describe, "attack": cmd_attack, "defend": cmd_defend, "tune": cmd_tune, "study": cmd_study,
             "quickstart": cmd_quickstart, "ui": cmd_ui, "report": cmd_report}
 
 
