@@ -162,8 +162,10 @@ def _search_alg(plan: SweepPlan, seed: int):
     start = default_point(plan)
     points = [start] if start else None
     if plan.searcher != "optuna":
-        # seeded like Optuna, so the same command samples the same trials
-        return BasicVariantGenerator(points_to_evaluate=points, random_state=seed)
+        # seeded like Optuna, so the same command samples the same trials. The generator limits concurrency itself:
+        # Tune applies max_concurrent_trials only to a Searcher and ignored it here, with a warning per sweep.
+        return BasicVariantGenerator(points_to_evaluate=points, random_state=seed,
+                                     max_concurrent=plan.max_concurrent or 0)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -270,7 +272,7 @@ def run_sweep(session: Session, plan: SweepPlan, extra_tags: dict[str, str] | No
                 tune_config=tune.TuneConfig(
                     metric=plan.space.metric if single else None, mode=plan.space.mode if single else None,
                     search_alg=_search_alg(plan, spec.config.get("seed", 0) or 0), scheduler=_scheduler(plan),
-                    num_samples=plan.num_samples, max_concurrent_trials=plan.max_concurrent,
+                    num_samples=plan.num_samples,  # concurrency: set on the search algorithm (_search_alg)
                     # the next trial runs in a finished trial's process: no new Python importing torch and mlflow
                     # per trial (on 2 cores that cost ~14 s of trial-slot time per trial; benchmarks sweep.reuse)
                     reuse_actors=True,
@@ -310,6 +312,7 @@ def summarize(tracker: Tracker, plan: SweepPlan, sweep_run_id: str, grid) -> Swe
     for run in tracker.children(sweep_run_id):  # anything Tune no longer knows about was orphaned by a kill
         if run.info.status == "RUNNING":
             tracker.end(run.info.run_id, "KILLED")
+    log_trials_csv(tracker, sweep_run_id, out.trials, plan.space.metric)
     metric, mode = plan.space.metric, plan.space.mode
     ok = [t for t in out.trials if not t["error"]]
     scored = [t for t in ok if not math.isnan(_metric(t, metric))]
@@ -339,6 +342,25 @@ def summarize(tracker: Tracker, plan: SweepPlan, sweep_run_id: str, grid) -> Swe
             tracker.log_artifact(sweep_run_id, Path(d) / "pareto.json")
             tracker.log_artifact(sweep_run_id, plot_dir, "plots")
     return out
+
+
+def log_trials_csv(tracker: Tracker, sweep_run_id: str, trials: list[dict[str, Any]], metric: str) -> None:
+    """trials.csv on the sweep run: a row per trial with its status, sampled values and final metrics, which the
+    terminal table only printed."""
+    import csv
+    import tempfile
+
+    columns = list(dict.fromkeys((metric, *TRIAL_COLUMNS)))
+    keys = sorted({k for t in trials for k in t["config"]})
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "trials.csv"
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["trial_id", "run_id", "status", "step", *columns, *keys])
+            for t in trials:
+                writer.writerow([t["trial_id"], t["run_id"] or "", "FAILED" if t["error"] else "done", t["step"],
+                                 *(_metric(t, c) for c in columns), *(t["config"].get(k, "") for k in keys)])
+        tracker.log_artifact(sweep_run_id, path)
 
 
 def _metric(row: dict[str, Any], key: str) -> float:

@@ -54,6 +54,12 @@ def test_asha_stops_poor_trials_early(ray_session, workdir, tmp_path):
     assert {t.data.tags.get("device") for t in trials} == {"cpu"}
     _, (sweep,) = runs(workdir, query="tags.role = 'sweep'")
     assert sweep.data.tags["gpus_per_trial"] == "0"
+    # --max-concurrent 2 holds for random search too (Tune used to ignore it there)
+    spans = [(t.info.start_time, t.info.end_time) for t in trials]
+    overlap = max(sum(1 for s, e in spans if s <= start < e) for start, _ in spans)
+    assert overlap <= 2, f"{overlap} trials ran at once"
+    table = Path(client.download_artifacts(sweep.info.run_id, "trials.csv", str(tmp_path))).read_text().splitlines()
+    assert table[0].startswith("trial_id,run_id,status,step,val_acc") and len(table) == 1 + 6
 
 
 def test_optuna_pareto_sweep_returns_a_front(ray_session, workdir, capsys):
