@@ -67,6 +67,12 @@ class DataConfig(Config):
     test_limit: Optional[int] = ranged(None, 10, None, "keep at most this many test images (quick runs)")
     synthetic_train: int = ranged(10000, 100, 10_000_000, "training images of the synthetic dataset")
     synthetic_test: int = ranged(2000, 100, 1_000_000, "test images of the synthetic dataset")
+    # Calibrated on small_cnn, 8 epochs at lr 0.05 on 4,000 images (seed 0, CPU): test ACC 1.000 at 0,
+    # 0.914 at 0.4, 0.872 at 0.45, 0.837 at 0.5: 0.45 sits in the 85-90% band, room to see what a defense costs.
+    synthetic_difficulty: float = ranged(
+        0.45, 0.0, 1.0,
+        "how much the synthetic classes overlap (orientation, frequency and colour jitter, pixel noise); 0 is "
+        "the original easy set that small models learn perfectly")
 
 
 class MissingDataError(FileNotFoundError):

@@ -42,10 +42,21 @@ SYNTHETIC_INFO = DatasetInfo(
 )
 
 
-def synthetic_images(n: int, seed: int, num_classes: int = 10, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+def synthetic_images(
+    n: int, seed: int, num_classes: int = 10, size: int = 32, difficulty: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A learnable CIFAR-shaped set: each class is an oriented grating with its own frequency and colour, drawn
     at a random phase, contrast and position with pixel noise and a random background tint, so a small CNN has
-    to learn orientation/frequency/colour rather than memorise pixels."""
+    to learn orientation/frequency/colour rather than memorise pixels.
+
+    `difficulty` (DataConfig.synthetic_difficulty) widens each class's spread of orientation and frequency,
+    mixes a random colour into the class colour and adds pixel noise, so neighbouring classes overlap and
+    some images are genuinely ambiguous: at 0 a small CNN reaches test ACC 1.0 within a few epochs, which
+    leaves no room to see the accuracy a defense costs. Every random number is drawn whatever the difficulty,
+    so a seed gives the same labels, positions and phases at every difficulty and only the overlap changes."""
+    if difficulty is None:
+        difficulty = DataConfig().synthetic_difficulty
+    d = float(difficulty)
     g = torch.Generator().manual_seed(int(seed))
     class_g = torch.Generator().manual_seed(7)  # class definitions are fixed for every seed
     angles = torch.arange(num_classes, dtype=torch.float32) * (math.pi / num_classes)
@@ -59,18 +70,26 @@ def synthetic_images(n: int, seed: int, num_classes: int = 10, size: int = 32) -
     for start in range(0, n, chunk):
         y = labels[start : start + chunk]
         b = len(y)
-        angle = angles[y] + 0.15 * torch.randn(b, generator=g)
+        # Class spacing is pi/10 = 0.31 rad in orientation; at difficulty 1 the spread (0.45 rad) reaches the
+        # neighbours on both sides, so orientation alone no longer names the class.
+        angle = angles[y] + (0.15 + 0.3 * d) * torch.randn(b, generator=g)
         phase = 2 * math.pi * torch.rand(b, generator=g)
         shift = 0.3 * torch.randn(b, 2, generator=g)
+        freq = freqs[y] * torch.exp(0.3 * d * torch.randn(b, generator=g))
         proj = (xx[None] - shift[:, 0, None, None]) * torch.cos(angle)[:, None, None] + (
             yy[None] - shift[:, 1, None, None]
         ) * torch.sin(angle)[:, None, None]
-        wave = torch.sin(freqs[y][:, None, None] * math.pi * proj + phase[:, None, None])
+        wave = torch.sin(freq[:, None, None] * math.pi * proj + phase[:, None, None])
         envelope = torch.exp(-((xx[None] - shift[:, 0, None, None]) ** 2 + (yy[None] - shift[:, 1, None, None]) ** 2))
         contrast = 0.6 + 0.4 * torch.rand(b, 1, 1, 1, generator=g)
         tint = 0.3 * torch.rand(b, 3, 1, 1, generator=g)
-        img = tint + contrast * colours[y][:, :, None, None] * (0.5 + 0.5 * wave * envelope)[:, None]
-        img = img + 0.08 * torch.randn(b, 3, size, size, generator=g)
+        # Up to `d` of the colour comes from a random colour of the same brightness range, so colour is a
+        # strong cue for some images and a weak one for others.
+        mix = d * torch.rand(b, 1, generator=g)
+        stray = 0.35 + 0.65 * torch.rand(b, 3, generator=g)
+        colour = (1 - mix) * colours[y] + mix * stray
+        img = tint + contrast * colour[:, :, None, None] * (0.5 + 0.5 * wave * envelope)[:, None]
+        img = img + (0.08 + 0.12 * d) * torch.randn(b, 3, size, size, generator=g)
         out[start : start + b] = (img.clamp(0, 1) * 255).round().to(torch.uint8)
     return out, labels
 
@@ -78,6 +97,6 @@ def synthetic_images(n: int, seed: int, num_classes: int = 10, size: int = 32) -
 @DATASETS.register("synthetic")
 def synthetic(data_root=None, download=False, cfg: DataConfig | None = None) -> RawDataset:
     cfg = cfg or DataConfig()
-    x_train, y_train = synthetic_images(cfg.synthetic_train, seed=1)
-    x_test, y_test = synthetic_images(cfg.synthetic_test, seed=2)
+    x_train, y_train = synthetic_images(cfg.synthetic_train, seed=1, difficulty=cfg.synthetic_difficulty)
+    x_test, y_test = synthetic_images(cfg.synthetic_test, seed=2, difficulty=cfg.synthetic_difficulty)
     return RawDataset(SYNTHETIC_INFO, x_train, y_train, x_test, y_test)

@@ -69,3 +69,28 @@ def test_digits_split_is_70_10_20_and_seeded():
     assert abs(len(a.y_train) / total - 0.7) < 0.01 and abs(len(a.y_val) / total - 0.1) < 0.01
     assert torch.equal(a.x_test, b.x_test) and not torch.equal(a.train_index, b.train_index)
     assert torch.equal(load_splits("digits", split_seed=0).train_index, a.train_index)
+
+
+def test_synthetic_difficulty_keeps_labels_and_layout_and_only_widens_the_classes():
+    from methods.data.embedded import synthetic_images
+
+    easy_x, easy_y = synthetic_images(300, seed=4, difficulty=0.0)
+    hard_x, hard_y = synthetic_images(300, seed=4, difficulty=1.0)
+    again_x, _ = synthetic_images(300, seed=4, difficulty=1.0)
+    assert torch.equal(easy_y, hard_y), "a seed draws the same labels at every difficulty"
+    assert torch.equal(hard_x, again_x) and not torch.equal(easy_x, hard_x)
+    assert hard_x.dtype == torch.uint8 and hard_x.shape == (300, 3, 32, 32)
+
+    # Class colour is the easiest cue: its spread within a class grows with the difficulty.
+    def colour_spread(x, y):
+        mean_colour = x.float().mean(dim=(2, 3))
+        return torch.stack([mean_colour[y == k].std(0).mean() for k in range(10)]).mean()
+
+    assert colour_spread(hard_x, hard_y) > colour_spread(easy_x, easy_y)
+
+
+def test_synthetic_difficulty_is_validated():
+    from methods.data.base import DataConfig
+
+    with pytest.raises(ValueError, match="synthetic_difficulty"):
+        DataConfig(synthetic_difficulty=1.5)
