@@ -53,8 +53,14 @@ def _tune_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers-per-trial", type=int, default=None)
     p.add_argument("--max-failures", type=int, default=1, help="retries of a failed trial, from its last checkpoint")
     p.add_argument("--quick", action="store_true", help="apply the space's quick: overrides (tiny schedules)")
+    _verbose(p)
     p.add_argument("--no-default-trial", action="store_true",
                    help="sample every trial; by default the first runs the untuned values (preset, else defaults)")
+
+
+def _verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's, Tune's and every trial's own output (default: one line per finished trial)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     _tune_flags(p)
     p = sub.add_parser("quickstart", help="the demo: one BadNets model (on digits unless --dataset says), every defense tuned against it")
     p.add_argument("--quick", action="store_true", help="one trial per defense and tiny schedules")
+    _verbose(p)
     _shared(p)
     p = sub.add_parser("ui", help="open the MLflow UI on the tracking store")
     p.add_argument("--host", default="127.0.0.1")
@@ -98,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default=default_experiment())
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--study", default=None, metavar="RUN_ID")
-    p.add_argument("--format", choices=("md", "csv", "html"), default="md")
+    p.add_argument("--format", choices=("md", "csv", "html", "latex", "runs-csv"), default="md",
+                   help="md, csv, html or latex table; runs-csv: the per-seed values behind every cell")
     p.add_argument("--out", default=None)
     p.add_argument("--metrics", default="acc,asr", help="comma list of acc, asr, ra, der")
     return parser
@@ -164,7 +172,8 @@ def _session(args):
     storage = Path(args.storage).expanduser().resolve()
     data_root = Path(args.data_root).expanduser().resolve() if args.data_root else default_data_root()
     address = args.address or os.environ.get("RAY_ADDRESS") or None
-    return Session(resolve_tracking_uri(args.tracking_uri), args.experiment, storage, data_root, args.download, address)
+    return Session(resolve_tracking_uri(args.tracking_uri), args.experiment, storage, data_root, args.download, address,
+                   verbose=getattr(args, "verbose", False))
 
 
 def _require_store(uri: str, flag: str) -> None:

@@ -29,7 +29,7 @@ def run_quickstart(session: Session, args) -> int:
     try:
         for plan in plans:
             print(f"--- {plan.base.method}: {len(plan.tuned)} tuned parameters, {plan.num_samples} trial(s)", flush=True)
-            result = run_sweep(session, plan, extra_tags={"quickstart": "true"}, verbose=0)
+            result = run_sweep(session, plan, extra_tags={"quickstart": "true"})
             failed += result.failed
             best = result.best or {}
             rows.append((plan.base.method, best))

@@ -14,9 +14,12 @@ from orchestrator.errors import BadInput
 from orchestrator.tracking import Tracker, resolve_tracking_uri
 
 METRICS = ("acc", "asr", "ra", "der")
+REPORT_FILES = {"md": "report.md", "csv": "report.csv", "html": "report.html", "latex": "report.tex",
+                "runs-csv": "report-runs.csv"}
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1) of the finite values; the one rule for study and report."""
     vals = [v for v in values if v is not None and not math.isnan(v)]
     if not vals:
         return math.nan, math.nan
@@ -25,7 +28,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def collect(tracker: Tracker, study_run_id: str, metrics: list[str]) -> tuple[list[str], list[str], dict]:
-    """(attacks, columns, cells) where cells[(attack, column)] = {metric: (mean, std), 'seeds': n, 'trials': n}."""
+    """(attacks, columns, cells) where cells[(attack, column)] = {metric: (mean, std), 'seeds': n, 'trials': n,
+    'runs': [(seed, {metric: value}), ...]} (the per-seed values behind the mean)."""
     finals = tracker.search(f"tags.study_run_id = '{study_run_id}' and tags.role = 'final'")
     sweeps = tracker.search(f"tags.study_run_id = '{study_run_id}' and tags.role = 'sweep'")
     trials_per_sweep = {s.info.run_id: len(tracker.children(s.info.run_id)) for s in sweeps}
@@ -40,9 +44,11 @@ def collect(tracker: Tracker, study_run_id: str, metrics: list[str]) -> tuple[li
     columns = ["no defense"] + sorted({c for _, c in groups if c != "no defense"})
     cells = {}
     for key, runs in groups.items():
-        cell = {"seeds": len(runs)}
+        cell = {"seeds": len(runs), "runs": [
+            (r.data.params.get("attack.seed", r.data.params.get("seed", "")), r.info.run_id,
+             {m: r.data.metrics.get(f"test_{m}", math.nan) for m in metrics}) for r in runs]}
         for m in metrics:
-            cell[m] = _mean_std([r.data.metrics.get(f"test_{m}", math.nan) for r in runs])
+            cell[m] = mean_std([r.data.metrics.get(f"test_{m}", math.nan) for r in runs])
         sweep_ids = {r.data.tags.get("sweep_run_id") for r in runs} - {None}
         cell["trials"] = sum(trials_per_sweep.get(s, 0) for s in sweep_ids)
         cells[key] = cell
@@ -60,6 +66,24 @@ def render(attacks: list[str], columns: list[str], cells: dict, metrics: list[st
     header = ["attack"] + columns
     rows = [[a] + [text(cells.get((a, c))) for c in columns] for a in attacks]
     caption = "cells: test " + " / ".join(m.upper() for m in metrics) + " in %, mean±std over seeds"
+    if fmt == "runs-csv":  # the raw values behind every mean: one row per run
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(["attack", "defense", "seed", "run_id", *(f"test_{m}" for m in metrics)])
+        for a in attacks:
+            for c in columns:
+                for seed, run_id, values in (cells.get((a, c)) or {}).get("runs", []):
+                    writer.writerow([a, c, seed, run_id, *(values[m] for m in metrics)])
+        return out.getvalue()
+    if fmt == "latex":
+        def tex(value: str) -> str:
+            return value.replace("±", r"$\pm$").replace("%", r"\%").replace("_", r"\_")
+
+        lines = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{l" + "c" * len(columns) + "}", r"\toprule",
+                 " & ".join(tex(h) for h in header) + r" \\", r"\midrule"]
+        lines += [" & ".join(tex(cell) for cell in r) + r" \\" for r in rows]
+        lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{tex(caption)}}}", r"\end{table}"]
+        return "\n".join(lines) + "\n"
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out)
@@ -103,7 +127,7 @@ def run_report(args) -> int:
             raise BadInput(f"--study {study_id}: that run is not a study (role={role})")
     attacks, columns, cells = collect(tracker, study_id, metrics)
     content = render(attacks, columns, cells, metrics, args.format)
-    name = f"report.{args.format}"
+    name = REPORT_FILES[args.format]
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import sys
@@ -37,6 +38,7 @@ class Session:
     data_root: Path
     download: bool = False
     address: str | None = None
+    verbose: bool = False  # Ray's, Tune's and the trials' own output; off: one line per trial (SweepProgress)
     tracker: Tracker | None = None
     _started_ray: bool = False
 
@@ -54,7 +56,10 @@ class Session:
             for key in ("BDO_DATA_ROOT", "MLFLOW_TRACKING_URI"):
                 if key in os.environ:
                     env[key] = os.environ[key]
-            kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+            if not self.verbose:
+                quiet_libraries()
+            kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": self.verbose,
+                                      "logging_level": logging.INFO if self.verbose else logging.WARNING}
             if self.address:
                 ray.init(address=self.address, **kwargs)
             else:
@@ -73,6 +78,59 @@ class Session:
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
         self._started_ray = False
+
+
+def quiet_libraries() -> None:
+    """What a person running bdo does not need to read unless they ask with --verbose: Tune's experiment banner
+    and TensorBoard hint (printed whatever the verbosity by Tune's newer output engine, so the older one, which
+    is silent at verbose 0, is chosen), its per-sweep 'wrote the result files' line, Ray's note that the local
+    instance uses token auth, and MLflow's lines while it creates a store."""
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    for name in ("ray.tune", "ray._private.authentication.authentication_token_setup", "ray._private.worker"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+
+
+class SweepProgress:
+    """One line per finished trial (and, on a terminal, a status line rewritten in place while trials run): the
+    trial, its state, its last validation metrics and the best objective so far."""
+
+    def __new__(cls, *args, **kwargs):
+        from ray.tune import Callback
+
+        class Progress(Callback):
+            def __init__(self, label: str, metric: str, mode: str, total: int) -> None:
+                self.label, self.metric, self.mode, self.total = label, metric, mode, total
+                self.done, self.best, self.tty = 0, None, sys.stdout.isatty()
+
+            def _shown(self, result: dict) -> str:
+                keys = dict.fromkeys((self.metric, "val_acc", "val_asr"))
+                return "  ".join(f"{k}={result[k]:.3f}" for k in keys if isinstance(result.get(k), (int, float)))
+
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                if self.tty:
+                    line = f"{self.label}: trial {trial.trial_id} step {result.get('step', '?')}  {self._shown(result)}"
+                    print(f"\r\033[K{line[:150]}", end="", flush=True)
+
+            def _finish(self, trial, state: str) -> None:
+                self.done += 1
+                result = trial.last_result or {}
+                value = result.get(self.metric)
+                if isinstance(value, (int, float)) and not math.isnan(value):
+                    better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+                    self.best = value if better else self.best
+                best = f"  (best {self.metric} {self.best:.3f})" if self.best is not None else ""
+                prefix = "\r\033[K" if self.tty else ""
+                print(f"{prefix}{self.label}: trial {self.done}/{self.total} {trial.trial_id} {state}  "
+                      f"{self._shown(result)}{best}", flush=True)
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                self._finish(trial, "done")
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                self._finish(trial, "FAILED")
+
+        return Progress(*args, **kwargs)
 
 
 class ProgressPrinter:
@@ -206,8 +264,8 @@ class _StatusCallback:
 
 
 def run_sweep(session: Session, plan: SweepPlan, extra_tags: dict[str, str] | None = None,
-              parent_id: str | None = None, resume_run_id: str | None = None, max_failures: int = 1,
-              verbose: int = 1) -> SweepResult:
+              parent_id: str | None = None, resume_run_id: str | None = None,
+              max_failures: int = 1) -> SweepResult:
     """`bdo tune`: build the attack once, then a Tune sweep whose trials are child runs of one sweep run."""
     from ray import tune
 
@@ -252,6 +310,9 @@ def run_sweep(session: Session, plan: SweepPlan, extra_tags: dict[str, str] | No
     trainable = tune.with_resources(tune.with_parameters(tune_trainable, setup=setup), resources)
     single = plan.objective == "single"
     callbacks = [_StatusCallback(tracker, sweep_run_id)]
+    if not session.verbose:
+        quiet_libraries()
+        callbacks.append(SweepProgress(spec.method, plan.space.metric, plan.space.mode, plan.num_samples))
     # Some objectives exist only at a run's last step (SD's val_fct_auroc is computed once, on the final split);
     # Tune's strict check would fail such a sweep at its first report. summarize() still refuses to pick a best
     # trial on a metric that no trial reported.
@@ -278,7 +339,7 @@ def run_sweep(session: Session, plan: SweepPlan, extra_tags: dict[str, str] | No
                     reuse_actors=True,
                 ),
                 run_config=tune.RunConfig(
-                    name=Path(tune_path).name, storage_path=str(tune_root), callbacks=callbacks, verbose=verbose,
+                    name=Path(tune_path).name, storage_path=str(tune_root), callbacks=callbacks, verbose=int(session.verbose),
                     failure_config=tune.FailureConfig(max_failures=max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 ),

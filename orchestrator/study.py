@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import BadInput
+from orchestrator.report import mean_std
 from orchestrator.resolve import SEARCH_SPACES, load_yaml, method_spec, resolve_run
 from orchestrator.runner import Session, run_single, run_sweep
 from orchestrator.spaces import SweepPlan, load_space, plan_sweep
@@ -139,8 +140,7 @@ def run_study(session: Session, study: StudyPlan, args) -> StudyOutcome:
             tracker.set_tags(study_run_id, {"no_defense_run_ids": json.dumps(no_defense)})
             for di, (defense, _) in enumerate(study.defenses):
                 plan = study.sweeps[(ai, di)]
-                result = run_sweep(session, plan, extra_tags=tags, parent_id=study_run_id, verbose=0,
-                                   max_failures=args.max_failures)
+                result = run_sweep(session, plan, extra_tags=tags, parent_id=study_run_id, max_failures=args.max_failures)
                 failed += result.failed
                 if result.best is None:
                     failed += 1
@@ -170,15 +170,6 @@ def _with_derived(plan: SweepPlan, values: dict[str, Any]) -> dict[str, Any]:
     return apply_derived(plan.space, values)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    vals = [v for v in values if not math.isnan(v)]
-    if not vals:
-        return math.nan, math.nan
-    mean = sum(vals) / len(vals)
-    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-    return mean, std
-
-
 def format_table(study: StudyPlan, cells: dict[tuple[str, str], list[dict[str, float]]]) -> str:
     columns = ["none"] + [d for d, _ in study.defenses]
     lines = ["| attack | " + " | ".join("no defense" if c == "none" else c for c in columns) + " |",
@@ -187,8 +178,8 @@ def format_table(study: StudyPlan, cells: dict[tuple[str, str], list[dict[str, f
         row = []
         for c in columns:
             runs = cells.get((attack, c), [])
-            acc, acc_sd = _mean_std([r.get("test_acc", math.nan) for r in runs])
-            asr, asr_sd = _mean_std([r.get("test_asr", math.nan) for r in runs])
+            acc, acc_sd = mean_std([r.get("test_acc", math.nan) for r in runs])
+            asr, asr_sd = mean_std([r.get("test_asr", math.nan) for r in runs])
             row.append(f"{100 * acc:.1f}±{100 * acc_sd:.1f} / {100 * asr:.1f}±{100 * asr_sd:.1f} (n={len(runs)})")
         lines.append(f"| {attack} | " + " | ".join(row) + " |")
     return "\n".join(lines)

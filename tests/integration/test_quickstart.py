@@ -42,6 +42,10 @@ def test_quickstart_quick(ray_session, workdir, capsys):
         # the row is the selected trial's: an empty selection prints nan
         assert len(values) == 5 and all(math.isfinite(v) for v in values[:4]), (name, values)
     assert "selected on validation metrics" in out and "bdo ui --tracking-uri sqlite:///" in out
+    # readable: a line per defense and per trial, then the table; Tune's banners and hints only with --verbose
+    assert len(lines) < 60, f"{len(lines)} lines:\n{out}"
+    assert not any(noise in out for noise in ("Configuration for experiment", "TensorBoard", "Trial status"))
+    assert header >= len(lines) - len(defenses) - 6, "the table ends the output"
 
     client, all_runs = runs(workdir)
     attacks = {r.info.run_id: r for r in all_runs if r.data.tags.get("role") == "attack"}
