@@ -118,14 +118,37 @@ def dataset_records(spec: RunSpec, backdoor: Backdoor) -> list[DatasetRecord]:
     ]
 
 
-def log_mlflow_model(tracker: Tracker, run_id: str, spec: RunSpec, model_state: dict, backdoor: Backdoor) -> None:
-    from methods.core.training import to_float
+def final_model(spec: RunSpec, model_state: dict, backdoor: Backdoor) -> torch.nn.Module:
     from methods.models.base import build_model
 
     model = build_model(spec.model, backdoor.data.info)
     model.load_state_dict(model_state)
+    return model.eval()
+
+
+def log_mlflow_model(tracker: Tracker, run_id: str, model: torch.nn.Module, backdoor: Backdoor) -> None:
+    from methods.core.training import to_float
+
     example = to_float(backdoor.data.x_val[:2].cpu()).numpy()
-    tracker.log_pytorch_model(run_id, model.eval(), example)
+    tracker.log_pytorch_model(run_id, model.cpu().eval(), example)
+
+
+def confusion_matrices(model: torch.nn.Module, backdoor: Backdoor, device: torch.device) -> dict[str, np.ndarray]:
+    """Test-split confusion matrices of the final model: on clean images, and on triggered images against their
+    true classes (the attack's target column shows the backdoor; all2all needs the whole matrix)."""
+    from methods.core.training import predict_logits
+
+    data = backdoor.data
+    n = data.num_classes
+    model = model.to(device)
+    x_trig, _, y_true = data.backdoor_set("test")
+
+    def matrix(x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+        pred = predict_logits(model, x.to(device)).argmax(1).cpu()
+        return torch.bincount(y.cpu() * n + pred, minlength=n * n).reshape(n, n).numpy()
+
+    return {"clean test images": matrix(data.x_test, data.y_test),
+            "triggered test images (true class)": matrix(x_trig, y_true)}
 
 
 def _samples(data, n: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -161,10 +184,12 @@ def log_outputs(tracker: Tracker, run_id: str, spec: RunSpec, ctx: TrackedContex
         plot_dir.mkdir()
         plots.curves_png(plot_dir / "curves.png", ctx.history, f"{spec.method} on {spec.attack} / {spec.dataset}")
         plots.draw_handoffs(plot_dir, ctx.tables, ctx.series, spec.method)
+        model = final_model(spec, model_state, backdoor)
+        plots.confusion_png(plot_dir / "confusion.png", confusion_matrices(model, backdoor, ctx.device))
         for item in sorted(d.iterdir()):
             tracker.log_artifact(run_id, item, None if item.is_file() else item.name)
     tracker.log_datasets(run_id, dataset_records(spec, backdoor))
-    log_mlflow_model(tracker, run_id, spec, model_state, backdoor)
+    log_mlflow_model(tracker, run_id, model, backdoor)
 
 
 def build_attack(spec: RunSpec, tracker: Tracker, storage: Path, data_root: Path, download: bool,
@@ -200,8 +225,29 @@ def build_attack(spec: RunSpec, tracker: Tracker, storage: Path, data_root: Path
         tracker.end(run_id, "FINISHED")
         return backdoor.to(torch.device("cpu")), {"attack_run_id": run_id, "built_with": built_with}
 
-    backdoor, meta, _ = cache.get_or_build(key, build)
-    return backdoor, meta.get("attack_run_id", ""), key
+    backdoor, meta, built = cache.get_or_build(key, build)
+    run_id = meta.get("attack_run_id", "")
+    if not built and not tracker.has_run(run_id):
+        run_id = restore_attack_run(tracker, attack_spec, backdoor, key, run_id, extra_tags)
+    return backdoor, run_id, key
+
+
+def restore_attack_run(tracker: Tracker, spec: RunSpec, backdoor: Backdoor, key: str, built_by: str,
+                       extra_tags: dict[str, str] | None) -> str:
+    """The cache served an attack that this tracking store has never seen (a new store over shared storage):
+    record it here as an attack run, so every defense built on it names a run this store can open, and the
+    report's no-defense column has its metrics. Tagged as restored, with the run that trained it elsewhere."""
+    seeds = backdoor.seeds
+    run_id = tracker.start_run(f"attack-{spec.method}", {
+        **base_tags(spec, "attack", seeds), "attack_cache_key": key, "restored_from_cache": "true",
+        "cache_built_by_run": built_by or "unknown", **(extra_tags or {})})
+    tracker.log_params(run_id, spec.flat_params())
+    tracker.log_metrics(run_id, backdoor.metrics, int(spec.attack_config.get("epochs", 0)))
+    ctx = TrackedContext(device=torch.device("cpu"), run_id=run_id, tracker=tracker, reporter=Reporter(),
+                         history=[(int(spec.attack_config.get("epochs", 0)), dict(backdoor.metrics))])
+    log_outputs(tracker, run_id, spec, ctx, backdoor.model_state, backdoor, seeds)
+    tracker.end(run_id, "FINISHED")
+    return run_id
 
 
 def execute_defense(spec: RunSpec, ctx: TrackedContext, tracker: Tracker | None, run_id: str | None,

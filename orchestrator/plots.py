@@ -35,10 +35,21 @@ def trigger_png(path: Path, pattern: np.ndarray) -> None:
     plt.close(fig)
 
 
+def amplified_difference(clean: np.ndarray, poisoned: np.ndarray) -> tuple[np.ndarray, float]:
+    """|poisoned - clean| scaled so its largest value is white: the only way to see a WaNet warp or a faint SIG
+    signal. Returns the uint8 images and the gain used."""
+    diff = np.abs(poisoned.astype(np.int16) - clean.astype(np.int16)).astype(np.float32)
+    peak = float(diff.max())
+    gain = 255.0 / peak if peak > 0 else 1.0
+    return np.clip(diff * gain, 0, 255).astype(np.uint8), gain
+
+
 def samples_png(path: Path, clean: np.ndarray, poisoned: np.ndarray) -> None:
     plt = _plt()
-    fig, axes = plt.subplots(2, 1, figsize=(1.2 * len(clean), 3))
-    for ax, images, title in zip(axes, (clean, poisoned), ("clean", "poisoned")):
+    diff, gain = amplified_difference(clean, poisoned)
+    fig, axes = plt.subplots(3, 1, figsize=(1.2 * len(clean), 4.5))
+    for ax, images, title in zip(axes, (clean, poisoned, diff),
+                                 ("clean", "poisoned", f"|poisoned - clean| x {gain:.1f}")):
         ax.imshow(_image_grid(images), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         ax.set_title(title, fontsize=8)
         ax.axis("off")
@@ -130,6 +141,49 @@ def pareto_png(path: Path, points: Sequence[tuple[float, float]], labels: Sequen
     plt.close(fig)
 
 
+def roc_pr_png(path: Path, scores: np.ndarray, flags: np.ndarray, title: str) -> bool:
+    """ROC and precision-recall curves of a per-sample suspicion score against the true poison flags."""
+    from sklearn.metrics import auc, precision_recall_curve, roc_curve
+
+    if flags.all() or not flags.any():
+        return False
+    plt = _plt()
+    fpr, tpr, _ = roc_curve(flags, scores)
+    precision, recall, _ = precision_recall_curve(flags, scores)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(7, 3.2))
+    left.plot(fpr, tpr, color="tab:blue")
+    left.plot([0, 1], [0, 1], ":", color="grey")
+    left.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC (AUROC {auc(fpr, tpr):.3f})")
+    right.plot(recall, precision, color="tab:red")
+    right.axhline(flags.mean(), ls=":", color="grey")
+    right.set(xlabel="recall", ylabel="precision", title=f"PR (AUPRC {auc(recall, precision):.3f})")
+    for ax in (left, right):
+        ax.title.set_fontsize(9)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def confusion_png(path: Path, matrices: dict[str, np.ndarray]) -> None:
+    """Row-normalised confusion matrices (true class x predicted class), e.g. on clean and on triggered images."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(matrices), figsize=(3.6 * len(matrices), 3.4), squeeze=False)
+    for ax, (title, matrix) in zip(axes[0], matrices.items()):
+        rows = matrix.sum(axis=1, keepdims=True)
+        shown = np.divide(matrix, rows, out=np.zeros_like(matrix, dtype=float), where=rows > 0)
+        ax.imshow(shown, cmap="Blues", vmin=0, vmax=1)
+        ax.set(xlabel="predicted", ylabel="true", title=title)
+        ax.title.set_fontsize(9)
+        if len(matrix) <= 12:
+            ax.set_xticks(range(len(matrix)))
+            ax.set_yticks(range(len(matrix)))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def draw_handoffs(directory: Path, tables: dict[str, dict[str, Any]], series: dict[str, dict[str, list]], method: str) -> list[Path]:
     """The plots that come from methods' hand-offs: FCT / score histograms and ASD's pools."""
     out = []
@@ -141,6 +195,9 @@ def draw_handoffs(directory: Path, tables: dict[str, dict[str, Any]], series: di
                             np.asarray(scores["true_poisoned"], dtype=bool),
                             "FCT score" if name == "fct_hist.png" else f"{method} score")
         out.append(directory / name)
+        if roc_pr_png(directory / "roc_pr.png", np.asarray(scores["score"], dtype=float),
+                      np.asarray(scores["true_poisoned"], dtype=bool), f"{method}: poisoned vs clean training samples"):
+            out.append(directory / "roc_pr.png")
     pools = series.get("asd_pools")
     if pools and pool_composition_png(directory / "asd_pools.png", pools):
         out.append(directory / "asd_pools.png")

@@ -49,8 +49,25 @@ def code_version() -> dict[str, str]:
             return ""
 
     commit = git("rev-parse", "HEAD") or "unknown"
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    return {"git_commit": commit, "git_dirty": str(dirty).lower()}
+    # untracked files count: a new methods/defenses/mydefense.py is exactly how a method is added
+    dirty = bool(git("status", "--porcelain", "--untracked-files=normal", "--", *SOURCE_DIRS, "search_spaces"))
+    return {"git_commit": commit, "git_dirty": str(dirty).lower(), "source_sha256": source_digest()}
+
+
+SOURCE_DIRS = ("methods", "orchestrator")
+
+
+def source_digest() -> str:
+    """A hash of the Python sources a run executes (methods/ and orchestrator/), so two runs with the same
+    commit but different uncommitted edits, or none at all in a copy without git, can be told apart."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for folder in SOURCE_DIRS:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            h.update(str(path.relative_to(ROOT)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=1)
@@ -200,8 +217,10 @@ class Tracker:
             logits = model(torch.from_numpy(example)).numpy()
         logged = self.client.create_logged_model(self.experiment_id, name="model", source_run_id=run_id,
                                                  tags={"flavor": "pytorch"})
-        # uv's environments have no pip, and MLflow warns on every model that it cannot pin pip's version
-        logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)
+        # uv's environments have no pip, and MLflow warns on every model that it cannot pin pip's version; it also
+        # warns on every pickled model, which this docstring and the README explain once
+        for name in ("mlflow.utils.environment", "mlflow.pytorch"):
+            logging.getLogger(name).setLevel(logging.ERROR)
         with tempfile.TemporaryDirectory(prefix="bdo-mlflow-model-") as tmp:
             local = Path(tmp) / "model"
             # pickle, not MLflow's default pt2: exporting a graph took ~3 s per run here against ~0.4 s
@@ -237,6 +256,16 @@ class Tracker:
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+    def has_run(self, run_id: str) -> bool:
+        """Whether this store holds the run (ids from an attack cache shared with other stores may not be)."""
+        if not run_id:
+            return False
+        try:
+            self.client.get_run(run_id)
+        except Exception:
+            return False
+        return True
 
     def status(self, run_id: str) -> str:
         return self.client.get_run(run_id).info.status

@@ -54,7 +54,10 @@ def test_four_trial_defense_sweep(defense, flags, ray_session, workdir, capsys):
         assert len(history) >= 1 and [m.step for m in history] == sorted(m.step for m in history)
         artifacts = {a.path for a in client.list_artifacts(t.info.run_id)}
         assert {"config.yaml", "model", "trigger.png", "samples.png", "plots"} <= artifacts, artifacts
+        drawn = {Path(a.path).name for a in client.list_artifacts(t.info.run_id, "plots")}
+        assert {"curves.png", "confusion.png"} <= drawn, drawn
         if METHODS.get(defense).splits_samples:
+            assert "roc_pr.png" in drawn, drawn
             assert SPLIT_METRICS <= set(t.data.metrics), sorted(t.data.metrics)
             assert "scores.parquet" in artifacts
             table = pq.read_table(client.download_artifacts(t.info.run_id, "scores.parquet"))

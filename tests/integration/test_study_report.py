@@ -186,7 +186,17 @@ def test_study_then_report_in_every_format(ray_session, workdir, capsys, monkeyp
     printed = capsys.readouterr().out
     assert main(["report", "--format", "csv", "--out", str(out_dir)]) == 0
     assert main(["report", "--experiment", "bdo", "--study", study_id, "--format", "html", "--out", str(out_dir)]) == 0
+    assert main(["report", "--format", "latex", "--out", str(out_dir)]) == 0
+    assert main(["report", "--format", "runs-csv", "--out", str(out_dir)]) == 0
     capsys.readouterr()
+
+    tex = (out_dir / "report.tex").read_text()
+    assert tex.startswith("\\begin{table}") and tex.count("\\\\") == 1 + len(ATTACKS) and "$\\pm$" in tex
+    with open(out_dir / "report-runs.csv", newline="") as f:
+        raw = list(csv.DictReader(f))
+    for (attack, column), want in expected.items():  # the per-seed values give back every cell's mean
+        accs = [float(r["test_acc"]) for r in raw if (r["attack"], r["defense"]) == (attack, column)]
+        assert len(accs) == len(SEEDS) and math.isclose(sum(accs) / len(accs), want["acc"][0], abs_tol=1e-9)
 
     md = (out_dir / "report.md").read_text()
     assert md in printed, "report prints what it writes"
