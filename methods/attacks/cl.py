@@ -30,6 +30,10 @@ class CLConfig(AttackConfig):
     pgd_step_size: float = ranged(2 / 255, 0.0, 1.0)
     pgd_steps: int = ranged(4, 0, 1000)
     clean_epochs: Optional[int] = ranged(None, 1, 10_000, "epochs of the clean model (default: epochs)")
+    trigger_amplitude: float = ranged(
+        1.0, 0.0, 1.0,
+        "share of the trigger's contrast stamped on poisoned training images; evaluation always stamps the full "
+        "trigger (Turner et al.'s reduced-amplitude variant, BackdoorBench's reduced_amplitude)")
 
     def validate(self) -> None:
         super().validate()
@@ -70,7 +74,12 @@ def hardened_poison(ctx, cfg: CLConfig, splits, trigger: PatchTrigger, seeds: di
         facts["cl_hardened_clean_acc"] = accuracy(pred, y.to(ctx.device))
         ctx.progress(f"CL: the clean model classifies {facts['cl_hardened_clean_acc']:.3f} of the {len(y)} "
                      f"hardened images correctly (pgd_eps {cfg.pgd_eps:.4g}, {cfg.pgd_steps} steps)")
-        return trigger.apply(hard.cpu(), test=False)
+        stamped = trigger.apply(hard.cpu(), test=False)
+        if cfg.trigger_amplitude >= 1.0:
+            return stamped
+        # Only the trigger's pixels differ between `stamped` and `hard`, so this moves them part of the way.
+        mixed = hard.cpu().float() + cfg.trigger_amplitude * (stamped.float() - hard.cpu().float())
+        return mixed.round().clamp(0, 255).to(torch.uint8)
 
     return poison_images
 
