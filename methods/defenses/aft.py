@@ -46,7 +46,6 @@ from methods.defenses.common import (
     DefenseConfig,
     DefenseResult,
     clean_subset,
-    evaluate_with_der,
     final_result,
     report_eval,
 )
@@ -146,14 +145,12 @@ def run(ctx: RunContext, cfg: AFTConfig) -> DefenseResult:
     wrapped = ctx.wrap_model(model)
     adv_epochs = cfg.epochs if cfg.adv_epochs is None else cfg.adv_epochs
 
-    metrics: dict[str, float] = {}
+    last: tuple[int, dict[str, float]] = (start, {})
     for epoch in range(start + 1, cfg.epochs + 1):
         adversarial = epoch <= adv_epochs
         loss = adversarial_finetune_epoch(wrapped, optimizer, x_clean, y_clean, cfg, data.info, g_train, g_pgd,
                                           None if adversarial else 0, ctx.rank, ctx.world_size)
-        metrics = report_eval(ctx, model, backdoor, epoch, {"train_loss": loss.item(), "adversarial": float(adversarial)},
-                              cfg.eval_batch_size)
+        last = (epoch, report_eval(ctx, model, backdoor, epoch,
+                                   {"train_loss": loss.item(), "adversarial": float(adversarial)}, cfg.eval_batch_size))
         ctx.save_state(full_state(epoch, models, opts, {}, gens))
-    if not metrics:  # resumed after the last epoch
-        metrics = evaluate_with_der(model, backdoor, cfg.eval_batch_size)
-    return final_result(model, metrics, backdoor.model_name)
+    return final_result(ctx, model, backdoor, last, batch_size=cfg.eval_batch_size)

@@ -109,7 +109,7 @@ def run(ctx: RunContext, cfg: ARGDConfig):
                 "loss_trans": cfg.w_trans * transfer}
 
     stage = distill_stage(ctx, cfg, student, teacher, optimizer, x, y, data.info, g, loss_terms, head=heads)
-    metrics = run_stages(ctx, backdoor, [first, stage], {"teacher": teacher, "student": student, "heads": heads},
-                         {"teacher": teacher_opt, "student": optimizer}, {"teacher": g_teacher, "train": g},
-                         cfg.eval_batch_size)
-    return final_result(student, metrics, backdoor.model_name)
+    last = run_stages(ctx, backdoor, [first, stage], {"teacher": teacher, "student": student, "heads": heads},
+                      {"teacher": teacher_opt, "student": optimizer}, {"teacher": g_teacher, "train": g},
+                      cfg.eval_batch_size)
+    return final_result(ctx, student, backdoor, last, batch_size=cfg.eval_batch_size)

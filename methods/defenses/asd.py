@@ -51,13 +51,11 @@ from methods.core.training import (
     restore_full_state,
     to_float,
     train_epoch,
-    unwrap,
 )
 from methods.data.augment import standard_augment
 from methods.data.base import DatasetInfo
 from methods.defenses.common import (
     DefenseConfig,
-    evaluate_with_der,
     final_result,
     hand_off_scores,
     report_eval,
@@ -262,6 +260,7 @@ def run(ctx: RunContext, cfg: ASDConfig):
         pools, scores = state["extra"]["pools"].to(ctx.device), state["extra"]["scores"].to(ctx.device)
     wrapped = ctx.wrap_model(model)
 
+    last: tuple[int, dict[str, float]] = (start, {})
     for epoch in range(start, cfg.epochs):
         stage = stage_of(epoch, cfg)
         loss = record_split_loss(model, x, y, cfg, info, gens["record"])
@@ -279,9 +278,9 @@ def run(ctx: RunContext, cfg: ASDConfig):
                                 gens["train"], ctx.rank, ctx.world_size)
 
         split = split_metrics(pools, flags, scores)
-        report_eval(ctx, model, backdoor, epoch + 1,
-                    {**split, **{k: v.item() for k, v in losses.items()}, "asd_stage": float(stage)},
-                    batch_size=cfg.eval_batch_size)
+        last = (epoch + 1, report_eval(ctx, model, backdoor, epoch + 1,
+                                       {**split, **{k: v.item() for k, v in losses.items()}, "asd_stage": float(stage)},
+                                       batch_size=cfg.eval_batch_size))
         series["epoch"].append(epoch + 1)
         series["clean_pool_size"].append(int(clean_idx.numel()))
         series["clean_pool_poisoned"].append(int(flags[clean_idx].sum().item()))
@@ -293,6 +292,5 @@ def run(ctx: RunContext, cfg: ASDConfig):
         ctx.save_state(full_state(epoch + 1, {"model": model}, {"opt": optimizer}, {}, gens, extra=extra))
 
     ctx.hand_off_series("asd_pools", series)
-    final = evaluate_with_der(model, backdoor, cfg.eval_batch_size)
-    final.update(hand_off_scores(ctx, backdoor, scores, pools))
-    return final_result(unwrap(model), final, backdoor.model_name)
+    final_split = hand_off_scores(ctx, backdoor, scores, pools)
+    return final_result(ctx, model, backdoor, last, final_split, batch_size=cfg.eval_batch_size)

@@ -2,6 +2,7 @@
 hand-off of per-sample scores and pools (written by the orchestrator as scores.parquet)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -23,11 +24,6 @@ class DefenseResult:
     model_state: dict[str, torch.Tensor]
     metrics: dict[str, float]
     model_name: str = ""
-
-
-def final_result(model: nn.Module, metrics: dict[str, float], model_name: str) -> DefenseResult:
-    state = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
-    return DefenseResult(state, dict(metrics), model_name)
 
 
 @dataclass
@@ -63,6 +59,34 @@ def report_eval(ctx: RunContext, model: nn.Module, backdoor: Backdoor, step: int
     metrics = {**evaluate_with_der(model, backdoor, batch_size), **(extra or {})}
     ctx.report(metrics, step=step)
     return metrics
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def final_result(ctx: RunContext, model: nn.Module, backdoor: Backdoor, last: tuple[int, dict[str, float]],
+                 extra: dict[str, float] | None = None, kept_step: int | None = None,
+                 batch_size: int = 1024) -> DefenseResult:
+    """Every defense returns through here, so that its result is the model it returns.
+
+    `last` is (step, metrics) of the run's last ctx.report ({} when a resumed run had nothing left to train);
+    `kept_step` names the step whose weights `model` holds when a method keeps an earlier step (None: the last).
+    The returned weights are evaluated; whenever the result (their evaluation, the last report's other values and
+    `extra`) differs from what was last reported, it is reported once more at the next step, with `kept_step`.
+    What the orchestrator records, ranks and tabulates is the last report, so it always describes the weights
+    saved as the run's model and never a step that was discarded."""
+    step, reported = last
+    metrics = {**reported, **(extra or {}), **evaluate_with_der(model, backdoor, batch_size)}
+    differs = set(metrics) != set(reported) or not all(_same(float(v), float(reported[k])) for k, v in metrics.items())
+    if kept_step is not None and kept_step != step:
+        differs = True
+    if differs:
+        metrics["kept_step"] = float(step if kept_step is None else kept_step)
+        ctx.report(metrics, step=step + 1)
+        ctx.progress(f"final report at step {step + 1}: the returned model, kept from step {int(metrics['kept_step'])}")
+    state = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+    return DefenseResult(state, metrics, backdoor.model_name)
 
 
 def hand_off_scores(ctx: RunContext, backdoor: Backdoor, scores: torch.Tensor | np.ndarray,

@@ -227,7 +227,9 @@ def run(ctx: RunContext, cfg: DSTConfig):
     x_train, y_train = data.x_train[train_idx], data.y_train[train_idx]
     poisoned = sd.pools[train_idx] == POOL_POISON
     wrapped_head = ctx.wrap_model(head)
-    metrics: dict[str, Any] = state["extra"].get("metrics", {}) if stage == "st_cls" else {}
+    # a run resumed after its last epoch has reported that epoch already; its checkpoint carries the report
+    last: tuple[int, dict[str, Any]] = (sd.step + cfg.st_epochs + done,
+                                        state["extra"].get("metrics", {}) if stage == "st_cls" else {})
     for epoch in range(done + 1, cfg.st_cls_epochs + 1):
         model.eval()  # frozen encoder, BN statistics included
         head.train()
@@ -247,6 +249,7 @@ def run(ctx: RunContext, cfg: DSTConfig):
         step = sd.step + cfg.st_epochs + epoch
         metrics = report_eval(ctx, model, backdoor, step, {**sd.split, "st_cls_loss": (total / max(steps, 1)).item()},
                               cfg.eval_batch_size)
+        last = (step, metrics)
         ctx.save_state(full_state(step, models2, opts2, scheds2, gens, extra={"stage": "st_cls", "metrics": metrics,
                                                                            **sd.extra()}))
-    return final_result(model, metrics, backdoor.model_name)
+    return final_result(ctx, model, backdoor, last, batch_size=cfg.eval_batch_size)

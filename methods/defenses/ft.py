@@ -38,7 +38,7 @@ from methods.core.training import (
 from methods.data.augment import standard_augment
 from methods.data.base import DatasetInfo
 from methods.defenses.attention import cutout
-from methods.defenses.common import DefenseConfig, clean_subset, evaluate_with_der, final_result, report_eval
+from methods.defenses.common import DefenseConfig, clean_subset, final_result, report_eval
 
 
 @dataclass
@@ -94,13 +94,14 @@ class Stage:
 
 def run_stages(ctx: RunContext, backdoor: Backdoor, stages: Sequence[Stage], models: dict[str, nn.Module],
                optimizers: dict[str, torch.optim.Optimizer], generators: dict[str, torch.Generator],
-               eval_batch_size: int) -> dict[str, float]:
+               eval_batch_size: int) -> tuple[int, dict[str, float]]:
     """Run the stages one after another. Step s (from 1) is one epoch; after each the stage's model is evaluated
     and reported with its metrics and the stage index, and everything is checkpointed. A checkpoint in the
-    context resumes after its step. Returns the last evaluation (of the last stage's model)."""
+    context resumes after its step. Returns (step, metrics) of the last report, ({} if a resumed run had nothing
+    left to train), for final_result."""
     state = ctx.load_state()
     start = restore_full_state(state, models, optimizers, {}, generators) if state is not None else 0
-    metrics: dict[str, float] = {}
+    last: tuple[int, dict[str, float]] = (start, {})
     step = 0
     for index, stage in enumerate(stages):
         for epoch in range(stage.epochs):
@@ -109,12 +110,10 @@ def run_stages(ctx: RunContext, backdoor: Backdoor, stages: Sequence[Stage], mod
                 continue
             ctx.progress(f"{stage.name} epoch {epoch + 1}/{stage.epochs} (step {step})")
             extra = {k: float(v) for k, v in stage.run_epoch(epoch).items()}
-            metrics = report_eval(ctx, stage.model, backdoor, step, {**extra, "stage": float(index)},
-                                  batch_size=eval_batch_size)
+            last = (step, report_eval(ctx, stage.model, backdoor, step, {**extra, "stage": float(index)},
+                                      batch_size=eval_batch_size))
             ctx.save_state(full_state(step, models, optimizers, {}, generators, extra={"stage": stage.name}))
-    if not metrics:  # the checkpoint was taken after the last step
-        metrics = evaluate_with_der(stages[-1].model, backdoor, eval_batch_size)
-    return metrics
+    return last
 
 
 def finetune_stage(ctx: RunContext, name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -143,6 +142,6 @@ def run(ctx: RunContext, cfg: FTConfig):
     g = make_generator(derive_seed(cfg.seed, "train"), ctx.device)
     stage = finetune_stage(ctx, "finetune", model, optimizer, data.x_train[idx], data.y_train[idx], data.info, g,
                            cfg.epochs, cfg.batch_size, cfg.cutout_length, lambda epoch: cfg.lr)
-    metrics = run_stages(ctx, backdoor, [stage], {"model": model}, {"opt": optimizer}, {"train": g},
-                         cfg.eval_batch_size)
-    return final_result(model, metrics, backdoor.model_name)
+    last = run_stages(ctx, backdoor, [stage], {"model": model}, {"opt": optimizer}, {"train": g},
+                      cfg.eval_batch_size)
+    return final_result(ctx, model, backdoor, last, batch_size=cfg.eval_batch_size)

@@ -161,7 +161,7 @@ def run(ctx: RunContext, cfg: NADConfig):
                 "loss_at": weighted_at_loss(student_maps, teacher_maps, betas)}
 
     stage = distill_stage(ctx, cfg, student, teacher, optimizer, x, y, data.info, g, loss_terms)
-    metrics = run_stages(ctx, backdoor, [first, stage], {"teacher": teacher, "student": student},
-                         {"teacher": teacher_opt, "student": optimizer}, {"teacher": g_teacher, "train": g},
-                         cfg.eval_batch_size)
-    return final_result(student, metrics, backdoor.model_name)
+    last = run_stages(ctx, backdoor, [first, stage], {"teacher": teacher, "student": student},
+                      {"teacher": teacher_opt, "student": optimizer}, {"teacher": g_teacher, "train": g},
+                      cfg.eval_batch_size)
+    return final_result(ctx, student, backdoor, last, batch_size=cfg.eval_batch_size)

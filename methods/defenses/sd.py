@@ -330,4 +330,4 @@ def pool_indices(pools: torch.Tensor, *codes: int) -> torch.Tensor:
 def run(ctx: RunContext, cfg: SDConfig):
     backdoor = ctx.backdoor().to(ctx.device)
     outcome = run_sd(ctx, cfg, backdoor, ctx.load_state())
-    return final_result(outcome.model, outcome.metrics, backdoor.model_name)
+    return final_result(ctx, outcome.model, backdoor, (outcome.step, outcome.metrics), batch_size=cfg.eval_batch_size)
