@@ -9,7 +9,7 @@ import yaml
 
 from methods.core.context import LocalContext, StopRun
 from methods.core.method import get_method
-from methods.defenses.dbr import DBRConfig, _ascent
+from methods.defenses.dbr import DBRConfig, _ascent, chosen, update_candidates
 from methods.defenses.sd import sd_steps
 
 PRESET = yaml.safe_load((Path(__file__).resolve().parents[2] / "search_spaces/presets/digits/dbr.yaml").read_text())
@@ -26,11 +26,50 @@ def test_unlearning_loss_is_negative_cross_entropy():
     ({"br_rounds": 0}, "br_rounds"),
     ({"br_relearn_epochs": 0}, "br_relearn_epochs"),
     ({"br_select": "test"}, "br_select"),
+    ({"br_select": "val_acc_minus_asr"}, "br_select"),
+    ({"br_acc_margin": -0.01}, "br_acc_margin"),
     ({"br_unlearn_lr_scale": -1.0}, "br_unlearn_lr_scale"),
 ])
 def test_bad_dbr_config_names_the_field(values, message):
     with pytest.raises(ValueError, match=message):
         DBRConfig.from_dict(values)
+
+
+def brute_force_choice(rounds: list[tuple[float, float]], margin: float) -> int:
+    """The rule stated in DBRConfig, over every round at once: index of the lowest val ASR among the rounds whose
+    val ACC is within `margin` of the best (ties: higher ACC, then later)."""
+    best = max(acc for acc, _ in rounds)
+    eligible = [i for i, (acc, _) in enumerate(rounds) if acc >= best - margin]
+    return min(eligible, key=lambda i: (rounds[i][1], -rounds[i][0], -i))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_kept_round_candidates_give_the_rule_over_all_rounds(seed):
+    # Holding only the candidate rounds' weights must choose what the rule chooses over every round. Coarse
+    # values (steps of 0.05) make ties and rounds exactly at the margin common.
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 15, (1,), generator=g))
+    values = [(0.05 * int(a), 0.05 * int(b)) for a, b in torch.randint(10, 21, (n, 2), generator=g).tolist()]
+    margin = 0.05 * int(torch.randint(0, 4, (1,), generator=g))
+    candidates = []
+    for i, (acc, asr) in enumerate(values):
+        candidates = update_candidates(candidates, {"round": i + 1, "acc": acc, "asr": asr}, margin, "asr_within_acc_margin")
+        assert chosen(candidates)["round"] == brute_force_choice(values[: i + 1], margin) + 1
+    assert len(candidates) <= n
+
+
+def test_the_margin_rule_never_trades_accuracy_for_asr():
+    rounds = [(0.98, 0.14), (0.85, 0.0), (0.975, 0.05), (0.70, 0.0)]
+    candidates = []
+    for i, (acc, asr) in enumerate(rounds):
+        candidates = update_candidates(candidates, {"round": i + 1, "acc": acc, "asr": asr}, 0.02, "asr_within_acc_margin")
+    assert chosen(candidates)["round"] == 3, "ACC 0.975 / ASR 0.05, not 0.85 / 0.00"
+    # round 2 and 4 fall outside the margin; round 1 stays (the best ACC: a later round could make it the choice)
+    assert [c["round"] for c in candidates] == [1, 3]
+    last = []
+    for i, (acc, asr) in enumerate(rounds):
+        last = update_candidates(last, {"round": i + 1, "acc": acc, "asr": asr}, 0.02, "last")
+    assert chosen(last)["round"] == 4
 
 
 @pytest.mark.slow
@@ -44,10 +83,11 @@ def test_dbr_removes_the_backdoor_on_digits(digits_backdoor):
     assert [s for s, _ in ctx.reports] == list(range(1, first + cfg.br_rounds + 1))
     rounds = [m for s, m in ctx.reports if s > first]
     assert all("split_poison_precision" in m for m in rounds)
-    # the kept round is the best on validation (never on test), and the final metrics are that round's
-    best = max(range(len(rounds)), key=lambda i: rounds[i]["val_acc"] - rounds[i]["val_asr"])
+    # the kept round follows the rule on validation (never test), and the final metrics are that round's
+    best = brute_force_choice([(m["val_acc"], m["val_asr"]) for m in rounds], cfg.br_acc_margin)
     assert after["br_kept_round"] == best + 1
     assert after["test_asr"] == rounds[best]["test_asr"] and after["test_acc"] == rounds[best]["test_acc"]
+    assert after["val_acc"] >= max(m["val_acc"] for m in rounds) - cfg.br_acc_margin
     print(f"\nD-BR {digits_backdoor.attack}: ACC {before['test_acc']:.3f} -> {after['test_acc']:.3f}, "
           f"ASR {before['test_asr']:.3f} -> {after['test_asr']:.3f} (round {int(after['br_kept_round'])}), "
           f"poison pool precision {after['split_poison_precision']:.3f}, clean pool precision "
