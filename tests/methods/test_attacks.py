@@ -1,4 +1,6 @@
-"""Attacks on real training: every attack runs, BadNets implants its backdoor, and runs resume bit-identically."""
+"""Attacks on real training: every attack runs, every registered attack implants its backdoor with its digits
+preset (on the seed the preset was chosen on and on one it never saw), BadNets all2all and a user trigger file
+work, the synthetic set is calibrated, and runs resume bit-identically."""
 from __future__ import annotations
 
 import time
@@ -11,7 +13,7 @@ from methods.core.context import LocalContext, StopRun
 from methods.core.method import get_method, method_names
 from methods.data.base import DataConfig, load_splits
 from methods.models.base import build_model
-from tests.conftest import backdoor_train_seconds, train_backdoor
+from tests.conftest import DIGITS_ATTACK, train_backdoor
 
 TINY = dict(dataset="digits", model="small_cnn", epochs=1, batch_size=64)
 
@@ -43,18 +45,6 @@ def test_every_model_runs_one_attack_step(name):
     assert backdoor.model_name == name and ctx.reports
 
 
-def test_badnets_all2one_on_digits_implants_the_backdoor():
-    backdoor = train_backdoor("badnets")
-    m = backdoor.metrics
-    print(f"badnets digits: {backdoor_train_seconds('badnets'):.1f}s, test_acc {m['test_acc']:.3f}, test_asr {m['test_asr']:.3f}")
-    assert m["test_acc"] >= 0.95 and m["test_asr"] >= 0.95
-
-
-def test_blend_all2one_on_digits_implants_the_backdoor():
-    m = train_backdoor("blend").metrics
-    assert m["test_acc"] >= 0.95 and m["test_asr"] >= 0.9
-
-
 def test_interrupted_attack_resumes_bit_identically():
     spec = get_method("badnets")
     cfg = spec.make_config(dict(TINY, epochs=4, batch_size=128))
@@ -83,13 +73,126 @@ def test_backdoor_round_trips_through_safetensors(tmp_path, badnets_backdoor):
     assert loaded.seeds == badnets_backdoor.seeds
 
 
-@pytest.mark.slow
-def test_synthetic_is_learnable_by_a_small_cnn():
-    from methods.attacks.badnets import BadNetsConfig
+# The short synthetic schedule of the slow tests: small_cnn, 8 epochs on 4,000 images.
+SYNTHETIC_DATA = DataConfig(synthetic_train=4000, synthetic_test=1000)
+SYNTHETIC_SCHEDULE = dict(epochs=8, lr=0.05)
+_SYNTHETIC: dict[tuple, Backdoor] = {}
 
-    spec = get_method("badnets")
-    ctx = LocalContext(data_config=DataConfig(synthetic_train=4000, synthetic_test=1000))
+
+def train_synthetic(name: str, **settings) -> Backdoor:
+    """conftest's cache trains on digits' data config; this one keeps synthetic models for the session."""
+    key = (name, tuple(sorted(settings.items())))
+    if key not in _SYNTHETIC:
+        spec = get_method(name)
+        _SYNTHETIC[key] = spec.run(LocalContext(data_config=SYNTHETIC_DATA), spec.make_config(settings))
+    return _SYNTHETIC[key]
+
+
+@pytest.mark.slow
+def test_synthetic_is_learnable_by_a_small_cnn_without_saturating():
     started = time.perf_counter()
-    backdoor = spec.run(ctx, BadNetsConfig(dataset="synthetic", poison_rate=0.0, epochs=8, lr=0.05))
-    print(f"synthetic clean training: {time.perf_counter() - started:.1f}s, test_acc {backdoor.metrics['test_acc']:.3f}")
-    assert backdoor.metrics["test_acc"] >= 0.9
+    settings = {**preset_settings("badnets", TUNED_SEED, dataset="synthetic", poison_rate=0.0), **SYNTHETIC_SCHEDULE}
+    backdoor = train_synthetic("badnets", **settings)
+    acc = backdoor.metrics["test_acc"]
+    print(f"synthetic clean training: {time.perf_counter() - started:.1f}s, test_acc {acc:.3f}")
+    # The default difficulty is calibrated to land here: well above chance (0.1), and far enough below 1.0 that
+    # the few points of accuracy a defense costs can be seen.
+    assert 0.80 <= acc <= 0.95
+
+
+# ------------------------------------------------------------------------------------------- the attack matrix
+# Presets were chosen on seed 0's validation split (each preset file says how); seed 3 never took part in
+# choosing, so passing on it shows the preset implants rather than fits one split.
+TUNED_SEED, UNSEEN_SEED = 0, 3
+MIN_ASR, MAX_ACC_DROP = 0.90, 0.02
+
+
+def preset_settings(name: str, seed: int, dataset: str = "digits", model: str = "small_cnn", **overrides) -> dict:
+    """The attack config `bdo attack NAME --seed SEED` would run (defaults, then the dataset's preset, then
+    `overrides`), reduced to the values that differ from the defaults plus the keys conftest's cache always
+    names, so identical runs share one trained model with the other tests. Digits needs a preset for every
+    attack (the paper's 100-epoch schedule is far too long there); synthetic has them only where needed."""
+    # The orchestrator's own resolver, so the test runs exactly what `bdo attack NAME` runs; a box with torch
+    # alone (make test-gpu) skips these tests instead of the whole module.
+    resolve = pytest.importorskip("orchestrator.resolve", reason="presets are resolved by the orchestrator package")
+    path = resolve.preset_path(dataset, name)
+    assert dataset != "digits" or path.is_file(), f"{name} has no digits preset ({path}); a new attack needs one"
+    full = resolve.resolve_attack_config(name, dataset, model, seed, overrides, use_preset=True)
+    defaults = get_method(name).config_cls().to_dict()
+    return {k: v for k, v in full.items() if k in DIGITS_ATTACK or v != defaults[k]}
+
+
+def assert_implants(name: str, m: dict, clean: dict, min_asr: float = MIN_ASR) -> None:
+    print(f"{name}: test_acc {m['test_acc']:.3f} (clean {clean['test_acc']:.3f}), test_asr {m['test_asr']:.3f}, "
+          f"poison_count {m['poison_count']:.0f}")
+    assert m["poison_count"] > 0
+    assert m["test_asr"] >= min_asr, f"{name}: test ASR {m['test_asr']:.3f} < {min_asr}"
+    assert m["test_acc"] >= clean["test_acc"] - MAX_ACC_DROP, (
+        f"{name}: test ACC {m['test_acc']:.3f} is more than {MAX_ACC_DROP} below clean training ({clean['test_acc']:.3f})")
+
+
+@pytest.mark.parametrize("seed", [TUNED_SEED, pytest.param(UNSEEN_SEED, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", method_names("attack"))
+def test_every_attack_implants_with_its_digits_preset(name, seed):
+    settings = preset_settings(name, seed)
+    backdoor = train_backdoor(name, **settings)
+    # Clean training is the same recipe (augmentation included) with nothing poisoned.
+    clean = train_backdoor(name, **{**settings, "poison_rate": 0.0})
+    assert clean.metrics["poison_count"] == 0
+    assert_implants(name, backdoor.metrics, clean.metrics)
+
+
+def test_badnets_all2all_on_digits():
+    settings = preset_settings("badnets", TUNED_SEED, label_mode="all2all")
+    m = train_backdoor("badnets", **settings).metrics
+    clean = train_backdoor("badnets", **{**settings, "poison_rate": 0.0}).metrics
+    # Every class moves to the next one through one trigger: harder than all2one (the paper's CIFAR figure is
+    # 88%), so the bar is 0.80.
+    assert_implants("badnets all2all", m, clean, min_asr=0.80)
+
+
+def test_blend_with_a_user_trigger_file(tmp_path):
+    from PIL import Image
+
+    from methods.attacks.triggers import blend
+
+    # A user's own pattern: diagonal stripes, saved as a PNG the attack must read, resize and blend in.
+    rows, cols = torch.meshgrid(torch.arange(24), torch.arange(24), indexing="ij")
+    stripes = (((rows + cols) // 3) % 2 * 255).to(torch.uint8)
+    path = tmp_path / "my_trigger.png"
+    Image.fromarray(stripes.numpy()).save(path)
+    settings = preset_settings("blend", TUNED_SEED, pattern="file", pattern_file=str(path))
+    backdoor = train_backdoor("blend", **settings)
+    data = backdoor.data
+    pattern = data.trigger.tensors["pattern"]
+    assert pattern.shape == (1, 16, 16) and len(pattern.unique()) > 2  # resized from 24 px, so grey edges
+    flags = data.poison_flags.cpu()
+    clean_x = load_splits("digits", backdoor.seeds["split_seed"]).x_train
+    assert torch.equal(data.x_train.cpu()[flags], blend(clean_x[flags], pattern, data.trigger.params["alpha"]))
+    clean = train_backdoor("blend", **{**preset_settings("blend", TUNED_SEED), "poison_rate": 0.0})
+    assert_implants("blend (file trigger)", backdoor.metrics, clean.metrics)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["badnets", "blend", "sig", "wanet"])
+def test_attack_implants_on_synthetic_with_small_cnn(name):
+    settings = {**preset_settings(name, TUNED_SEED, dataset="synthetic"), **SYNTHETIC_SCHEDULE}
+    backdoor = train_synthetic(name, **settings)
+    clean = train_synthetic(name, **{**settings, "poison_rate": 0.0})
+    assert_implants(f"{name} synthetic", backdoor.metrics, clean.metrics)
+
+
+def test_cl_reduced_amplitude_stamps_part_of_the_trigger_in_training_and_all_of_it_at_test():
+    spec = get_method("cl")
+    # eps 0: the hardening leaves the images as they are, so the stamped pixels can be computed exactly.
+    cfg = spec.make_config({**TINY, "clean_epochs": 1, "pgd_eps": 0.0, "pgd_steps": 0, "poison_rate": 0.5,
+                            "trigger_amplitude": 0.5})
+    backdoor = spec.run(LocalContext(data_config=DataConfig(train_limit=300)), cfg)
+    data, flags = backdoor.data, backdoor.data.poison_flags.cpu()
+    mask, pattern = data.trigger.tensors["mask"], data.trigger.tensors["pattern"]
+    original = load_splits("digits", backdoor.seeds["split_seed"], cfg=DataConfig(train_limit=300)).x_train[flags]
+    expected = torch.where(mask, (original.float() + 0.5 * (pattern.float() - original.float())).round(),
+                           original.float()).to(torch.uint8)
+    assert flags.any() and torch.equal(data.x_train.cpu()[flags], expected)
+    triggered, _, _ = data.backdoor_set("test")
+    assert (triggered[:, mask.expand_as(pattern)] == pattern[mask.expand_as(pattern)]).all()
