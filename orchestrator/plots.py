@@ -184,6 +184,36 @@ def confusion_png(path: Path, matrices: dict[str, np.ndarray]) -> None:
     plt.close(fig)
 
 
+def search_history_png(path: Path, values: Sequence[float], mode: str, metric: str) -> None:
+    """A sweep's objective per trial in the order the searcher proposed them, with the best so far."""
+    plt = _plt()
+    best, running = [], None
+    for v in values:
+        if not np.isnan(v):
+            running = v if running is None else (max(running, v) if mode == "max" else min(running, v))
+        best.append(np.nan if running is None else running)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(range(1, len(values) + 1), values, "o", color="tab:blue", label="trial")
+    ax.plot(range(1, len(values) + 1), best, "-", color="tab:red", label=f"best so far ({mode})")
+    ax.set(xlabel="trial (proposal order)", ylabel=metric, title="optimisation history")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def importance_png(path: Path, importances: dict[str, float], metric: str) -> None:
+    """How much of the objective's variation each searched parameter explains (fANOVA over the sweep's trials)."""
+    plt = _plt()
+    names = sorted(importances, key=importances.get)
+    fig, ax = plt.subplots(figsize=(5, 0.35 * len(names) + 1.2))
+    ax.barh(names, [importances[n] for n in names], color="tab:blue")
+    ax.set(xlabel=f"importance for {metric}", title="parameter importance")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def draw_handoffs(directory: Path, tables: dict[str, dict[str, Any]], series: dict[str, dict[str, list]], method: str) -> list[Path]:
     """The plots that come from methods' hand-offs: FCT / score histograms and ASD's pools."""
     out = []

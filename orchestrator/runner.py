@@ -374,6 +374,8 @@ def summarize(tracker: Tracker, plan: SweepPlan, sweep_run_id: str, grid) -> Swe
         if run.info.status == "RUNNING":
             tracker.end(run.info.run_id, "KILLED")
     log_trials_csv(tracker, sweep_run_id, out.trials, plan.space.metric)
+    if plan.searcher == "optuna":
+        log_search_plots(tracker, sweep_run_id, plan, out.trials)
     metric, mode = plan.space.metric, plan.space.mode
     ok = [t for t in out.trials if not t["error"]]
     scored = [t for t in ok if not math.isnan(_metric(t, metric))]
@@ -403,6 +405,48 @@ def summarize(tracker: Tracker, plan: SweepPlan, sweep_run_id: str, grid) -> Swe
             tracker.log_artifact(sweep_run_id, Path(d) / "pareto.json")
             tracker.log_artifact(sweep_run_id, plot_dir, "plots")
     return out
+
+
+def parameter_importances(plan: SweepPlan, trials: list[dict[str, Any]]) -> dict[str, float]:
+    """Optuna's fANOVA importances of the searched parameters, over the finished trials of any searcher."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    def distribution(d):
+        if d.kind in ("choice", "grid"):
+            return CategoricalDistribution(list(d.args))
+        if d.kind == "randint":
+            return IntDistribution(int(d.args[0]), int(d.args[1]) - 1)
+        return FloatDistribution(float(d.args[0]), float(d.args[1]), log=d.kind == "loguniform")
+
+    dists = {d.key: distribution(d) for d in plan.tuned}
+    study = optuna.create_study(direction="maximize" if plan.space.mode == "max" else "minimize")
+    for t in trials:
+        value = _metric(t, plan.space.metric)
+        if t["error"] or math.isnan(value):
+            continue
+        params = {k: t["config"][k] for k in dists if k in t["config"]}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params},
+                                                  value=value))
+    return dict(optuna.importance.get_param_importances(study))
+
+
+def log_search_plots(tracker: Tracker, sweep_run_id: str, plan: SweepPlan, trials: list[dict[str, Any]]) -> None:
+    """plots/search_history.png and plots/param_importance.png on an Optuna sweep's run."""
+    import tempfile
+
+    from orchestrator.plots import importance_png, search_history_png
+
+    ordered = sorted(trials, key=lambda t: str(t["trial_id"]))
+    values = [_metric(t, plan.space.metric) for t in ordered]
+    with tempfile.TemporaryDirectory() as d:
+        plot_dir = Path(d) / "plots"
+        plot_dir.mkdir()
+        search_history_png(plot_dir / "search_history.png", values, plan.space.mode, plan.space.metric)
+        if sum(not math.isnan(v) for v in values) >= 3 and plan.tuned:
+            logging.getLogger("optuna").setLevel(logging.WARNING)
+            importance_png(plot_dir / "param_importance.png", parameter_importances(plan, ordered), plan.space.metric)
+        tracker.log_artifact(sweep_run_id, plot_dir, "plots")
 
 
 def log_trials_csv(tracker: Tracker, sweep_run_id: str, trials: list[dict[str, Any]], metric: str) -> None:

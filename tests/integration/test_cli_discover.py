@@ -82,3 +82,12 @@ def test_dry_run_of_a_study(tmp_path, monkeypatch, capsys):
     assert out.startswith("study study: 2 attacks x 2 defenses x seeds [0, 1]")
     assert len(yaml.safe_load(out.split("\n", 1)[1])) == 4
     assert os.listdir(work) == []
+
+
+@pytest.mark.parametrize("study", sorted(p.name for p in (ROOT / "examples").glob("study-*.yaml")))
+def test_every_example_study_validates_without_its_data(study, tmp_path, monkeypatch, capsys):
+    """The paper-reproduction studies must stay valid as configs and spaces change, though CI has no CIFAR-10."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["study", str(ROOT / "examples" / study), "--dry-run", "--data-root", str(tmp_path / "none")]) == 0
+    assert capsys.readouterr().out.startswith("study ")
+    assert os.listdir(tmp_path) == []

@@ -74,6 +74,8 @@ def test_optuna_pareto_sweep_returns_a_front(ray_session, workdir, capsys):
     _, trials = runs(workdir, query="tags.role = 'trial'")
     marked = {t.info.run_id for t in trials if t.data.tags.get("pareto") == "true"}
     assert marked == {f["run_id"] for f in front}
+    drawn = {Path(a.path).name for a in client.list_artifacts(sweep.info.run_id, "plots")}
+    assert {"pareto.png", "search_history.png", "param_importance.png"} <= drawn, drawn
     points = [(t.data.metrics["val_acc"], t.data.metrics["val_asr"]) for t in trials]
     for f in front:  # nothing dominates a front member
         assert not any(a >= f["val_acc"] and s <= f["val_asr"] and (a > f["val_acc"] or s < f["val_asr"]) for a, s in points)
