@@ -75,15 +75,31 @@ def fault_hook(spec: str | None, trial_index: int | None) -> Any:
     return hook
 
 
+def reset_global_rngs(seed: int) -> None:
+    """Start every run from the same global random state, derived from its seed. A trial may run in a reused
+    actor, after other trials or beside them in the same process; anything a method draws from the global
+    generators (a new head's initial weights) must not depend on what ran there before."""
+    import random
+
+    from methods.core.training import derive_seed
+
+    value = derive_seed(int(seed), "global")
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+
+
 def run_method(spec: RunSpec, ctx: TrackedContext) -> Backdoor | DefenseResult:
     method = METHODS.get(spec.method)
     cfg = spec.method_config()
+    reset_global_rngs(spec.config.get("seed", 0) or 0)
     if not ctx.logs:
         result = method.run(ctx, cfg)
         ctx.flush()
         return result
     # which chip and which fast switches produced this run's numbers
-    ctx.tracker.set_tags(ctx.run_id, {"device": ctx.device.type,
+    # (the thread count too: float sums in another order can differ in the last bits between machines)
+    ctx.tracker.set_tags(ctx.run_id, {"device": ctx.device.type, "torch_threads": torch.get_num_threads(),
                                       "fast_path": json.dumps(ctx.fast.resolved(ctx.device), sort_keys=True)})
     with ctx.tracker.system_metrics(ctx.run_id, ctx.system_metrics):
         result = method.run(ctx, cfg)
