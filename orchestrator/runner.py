@@ -15,7 +15,6 @@ from orchestrator.errors import BadInput
 from orchestrator.execute import (
     base_tags,
     build_attack,
-    execute_attack,
     execute_defense,
 )
 from orchestrator.devices import ClusterShape, driver_device, pick_device, resolve_gpus
@@ -138,8 +137,10 @@ class ProgressPrinter:
 
     def __init__(self, label: str, total: int | None) -> None:
         self.label, self.total, self.started = label, total, time.perf_counter()
+        self.steps = 0
 
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        self.steps += 1
         shown = "  ".join(f"{k}={metrics[k]:.3f}" for k in ("val_acc", "val_asr", "test_acc", "test_asr") if k in metrics)
         total = f"/{self.total}" if self.total else ""
         bar = ""
@@ -158,20 +159,12 @@ def run_single(session: Session, spec: RunSpec, extra_tags: dict[str, str] | Non
     total = spec.config.get("epochs") if isinstance(spec.config.get("epochs"), int) else None
     progress = ProgressPrinter(spec.method, total)
     if spec.kind == "attack":
-        seeds = spec.attack_cfg().seeds()
-        run_id = tracker.start_run(f"attack-{spec.method}", {**base_tags(spec, role or "attack", seeds), **(extra_tags or {})}, parent_id)
-        tracker.log_params(run_id, spec.flat_params())
-        ctx = TrackedContext(device=device, run_id=run_id, tracker=tracker, reporter=Reporter(),
-                             data_root=session.data_root, download=session.download,
-                             data_config=spec.data_cfg(), fast=spec.fast_cfg(), on_report=progress,
-                             system_metrics=system_metrics_interval())
-        try:
-            metrics, _ = execute_attack(spec, ctx, tracker, run_id)
-        except BaseException:
-            tracker.end(run_id, "FAILED")
-            raise
-        tracker.end(run_id, "FINISHED")
-        return run_id, metrics
+        # through the attack cache, so a `bdo defend --attack` with the same settings reuses this model
+        backdoor, run_id, key = build_attack(spec, tracker, session.storage, session.data_root, session.download,
+                                             extra_tags=extra_tags, device=device, on_report=progress)
+        if progress.steps == 0:  # nothing trained: the same settings were built before
+            print(f"{spec.method}: the same attack is in the cache ({key}); its run is {run_id}")
+        return run_id, backdoor.metrics
     backdoor, attack_id, key = build_attack(spec, tracker, session.storage, session.data_root, session.download,
                                             device=device, on_report=ProgressPrinter(f"{spec.attack} (attack)", spec.attack_config.get("epochs")))
     seeds = backdoor.seeds

@@ -33,3 +33,14 @@ def test_a_cached_attack_is_recorded_in_a_new_store(workdir, mlflow_template, tm
     assert attack.data.metrics["test_asr"] == pytest.approx(built.data.metrics["test_asr"])
     assert {"config.yaml", "model"} <= {a.path for a in client.list_artifacts(attack.info.run_id)}
     assert len(list((storage / "attacks").iterdir())) == 1, "served from the cache, not trained again"
+
+
+def test_bdo_attack_fills_the_cache_that_defend_reuses(workdir, capsys):
+    assert main(["attack", "badnets", "--set", "epochs=2"]) == 0
+    assert main(["defend", "ft", "--attack", "badnets", "--set", "attack.epochs=2", "--set", "epochs=1"]) == 0
+    assert main(["attack", "badnets", "--set", "epochs=2"]) == 0
+    assert "the same attack is in the cache" in capsys.readouterr().out
+    _, all_runs = runs(workdir)
+    (attack,) = [r for r in all_runs if r.data.tags["role"] == "attack"]
+    (defense,) = [r for r in all_runs if r.data.tags["role"] == "defense"]
+    assert defense.data.tags["attack_run_id"] == attack.info.run_id, "defend reused the model bdo attack trained"
