@@ -4,14 +4,26 @@ Mu, Niu, Wang, Chen, "Progressive Backdoor Erasing via connecting Backdoor and A
 (methods.md section 4.4, Algorithm 1 of the paper). The infected model's logits on every (poisoned) training image
 are recorded once. Starting from a random `init_fraction` of the training set, each progressive step fine-tunes
 on the trusted subset (step 0 entirely on PGD examples, later steps only on the first `later_adv_batches`
-batches of their first epoch), then scores every training image by how little its logits moved,
-0.5 + 0.5 cos(z_0, z_s); the top `top_rates[s]` fraction becomes the next trusted subset. Poisoned images leave
-the target class as the backdoor is erased, so their similarity drops and they stay out of the subset.
+batches of their first epoch), then scores every training image by how little its prediction moved (`similarity`;
+the code's 0.5 + 0.5 cos(z_0, z_s) of raw logits by default); the top `top_rates[s]` fraction becomes the next
+trusted subset. Poisoned images leave the target class as the backdoor is erased, so their similarity drops and
+they stay out of the subset.
 
-Reports: `step` counts epochs across progressive steps (step s, epoch e -> s * epochs_per_step + e). Every report
-carries the split metrics of the subset being trained on (trusted = clean pool, the rest = uncertain pool, so
-pool_clean_poisoned_frac is the poisoned fraction of the trusted subset) and, once a re-scoring exists, the
-AUROC of its scores. The hand-off score is 1 - similarity, so higher means more suspicious.
+Step 0 decides the run. If it does not erase the trigger, the poisoned images keep their saturated target logits,
+rank as the least moved, fill the next trusted subset, and the later steps re-implant the backdoor (digits
+BadNets, seeds 1-5, with a 16/255 radius: 4 of 5 runs kept ASR 1.0; on a CIFAR-shaped run the first re-selection
+held more poison than the training set). So here step 0 can be made stronger (`step0_adv_eps`) and is checked on the
+validation split: when its val ASR is above `step0_max_val_asr`, it is rerun from the infected model on a new
+random draw with a radius `retry_eps_scale` times larger, at most `step0_retries` times. The defaults (no check,
+no rerun, the same radius) are the paper's.
+
+Reports: `step` counts epochs across every attempt of step 0 and the later steps (E = epochs_per_step; after a
+failed attempts, step s epoch e is (a + s) * E + e). Every report carries `pbe_step` and `pbe_attempt` and the
+split metrics of the subset being trained on (trusted = clean pool, the rest = uncertain pool, so
+pool_clean_poisoned_frac is the true poisoned fraction of the subset trained on) and, once a re-scoring exists, the
+AUROC of its scores; the last epoch of a step adds `pbe_next_poisoned_frac`, the true poisoned fraction of the
+subset it selects (or draws anew after a failed step 0), and step 0 adds `pbe_step0_failed`. The true flags are
+only reported, never used. The hand-off score is 1 - similarity, so higher means more suspicious.
 
 Deviations from the official code (github.com/John-niu-07/BPE), following methods.md:
 - PGD with random start and [0, 1] clamping (REC), as in AFT; the flags restore the original loop.
@@ -19,17 +31,21 @@ Deviations from the official code (github.com/John-niu-07/BPE), following method
   re-scoring only produces the final scores.
 - With top_rates None, the rates are a linear ramp top_rate_first .. top_rate_last over the n_steps - 1
   re-selections (methods.md's parametrisation for sweeps, so n_steps can vary); the code's list is the default.
-- The optimizer and its momentum carry across steps as in the code; `reset_optimizer_each_step` resets them.
+- The optimizer and its momentum carry across steps as in the code; `reset_optimizer_each_step` resets them. A
+  rerun of step 0 always starts afresh (infected weights, no momentum).
+- The step-0 check and reruns above, and methods.md's other similarity measures (KL of the softmax, argmax
+  agreement) as `similarity` choices.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from methods.core.config import listed, ranged
+from methods.core.config import choice, listed, ranged
 from methods.core.context import RunContext
 from methods.core.method import register_method
 from methods.core.metrics import POOL_CLEAN, POOL_UNCERTAIN, split_metrics
@@ -42,7 +58,11 @@ from methods.core.training import (
     sgd,
 )
 from methods.defenses.aft import AdversarialFinetuneConfig, adversarial_finetune_epoch
-from methods.defenses.common import DefenseResult, evaluate_with_der, final_result, hand_off_scores, report_eval
+from methods.defenses.common import DefenseResult, evaluate_with_der, final_result, hand_off_scores
+
+
+SIMILARITIES = ("cosine_logits", "kl_softmax", "argmax")
+ARGMAX_TIE_WEIGHT = 1e-3
 
 
 @dataclass
@@ -56,6 +76,35 @@ class PBEConfig(AdversarialFinetuneConfig):
     top_rate_last: float = ranged(0.7, 0.0, 1.0, "... rising linearly to this rate after step n_steps - 2")
     later_adv_batches: Optional[int] = ranged(31, 0, None, "adversarial batches of the first epoch of steps >= 1 (None: all)")
     reset_optimizer_each_step: bool = False
+    # How unchanged a training image's prediction is after a step, in [0, 1] (1 = unchanged); the most unchanged
+    # images form the next trusted subset. cosine_logits: 0.5 + 0.5 cos of the raw logits (the code);
+    # kl_softmax: exp(-KL(softmax before || softmax after)); argmax: 1 if the predicted class is unchanged, else
+    # 0, plus 1e-3 x the cosine measure so that images within a group are ranked by how far they moved rather
+    # than by their index.
+    similarity: str = choice("cosine_logits", SIMILARITIES, "how unchanged a prediction is (see above)")
+    # The code ranks all images together. Once step 0 has moved the model, whole classes can move more than the
+    # rest and drop out of the trusted subset; the later steps then forget them (digits BadNets: two digits had
+    # no trusted image after the first re-selection and fell to 0.26 / 0.36 val ACC). select_per_label takes the
+    # same number of images from every dataset label (label_quotas), each label's most similar ones. Not the
+    # same fraction of every label: under all2one the target's label also holds all the poisoned images, and
+    # 70% of it would have to take some of them.
+    select_per_label: bool = False
+    # Step 0 decides the run (module docstring). Its PGD radius may differ from the later steps', and it is
+    # checked on the validation split: failed = val ASR above step0_max_val_asr after it. A failed step 0 is
+    # rerun (at most step0_retries times) from the infected model on a new random draw, each rerun's radius
+    # retry_eps_scale times the previous one. Without reruns left the run continues from the failed step.
+    step0_adv_eps: Optional[float] = ranged(None, 0.0, 1.0, "PGD radius of step 0 (None: adv_eps)")
+    step0_retries: int = ranged(0, 0, 100, "reruns of a step 0 that failed on validation (0: the paper, none)")
+    step0_max_val_asr: float = ranged(0.2, 0.0, 1.0, "step 0 failed when its val ASR is above this")
+    retry_eps_scale: float = ranged(1.5, 1.0, 100.0, "radius of a rerun of step 0 / radius of the attempt before")
+
+    def step0_config(self, attempt: int) -> "PBEConfig":
+        """The PGD settings of step 0's attempt `attempt` (0 = the first): its radius, and the step size scaled
+        with it so that the PGD iterations still cover the ball."""
+        eps = min(1.0, (self.adv_eps if self.step0_adv_eps is None else self.step0_adv_eps)
+                  * self.retry_eps_scale ** attempt)
+        size = self.step_size() * eps / self.adv_eps if self.adv_eps > 0 else eps / 5
+        return dataclasses.replace(self, adv_eps=eps, adv_step_size=min(1.0, size))
 
     def rates(self) -> list[float]:
         """The trusted fraction chosen after each step but the last (n_steps - 1 values)."""
@@ -86,11 +135,43 @@ def logit_similarity(reference: torch.Tensor, current: torch.Tensor) -> torch.Te
     return 0.5 + 0.5 * F.cosine_similarity(reference, current, dim=1)
 
 
-def top_fraction_mask(similarity: torch.Tensor, rate: float) -> torch.Tensor:
-    """The trusted subset: the round(rate x N) most similar samples (at least one); ties keep the lower index."""
+def prediction_similarity(reference: torch.Tensor, current: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per row, how unchanged the prediction is, in [0, 1] (PBEConfig.similarity says what each kind is)."""
+    if kind == "cosine_logits":
+        return logit_similarity(reference, current)
+    if kind == "kl_softmax":
+        log_p, log_q = F.log_softmax(reference, dim=1), F.log_softmax(current, dim=1)
+        return torch.exp(-(log_p.exp() * (log_p - log_q)).sum(dim=1).clamp(min=0.0))
+    if kind == "argmax":
+        agree = (reference.argmax(dim=1) == current.argmax(dim=1)).float()
+        return (1 - ARGMAX_TIE_WEIGHT) * agree + ARGMAX_TIE_WEIGHT * logit_similarity(reference, current)
+    raise ValueError(f"similarity: unknown kind {kind!r}; expected one of {SIMILARITIES}")
+
+
+def label_quotas(sizes: list[int], total: int) -> list[int]:
+    """How many of each label's images to take so that `total` are taken as evenly as the labels allow: every
+    label the same count, a label with fewer images all of them and the rest spread over the larger ones."""
+    quotas = [0] * len(sizes)
+    left = total
+    order = sorted(range(len(sizes)), key=lambda i: sizes[i])
+    for position, i in enumerate(order):
+        quotas[i] = min(sizes[i], int(round(left / (len(sizes) - position))))
+        left -= quotas[i]
+    return quotas
+
+
+def top_fraction_mask(similarity: torch.Tensor, rate: float, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The trusted subset: the round(rate x N) most similar samples (at least one); ties keep the lower index.
+    With `labels`, as many from every label as label_quotas gives, each label's most similar ones."""
     count = max(1, int(round(rate * len(similarity))))
-    order = torch.argsort(similarity, descending=True, stable=True)
     mask = torch.zeros(len(similarity), dtype=torch.bool, device=similarity.device)
+    if labels is not None:
+        groups = [torch.nonzero(labels == label).flatten() for label in torch.unique(labels)]
+        for members, quota in zip(groups, label_quotas([len(m) for m in groups], count)):
+            order = torch.argsort(similarity[members], descending=True, stable=True)
+            mask[members[order[:quota]]] = True
+        return mask
+    order = torch.argsort(similarity, descending=True, stable=True)
     mask[order[:count]] = True
     return mask
 
@@ -104,6 +185,11 @@ def random_mask(n: int, fraction: float, seed: int, device: torch.device) -> tor
 
 def trusted_pools(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, POOL_CLEAN, POOL_UNCERTAIN)
+
+
+def poisoned_fraction(mask: torch.Tensor, flags: torch.Tensor) -> float:
+    """The true poisoned fraction of a subset (reported only)."""
+    return flags[mask].float().mean().item() if bool(mask.any()) else float("nan")
 
 
 @register_method("pbe", kind="defense", config=PBEConfig, splits_samples=True)
@@ -122,20 +208,23 @@ def run(ctx: RunContext, cfg: PBEConfig) -> DefenseResult:
     models, opts, gens = {"model": model}, {"opt": optimizer}, {"train": g_train, "pgd": g_pgd}
     trusted = random_mask(n, cfg.init_fraction, derive_seed(cfg.seed, "pbe_init"), ctx.device)
     similarity: Optional[torch.Tensor] = None
-    start = 0
+    start, attempt = 0, 0  # attempt: how many times step 0 failed and was rerun so far
     state = ctx.load_state()
     if state is not None:
         start = restore_full_state(state, models, opts, {}, gens)
         trusted = state["extra"]["trusted"].to(ctx.device)
         saved = state["extra"]["similarity"]
         similarity = None if saved is None else saved.to(ctx.device)
+        attempt = int(state["extra"].get("attempt", 0))
     wrapped = ctx.wrap_model(model)
     ctx.progress(f"pbe: {n} training images, {int(trusted.sum())} trusted at start, rates {rates}")
 
-    metrics: dict[str, float] = {}
-    total = cfg.n_steps * cfg.epochs_per_step
-    for step in range(start + 1, total + 1):
-        stage, epoch = divmod(step - 1, cfg.epochs_per_step)
+    last: tuple[int, dict[str, float]] = (start, {})
+    per = cfg.epochs_per_step
+    step = start
+    while step < (cfg.n_steps + attempt) * per:  # every rerun of step 0 adds a step's epochs
+        step += 1
+        stage, epoch = divmod(step - 1 - attempt * per, per)
         epoch += 1
         if epoch == 1 and stage > 0 and cfg.reset_optimizer_each_step:
             optimizer.state.clear()
@@ -146,23 +235,46 @@ def run(ctx: RunContext, cfg: PBEConfig) -> DefenseResult:
         else:
             adv_batches = 0
         idx = torch.nonzero(trusted).flatten()
-        loss = adversarial_finetune_epoch(wrapped, optimizer, data.x_train[idx], data.y_train[idx], cfg, data.info,
+        loss = adversarial_finetune_epoch(wrapped, optimizer, data.x_train[idx], data.y_train[idx],
+                                          cfg.step0_config(attempt) if stage == 0 else cfg, data.info,
                                           g_train, g_pgd, adv_batches, ctx.rank, ctx.world_size)
         trained_on = trusted
-        if epoch == cfg.epochs_per_step:
-            similarity = logit_similarity(reference, predict_logits(model, data.x_train, cfg.eval_batch_size))
-            if stage < cfg.n_steps - 1:
-                trusted = top_fraction_mask(similarity, rates[stage])
-        split = split_metrics(trusted_pools(trained_on), data.poison_flags,
-                              None if similarity is None else 1.0 - similarity)
-        metrics = report_eval(ctx, model, backdoor, step,
-                              {"train_loss": loss.item(), "pbe_step": float(stage), **split}, cfg.eval_batch_size)
-        ctx.save_state(full_state(step, models, opts, {}, gens,
-                                  extra={"trusted": trusted.cpu(),
-                                         "similarity": None if similarity is None else similarity.cpu()}))
+        metrics = evaluate_with_der(model, backdoor, cfg.eval_batch_size)
+        extra: dict[str, float] = {"train_loss": loss.item(), "pbe_step": float(stage), "pbe_attempt": float(attempt)}
+        if epoch == per:
+            similarity = prediction_similarity(reference, predict_logits(model, data.x_train, cfg.eval_batch_size),
+                                               cfg.similarity)
+            split = split_metrics(trusted_pools(trained_on), data.poison_flags, 1.0 - similarity)
+            failed = stage == 0 and metrics["val_asr"] > cfg.step0_max_val_asr
+            if stage == 0:
+                extra["pbe_step0_failed"] = float(failed)
+            if failed and attempt < cfg.step0_retries:
+                attempt += 1
+                ctx.progress(f"pbe: step 0 failed on validation (val ASR {metrics['val_asr']:.3f} > "
+                             f"{cfg.step0_max_val_asr}); rerun {attempt} of {cfg.step0_retries} from the infected "
+                             f"model, new draw, PGD radius {cfg.step0_config(attempt).adv_eps:.4f}")
+                model.load_state_dict(backdoor.model_state)
+                optimizer.state.clear()
+                trusted = random_mask(n, cfg.init_fraction, derive_seed(cfg.seed, f"pbe_init_{attempt}"), ctx.device)
+                similarity = None
+            else:
+                if failed:
+                    ctx.progress(f"pbe: step 0 failed on validation (val ASR {metrics['val_asr']:.3f} > "
+                                 f"{cfg.step0_max_val_asr}) and no rerun is left; continuing")
+                if stage < cfg.n_steps - 1:
+                    trusted = top_fraction_mask(similarity, rates[stage],
+                                                data.y_train if cfg.select_per_label else None)
+            extra["pbe_next_poisoned_frac"] = poisoned_fraction(trusted, data.poison_flags)
+        else:
+            split = split_metrics(trusted_pools(trained_on), data.poison_flags,
+                                  None if similarity is None else 1.0 - similarity)
+        metrics.update({**extra, **split})
+        ctx.report(metrics, step=step)
+        last = (step, metrics)
+        ctx.save_state(full_state(step, models, opts, {}, gens, extra={
+            "trusted": trusted.cpu(), "similarity": None if similarity is None else similarity.cpu(),
+            "attempt": attempt}))
 
     assert similarity is not None, "the last epoch of every step re-scores"
     final_split = hand_off_scores(ctx, backdoor, 1.0 - similarity, trusted_pools(trusted))
-    if not metrics:  # resumed after the last step
-        metrics = evaluate_with_der(model, backdoor, cfg.eval_batch_size)
-    return final_result(model, {**metrics, **final_split}, backdoor.model_name)
+    return final_result(ctx, model, backdoor, last, final_split, batch_size=cfg.eval_batch_size)

@@ -12,13 +12,17 @@ import yaml
 from methods.core.context import LocalContext, StopRun
 from methods.core.metrics import POOL_CLEAN, POOL_UNCERTAIN
 from methods.core.method import get_method
+from methods.core.training import derive_seed
 from methods.defenses.pbe import (
     PBEConfig,
     logit_similarity,
+    prediction_similarity,
     random_mask,
     top_fraction_mask,
+    label_quotas,
     trusted_pools,
 )
+from tests.conftest import train_backdoor
 
 PRESET = yaml.safe_load((Path(__file__).resolve().parents[2] / "search_spaces/presets/digits/pbe.yaml").read_text())
 SPLIT_KEYS = {"split_clean_precision", "split_clean_recall", "pool_clean_size", "pool_clean_poisoned_frac"}
@@ -53,15 +57,93 @@ def test_pbe_without_clean_data_removes_the_backdoor_and_filters_the_poison(digi
     assert after["test_acc"] >= before["test_acc"] - 0.03
     assert trusted_frac < 0.5 * actual
 
-    assert [s for s, _ in ctx.reports] == list(range(1, cfg.n_steps * cfg.epochs_per_step + 1))
+    reruns = int(after["pbe_attempt"])
+    assert [s for s, _ in ctx.reports] == list(range(1, (cfg.n_steps + reruns) * cfg.epochs_per_step + 1))
     assert all(SPLIT_KEYS <= set(m) for _, m in ctx.reports)
     n = len(digits_backdoor.data.y_train)
     sizes = [int(m["pool_clean_size"]) for s, m in ctx.reports if s % cfg.epochs_per_step == 1]
-    assert sizes == [round(cfg.init_fraction * n)] + [round(r * n) for r in cfg.rates()]
+    assert sizes == [round(cfg.init_fraction * n)] * (reruns + 1) + [round(r * n) for r in cfg.rates()]
     scores = ctx.hand_offs["scores"]
     assert len(scores["score"]) == n and set(scores["pool"]) == {"clean", "uncertain"}
     assert (scores["pool"] == "clean").sum() == after["pool_clean_size"]
     assert after["split_auroc"] > 0.5, "poisoned images score higher (1 - similarity)"
+
+
+def test_other_similarity_measures_rank_moved_predictions_lower():
+    ref = torch.tensor([[4.0, 0.0, 0.0], [4.0, 0.0, 0.0], [4.0, 0.0, 0.0], [0.0, 3.0, 0.0]])
+    cur = torch.tensor([[4.0, 0.0, 0.0], [3.0, 1.0, 0.0], [0.0, 4.0, 0.0], [0.0, 3.0, 0.0]])
+    kl = prediction_similarity(ref, cur, "kl_softmax")
+    assert kl[0].item() == pytest.approx(1.0) and kl[3].item() == pytest.approx(1.0)
+    assert 1.0 > kl[1].item() > kl[2].item() > 0.0
+    p, q = torch.softmax(ref[1], 0), torch.softmax(cur[1], 0)
+    assert kl[1].item() == pytest.approx(torch.exp(-(p * (p / q).log()).sum()).item())
+    am = prediction_similarity(ref, cur, "argmax")
+    assert am[2].item() < 0.01 < 0.99 < am[1].item() < am[0].item(), "agreement first, then how far the logits moved"
+    assert torch.equal(prediction_similarity(ref, cur, "cosine_logits"), logit_similarity(ref, cur))
+    for kind in ("cosine_logits", "kl_softmax", "argmax"):
+        sim = prediction_similarity(ref, cur, kind)
+        assert ((sim >= 0) & (sim <= 1)).all(), kind
+
+
+def test_step0_radius_and_its_reruns():
+    cfg = PBEConfig(adv_eps=0.04, adv_step_size=0.01, step0_adv_eps=0.08, retry_eps_scale=1.5)
+    first, second = cfg.step0_config(0), cfg.step0_config(1)
+    assert first.adv_eps == pytest.approx(0.08) and first.step_size() == pytest.approx(0.02), "step scales with eps"
+    assert second.adv_eps == pytest.approx(0.12) and second.step_size() == pytest.approx(0.03)
+    assert PBEConfig(adv_eps=0.04).step0_config(0).adv_eps == pytest.approx(0.04), "default: the later steps' radius"
+    assert cfg.adv_eps == 0.04, "the later steps keep theirs"
+
+
+def test_a_step0_that_fails_on_validation_is_rerun_from_the_infected_model(badnets_backdoor):
+    # A threshold of 0 fails any step 0 whose val ASR is not exactly 0, as this tiny one's is not.
+    values = dict(TINY, step0_retries=1, step0_max_val_asr=0.0)
+    ctx, result = run_pbe(badnets_backdoor, **values)
+    cfg = PBEConfig.from_dict({**PRESET, **values})
+    per = cfg.epochs_per_step
+    reports = dict(ctx.reports)
+    assert list(reports) == list(range(1, (cfg.n_steps + 1) * per + 1)), "one extra step 0"
+    assert reports[per]["val_asr"] > 0 and reports[per]["pbe_step0_failed"] == 1.0
+    assert [reports[s]["pbe_attempt"] for s in reports] == [0.0] * per + [1.0] * (cfg.n_steps * per)
+    assert [reports[s]["pbe_step"] for s in reports] == [0.0] * (2 * per) + [1.0] * per
+    flags = badnets_backdoor.data.poison_flags
+    n = len(flags)
+    redraw = random_mask(n, cfg.init_fraction, derive_seed(cfg.seed, "pbe_init_1"), torch.device("cpu"))
+    assert not torch.equal(redraw, random_mask(n, cfg.init_fraction, derive_seed(cfg.seed, "pbe_init"), torch.device("cpu")))
+    assert reports[per]["pbe_next_poisoned_frac"] == pytest.approx(flags[redraw].float().mean().item())
+    assert reports[per + 1]["pool_clean_poisoned_frac"] == pytest.approx(flags[redraw].float().mean().item())
+    assert "split_auroc" not in reports[per + 1], "the failed attempt's scores are dropped"
+    # no rerun left: the second step 0 (still failing at threshold 0) continues to the re-selection
+    assert reports[2 * per]["pbe_step0_failed"] == 1.0 and "pbe_step0_failed" not in reports[3 * per]
+    # with a bar the tiny step 0 clears, nothing is rerun
+    ctx_ok, _ = run_pbe(badnets_backdoor, **dict(values, step0_max_val_asr=1.0))
+    assert [s for s, _ in ctx_ok.reports] == list(range(1, cfg.n_steps * per + 1))
+    assert dict(ctx_ok.reports)[per]["pbe_step0_failed"] == 0.0
+
+
+def pbe_outcome(attack: str, seed: int) -> tuple[dict, dict, bool]:
+    """(before, after, passed) of the preset on `attack` trained with `seed`, PBE run with the same seed."""
+    backdoor = train_backdoor(attack, seed=seed)
+    _, result = run_pbe(backdoor, seed=seed)
+    before, after = backdoor.metrics, result.metrics
+    passed = after["test_asr"] <= 0.10 and after["test_acc"] >= before["test_acc"] - 0.03
+    print(f"\npbe {attack} seed {seed}: test ACC {before['test_acc']:.3f} -> {after['test_acc']:.3f}, ASR "
+          f"{before['test_asr']:.3f} -> {after['test_asr']:.3f}, step 0 reruns {int(after['pbe_attempt'])}")
+    return before, after, passed
+
+
+@pytest.mark.slow
+def test_pbe_does_not_depend_on_its_first_draw():
+    # The digits preset was tuned on validation on these seeds (see its comments), where the earlier preset
+    # failed on 4 of 5; the bar is the robustness bar (ASR <= 0.10, at most 3 points of ACC lost) on 4 of 5.
+    passed = [pbe_outcome("badnets", seed)[2] for seed in range(1, 6)]
+    assert sum(passed) >= 4, passed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attack", ["trojan", "blend"])
+def test_pbe_keeps_accuracy_on_a_seed_no_preset_uses(attack):
+    before, after, passed = pbe_outcome(attack, 23)
+    assert passed, (before, after)
 
 
 def test_similarity_is_half_plus_half_cosine_of_raw_logits():
@@ -84,6 +166,17 @@ def test_the_trusted_subset_is_the_most_similar_fraction():
     assert pools[mask].eq(POOL_CLEAN).all() and pools[~mask].eq(POOL_UNCERTAIN).all()
 
 
+def test_per_label_selection_takes_even_counts_of_each_labels_most_similar():
+    assert label_quotas([10, 10, 10], 15) == [5, 5, 5]
+    assert label_quotas([2, 50, 50], 40) == [2, 19, 19], "a small label gives all it has, the rest is spread"
+    assert label_quotas([118, 114, 231], 300) == [100, 100, 100], "the target's label (poison included) no more"
+    assert sum(label_quotas([3, 7, 40, 9], 50)) == 50
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    sim = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.9, 0.8, 0.7, 0.6])
+    assert top_fraction_mask(sim, 0.5).tolist() == [False] * 4 + [True] * 4, "globally, label 1 takes everything"
+    assert top_fraction_mask(sim, 0.5, labels).tolist() == [False, False, True, True, True, True, False, False]
+
+
 def test_random_initial_subset_is_seeded():
     a = random_mask(1000, 0.05, 7, torch.device("cpu"))
     assert a.sum() == 50 and torch.equal(a, random_mask(1000, 0.05, 7, torch.device("cpu")))
@@ -103,16 +196,19 @@ def test_top_rates_list_or_linear_ramp():
 TINY = dict(n_steps=2, epochs_per_step=2, top_rates=[0.3], init_fraction=0.1, adv_steps=1, adv_step_size=None)
 
 
-@pytest.mark.parametrize("stop", [2, 3])
-def test_interrupted_pbe_resumes_bit_identically(badnets_backdoor, stop):
-    straight_ctx, straight = run_pbe(badnets_backdoor, **TINY)
+RERUN = dict(TINY, step0_retries=1, step0_max_val_asr=0.0)
+
+
+@pytest.mark.parametrize("stop, values", [(2, TINY), (3, TINY), (2, RERUN), (3, RERUN)])
+def test_interrupted_pbe_resumes_bit_identically(badnets_backdoor, stop, values):
+    straight_ctx, straight = run_pbe(badnets_backdoor, **values)
     interrupted = LocalContext(backdoor_provider=lambda: badnets_backdoor, stop_after_step=stop)
     spec = get_method("pbe")
     with pytest.raises(StopRun):
-        spec.run(interrupted, spec.make_config({**PRESET, **TINY}))
+        spec.run(interrupted, spec.make_config({**PRESET, **values}))
     assert [s for s, _ in interrupted.reports] == list(range(1, stop + 1))
-    resumed_ctx, resumed = run_pbe(badnets_backdoor, checkpoint=interrupted.checkpoint, **TINY)
-    assert [s for s, _ in resumed_ctx.reports] == list(range(stop + 1, 5))
+    resumed_ctx, resumed = run_pbe(badnets_backdoor, checkpoint=interrupted.checkpoint, **values)
+    assert [s for s, _ in resumed_ctx.reports] == list(range(stop + 1, straight_ctx.reports[-1][0] + 1))
     for key, value in straight.model_state.items():
         assert torch.equal(value, resumed.model_state[key]), key
     for column in ("score", "pool"):
@@ -138,6 +234,11 @@ def test_resetting_the_optimizer_between_steps_changes_training(badnets_backdoor
         ({"later_adv_batches": -1}, "later_adv_batches"),
         ({"epochs_per_step": 0}, "epochs_per_step"),
         ({"adv_eps": -0.1}, "adv_eps"),
+        ({"similarity": "l2"}, "similarity"),
+        ({"step0_adv_eps": 1.5}, "step0_adv_eps"),
+        ({"step0_retries": -1}, "step0_retries"),
+        ({"step0_max_val_asr": 1.1}, "step0_max_val_asr"),
+        ({"retry_eps_scale": 0.5}, "retry_eps_scale"),
     ],
 )
 def test_bad_config_values_name_the_field(values, field):
