@@ -229,9 +229,15 @@ def cmd_defend(args) -> int:
                        args.model or (attack_base or {}).get("model", "small_cnn"), args.seed, attack, sets=sets,
                        attack_base=attack_base, data_base=data_base, use_preset=not args.no_preset and not args.attack_run)
     check_data(spec, session)
+    given = None
+    if args.attack_run:
+        from orchestrator.execute import attack_of_run
+
+        backdoor, key = attack_of_run(session.open_tracker(), args.attack_run, session.storage)
+        given = (backdoor, key, args.attack_run)
     if args.dry_run:
         return _print_run_plan(spec)
-    run_id, metrics = run_single(session, spec, attack_run_id=args.attack_run)
+    run_id, metrics = run_single(session, spec, given_attack=given)
     print(f"defense run {run_id}: test_acc={metrics.get('test_acc', float('nan')):.3f} "
           f"test_asr={metrics.get('test_asr', float('nan')):.3f} test_der={metrics.get('test_der', float('nan')):.3f}")
     return 0
@@ -363,6 +369,8 @@ COMMANDS = {"list": cmd_list, "describe": cmd_describe, "attack": cmd_attack, "d
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # MLflow draws a progress bar on stderr for every artifact it downloads, even a few-byte config.yaml
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)

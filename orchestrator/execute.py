@@ -248,6 +248,33 @@ def build_attack(spec: RunSpec, tracker: Tracker, storage: Path, data_root: Path
     return backdoor, run_id, key
 
 
+def attack_of_run(tracker: Tracker, run_id: str, storage: Path) -> tuple[Backdoor, str]:
+    """The backdoored model and poisoned data of attack run `run_id`: the attack cache entry named by its
+    `attack_cache_key` tag, used only if its weights are the run's own (model/model.safetensors, compared by
+    digest). Anything else is bad input, so a defense never runs under an attack id it did not use."""
+    from safetensors.torch import load_file
+
+    from orchestrator.errors import BadInput
+
+    run = tracker.client.get_run(run_id)
+    key = run.data.tags.get("attack_cache_key", "")
+    backdoor = AttackCache(storage).load(key) if key else None
+    where = f"--attack-run {run_id}"
+    if backdoor is None:
+        raise BadInput(f"{where}: its attack is not in the attack cache at {storage} (key {key or 'unrecorded'}); pass "
+                       "the --storage it was built with, or use --attack NAME to train one")
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            path = tracker.client.download_artifacts(run_id, "model/model.safetensors", d)
+        except Exception:
+            raise BadInput(f"{where}: the run has no model/model.safetensors artifact to check the cache against") from None
+        logged = weights_digest(load_file(path))
+    if logged != weights_digest(backdoor.model_state):
+        raise BadInput(f"{where}: the cache entry {key} holds other weights than the run logged; it was rebuilt "
+                       "since, so that run's model is gone")
+    return backdoor, key
+
+
 def restore_attack_run(tracker: Tracker, spec: RunSpec, backdoor: Backdoor, key: str, built_by: str,
                        extra_tags: dict[str, str] | None) -> str:
     """The cache served an attack that this tracking store has never seen (a new store over shared storage):

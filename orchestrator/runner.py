@@ -151,7 +151,7 @@ class ProgressPrinter:
 
 
 def run_single(session: Session, spec: RunSpec, extra_tags: dict[str, str] | None = None,
-               attack_run_id: str | None = None, role: str | None = None, parent_id: str | None = None,
+               given_attack: tuple | None = None, role: str | None = None, parent_id: str | None = None,
                device=None) -> tuple[str, dict[str, float]]:
     """`bdo attack` / `bdo defend`: one top-level run, trained in this process (on `device`, else the default)."""
     tracker = session.open_tracker()
@@ -165,10 +165,14 @@ def run_single(session: Session, spec: RunSpec, extra_tags: dict[str, str] | Non
         if progress.steps == 0:  # nothing trained: the same settings were built before
             print(f"{spec.method}: the same attack is in the cache ({key}); its run is {run_id}")
         return run_id, backdoor.metrics
-    backdoor, attack_id, key = build_attack(spec, tracker, session.storage, session.data_root, session.download,
-                                            device=device, on_report=ProgressPrinter(f"{spec.attack} (attack)", spec.attack_config.get("epochs")))
+    if given_attack is not None:  # --attack-run: exactly that run's model (checked by attack_of_run)
+        backdoor, key, attack_id = given_attack
+    else:
+        backdoor, attack_id, key = build_attack(spec, tracker, session.storage, session.data_root, session.download,
+                                                device=device, on_report=ProgressPrinter(f"{spec.attack} (attack)",
+                                                                                         spec.attack_config.get("epochs")))
     seeds = backdoor.seeds
-    tags = {**base_tags(spec, role or "defense", seeds), "attack_run_id": attack_run_id or attack_id,
+    tags = {**base_tags(spec, role or "defense", seeds), "attack_run_id": attack_id,
             "attack_cache_key": key, **(extra_tags or {})}
     run_id = tracker.start_run(f"{spec.method}-on-{spec.attack}", tags, parent_id)
     tracker.log_params(run_id, spec.flat_params())

@@ -44,3 +44,21 @@ def test_bdo_attack_fills_the_cache_that_defend_reuses(workdir, capsys):
     (attack,) = [r for r in all_runs if r.data.tags["role"] == "attack"]
     (defense,) = [r for r in all_runs if r.data.tags["role"] == "defense"]
     assert defense.data.tags["attack_run_id"] == attack.info.run_id, "defend reused the model bdo attack trained"
+
+
+def test_attack_run_uses_exactly_that_runs_model_or_refuses(workdir, tmp_path, capsys):
+    assert main(["attack", "badnets", "--set", "epochs=2"]) == 0
+    _, all_runs = runs(workdir)
+    (attack,) = [r for r in all_runs if r.data.tags["role"] == "attack"]
+    assert main(["defend", "ft", "--attack-run", attack.info.run_id, "--set", "epochs=1"]) == 0
+    _, all_runs = runs(workdir)
+    (defense,) = [r for r in all_runs if r.data.tags["role"] == "defense"]
+    assert defense.data.tags["attack_run_id"] == attack.info.run_id
+    assert len([r for r in all_runs if r.data.tags["role"] == "attack"]) == 1, "nothing retrained"
+    capsys.readouterr()
+    # another storage has no such model: one line, exit 2, never a retrained attack under that id
+    code = main(["defend", "ft", "--attack-run", attack.info.run_id, "--storage", str(tmp_path / "elsewhere")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "not in the attack cache" in err, err
+    _, after = runs(workdir)
+    assert len(after) == len(all_runs)
