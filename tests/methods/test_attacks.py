@@ -173,14 +173,8 @@ def test_blend_with_a_user_trigger_file(tmp_path):
     assert_implants("blend (file trigger)", backdoor.metrics, clean.metrics)
 
 
-# BadNets has no synthetic preset yet: in 8 epochs the paper's 3x3 corner grid reached val ASR 0.022 (random
-# crops of 4 px and flips move it off its corner) and the flip-proof four-corner grid 0.823. Strict, so the mark
-# must go when a preset makes it pass.
-NO_SYNTHETIC_PRESET = pytest.mark.xfail(strict=True, reason="BadNets does not implant on synthetic in 8 epochs yet")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [pytest.param("badnets", marks=NO_SYNTHETIC_PRESET), "blend", "sig", "wanet"])
+@pytest.mark.parametrize("name", ["badnets", "blend", "sig", "wanet"])
 def test_attack_implants_on_synthetic_with_small_cnn(name):
     settings = {**preset_settings(name, TUNED_SEED, dataset="synthetic"), **SYNTHETIC_SCHEDULE}
     backdoor = train_synthetic(name, **settings)
