@@ -116,15 +116,15 @@ def run(ctx: RunContext, cfg: DBRConfig):
         step = sd.step + rnd
         metrics = evaluate_with_der(model, backdoor, cfg.eval_batch_size)
         best_acc = max(best_acc, metrics["val_acc"])
-        weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         # the candidate holds this round's report (completed below), which the final report repeats if it is kept
-        candidates = update_candidates(candidates, {"round": rnd, "acc": metrics["val_acc"], "asr": metrics["val_asr"],
-                                                    "weights": weights, "report": metrics},
-                                       cfg.br_acc_margin, cfg.br_select)
+        entry = {"round": rnd, "acc": metrics["val_acc"], "asr": metrics["val_asr"], "report": metrics}
+        candidates = update_candidates(candidates, entry, cfg.br_acc_margin, cfg.br_select)
         metrics.update({**sd.split, "br_round": float(rnd), "br_unlearn_loss": -unlearn.item(),
                         "br_relearn_loss": relearn.item(), "br_kept_round": float(chosen(candidates)["round"]),
                         "br_acc_floor": best_acc - cfg.br_acc_margin})
         ctx.report(metrics, step=step)
+        # copied after the report, which is where a multi-worker context averages the BatchNorm statistics
+        entry["weights"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         last = (step, metrics)
         ctx.save_state(full_state(step, models, opts, {}, gens, extra={
             "stage": "br", "candidates": candidates, "best_acc": best_acc, "last_report": metrics, **sd.extra()}))
