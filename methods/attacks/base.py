@@ -1,7 +1,7 @@
 """What every poisoning attack shares: its config, index selection and label rules, the poisoned dataset, the
 backdoored-model artifact that defenses consume, evaluation (ACC / ASR / RA), and the standard training recipe.
 
-Poisoning happens at the dataset level, before augmentation (methods.md section 2.5); validation and test
+Poisoning happens at the dataset level, before augmentation (docs/methods.md#conventions); validation and test
 images are kept clean and get the trigger only at evaluation time.
 """
 from __future__ import annotations

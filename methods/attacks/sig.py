@@ -1,6 +1,6 @@
 """SIG: a clean-label sinusoidal signal (Barni, Kallas, Tondi, "A New Backdoor Attack in CNNs by Training Set
 Corruption Without Label Poisoning", ICIP 2019). Additive, v(i, j) = D sin(2 pi j f / m); as in D-BR and
-BackdoorBench (methods.md REC) the training amplitude is 40 and the test amplitude 60, clean-label by default."""
+BackdoorBench (a fix docs/methods.md#sig recommends) the training amplitude is 40 and the test amplitude 60, clean-label by default."""
 from __future__ import annotations
 
 from dataclasses import dataclass

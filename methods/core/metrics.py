@@ -1,4 +1,4 @@
-"""Every metric of the project, in one place (methods.md section 8).
+"""Every metric of the project, in one place (docs/methods.md#metrics).
 
 - ACC: fraction of clean images classified as their true label.
 - ASR: fraction of backdoor images (the trigger applied to every evaluation image whose true label differs from

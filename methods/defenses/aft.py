@@ -1,14 +1,14 @@
 """AFT: adversarial fine-tuning of a backdoored model on a small clean extra set.
 
 Mu, Niu, Wang, Chen, "Progressive Backdoor Erasing via connecting Backdoor and Adversarial Attacks", CVPR 2023
-(methods.md section 4). Untargeted PGD examples of an infected model tend to land in the backdoor's target class,
+(docs/methods.md#aft). Untargeted PGD examples of an infected model tend to land in the backdoor's target class,
 so fine-tuning on them with their true labels breaks the trigger -> target shortcut: the first `adv_epochs`
 epochs train on PGD examples of each augmented batch, the remaining epochs on the augmented clean batches.
 
 This module also holds what PBE shares with AFT: the PGD/fine-tuning config fields, `adversarial_batch` (the
 generator the benchmark suite times) and `adversarial_finetune_epoch`.
 
-Deviations from the official code (github.com/John-niu-07/BPE), all following methods.md:
+Deviations from the official code (github.com/John-niu-07/BPE), all as docs/methods.md#aft describes:
 - PGD starts from a uniform random point in the epsilon ball and clamps to [0, 1] (REC: the official loop had
   neither and was reported numerically unstable); `adv_random_start=False, adv_clamp=False` reproduces it.
 - Epsilon and step size are config values (the code hard-codes eps = 6/255, step = eps/5; those are the defaults).
@@ -53,7 +53,7 @@ from methods.defenses.common import (
 
 @dataclass
 class AdversarialFinetuneConfig(DefenseConfig):
-    """PGD and fine-tuning settings shared by AFT and PBE (methods.md section 4.2)."""
+    """PGD and fine-tuning settings shared by AFT and PBE (docs/methods.md#aft)."""
 
     adv_eps: float = ranged(6 / 255, 0.0, 1.0, "L-inf radius of the PGD examples, in [0, 1] pixel units")
     adv_steps: int = ranged(7, 1, 1000, "PGD iterations")

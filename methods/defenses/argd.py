@@ -1,7 +1,7 @@
 """ARGD: erase a backdoor by distilling a clean teacher's attention relation graph into the backdoored model.
 
 Xia, Wang, Ding, Wei, Chen, "Eliminating Backdoor Triggers for Deep Neural Networks Using Attention Relation Graph
-Distillation", IJCAI 2022 (methods.md section 7.3). The graph's vertices are the attention maps of the three stage
+Distillation", IJCAI 2022 (docs/methods.md#argd). The graph's vertices are the attention maps of the three stage
 outputs the model declares, its edges the normalised distances between them. The student (the backdoored model)
 trains on the clean subset with CE + w_vert * vertex loss (per-stage AT, weights 2000 / 5000 / 2000) + w_edge *
 edge loss + w_trans * a cross-layer transfer term in which each teacher layer attends over the student layers

@@ -4,7 +4,7 @@ The clean pool is chosen by class-aware low loss, then global low loss, then the
 after a virtual supervised epoch); the rest of the poisoned set is used without labels.
 
 Gao, Bai, Gu, Yang, Xia, "Backdoor Defense via Adaptively Splitting Poisoned Dataset", CVPR 2023, pp. 4005-4014;
-specification in methods.md section 6 (pitfalls in section 10.3). Follows the official code (KuofengGao/ASD):
+description in docs/methods.md#asd. Follows the official code (KuofengGao/ASD):
 
 - The clean seeds (`seed_num` genuinely clean images per class) are drawn using the ground-truth poison flags,
   as the official code does to simulate a defender's tiny trusted set. They are drawn with the recorded clean
@@ -26,7 +26,7 @@ Deviations, all for reasons of scale or bookkeeping:
   repeats them.
 - The final per-sample scores and pools handed over for scores.parquet are those of the last epoch's split (the
   one the final model was trained with): the SCE loss in stages 1-2, the loss drop of the meta split in stage 3,
-  both higher = more suspicious. The latest model is returned (methods.md REC), not the best-test-ACC one.
+  both higher = more suspicious. The latest model is returned (a fix docs/methods.md#asd recommends), not the best-test-ACC one.
 """
 from __future__ import annotations
 

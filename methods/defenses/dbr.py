@@ -1,7 +1,7 @@
 """D-BR: SD's sample split, then backdoor removal by unlearning the poisoned pool and relearning the clean pool.
 
 Chen, Wu, Wang, "Effective Backdoor Defense by Exploiting Sensitivity of Poisoned Samples", NeurIPS 2022
-(methods.md section 5.3). Starting from the backdoored model, every round runs one epoch of gradient ascent on
+(docs/methods.md#d-br). Starting from the backdoored model, every round runs one epoch of gradient ascent on
 the cross-entropy of the suspected-poisoned pool (its dataset labels, i.e. the target), then relearning epochs of
 ordinary descent on the suspected-clean pool, both with the dataset's standard augmentation and one SGD optimizer.
 
@@ -12,7 +12,7 @@ Deviations from the official code:
   buys a larger ASR drop (it prefers ACC 0.85 / ASR 0.00 to ACC 0.98 / ASR 0.14). Every round reports
   `br_kept_round` (the choice so far) and `br_acc_floor`; when the kept round is not the last, the returned model
   is reported once more as the final step (methods.defenses.common.final_result);
-- the unlearning phase's lr is br_lr x `br_unlearn_lr_scale` (methods.md REC, default 1.0: the code's single lr)
+- the unlearning phase's lr is br_lr x `br_unlearn_lr_scale` (a fix docs/methods.md#d-br recommends, default 1.0: the code's single lr)
   and `br_relearn_epochs` (default 1, as the code) sets the relearning per round, so the balance of the two
   phases can be tuned: unbounded ascent wrecks a model once its lr is a little too large;
 - SD follows `sd` (see its deviations).

@@ -2,7 +2,7 @@
 head trained with the mixed cross-entropy.
 
 Chen, Wu, Wang, "Effective Backdoor Defense by Exploiting Sensitivity of Poisoned Samples", NeurIPS 2022
-(methods.md section 5.4). Stage 1 trains a fresh model of the backdoored model's architecture, with an MLP
+(docs/methods.md#d-st). Stage 1 trains a fresh model of the backdoored model's architecture, with an MLP
 projection head on its penultimate feature, by supervised contrastive learning on two strong views of every
 training image, where only anchors of the suspected-clean pool take same-label positives; every other anchor's only
 positive is its own second view. Stage 2 freezes that encoder and trains its linear classifier on the clean and
@@ -16,7 +16,7 @@ Deviations from the official code:
   over the clean pool's features as its classifier, so every step carries meaningful val/test metrics;
 - `st_positive_pool="clean"` restricts a clean anchor's same-label positives to clean-pool views; the code (and the
   default, "any") also pulls same-label uncertain and poisoned views towards it, which drags the uncertain pool's
-  poisoned samples into the target class's cluster (methods.md section 10, item 2);
+  poisoned samples into the target class's cluster (docs/methods.md#d-st);
 - the mixed CE of a batch without poisoned-pool members is the clean CE alone (the code's would be NaN);
 - under DDP each rank contrasts only its share of the global batch;
 - SD follows `sd` (see its deviations).

@@ -4,7 +4,7 @@ The plain baseline of the attention-distillation defenses and the teacher of bot
 Ma, "Neural Attention Distillation: Erasing Backdoor Triggers from Deep Neural Networks", ICLR 2021) and ARGD
 (Xia, Wang, Ding, Wei, Chen, "Eliminating Backdoor Triggers for Deep Neural Networks Using Attention Relation
 Graph Distillation", IJCAI 2022) fine-tune the backdoored model on 5% clean training data with CE for 5-10
-epochs (their READMEs; lr 0.01 as methods.md section 7.3 recommends), with the clean pipeline of their code:
+epochs (their READMEs; lr 0.01 as docs/methods.md#ft recommends), with the clean pipeline of their code:
 random crop, flip where the dataset allows it, and Cutout (length 3, a 2 x 2 hole).
 
 Deviations from the official code: the clean subset is drawn with the attack's recorded clean seed rather than an

@@ -2,7 +2,7 @@
 unlabeled-loss ramp and the two losses.
 
 After Berthelot et al., "MixMatch: A Holistic Approach to Semi-Supervised Learning", NeurIPS 2019, as ASD
-(Gao et al., CVPR 2023) uses it; methods.md section 6.4. Nothing here is registered; `asd` calls it.
+(Gao et al., CVPR 2023) uses it (docs/methods.md#asd). Nothing here is registered; `asd` calls it.
 
 Beta sampling: torch.distributions cannot draw from an explicit torch.Generator, so a resumed run would not
 repeat its MixUp coefficients. Beta(a, b) is therefore built here as X / (X + Y) of two Gamma variates drawn with

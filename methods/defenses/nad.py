@@ -1,7 +1,7 @@
 """NAD: erase a backdoor by distilling a fine-tuned teacher's attention maps into the backdoored model.
 
 Li, Lyu, Koren, Lyu, Li, Ma, "Neural Attention Distillation: Erasing Backdoor Triggers from Deep Neural Networks",
-ICLR 2021 (methods.md section 7.2). The teacher is the backdoored model fine-tuned with CE on the clean subset
+ICLR 2021 (docs/methods.md#nad). The teacher is the backdoored model fine-tuned with CE on the clean subset
 (teacher_epochs at teacher_lr); the student, the backdoored model itself, then trains on the same clean images with
 CE + beta1 * AT(g1) + beta2 * AT(g2) + beta3 * AT(g3) on the three stage outputs the model declares, the teacher
 frozen in eval mode. SGD with Nesterov momentum 0.9, weight decay 1e-4, batch 64, 20 epochs at lr 0.1 that drops

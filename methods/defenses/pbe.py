@@ -1,7 +1,7 @@
 """PBE: progressive backdoor erasing without clean data, by adversarial fine-tuning on a growing trusted subset.
 
 Mu, Niu, Wang, Chen, "Progressive Backdoor Erasing via connecting Backdoor and Adversarial Attacks", CVPR 2023
-(methods.md section 4.4, Algorithm 1 of the paper). The infected model's logits on every (poisoned) training image
+(docs/methods.md#pbe, Algorithm 1 of the paper). The infected model's logits on every (poisoned) training image
 are recorded once. Starting from a random `init_fraction` of the training set, each progressive step fine-tunes
 on the trusted subset (step 0 entirely on PGD examples, later steps only on the first `later_adv_batches`
 batches of their first epoch), then scores every training image by how little its prediction moved (`similarity`;
@@ -25,15 +25,15 @@ AUROC of its scores; the last epoch of a step adds `pbe_next_poisoned_frac`, the
 subset it selects (or draws anew after a failed step 0), and step 0 adds `pbe_step0_failed`. The true flags are
 only reported, never used. The hand-off score is 1 - similarity, so higher means more suspicious.
 
-Deviations from the official code (github.com/John-niu-07/BPE), following methods.md:
+Deviations from the official code (github.com/John-niu-07/BPE), as docs/methods.md#pbe describes:
 - PGD with random start and [0, 1] clamping (REC), as in AFT; the flags restore the original loop.
 - The top-rate list has no entry after the last step, where the code fails with an index error; here the last
   re-scoring only produces the final scores.
 - With top_rates None, the rates are a linear ramp top_rate_first .. top_rate_last over the n_steps - 1
-  re-selections (methods.md's parametrisation for sweeps, so n_steps can vary); the code's list is the default.
+  re-selections (the parametrisation of docs/methods.md#pbe for sweeps, so n_steps can vary); the code's list is the default.
 - The optimizer and its momentum carry across steps as in the code; `reset_optimizer_each_step` resets them. A
   rerun of step 0 always starts afresh (infected weights, no momentum).
-- The step-0 check and reruns above, and methods.md's other similarity measures (KL of the softmax, argmax
+- The step-0 check and reruns above, and the other similarity measures of docs/methods.md#pbe (KL of the softmax, argmax
   agreement) as `similarity` choices.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """SD: sample distinguishment by feature consistency towards transformations (FCT), the first module of D-BR/D-ST.
 
 Chen, Wu, Wang, "Effective Backdoor Defense by Exploiting Sensitivity of Poisoned Samples", NeurIPS 2022
-(methods.md section 5.1-5.2). A model trained briefly without augmentation (or, with `fct_model="backdoored"`,
+(docs/methods.md#sd). A model trained briefly without augmentation (or, with `fct_model="backdoored"`,
 the attack's fully trained model) is fine-tuned to push class centroids apart; every training sample is then
 scored by how far its penultimate feature moves under a random transformation, and the training set is split
 into a clean pool (lowest scores, fraction alpha_c), a poisoned pool (highest, alpha_p) and an uncertain rest.
@@ -9,7 +9,7 @@ into a clean pool (lowest scores, fraction alpha_c), a poisoned pool (highest, a
 
 Deviations from the official code:
 - the split is made by rank on one set of scores (averaged over `fct_n_draws` transformation draws), so the
-  pools hold exactly floor(alpha_c N) / floor(alpha_p N) samples (methods.md REC); the code's second scoring
+  pools hold exactly floor(alpha_c N) / floor(alpha_p N) samples (a fix docs/methods.md#sd recommends); the code's second scoring
   pass with a fresh transformation against the first pass's thresholds is `split_rescore=True`;
 - the FCT score is the mean over feature dimensions of the squared change, as in the code (the paper's sum
   divided by the feature width; same ranking);
