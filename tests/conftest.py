@@ -3,7 +3,6 @@ every test that needs it, so the suite stays within its time budget on 2 cores."
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import torch
@@ -51,7 +50,7 @@ def pytest_collection_modifyitems(config, items):
 DIGITS_ATTACK = dict(dataset="digits", model="small_cnn", epochs=15, lr=0.05, poison_rate=0.1,
                      label_mode="all2one", target=0, seed=0)
 
-_BACKDOORS: dict[tuple, tuple[Backdoor, float]] = {}
+_BACKDOORS: dict[tuple, Backdoor] = {}
 
 
 def train_backdoor(attack: str = "badnets", **overrides) -> Backdoor:
@@ -60,15 +59,8 @@ def train_backdoor(attack: str = "badnets", **overrides) -> Backdoor:
     key = (attack, tuple(sorted(settings.items())))
     if key not in _BACKDOORS:
         spec = get_method(attack)
-        started = time.perf_counter()
-        backdoor = spec.run(LocalContext(), spec.make_config(settings))
-        _BACKDOORS[key] = (backdoor, time.perf_counter() - started)
-    return _BACKDOORS[key][0]
-
-
-def backdoor_train_seconds(attack: str = "badnets", **overrides) -> float:
-    settings = {**DIGITS_ATTACK, **overrides}
-    return _BACKDOORS[(attack, tuple(sorted(settings.items())))][1]
+        _BACKDOORS[key] = spec.run(LocalContext(), spec.make_config(settings))
+    return _BACKDOORS[key]
 
 
 @pytest.fixture(scope="session")
