@@ -123,6 +123,7 @@ def run_study(session: Session, study: StudyPlan, args) -> StudyOutcome:
     failed = 0
     cells: dict[tuple[str, str], list[dict[str, float]]] = {}
     no_defense: dict[str, list[str]] = {}
+    trials: dict[tuple[str, str], int] = {}
     try:
         for ai, (attack, _) in enumerate(study.attacks):
             for seed in study.seeds:  # the "no defense" column: the attack itself, per seed
@@ -142,6 +143,7 @@ def run_study(session: Session, study: StudyPlan, args) -> StudyOutcome:
                 plan = study.sweeps[(ai, di)]
                 result = run_sweep(session, plan, extra_tags=tags, parent_id=study_run_id, max_failures=args.max_failures)
                 failed += result.failed
+                trials[(attack, defense)] = len(result.trials)
                 if result.best is None:
                     failed += 1
                     continue
@@ -159,7 +161,7 @@ def run_study(session: Session, study: StudyPlan, args) -> StudyOutcome:
     except BaseException:
         tracker.end(study_run_id, "FAILED")
         raise
-    table = format_table(study, cells)
+    table = format_table(study, cells, trials)
     tracker.end(study_run_id, "FINISHED" if not failed else "FAILED")
     return StudyOutcome(study_run_id, table, failed)
 
@@ -170,16 +172,16 @@ def _with_derived(plan: SweepPlan, values: dict[str, Any]) -> dict[str, Any]:
     return apply_derived(plan.space, values)
 
 
-def format_table(study: StudyPlan, cells: dict[tuple[str, str], list[dict[str, float]]]) -> str:
-    columns = ["none"] + [d for d, _ in study.defenses]
-    lines = ["| attack | " + " | ".join("no defense" if c == "none" else c for c in columns) + " |",
-             "|---" * (len(columns) + 1) + "|"]
-    for attack, _ in study.attacks:
-        row = []
-        for c in columns:
-            runs = cells.get((attack, c), [])
-            acc, acc_sd = mean_std([r.get("test_acc", math.nan) for r in runs])
-            asr, asr_sd = mean_std([r.get("test_asr", math.nan) for r in runs])
-            row.append(f"{100 * acc:.1f}±{100 * acc_sd:.1f} / {100 * asr:.1f}±{100 * asr_sd:.1f} (n={len(runs)})")
-        lines.append(f"| {attack} | " + " | ".join(row) + " |")
-    return "\n".join(lines)
+def format_table(study: StudyPlan, cells: dict[tuple[str, str], list[dict[str, float]]],
+                 trials: dict[tuple[str, str], int]) -> str:
+    """The study's table from the metrics it holds in memory, drawn by the same renderer as `bdo report` (which
+    reads them back from MLflow), so the two can be compared cell by cell."""
+    from orchestrator.report import render
+
+    columns = ["no defense"] + [d for d, _ in study.defenses]
+    summary = {}
+    for (attack, column), runs in cells.items():
+        name = "no defense" if column == "none" else column
+        summary[(attack, name)] = {"seeds": len(runs), "trials": trials.get((attack, column), 0),
+                                   **{m: mean_std([r.get(f"test_{m}", math.nan) for r in runs]) for m in ("acc", "asr")}}
+    return render([a for a, _ in study.attacks], columns, summary, ["acc", "asr"], "md")

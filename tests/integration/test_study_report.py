@@ -151,7 +151,7 @@ def study_table_cells(out: str) -> dict[tuple[str, str], tuple[float, ...]]:
     for line in lines[start + 2: start + 2 + len(ATTACKS)]:
         row = md_cells(line)
         for column, text in zip(header[1:], row[1:]):
-            numbers = re.match(r"([\d.]+)±([\d.]+) / ([\d.]+)±([\d.]+) \(n=(\d+)\)", text)
+            numbers = re.match(r"([\d.]+)±([\d.]+) / ([\d.]+)±([\d.]+) \(seeds (\d+)", text)
             assert numbers, text
             cells[(row[0], column)] = tuple(float(x) for x in numbers.groups())
     return cells
