@@ -8,7 +8,7 @@ VENV := .venv
 export UV_COMPILE_BYTECODE := 1
 export UV_LINK_MODE := copy
 
-.PHONY: env demo test test-fast test-gpu bench clean
+.PHONY: env demo lint test test-fast test-gpu bench clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -23,7 +23,10 @@ env: $(VENV)/.synced
 demo: env
 	$(VENV)/bin/bdo quickstart
 
-test: env
+lint: env
+	$(VENV)/bin/ruff check methods orchestrator benchmarks tests
+
+test: env lint
 	@sh scripts/browser-deps.sh
 	$(VENV)/bin/python -m pytest tests --durations=30
 

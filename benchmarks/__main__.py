@@ -67,7 +67,8 @@ def run_batch(names: list[str], expected: list[str], device: str, args, log_dir:
     with open(log_path, "w") as log:
         try:
             code = subprocess.run(command, cwd=str(ROOT), env=env, timeout=timeout,
-                                  stdout=None if args.verbose else log, stderr=subprocess.STDOUT if not args.verbose else None).returncode
+                                  stdout=None if args.verbose else log,
+                                  stderr=subprocess.STDOUT if not args.verbose else None).returncode
             if code not in (0, 1):
                 reason = f"benchmark process exited {code}"
         except subprocess.TimeoutExpired:
@@ -138,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"machine": machine_info(device), "command": command_line(argv), "quick": args.quick,
             "compile": args.compile, "load_start": load_start, "load_end": load_average(),
             "wall_s": time.perf_counter() - started,
-            "floor_mb": median([r.details["process_floor_mb"] for r in rows if "process_floor_mb" in r.details]), "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+            "floor_mb": median([r.details["process_floor_mb"] for r in rows if "process_floor_mb" in r.details]),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
     print(render(rows, meta, markdown=args.markdown), flush=True)
     if args.json:
         payload = _finite({**meta, "rows": [r.to_dict() for r in rows]})

@@ -62,7 +62,8 @@ def bench_pgd(ctx: BenchContext, model_name: str) -> list[Row]:
     ctx.log(f"pgd.{model_name}: PGD-{steps} over {len(y)} images x {sizes.adv_reps}")
     pgd_rate, pgd_rates = repeat_rate(attack, len(y), warmup=1, reps=sizes.adv_reps, device=device)
     row = ctx.probe.fill(Row(name=f"pgd.{model_name}", measured=pgd_rate, unit="img/s", baseline_unit="img/s",
-                             what=f"PGD-{steps} adversarial images/s vs SGD training images/s, {model_name}, bs {BATCH}"))
+                             what=f"PGD-{steps} adversarial images/s vs SGD training images/s, "
+                                  f"{model_name}, bs {BATCH}"))
     ctx.log(f"pgd.{model_name}: training steps")
     train_rate, train_rates = repeat_rate(train, len(y), warmup=1, reps=sizes.adv_reps, device=device)
     row.baseline = train_rate

@@ -175,9 +175,8 @@ def bench_epoch(ctx: BenchContext) -> list[Row]:
 # ------------------------------------------------------------------------------------------------- sweeps
 def naive_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     """A trial of the naive sweep: train the attack, then run FT on it, both in-process without tracking."""
-    from ray import tune
-
     import torch
+    from ray import tune
 
     device = "cuda" if spec["device"] == "cuda" and torch.cuda.is_available() else "cpu"
     metrics = _attack_then_defense({**spec, "device": device}, float(config["lr"]))
@@ -185,12 +184,12 @@ def naive_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
 
 
 def _attack_then_defense(spec: dict[str, Any], lr: float) -> dict[str, float]:
+    import torch
+
     import methods  # noqa: F401
     from methods.core.context import LocalContext
     from methods.core.method import get_method
     from methods.data.base import DataConfig
-
-    import torch
 
     device = torch.device(spec["device"])
     data_cfg = DataConfig(**spec["data"])
@@ -204,12 +203,12 @@ def _attack_then_defense(spec: dict[str, Any], lr: float) -> dict[str, float]:
 
 def bench_sweep(ctx: BenchContext) -> list[Row]:
     import torch
+    from ray import tune
 
     import methods  # noqa: F401
     from methods.core.context import LocalContext
     from methods.core.method import get_method
     from methods.data.base import DataConfig
-    from ray import tune
 
     sizes = ctx.sizes
     cores = _cores()
@@ -284,7 +283,8 @@ def bench_sweep(ctx: BenchContext) -> list[Row]:
     naive_host = ctx.probe.host_mb()
 
     per_trial = (sweep_s - ideal) * concurrency / n
-    common = f"N={n} FT trials ({defense['epochs']} epochs on {FT_CLEAN_RATIO:.0%} clean data), concurrency {concurrency}"
+    common = (f"N={n} FT trials ({defense['epochs']} epochs on {FT_CLEAN_RATIO:.0%} clean data), "
+              f"concurrency {concurrency}")
     reuse = Row(name="sweep.reuse", measured=sweep_s, baseline=ideal, unit="s", baseline_unit="s",
                 goal=Goal("ratio", "<=", 1.15), peak_host_mb=sweep_host, peak_gpu_mb=sweep_gpu,
                 what=f"bdo tune defense sweep vs one attack + N defense runs / concurrency; {common}")

@@ -97,7 +97,8 @@ def table_lines(rows: list[Row], markdown: bool = False) -> list[str]:
     right = {1, 2, 3, 6, 7}
 
     def line(values) -> str:
-        return "  ".join(v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths))).rstrip()
+        return "  ".join(v.rjust(w) if i in right else v.ljust(w)
+                         for i, (v, w) in enumerate(zip(values, widths))).rstrip()
 
     return [line(COLUMNS), line(["-" * w for w in widths])] + [line(c) for c in body]
 
@@ -107,7 +108,8 @@ def render(rows: list[Row], meta: dict[str, Any], markdown: bool = False) -> str
     head = [
         f"bdo benchmarks ({'quick' if meta['quick'] else 'full'} sizes) on {m['device']}: {m['nproc']} CPUs "
         f"({m['cpu']}), {m['ram_gib']} GiB RAM" + (f", {m['gpu']} ({m['gpu_mem_gib']} GiB)" if "gpu" in m else ""),
-        f"python {m['python']}, torch {m['torch']}, torchvision {m['torchvision']}, ray {m['ray']}, mlflow {m['mlflow']}",
+        f"python {m['python']}, torch {m['torch']}, torchvision {m['torchvision']}, ray {m['ray']}, "
+        f"mlflow {m['mlflow']}",
         f"command: {meta['command']}",
         f"load average (1 min) at start {meta['load_start'][0]:.2f}, at end {meta['load_end'][0]:.2f}; "
         f"wall {meta['wall_s']:.0f} s",

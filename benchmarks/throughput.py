@@ -250,7 +250,8 @@ def bench_train_fast(ctx: BenchContext, model: str, batch_size: int = 128) -> li
     goal = Goal("measured", ">=", target) if (ctx.device == "cuda" and target) else None
     row = ctx.probe.fill(Row(
         name=name, measured=fast["rate"], baseline=plain["rate"], unit="img/s", baseline_unit="img/s", goal=goal,
-        what=f"method with bf16 autocast + channels_last{f' + compile ({ctx.compile})' if ctx.compile else ''} vs the path off, "
+        what=f"method with bf16 autocast + channels_last{f' + compile ({ctx.compile})' if ctx.compile else ''} "
+             f"vs the path off, "
              f"{model}, {fast['images']} images, batch {batch_size}",
     ))
     row.note = (f"methods.core.fastpath on vs off (same maths; on is the default on CUDA; the ratio's goal on a GPU "

@@ -11,7 +11,6 @@ from typing import Sequence
 from orchestrator.errors import BadInput
 
 
-
 def default_experiment() -> str:
     """MLflow's own variable names the experiment, as it does for MLflow's clients; else bdo's."""
     return os.environ.get("MLFLOW_EXPERIMENT_NAME") or "bdo"
@@ -29,9 +28,11 @@ def _shared(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", default=default_experiment(),
                    help="MLflow experiment (default: MLFLOW_EXPERIMENT_NAME, else bdo)")
     p.add_argument("--storage", default=os.environ.get("BDO_STORAGE", "./bdo_runs"),
-                   help="run storage: attack cache and Tune state, a local or shared path (default: BDO_STORAGE or ./bdo_runs)")
+                   help="run storage: attack cache and Tune state, a local or shared path "
+                        "(default: BDO_STORAGE or ./bdo_runs)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
-    p.add_argument("--data-root", default=None, help="where datasets live (default: BDO_DATA_ROOT or ~/.cache/bdo/data)")
+    p.add_argument("--data-root", default=None,
+                   help="where datasets live (default: BDO_DATA_ROOT or ~/.cache/bdo/data)")
     p.add_argument("--download", action="store_true", help="download missing datasets")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -49,7 +50,8 @@ def _tune_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrent", type=int, default=None)
     p.add_argument("--cpus-per-trial", type=float, default=None)
     p.add_argument("--gpus-per-trial", type=float, default=None,
-                   help="GPU share of each trial (default: the GPUs Ray finds, divided among concurrent trials; 0: CPU)")
+                   help="GPU share of each trial "
+                        "(default: the GPUs Ray finds, divided among concurrent trials; 0: CPU)")
     p.add_argument("--workers-per-trial", type=int, default=None)
     p.add_argument("--max-failures", type=int, default=1, help="retries of a failed trial, from its last checkpoint")
     p.add_argument("--quick", action="store_true", help="apply the space's quick: overrides (tiny schedules)")
@@ -91,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", help="study YAML (docs/studies.md)")
     _shared(p)
     _tune_flags(p)
-    p = sub.add_parser("quickstart", help="the demo: one BadNets model (on digits unless --dataset says), every defense tuned against it")
+    p = sub.add_parser("quickstart", help="the demo: one BadNets model (on digits unless --dataset says), "
+                                          "every defense tuned against it")
     p.add_argument("--quick", action="store_true", help="one trial per defense and tiny schedules")
     _verbose(p)
     _shared(p)
@@ -179,7 +182,8 @@ def _session(args):
 def _require_store(uri: str, flag: str) -> None:
     """A flag that points into an existing store must not create an empty one when the store is missing."""
     if uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///"):]):
-        raise BadInput(f"{flag}: there is no MLflow store at {uri}; pass --tracking-uri of the store that holds the run")
+        raise BadInput(f"{flag}: there is no MLflow store at {uri}; "
+                       f"pass --tracking-uri of the store that holds the run")
 
 
 def cmd_attack(args) -> int:
@@ -227,7 +231,8 @@ def cmd_defend(args) -> int:
         attack, attack_base, data_base = _attack_from_run(args, session)
     spec = resolve_run(args.name, args.dataset or (attack_base or {}).get("dataset", "digits"),
                        args.model or (attack_base or {}).get("model", "small_cnn"), args.seed, attack, sets=sets,
-                       attack_base=attack_base, data_base=data_base, use_preset=not args.no_preset and not args.attack_run)
+                       attack_base=attack_base, data_base=data_base,
+                       use_preset=not args.no_preset and not args.attack_run)
     check_data(spec, session)
     given = None
     if args.attack_run:
@@ -314,7 +319,8 @@ def cmd_study(args) -> int:
         from orchestrator.discover import plan_text
 
         plans = list(study.sweeps.values())
-        print(f"study {study.name}: {len(study.attacks)} attacks x {len(study.defenses)} defenses x seeds {study.seeds}")
+        print(f"study {study.name}: {len(study.attacks)} attacks x {len(study.defenses)} defenses "
+              f"x seeds {study.seeds}")
         print(plan_text(plans, _dry_run_resources(plans, session)), end="")
         return 0
     session.start_ray()
@@ -323,7 +329,8 @@ def cmd_study(args) -> int:
     finally:
         session.stop_ray()
     print(outcome.table)
-    print(f"study run {outcome.study_run_id}; table: bdo report --experiment {args.experiment} --study {outcome.study_run_id}")
+    print(f"study run {outcome.study_run_id}; "
+          f"table: bdo report --experiment {args.experiment} --study {outcome.study_run_id}")
     return 1 if outcome.failed else 0
 
 
@@ -364,8 +371,8 @@ def cmd_report(args) -> int:
     return run_report(args)
 
 
-COMMANDS = {"list": cmd_list, "describe": cmd_describe, "attack": cmd_attack, "defend": cmd_defend, "tune": cmd_tune, "study": cmd_study,
-            "quickstart": cmd_quickstart, "ui": cmd_ui, "report": cmd_report}
+COMMANDS = {"list": cmd_list, "describe": cmd_describe, "attack": cmd_attack, "defend": cmd_defend, "tune": cmd_tune,
+            "study": cmd_study, "quickstart": cmd_quickstart, "ui": cmd_ui, "report": cmd_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

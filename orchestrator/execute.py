@@ -230,7 +230,8 @@ def build_attack(spec: RunSpec, tracker: Tracker, storage: Path, data_root: Path
                                                                "attack_cache_key": key, **(extra_tags or {})})
         tracker.log_params(run_id, attack_spec.flat_params())
         ctx = TrackedContext(device=device, run_id=run_id, tracker=tracker, reporter=Reporter(),
-                             data_root=data_root, download=download, data_config=attack_spec.data_cfg(), fast=attack_spec.fast_cfg(),
+                             data_root=data_root, download=download, data_config=attack_spec.data_cfg(),
+                             fast=attack_spec.fast_cfg(),
                              on_report=on_report, system_metrics=system_metrics_interval())
         try:
             backdoor = run_method(attack_spec, ctx)
@@ -267,7 +268,8 @@ def attack_of_run(tracker: Tracker, run_id: str, storage: Path) -> tuple[Backdoo
         try:
             path = tracker.client.download_artifacts(run_id, "model/model.safetensors", d)
         except Exception:
-            raise BadInput(f"{where}: the run has no model/model.safetensors artifact to check the cache against") from None
+            raise BadInput(f"{where}: the run has no model/model.safetensors artifact "
+                           f"to check the cache against") from None
         logged = weights_digest(load_file(path))
     if logged != weights_digest(backdoor.model_state):
         raise BadInput(f"{where}: the cache entry {key} holds other weights than the run logged; it was rebuilt "

@@ -102,7 +102,8 @@ def pool_composition_png(path: Path, series: dict[str, list[float]]) -> bool:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     clean = np.asarray(size) - np.asarray(poisoned)
-    ax.stackplot(epochs, clean, poisoned, labels=["clean images", "poisoned images"], colors=["tab:blue", "tab:red"], alpha=0.7)
+    ax.stackplot(epochs, clean, poisoned, labels=["clean images", "poisoned images"], colors=["tab:blue", "tab:red"],
+                 alpha=0.7)
     if "stage" in series:
         for e, (a, b) in zip(epochs[1:], zip(series["stage"], series["stage"][1:])):
             if a != b:
@@ -214,7 +215,8 @@ def importance_png(path: Path, importances: dict[str, float], metric: str) -> No
     plt.close(fig)
 
 
-def draw_handoffs(directory: Path, tables: dict[str, dict[str, Any]], series: dict[str, dict[str, list]], method: str) -> list[Path]:
+def draw_handoffs(directory: Path, tables: dict[str, dict[str, Any]], series: dict[str, dict[str, list]],
+                  method: str) -> list[Path]:
     """The plots that come from methods' hand-offs: FCT / score histograms and ASD's pools."""
     out = []
     directory.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,8 @@ def run_quickstart(session: Session, args) -> int:
     plans = []
     for name in defenses:
         space = load_space(SEARCH_SPACES / f"{name}.yaml")
-        plans.append(plan_sweep(space, dataset=args.dataset or "digits", model=args.model or "small_cnn", seed=args.seed,
+        plans.append(plan_sweep(space, dataset=args.dataset or "digits", model=args.model or "small_cnn",
+                                seed=args.seed,
                                 attack="badnets", sets=parse_set(args.set), use_preset=not args.no_preset,
                                 quick=args.quick, num_samples=1 if args.quick else 2, scheduler="fifo",
                                 max_concurrent=2))
@@ -28,7 +29,8 @@ def run_quickstart(session: Session, args) -> int:
     rows, failed = [], 0
     try:
         for plan in plans:
-            print(f"--- {plan.base.method}: {len(plan.tuned)} tuned parameters, {plan.num_samples} trial(s)", flush=True)
+            print(f"--- {plan.base.method}: {len(plan.tuned)} tuned parameters, {plan.num_samples} trial(s)",
+                  flush=True)
             result = run_sweep(session, plan, extra_tags={"quickstart": "true"})
             failed += result.failed
             best = result.best or {}

@@ -122,7 +122,8 @@ def run_report(args) -> int:
         try:
             role = tracker.client.get_run(study_id).data.tags.get("role")
         except Exception:
-            raise BadInput(f"--study {study_id}: no such run in {uri}; bdo report without --study takes the latest") from None
+            raise BadInput(f"--study {study_id}: no such run in {uri}; "
+                           f"bdo report without --study takes the latest") from None
         if role != "study":
             raise BadInput(f"--study {study_id}: that run is not a study (role={role})")
     attacks, columns, cells = collect(tracker, study_id, metrics)

@@ -33,7 +33,8 @@ def method_spec(name: str, kind: str | None = None, source: str | None = None) -
         raise BadInput(where(source, None, f"unknown {kind or 'method'} {name!r}; known: {known}"))
     spec = METHODS.get(name)
     if kind is not None and spec.kind != kind:
-        raise BadInput(where(source, None, f"{name!r} is a{'n' if spec.kind == 'attack' else ''} {spec.kind}, not a{'n' if kind == 'attack' else ''} {kind}"))
+        raise BadInput(where(source, None, f"{name!r} is a{'n' if spec.kind == 'attack' else ''} {spec.kind}, "
+                                           f"not a{'n' if kind == 'attack' else ''} {kind}"))
     return spec
 
 
@@ -212,15 +213,19 @@ def resolve_run(
     presets: list[str] = []
     if spec.kind == "attack":
         if attack not in (None, method):
-            raise BadInput(where(source, None, f"--attack {attack}: {method} is itself an attack; --attack applies to defenses"))
+            raise BadInput(where(source, None,
+                                 f"--attack {attack}: {method} is itself an attack; --attack applies to defenses"))
         if set_attack:
-            raise BadInput(where(source, None, f"attack.{next(iter(set_attack))}: an attack run takes its keys without the 'attack.' prefix"))
-        attack_cfg = resolve_attack_config(method, dataset, model, seed, {**(base or {}), **set_method}, use_preset, source, presets)
+            raise BadInput(where(source, None, f"attack.{next(iter(set_attack))}: "
+                                               f"an attack run takes its keys without the 'attack.' prefix"))
+        attack_cfg = resolve_attack_config(method, dataset, model, seed, {**(base or {}), **set_method}, use_preset,
+                                           source, presets)
         method_cfg = attack_cfg
         attack = method
     else:
         attack = attack or DEFAULT_ATTACK
-        attack_cfg = resolve_attack_config(attack, dataset, model, seed, {**(attack_base or {}), **set_attack}, use_preset, source, presets)
+        attack_cfg = resolve_attack_config(attack, dataset, model, seed, {**(attack_base or {}), **set_attack},
+                                           use_preset, source, presets)
         preset, path = load_preset(dataset, method, use_preset)
         if path is not None:
             presets.append(str(path.relative_to(ROOT)))

@@ -11,14 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator.context import Reporter, TrackedContext
+from orchestrator.devices import ClusterShape, driver_device, pick_device, resolve_gpus
 from orchestrator.errors import BadInput
 from orchestrator.execute import (
     base_tags,
     build_attack,
     execute_defense,
 )
-from orchestrator.devices import ClusterShape, driver_device, pick_device, resolve_gpus
-from orchestrator.context import Reporter, TrackedContext
 from orchestrator.plots import pareto_front, pareto_png
 from orchestrator.resolve import RunSpec
 from orchestrator.spaces import PARETO_METRICS, SweepPlan, default_point, tune_param_space
@@ -141,7 +141,8 @@ class ProgressPrinter:
 
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
         self.steps += 1
-        shown = "  ".join(f"{k}={metrics[k]:.3f}" for k in ("val_acc", "val_asr", "test_acc", "test_asr") if k in metrics)
+        shown = "  ".join(f"{k}={metrics[k]:.3f}" for k in ("val_acc", "val_asr", "test_acc", "test_asr")
+                          if k in metrics)
         total = f"/{self.total}" if self.total else ""
         bar = ""
         if self.total:
@@ -176,8 +177,9 @@ def run_single(session: Session, spec: RunSpec, extra_tags: dict[str, str] | Non
             "attack_cache_key": key, **(extra_tags or {})}
     run_id = tracker.start_run(f"{spec.method}-on-{spec.attack}", tags, parent_id)
     tracker.log_params(run_id, spec.flat_params())
-    ctx = TrackedContext(device=device, run_id=run_id, tracker=tracker, reporter=Reporter(), backdoor_obj=backdoor.to(device),
-                         data_root=session.data_root, download=session.download, data_config=spec.data_cfg(), fast=spec.fast_cfg(),
+    ctx = TrackedContext(device=device, run_id=run_id, tracker=tracker, reporter=Reporter(),
+                         backdoor_obj=backdoor.to(device), data_root=session.data_root, download=session.download,
+                         data_config=spec.data_cfg(), fast=spec.fast_cfg(),
                          on_report=progress, system_metrics=system_metrics_interval())
     try:
         metrics, _ = execute_defense(spec, ctx, tracker, run_id, ctx.backdoor_obj)
@@ -282,7 +284,8 @@ def run_sweep(session: Session, plan: SweepPlan, extra_tags: dict[str, str] | No
         tune_path = tracker.client.get_run(sweep_run_id).data.tags.get("tune_path")
         tracker.client.update_run(sweep_run_id, status="RUNNING")
     else:
-        tags = {**base_tags(spec, "sweep", seeds), "space": str(plan.space.path), "space_sha256": space_fingerprint(plan),
+        tags = {**base_tags(spec, "sweep", seeds), "space": str(plan.space.path),
+                "space_sha256": space_fingerprint(plan),
                 "searcher": plan.searcher, "scheduler": plan.scheduler, "objective": plan.objective,
                 "objective_metric": plan.space.metric, "objective_mode": plan.space.mode,
                 "gpus_per_trial": f"{plan.gpus_per_trial:g}",
@@ -290,7 +293,8 @@ def run_sweep(session: Session, plan: SweepPlan, extra_tags: dict[str, str] | No
         if attack_run_id:
             tags["attack_run_id"], tags["attack_cache_key"] = attack_run_id, cache_key
         sweep_run_id = tracker.start_run(f"sweep-{spec.method}", tags, parent_id)
-        tracker.log_params(sweep_run_id, {**spec.flat_params(), **{f"space.{d.key}": f"{d.kind} {d.args}" for d in plan.tuned},
+        tracker.log_params(sweep_run_id, {**spec.flat_params(),
+                                          **{f"space.{d.key}": f"{d.kind} {d.args}" for d in plan.tuned},
                                           "num_samples": plan.num_samples})
         tune_path = str(tune_root / f"{spec.method}-{sweep_run_id[:12]}")
         tracker.set_tags(sweep_run_id, {"tune_path": tune_path})
@@ -336,7 +340,8 @@ def run_sweep(session: Session, plan: SweepPlan, extra_tags: dict[str, str] | No
                     reuse_actors=True,
                 ),
                 run_config=tune.RunConfig(
-                    name=Path(tune_path).name, storage_path=str(tune_root), callbacks=callbacks, verbose=int(session.verbose),
+                    name=Path(tune_path).name, storage_path=str(tune_root), callbacks=callbacks,
+                    verbose=int(session.verbose),
                     failure_config=tune.FailureConfig(max_failures=max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 ),
@@ -357,8 +362,10 @@ def summarize(tracker: Tracker, plan: SweepPlan, sweep_run_id: str, grid) -> Swe
     for result in grid:
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
         metrics = result.metrics or {}
-        row = {"trial_id": metrics.get("trial_id", trial_id), "config": result.config, "error": result.error is not None,
-               **{k: metrics.get(k, math.nan) for k in (*TRIAL_COLUMNS, plan.space.metric)}, "step": metrics.get("step")}
+        row = {"trial_id": metrics.get("trial_id", trial_id), "config": result.config,
+               "error": result.error is not None,
+               **{k: metrics.get(k, math.nan) for k in (*TRIAL_COLUMNS, plan.space.metric)},
+               "step": metrics.get("step")}
         run = runs.get(row["trial_id"])
         row["run_id"] = run.info.run_id if run else None
         if run is not None:
@@ -395,7 +402,8 @@ def summarize(tracker: Tracker, plan: SweepPlan, sweep_run_id: str, grid) -> Swe
                 tracker.set_tags(t["run_id"], {"pareto": "true"})
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / "pareto.json").write_text(json.dumps(
-                [{k: t[k] for k in ("trial_id", "run_id", "val_acc", "val_asr", "config")} for t in front], indent=1, default=str))
+                [{k: t[k] for k in ("trial_id", "run_id", "val_acc", "val_asr", "config")} for t in front],
+                indent=1, default=str))
             plot_dir = Path(d) / "plots"
             plot_dir.mkdir()
             pareto_png(plot_dir / "pareto.png", points)

@@ -53,8 +53,10 @@ def parse_expression(text: str, source: str) -> ast.Expression:
     for node in ast.walk(tree):
         allowed = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Constant, ast.Name, ast.Load, ast.Call) + tuple(_OPS)
         if not isinstance(node, allowed):
-            raise BadInput(f"{source}: derived expression {text!r} may use numbers, keys, + - * / ** and min/max/round only")
-        if isinstance(node, ast.Call) and not (isinstance(node.func, ast.Name) and node.func.id in ("min", "max", "round", "int")):
+            raise BadInput(f"{source}: derived expression {text!r} "
+                           f"may use numbers, keys, + - * / ** and min/max/round only")
+        if isinstance(node, ast.Call) and not (isinstance(node.func, ast.Name)
+                                               and node.func.id in ("min", "max", "round", "int")):
             raise BadInput(f"{source}: derived expression {text!r} may call only min, max, round and int")
     return tree
 
@@ -157,7 +159,8 @@ def _number(value: Any) -> bool:
 def parse_dimension(key: str, spec: Any, source: str) -> Dimension:
     src = f"{source}: space.{key}"
     if not isinstance(spec, dict) or len(spec) != 1:
-        raise BadInput(f"{src}: expected one distribution, e.g. {{uniform: [0.1, 0.4]}}; allowed: {', '.join(DISTRIBUTIONS)}")
+        raise BadInput(f"{src}: expected one distribution, e.g. {{uniform: [0.1, 0.4]}}; "
+                       f"allowed: {', '.join(DISTRIBUTIONS)}")
     (kind, args), = spec.items()
     if kind not in DISTRIBUTIONS:
         raise BadInput(f"{src}: unknown distribution {kind!r}; allowed: {', '.join(DISTRIBUTIONS)}")
@@ -201,20 +204,23 @@ def load_space(path: Path) -> SearchSpace:
     _expect(isinstance(space_raw, dict), source, "space: expected a mapping of config keys to distributions")
     dims = [parse_dimension(str(k), v, source) for k, v in space_raw.items()]
     for key in list(fixed) + [d.key for d in dims]:
-        _expect(key in fields, source, f"space/fixed key {key!r} is not a field of {method}; known: {', '.join(fields)}")
+        _expect(key in fields, source,
+                f"space/fixed key {key!r} is not a field of {method}; known: {', '.join(fields)}")
     overlap = set(fixed) & {d.key for d in dims}
     _expect(not overlap, source, f"{', '.join(sorted(overlap))} is both fixed and searched")
     for d in dims:
         if d.tree is not None:
             missing = expression_names(d.tree) - set(fields)
-            _expect(not missing, f"{source}: space.{d.key}", f"derived from unknown key(s) {', '.join(sorted(missing))}")
+            _expect(not missing, f"{source}: space.{d.key}",
+                    f"derived from unknown key(s) {', '.join(sorted(missing))}")
 
     objective = raw.get("objective") or {"metric": "val_der", "mode": "max"}
     _expect(isinstance(objective, dict), source, "objective: expected {metric: NAME, mode: max|min}")
     metric, mode = str(objective.get("metric", "val_der")), str(objective.get("mode", "max"))
     _expect(not metric.startswith("test_"), source, "objective.metric: tuning reads validation metrics only (val_*)")
     _expect(metric in REPORTED or metric.startswith("val_"), source,
-            f"objective.metric {metric!r} is not a validation metric; e.g. {', '.join(sorted(m for m in REPORTED if m.startswith('val_')))}")
+            f"objective.metric {metric!r} is not a validation metric; "
+            f"e.g. {', '.join(sorted(m for m in REPORTED if m.startswith('val_')))}")
     _expect(mode in ("max", "min"), source, f"objective.mode {mode!r}: use max or min")
 
     sched = raw.get("scheduler") or {}
@@ -222,9 +228,11 @@ def load_space(path: Path) -> SearchSpace:
     scheduler = str(sched.get("name", "fifo"))
     _expect(scheduler in SCHEDULERS, source, f"scheduler.name {scheduler!r}: use {' or '.join(SCHEDULERS)}")
     grace = sched.get("grace_period", 1)
-    _expect(isinstance(grace, int) and grace >= 1, source, "scheduler.grace_period: a positive integer (counts reports)")
+    _expect(isinstance(grace, int) and grace >= 1, source,
+            "scheduler.grace_period: a positive integer (counts reports)")
     max_t = sched.get("max_t")
-    _expect(max_t is None or (isinstance(max_t, int) and max_t >= grace), source, "scheduler.max_t: an integer >= grace_period")
+    _expect(max_t is None or (isinstance(max_t, int) and max_t >= grace), source,
+            "scheduler.max_t: an integer >= grace_period")
     rf = sched.get("reduction_factor", 2)
     _expect(isinstance(rf, int) and rf >= 2, source, "scheduler.reduction_factor: an integer >= 2")
 
@@ -233,7 +241,8 @@ def load_space(path: Path) -> SearchSpace:
     num_samples = raw.get("num_samples", 4)
     _expect(isinstance(num_samples, int) and num_samples >= 1, source, "num_samples: a positive integer")
     max_conc = raw.get("max_concurrent")
-    _expect(max_conc is None or (isinstance(max_conc, int) and max_conc >= 1), source, "max_concurrent: a positive integer")
+    _expect(max_conc is None or (isinstance(max_conc, int) and max_conc >= 1), source,
+            "max_concurrent: a positive integer")
     resources = raw.get("resources") or {}
     _expect(isinstance(resources, dict) and set(resources) <= {"cpus_per_trial", "gpus_per_trial", "workers_per_trial"},
             source, "resources: allowed keys cpus_per_trial, gpus_per_trial, workers_per_trial")
@@ -287,8 +296,8 @@ class SweepPlan:
 
 def default_point(plan: SweepPlan) -> dict[str, Any] | None:
     """The tuned keys at the values a plain run would use (the preset, else the paper's defaults), evaluated as
-    the first trial so the selected trial never scores below not tuning on validation. None where that point is not in the
-    space (a default outside its range), where the user turned it off, or for grids, which enumerate anyway."""
+    the first trial so the selected trial never scores below not tuning on validation. None where that point is not in
+    the space (a default outside its range), where the user turned it off, or for grids, which enumerate anyway."""
     if not plan.default_trial or plan.searcher == "grid" or any(d.kind == "grid" for d in plan.tuned):
         return None
     point = {d.key: plan.base.config.get(d.key) for d in plan.tuned}
@@ -348,7 +357,8 @@ def plan_sweep(
         max_concurrent=max_concurrent if max_concurrent is not None else space.max_concurrent,
         cpus_per_trial=cpus_per_trial if cpus_per_trial is not None else space.resources.get("cpus_per_trial", 1.0),
         gpus_per_trial=gpus_per_trial if gpus_per_trial is not None else space.resources.get("gpus_per_trial"),
-        workers_per_trial=int(workers_per_trial if workers_per_trial is not None else space.resources.get("workers_per_trial", 1)),
+        workers_per_trial=int(workers_per_trial if workers_per_trial is not None
+                              else space.resources.get("workers_per_trial", 1)),
         pinned=pinned, default_trial=default_trial,
     )
     if plan.num_samples < 1:
@@ -363,7 +373,8 @@ def plan_sweep(
     if searcher == "grid":
         bad = [d.key for d in plan.tuned if d.kind not in ("grid", "choice")]
         if bad:
-            raise BadInput(f"{source}: searcher grid needs grid or choice distributions; {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} continuous")
+            raise BadInput(f"{source}: searcher grid needs grid or choice distributions; "
+                           f"{', '.join(bad)} {'is' if len(bad) == 1 else 'are'} continuous")
     validate_space_values(plan)
     return plan
 

@@ -61,7 +61,8 @@ def load_study(path: Path, args) -> StudyPlan:
         method_spec(name, "defense", f"{src}: defenses")
         given = values.get("space")
         # a study's own space path is relative to the study file, so a study folder works from anywhere
-        space = (path.parent / given).resolve() if given and not Path(given).is_absolute() else Path(given or SEARCH_SPACES / f"{name}.yaml")
+        space = ((path.parent / given).resolve() if given and not Path(given).is_absolute()
+                 else Path(given or SEARCH_SPACES / f"{name}.yaml"))
         if not space.is_file():
             raise BadInput(f"{src}: defenses: {name}: space {given} not found (paths are relative to the study file)")
         defenses.append((name, space))
@@ -97,7 +98,8 @@ def load_study(path: Path, args) -> StudyPlan:
                 objective=args.objective,
                 num_samples=_given(args.num_samples, tune.get("num_samples")),
                 max_concurrent=_given(args.max_concurrent, tune.get("max_concurrent")),
-                cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, workers_per_trial=args.workers_per_trial,
+                cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+                workers_per_trial=args.workers_per_trial,
                 default_trial=not getattr(args, "no_default_trial", False),
             )
     return plan
@@ -115,9 +117,10 @@ def run_study(session: Session, study: StudyPlan, args) -> StudyOutcome:
     from orchestrator.execute import build_attack
 
     tracker = session.open_tracker()
-    study_run_id = tracker.start_run(f"study-{study.name}", {"role": "study", "dataset": study.dataset, "model": study.model,
-                                                            "study_file": str(study.path)})
-    tracker.log_params(study_run_id, {"attacks": [a for a, _ in study.attacks], "defenses": [d for d, _ in study.defenses],
+    study_run_id = tracker.start_run(f"study-{study.name}", {"role": "study", "dataset": study.dataset,
+                                                            "model": study.model, "study_file": str(study.path)})
+    tracker.log_params(study_run_id, {"attacks": [a for a, _ in study.attacks],
+                                      "defenses": [d for d, _ in study.defenses],
                                       "seeds": study.seeds, **{f"tune.{k}": v for k, v in study.tune.items()}})
     tags = {"study_run_id": study_run_id}
     failed = 0
@@ -129,10 +132,12 @@ def run_study(session: Session, study: StudyPlan, args) -> StudyOutcome:
             for seed in study.seeds:  # the "no defense" column: the attack itself, per seed
                 first = study.sweeps[(ai, 0)]
                 seeded = resolve_run(first.base.method, study.dataset, study.model, seed, attack,
-                                     attack_base={k: v for k, v in first.base.attack_config.items() if k not in ("seed",)},
+                                     attack_base={k: v for k, v in first.base.attack_config.items()
+                                                  if k not in ("seed",)},
                                      data_base=first.base.data_config, use_preset=False)
-                backdoor, attack_run_id, _ = build_attack(seeded, tracker, session.storage, session.data_root, session.download,
-                                                          extra_tags=tags, device=driver_device(first))
+                backdoor, attack_run_id, _ = build_attack(seeded, tracker, session.storage, session.data_root,
+                                                          session.download, extra_tags=tags,
+                                                          device=driver_device(first))
                 cells.setdefault((attack, "none"), []).append(backdoor.metrics)
                 no_defense.setdefault(attack, []).append(attack_run_id)
             # bdo report reads the column from these ids, not from the study_run_id tag: a cached attack keeps the
@@ -141,7 +146,8 @@ def run_study(session: Session, study: StudyPlan, args) -> StudyOutcome:
             tracker.set_tags(study_run_id, {"no_defense_run_ids": json.dumps(no_defense)})
             for di, (defense, _) in enumerate(study.defenses):
                 plan = study.sweeps[(ai, di)]
-                result = run_sweep(session, plan, extra_tags=tags, parent_id=study_run_id, max_failures=args.max_failures)
+                result = run_sweep(session, plan, extra_tags=tags, parent_id=study_run_id,
+                                   max_failures=args.max_failures)
                 failed += result.failed
                 trials[(attack, defense)] = len(result.trials)
                 if result.best is None:
@@ -183,5 +189,6 @@ def format_table(study: StudyPlan, cells: dict[tuple[str, str], list[dict[str, f
     for (attack, column), runs in cells.items():
         name = "no defense" if column == "none" else column
         summary[(attack, name)] = {"seeds": len(runs), "trials": trials.get((attack, column), 0),
-                                   **{m: mean_std([r.get(f"test_{m}", math.nan) for r in runs]) for m in ("acc", "asr")}}
+                                   **{m: mean_std([r.get(f"test_{m}", math.nan) for r in runs])
+                                      for m in ("acc", "asr")}}
     return render([a for a, _ in study.attacks], columns, summary, ["acc", "asr"], "md")

@@ -12,8 +12,8 @@ import json
 import os
 import subprocess
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable
 
 from orchestrator.errors import BadInput
@@ -168,7 +168,8 @@ class Tracker:
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)[:6000]) for k, v in sorted(scrub(params).items())]
+        items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)[:6000])
+                 for k, v in sorted(scrub(params).items())]
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i : i + 100])
 

@@ -108,7 +108,8 @@ def tune_trainable(config: dict[str, Any], setup: TrialSetup) -> None:
             ctx = TrackedContext(device=device, run_id=run_id, tracker=tracker, reporter=TuneReporter(),
                                  backdoor_obj=None if backdoor is None else backdoor.to(device),
                                  data_root=Path(setup.data_root), download=setup.download,
-                                 data_config=spec.data_cfg(), fast=spec.fast_cfg(), on_report=fault_hook(setup.fault, trial_index(trial_id)),
+                                 data_config=spec.data_cfg(), fast=spec.fast_cfg(),
+                                 on_report=fault_hook(setup.fault, trial_index(trial_id)),
                                  system_metrics=setup.system_metrics)
             if spec.kind == "attack":
                 execute_attack(spec, ctx, tracker, run_id)
@@ -158,13 +159,15 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     spec = trial_spec(setup, loop_config["config"])
-    device = torch.device("cuda", context.get_local_rank()) if (setup.plan.gpus_per_trial > 0 and torch.cuda.is_available()) else torch.device("cpu")
+    device = (torch.device("cuda", context.get_local_rank())
+              if (setup.plan.gpus_per_trial > 0 and torch.cuda.is_available()) else torch.device("cpu"))
     tracker = Tracker(setup.tracking_uri, experiment_id=setup.experiment_id) if rank == 0 else None
     backdoor = _backdoor(setup)
     ctx = TrackedContext(device=device, run_id=loop_config["run_id"] if rank == 0 else None, tracker=tracker,
                          reporter=TrainReporter(rank), backdoor_obj=None if backdoor is None else backdoor.to(device),
                          rank=rank, world_size=world, data_root=Path(setup.data_root), download=setup.download,
-                         data_config=spec.data_cfg(), fast=spec.fast_cfg(), on_report=fault_hook(setup.fault, trial_index(loop_config["trial_id"])),
+                         data_config=spec.data_cfg(), fast=spec.fast_cfg(),
+                         on_report=fault_hook(setup.fault, trial_index(loop_config["trial_id"])),
                          system_metrics=setup.system_metrics)
     if spec.kind == "attack":
         _, state = execute_attack(spec, ctx, tracker, ctx.run_id)
@@ -177,5 +180,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     digests = [None] * world
     dist.all_gather_object(digests, digest)
     if rank == 0:
-        tracker.set_tags(ctx.run_id, {"ddp_world_size": world, "ddp_weights_identical": str(len(set(digests)) == 1).lower(),
+        tracker.set_tags(ctx.run_id, {"ddp_world_size": world,
+                                      "ddp_weights_identical": str(len(set(digests)) == 1).lower(),
                                       "weights_sha256": digest})

@@ -14,7 +14,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("BDO_SYSTEM_METRICS", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
-import methods  # noqa: E402  (registers everything)
+import methods  # noqa: E402, F401  (registers everything)
 from methods.attacks.base import Backdoor  # noqa: E402
 from methods.core.context import LocalContext  # noqa: E402
 from methods.core.method import get_method  # noqa: E402

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 
+from methods.attacks.triggers import Trigger, trigger_from_state
 from methods.core.config import Config, choice, ranged
 from methods.core.context import RunContext
 from methods.core.metrics import accuracy
@@ -31,7 +31,6 @@ from methods.core.training import (
 from methods.data.augment import standard_augment
 from methods.data.base import DatasetInfo, Splits, load_splits
 from methods.models.base import BackdoorModel, build_model
-from methods.attacks.triggers import Trigger, trigger_from_state
 
 LABEL_MODES = ("all2one", "all2all", "cleanLabel")
 # default: D-BR's counts (all2one: rate x non-target images, all2all: rate x N, cleanLabel: rate x target class);
@@ -143,7 +142,8 @@ class PoisonedData:
             xs, ys = x[keep], y[keep]
             self._backdoor_sets[split] = (
                 self.trigger.apply(xs, test=True),
-                poison_targets(ys, "all2one" if self.label_mode == "cleanLabel" else self.label_mode, self.target, self.num_classes),
+                poison_targets(ys, "all2one" if self.label_mode == "cleanLabel" else self.label_mode, self.target,
+                               self.num_classes),
                 ys,
             )
         return self._backdoor_sets[split]
@@ -184,7 +184,8 @@ class Backdoor:
         return model.to(device)
 
     def to(self, device: torch.device) -> "Backdoor":
-        return Backdoor(self.attack, self.config, self.data.to(device), self.model_name, self.model_state, self.metrics, self.seeds)
+        return Backdoor(self.attack, self.config, self.data.to(device), self.model_name, self.model_state, self.metrics,
+                        self.seeds)
 
     # Saved as safetensors (tensors) plus JSON (everything else): loading never executes code.
     def save(self, directory: Path) -> None:
@@ -224,8 +225,10 @@ class Backdoor:
             info_fields[key] = tuple(info_fields[key])
         info = DatasetInfo(**info_fields)
         trigger = trigger_from_state(meta["trigger"]["kind"], meta["trigger"]["params"], part("trigger."))
-        data = PoisonedData(info=info, trigger=trigger, label_mode=meta["label_mode"], target=meta["target"], **part("data."))
-        return Backdoor(meta["attack"], meta["config"], data, meta["model_name"], part("model."), meta["metrics"], meta["seeds"])
+        data = PoisonedData(info=info, trigger=trigger, label_mode=meta["label_mode"], target=meta["target"],
+                            **part("data."))
+        return Backdoor(meta["attack"], meta["config"], data, meta["model_name"], part("model."), meta["metrics"],
+                        meta["seeds"])
 
 
 TriggerFactory = Callable[[DatasetInfo, Any, int], Trigger]

@@ -7,8 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-
 from methods.attacks.base import AttackConfig, run_attack
 from methods.attacks.triggers import BlendTrigger, image_file_pattern, random_pattern, stripe_pattern
 from methods.core.config import choice, ranged

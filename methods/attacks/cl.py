@@ -15,10 +15,10 @@ import torch
 from methods.attacks.base import LABEL_MODES, AttackConfig, build_poisoned_data, run_attack, train_classifier
 from methods.attacks.triggers import PatchTrigger, four_corner_pattern
 from methods.core.config import choice, ranged
-from methods.core.pgd import pgd_untargeted
-from methods.core.metrics import accuracy
-from methods.core.training import predict_logits, to_float
 from methods.core.method import register_method
+from methods.core.metrics import accuracy
+from methods.core.pgd import pgd_untargeted
+from methods.core.training import predict_logits, to_float
 from methods.data.base import DatasetInfo
 from methods.models.base import build_model
 

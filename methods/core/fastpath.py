@@ -82,7 +82,8 @@ class FastForward(nn.Module):
         self.device_type, self.bf16, self.channels_last = device_type, bf16, channels_last
         self.compiled_batch: int | None = None
         # Kept outside the module tree so the compiled wrapper never appears in state_dict.
-        compiled = torch.compile(module, mode=None if compile_mode == "default" else compile_mode) if compile_model else None
+        compiled = (torch.compile(module, mode=None if compile_mode == "default" else compile_mode)
+                    if compile_model else None)
         object.__setattr__(self, "_compiled", compiled)
 
     def _route(self, args: tuple) -> nn.Module:

@@ -2,7 +2,8 @@
 
 Runs on the model in eval mode (BatchNorm uses running statistics) and restores the previous mode. Epsilon and
 step size are in [0, 1] pixel units because every model normalises its input itself. Random start and clamping
-to [0, 1] are on by default (a fix docs/methods.md#aft recommends: the official loop without them was numerically unstable);
+to [0, 1] are on by default (a fix docs/methods.md#aft recommends: the official loop without them was numerically
+unstable);
 `random_start=False, clamp=False` reproduces the PBE code.
 """
 from __future__ import annotations

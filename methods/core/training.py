@@ -181,7 +181,8 @@ def _generator_device_type(generators: dict[str, torch.Generator]) -> str | None
     return types.pop() if len(types) == 1 else None
 
 
-def sgd(params, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4, nesterov: bool = False) -> torch.optim.SGD:
+def sgd(params, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,
+        nesterov: bool = False) -> torch.optim.SGD:
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
 
 

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from methods.data.base import DatasetInfo
 
 
-def _uniform(shape: tuple[int, ...], g: torch.Generator, device: torch.device, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+def _uniform(shape: tuple[int, ...], g: torch.Generator, device: torch.device, lo: float = 0.0,
+             hi: float = 1.0) -> torch.Tensor:
     return lo + (hi - lo) * torch.rand(shape, generator=g, device=device)
 
 
@@ -40,7 +41,8 @@ def horizontal_flip(x: torch.Tensor, g: torch.Generator, p: float = 0.5) -> torc
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
-def affine(x: torch.Tensor, angle_rad: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+def affine(x: torch.Tensor, angle_rad: torch.Tensor, shift: torch.Tensor,
+           scale: torch.Tensor | None = None) -> torch.Tensor:
     """Rotate by `angle_rad` (B,) and translate by `shift` (B, 2) in fractions of the image size; zero fill."""
     b = x.shape[0]
     cos, sin = torch.cos(angle_rad), torch.sin(angle_rad)

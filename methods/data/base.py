@@ -7,7 +7,7 @@ which normalises inside itself, so pixel-space epsilons and triggers mean what t
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -86,7 +86,8 @@ def default_data_root() -> Path:
     return Path(os.environ.get("BDO_DATA_ROOT", Path.home() / ".cache" / "bdo" / "data")).expanduser()
 
 
-def load_raw(name: str, data_root: Path | None = None, download: bool = False, cfg: DataConfig | None = None) -> RawDataset:
+def load_raw(name: str, data_root: Path | None = None, download: bool = False,
+             cfg: DataConfig | None = None) -> RawDataset:
     cfg = cfg or DataConfig()
     builder = DATASETS.get(name)
     raw: RawDataset = builder(data_root=Path(data_root or default_data_root()), download=download, cfg=cfg)

@@ -57,7 +57,8 @@ class AdversarialFinetuneConfig(DefenseConfig):
 
     adv_eps: float = ranged(6 / 255, 0.0, 1.0, "L-inf radius of the PGD examples, in [0, 1] pixel units")
     adv_steps: int = ranged(7, 1, 1000, "PGD iterations")
-    adv_step_size: Optional[float] = ranged(None, 0.0, 1.0, "PGD step in pixel units (default adv_eps / 5, as the code)")
+    adv_step_size: Optional[float] = ranged(None, 0.0, 1.0,
+                                            "PGD step in pixel units (default adv_eps / 5, as the code)")
     adv_random_start: bool = True
     adv_clamp: bool = True
     lr: float = ranged(1e-3, 0.0, 10.0, "constant SGD learning rate")

@@ -26,7 +26,8 @@ Deviations, all for reasons of scale or bookkeeping:
   repeats them.
 - The final per-sample scores and pools handed over for scores.parquet are those of the last epoch's split (the
   one the final model was trained with): the SCE loss in stages 1-2, the loss drop of the meta split in stage 3,
-  both higher = more suspicious. The latest model is returned (a fix docs/methods.md#asd recommends), not the best-test-ACC one.
+  both higher = more suspicious. The latest model is returned (a fix docs/methods.md#asd recommends), not the
+  best-test-ACC one.
 """
 from __future__ import annotations
 
@@ -93,7 +94,8 @@ class ASDConfig(DefenseConfig):
     meta_lr: float = ranged(0.015, 1e-8, 10.0, "Adam lr of the meta split's virtual model")
     meta_epochs: int = ranged(1, 1, 1000, "supervised epochs of the virtual model")
     meta_batch_size: int = ranged(128, 1, 65_536)
-    meta_layers: str = choice("late", META_LAYERS, "layers the virtual model trains: the model's late modules or the classifier")
+    meta_layers: str = choice("late", META_LAYERS,
+                              "layers the virtual model trains: the model's late modules or the classifier")
     temperature: float = ranged(0.5, 0.01, 10.0, "MixMatch sharpening temperature T")
     mixup_alpha: float = ranged(0.75, 0.01, 100.0, "MixUp Beta(alpha, alpha)")
     lambda_u: float = ranged(15.0, 0.0, 10_000.0, "weight of the unlabeled loss after the ramp")
@@ -157,7 +159,8 @@ def clean_seed_indices(backdoor: Backdoor, seed_num: int, clean_seed: int) -> to
     return torch.cat(picked).sort().values.to(data.y_train.device)
 
 
-def class_aware_pool(loss: torch.Tensor, y: torch.Tensor, seeds: torch.Tensor, per_class: int, num_classes: int) -> torch.Tensor:
+def class_aware_pool(loss: torch.Tensor, y: torch.Tensor, seeds: torch.Tensor, per_class: int,
+                     num_classes: int) -> torch.Tensor:
     """Stage 1: the seeds plus, per labeled class, the `per_class` non-seed images of lowest loss (bool mask)."""
     clean = torch.zeros_like(y, dtype=torch.bool)
     clean[seeds] = True
@@ -177,7 +180,8 @@ def lowest_fraction_pool(score: torch.Tensor, epsilon: float) -> torch.Tensor:
 
 
 def meta_loss_drop(model: BackdoorModel, x: torch.Tensor, y: torch.Tensor, loss_before: torch.Tensor,
-                   cfg: ASDConfig, info: DatasetInfo, g_meta: torch.Generator, g_record: torch.Generator) -> torch.Tensor:
+                   cfg: ASDConfig, info: DatasetInfo, g_meta: torch.Generator,
+                   g_record: torch.Generator) -> torch.Tensor:
     """Stage 3: how much each image's split loss drops after a virtual copy's late layers take `meta_epochs`
     supervised CE epochs on the full poisoned set. Poisoned images, easy to fit, drop most."""
     virtual = copy.deepcopy(model)
@@ -200,7 +204,8 @@ def index_stream(pool: torch.Tensor, count: int, g: torch.Generator) -> torch.Te
 
 def mixmatch_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                    clean_idx: torch.Tensor, polluted_idx: torch.Tensor, epoch: int, cfg: ASDConfig,
-                   info: DatasetInfo, g: torch.Generator, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:
+                   info: DatasetInfo, g: torch.Generator, rank: int = 0,
+                   world_size: int = 1) -> dict[str, torch.Tensor]:
     """One epoch of MixMatch: the clean pool labeled, the polluted pool unlabeled. Returns mean losses as tensors."""
     iters, bs = cfg.iterations_per_epoch, cfg.batch_size
     num_classes = info.num_classes
@@ -247,8 +252,10 @@ def run(ctx: RunContext, cfg: ASDConfig):
         torch.manual_seed(derive_seed(cfg.seed, "asd-init"))
         model = build_model(backdoor.model_name, info).to(ctx.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gens = {name: make_generator(derive_seed(cfg.seed, f"asd-{name}"), ctx.device) for name in ("train", "record", "meta")}
-    seeds = clean_seed_indices(backdoor, cfg.seed_num, backdoor.seeds["clean_seed"] if cfg.clean_seed is None else cfg.clean_seed)
+    gens = {name: make_generator(derive_seed(cfg.seed, f"asd-{name}"), ctx.device)
+            for name in ("train", "record", "meta")}
+    seeds = clean_seed_indices(backdoor, cfg.seed_num,
+                               backdoor.seeds["clean_seed"] if cfg.clean_seed is None else cfg.clean_seed)
 
     series: dict[str, list[float]] = {"epoch": [], "clean_pool_size": [], "clean_pool_poisoned": [], "stage": []}
     pools = scores = None

@@ -12,9 +12,9 @@ Deviations from the official code:
   buys a larger ASR drop (it prefers ACC 0.85 / ASR 0.00 to ACC 0.98 / ASR 0.14). Every round reports
   `br_kept_round` (the choice so far) and `br_acc_floor`; when the kept round is not the last, the returned model
   is reported once more as the final step (methods.defenses.common.final_result);
-- the unlearning phase's lr is br_lr x `br_unlearn_lr_scale` (a fix docs/methods.md#d-br recommends, default 1.0: the code's single lr)
-  and `br_relearn_epochs` (default 1, as the code) sets the relearning per round, so the balance of the two
-  phases can be tuned: unbounded ascent wrecks a model once its lr is a little too large;
+- the unlearning phase's lr is br_lr x `br_unlearn_lr_scale` (a fix docs/methods.md#d-br recommends, default 1.0:
+  the code's single lr) and `br_relearn_epochs` (default 1, as the code) sets the relearning per round, so the
+  balance of the two phases can be tuned: unbounded ascent wrecks a model once its lr is a little too large;
 - SD follows `sd` (see its deviations).
 """
 from __future__ import annotations
@@ -59,7 +59,8 @@ def _ascent(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def _beats(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Round a is at least as good as b on both val ACC and val ASR (the later round wins a full tie)."""
-    return a["acc"] >= b["acc"] and a["asr"] <= b["asr"] and (a["acc"], -a["asr"], a["round"]) > (b["acc"], -b["asr"], b["round"])
+    return (a["acc"] >= b["acc"] and a["asr"] <= b["asr"]
+            and (a["acc"], -a["asr"], a["round"]) > (b["acc"], -b["asr"], b["round"]))
 
 
 def update_candidates(candidates: list[dict[str, Any]], new: dict[str, Any], margin: float,

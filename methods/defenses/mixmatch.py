@@ -50,7 +50,8 @@ def _log_gamma_samples(concentration: float, n: int, g: torch.Generator, device:
     return out
 
 
-def sample_beta(alpha: float, beta: float, n: int, g: torch.Generator, device: torch.device | None = None) -> torch.Tensor:
+def sample_beta(alpha: float, beta: float, n: int, g: torch.Generator,
+                device: torch.device | None = None) -> torch.Tensor:
     """n draws of Beta(alpha, beta) (float32) from the generator `g` only."""
     if alpha <= 0 or beta <= 0:
         raise ValueError(f"mixup_alpha: Beta parameters must be > 0, got ({alpha}, {beta})")
@@ -67,7 +68,8 @@ def mixup_lambdas(alpha: float, n: int, g: torch.Generator, device: torch.device
     return torch.maximum(lam, 1.0 - lam)
 
 
-def mixup(x: torch.Tensor, targets: torch.Tensor, lam: torch.Tensor | float, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def mixup(x: torch.Tensor, targets: torch.Tensor, lam: torch.Tensor | float,
+          g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Mix every sample (and its soft target) with a random partner of the same batch:
     lam * own + (1 - lam) * partner, the partners a permutation drawn from `g`."""
     perm = torch.randperm(x.shape[0], generator=g, device=x.device)

@@ -30,7 +30,8 @@ Deviations from the official code (github.com/John-niu-07/BPE), as docs/methods.
 - The top-rate list has no entry after the last step, where the code fails with an index error; here the last
   re-scoring only produces the final scores.
 - With top_rates None, the rates are a linear ramp top_rate_first .. top_rate_last over the n_steps - 1
-  re-selections (the parametrisation of docs/methods.md#pbe for sweeps, so n_steps can vary); the code's list is the default.
+  re-selections (the parametrisation of docs/methods.md#pbe for sweeps, so n_steps can vary); the code's list is the
+  default.
 - The optimizer and its momentum carry across steps as in the code; `reset_optimizer_each_step` resets them. A
   rerun of step 0 always starts afresh (infected weights, no momentum).
 - The step-0 check and reruns above, and the other similarity measures of docs/methods.md#pbe (KL of the softmax, argmax
@@ -60,7 +61,6 @@ from methods.core.training import (
 from methods.defenses.aft import AdversarialFinetuneConfig, adversarial_finetune_epoch
 from methods.defenses.common import DefenseResult, evaluate_with_der, final_result, hand_off_scores
 
-
 SIMILARITIES = ("cosine_logits", "kl_softmax", "argmax")
 ARGMAX_TIE_WEIGHT = 1e-3
 
@@ -74,7 +74,8 @@ class PBEConfig(AdversarialFinetuneConfig):
                                               "trusted fraction after steps 0 .. n_steps - 2 (None: the ramp below)")
     top_rate_first: float = ranged(0.2, 0.0, 1.0, "when top_rates is None: the rate after step 0 ...")
     top_rate_last: float = ranged(0.7, 0.0, 1.0, "... rising linearly to this rate after step n_steps - 2")
-    later_adv_batches: Optional[int] = ranged(31, 0, None, "adversarial batches of the first epoch of steps >= 1 (None: all)")
+    later_adv_batches: Optional[int] = ranged(31, 0, None,
+                                              "adversarial batches of the first epoch of steps >= 1 (None: all)")
     reset_optimizer_each_step: bool = False
     # How unchanged a training image's prediction is after a step, in [0, 1] (1 = unchanged); the most unchanged
     # images form the next trusted subset. cosine_logits: 0.5 + 0.5 cos of the raw logits (the code);

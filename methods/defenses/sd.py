@@ -9,8 +9,8 @@ into a clean pool (lowest scores, fraction alpha_c), a poisoned pool (highest, a
 
 Deviations from the official code:
 - the split is made by rank on one set of scores (averaged over `fct_n_draws` transformation draws), so the
-  pools hold exactly floor(alpha_c N) / floor(alpha_p N) samples (a fix docs/methods.md#sd recommends); the code's second scoring
-  pass with a fresh transformation against the first pass's thresholds is `split_rescore=True`;
+  pools hold exactly floor(alpha_c N) / floor(alpha_p N) samples (a fix docs/methods.md#sd recommends); the code's
+  second scoring pass with a fresh transformation against the first pass's thresholds is `split_rescore=True`;
 - the FCT score is the mean over feature dimensions of the squared change, as in the code (the paper's sum
   divided by the feature width; same ranking);
 - `fct_model="backdoored"` scores with the attacked model instead of the short no-augmentation one (a switch issue

@@ -22,17 +22,21 @@ CASES = {
     "attack given to defend": (["defend", "badnets"], "is an attack"),
     "unknown dataset": (["attack", "badnets", "--dataset", "imagenet9"], "dataset: unknown 'imagenet9'"),
     "unknown model": (["attack", "badnets", "--model", "resnet9000"], "model: unknown 'resnet9000'"),
-    "attack flag on an attack space": (["tune", str(SPACES / "badnets.yaml"), "--attack", "blend"], "--attack applies to defenses"),
+    "attack flag on an attack space": (["tune", str(SPACES / "badnets.yaml"), "--attack", "blend"],
+                                       "--attack applies to defenses"),
     "rate outside [0, 1]": (["attack", "badnets", "--set", "poison_rate=1.5"], "poison_rate: 1.5 is outside"),
     "wrong type": (["attack", "badnets", "--set", "epochs=ten"], "epochs: expected int"),
     "unknown key": (["attack", "badnets", "--set", "epohcs=3"], "unknown key(s) epohcs"),
     "bad data key": (["attack", "badnets", "--set", "data.val_fraction=0.9"], "val_fraction: 0.9 is outside"),
     "malformed --set": (["attack", "badnets", "--set", "epochs"], "expected key=value"),
     "missing space file": (["tune", "no/such/space.yaml"], "search space file not found"),
-    "pareto with asha": (["tune", str(SPACES / "badnets.yaml"), "--objective", "pareto", "--scheduler", "asha"], "ASHA is single-objective"),
+    "pareto with asha": (["tune", str(SPACES / "badnets.yaml"), "--objective", "pareto", "--scheduler", "asha"],
+                         "ASHA is single-objective"),
     "unknown flag": (["tune", str(SPACES / "badnets.yaml"), "--num-smaples", "3"], "unrecognized arguments"),
-    "GPU share this machine lacks": (["tune", str(SPACES / "badnets.yaml"), "--gpus-per-trial", "0.5"], "no node has a GPU"),
-    "GPU share above 1 as a fraction": (["tune", str(SPACES / "badnets.yaml"), "--gpus-per-trial", "1.5"], "whole GPUs"),
+    "GPU share this machine lacks": (["tune", str(SPACES / "badnets.yaml"), "--gpus-per-trial", "0.5"],
+                                     "no node has a GPU"),
+    "GPU share above 1 as a fraction": (["tune", str(SPACES / "badnets.yaml"), "--gpus-per-trial", "1.5"],
+                                        "whole GPUs"),
     "zero samples": (["tune", str(SPACES / "badnets.yaml"), "--num-samples", "0"], "--num-samples 0: a positive"),
     "zero concurrency": (["tune", str(SPACES / "badnets.yaml"), "--max-concurrent", "0"], "--max-concurrent 0"),
     "negative concurrency": (["tune", str(SPACES / "badnets.yaml"), "--max-concurrent", "-2"], "--max-concurrent -2"),
@@ -43,8 +47,10 @@ CASES = {
     "attack run in a missing store": (["defend", "ft", "--attack-run", "doesnotexist"], "no MLflow store"),
     "resume in a missing store": (["tune", str(SPACES / "badnets.yaml"), "--resume", "BADID"], "no MLflow store"),
     "study in a missing store": (["report", "--study", "deadbeef"], "no MLflow store"),
-    "quickstart on missing data": (["quickstart", "--dataset", "cifar10", "--data-root", "/nonexistent/bdo"], "--download"),
-    "missing real dataset": (["attack", "badnets", "--dataset", "cifar10", "--data-root", "/nonexistent/bdo"], "--download"),
+    "quickstart on missing data": (["quickstart", "--dataset", "cifar10", "--data-root", "/nonexistent/bdo"],
+                                   "--download"),
+    "missing real dataset": (["attack", "badnets", "--dataset", "cifar10", "--data-root", "/nonexistent/bdo"],
+                             "--download"),
 }
 
 
@@ -69,9 +75,11 @@ SPACE_CASES = {
     "unknown distribution": ("method: badnets\nspace:\n  lr: {normal: [0.1, 0.01]}\n", "unknown distribution 'normal'"),
     "unknown top-level key": ("method: badnets\nspaces: {}\n", "unknown key(s) spaces"),
     "key not in the config": ("method: badnets\nspace:\n  lrr: {uniform: [0.01, 0.1]}\n", "'lrr' is not a field"),
-    "range outside the config's": ("method: badnets\nspace:\n  poison_rate: {uniform: [0.1, 1.5]}\n", "poison_rate: 1.5 is outside"),
+    "range outside the config's": ("method: badnets\nspace:\n  poison_rate: {uniform: [0.1, 1.5]}\n",
+                                   "poison_rate: 1.5 is outside"),
     "wrong type in choice": ("method: badnets\nspace:\n  epochs: {choice: [2, three]}\n", "epochs: expected int"),
-    "test metric as objective": ("method: badnets\nobjective: {metric: test_asr, mode: max}\n", "validation metrics only"),
+    "test metric as objective": ("method: badnets\nobjective: {metric: test_asr, mode: max}\n",
+                                 "validation metrics only"),
     "unknown method": ("method: nomethod\n", "unknown method 'nomethod'"),
     "negative fixed epsilon": ("method: cl\nfixed: {pgd_eps: -0.1}\n", "pgd_eps: -0.1 is outside"),
     "randint low >= high": ("method: badnets\nspace:\n  epochs: {randint: [5, 5]}\n", "must be < high"),
@@ -152,8 +160,10 @@ def test_bad_ids_in_an_existing_store_name_the_run(tmp_path, monkeypatch, capsys
     capsys.readouterr()  # MLflow's own lines while it created the store
     before = (tmp_path / "mlflow.db").read_bytes()
     cases = [(["report", "--tracking-uri", store, "--study", "deadbeef"], "--study deadbeef: no such run"),
-             (["defend", "ft", "--tracking-uri", store, "--attack-run", "doesnotexist"], "--attack-run doesnotexist: no such run"),
-             (["tune", str(SPACES / "badnets.yaml"), "--tracking-uri", store, "--resume", "BADID"], "--resume BADID: no such run")]
+             (["defend", "ft", "--tracking-uri", store, "--attack-run", "doesnotexist"],
+              "--attack-run doesnotexist: no such run"),
+             (["tune", str(SPACES / "badnets.yaml"), "--tracking-uri", store, "--resume", "BADID"],
+              "--resume BADID: no such run")]
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
@@ -170,7 +180,8 @@ def test_a_study_space_is_found_beside_the_study_file(tmp_path, monkeypatch):
     folder = tmp_path / "studies"
     folder.mkdir()
     (folder / "ft-small.yaml").write_text((SPACES / "ft.yaml").read_text())
-    study = write(folder / "study.yaml", "attacks: [badnets]\ndefenses: [{name: ft, space: ft-small.yaml}]\nseeds: [0]\n")
+    study = write(folder / "study.yaml",
+                  "attacks: [badnets]\ndefenses: [{name: ft, space: ft-small.yaml}]\nseeds: [0]\n")
     monkeypatch.chdir(tmp_path)
     args = argparse.Namespace(dataset=None, model=None, seed=None, set=[], no_preset=False, quick=True,
                               searcher=None, scheduler=None, objective=None, num_samples=None, max_concurrent=None,

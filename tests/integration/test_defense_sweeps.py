@@ -2,7 +2,6 @@
 params, per-step metrics and artifacts, and the attack trained exactly once for the whole sweep."""
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -48,7 +47,8 @@ def test_four_trial_defense_sweep(defense, flags, ray_session, workdir, capsys):
         assert t.data.tags["attack_run_id"] == attack.info.run_id
         assert t.info.status == "FINISHED"
         assert t.data.params["method"] == defense and "attack.poison_rate" in t.data.params
-        assert {"git_commit", "dataset", "model", "split_seed", "poison_seed", "train_seed", "clean_seed"} <= set(t.data.tags)
+        assert ({"git_commit", "dataset", "model", "split_seed", "poison_seed", "train_seed", "clean_seed"}
+                <= set(t.data.tags))
         assert EVAL_METRICS <= set(t.data.metrics), sorted(t.data.metrics)
         history = client.get_metric_history(t.info.run_id, "val_acc")
         assert len(history) >= 1 and [m.step for m in history] == sorted(m.step for m in history)

@@ -74,7 +74,8 @@ def tune_trial_status(storage: Path) -> dict[str, str]:
 # --- a trial's process is SIGKILLed -------------------------------------------------------------------------------
 
 def test_killed_trial_retries_from_its_checkpoint_and_ends_bit_identical(ray_session, workdir, tmp_path, monkeypatch):
-    common = ["tune", str(SPACES / "badnets.yaml"), "--num-samples", "1", "--set", "epochs=3", "--max-failures", "1", *PINNED]
+    common = ["tune", str(SPACES / "badnets.yaml"), "--num-samples", "1", "--set", "epochs=3", "--max-failures", "1",
+              *PINNED]
     marker = tmp_path / "fault" / "fired"
     marker.parent.mkdir()
     monkeypatch.setenv("BDO_FAULT", f"kill:step=2:trial=0:once={marker}")
@@ -110,9 +111,9 @@ def test_sweep_survives_losing_a_worker_node(tmp_path, mlflow_template):
     with mlflow_server(tmp_path / "mlflow", mlflow_template) as server, \
             ray_cluster(tmp_path, head_cpus=1, worker_cpus=(1,)) as cluster:
         url = server.ready()
-        args = ["tune", str(SPACES / "badnets.yaml"), "--num-samples", "2", "--cpus-per-trial", "1", "--set", "epochs=4",
-                "--max-failures", "2", *PINNED, "--address", cluster.address, "--tracking-uri", url,
-                "--storage", str(tmp_path / "shared")]
+        args = ["tune", str(SPACES / "badnets.yaml"), "--num-samples", "2", "--cpus-per-trial", "1",
+                "--set", "epochs=4", "--max-failures", "2", *PINNED, "--address", cluster.address,
+                "--tracking-uri", url, "--storage", str(tmp_path / "shared")]
         # both trials hold at step 2 until the worker is gone, so the one on the worker is surely mid-run
         release = tmp_path / "release"
         with open(log, "w") as out:
@@ -133,7 +134,8 @@ def test_sweep_survives_losing_a_worker_node(tmp_path, mlflow_template):
                     return on[worker].info.run_id
                 return None
 
-            moved = wait_until(trial_on_worker_trained, 240, "a trial training on each node", poll=1.0, why=lambda: tail(log))
+            moved = wait_until(trial_on_worker_trained, 240, "a trial training on each node", poll=1.0,
+                               why=lambda: tail(log))
             cluster.kill_worker(0)
             release.touch()
             driver.wait(300)
@@ -163,8 +165,8 @@ def test_driver_killed_mid_sweep_then_resume_finishes_it(tmp_path, mlflow_templa
     work.mkdir()
     shutil.copy(mlflow_template, work / "mlflow.db")
     storage = work / "bdo_runs"
-    args = ["tune", str(SPACES / "badnets.yaml"), "--num-samples", "2", "--max-concurrent", "1", "--cpus-per-trial", "1",
-            "--set", "epochs=3", *PINNED]
+    args = ["tune", str(SPACES / "badnets.yaml"), "--num-samples", "2", "--max-concurrent", "1",
+            "--cpus-per-trial", "1", "--set", "epochs=3", *PINNED]
     ray_tmp = short_tmp()
     log = tmp_path / "driver.log"
     # the second trial holds at step 2 (after step 1's checkpoint) until released, so the kill surely lands
@@ -198,7 +200,8 @@ def test_driver_killed_mid_sweep_then_resume_finishes_it(tmp_path, mlflow_templa
         # what dies with a driver's host: its local Ray (some of whose agents outlive a SIGKILLed driver)
         kill_marked(ray_tmp)
 
-        finished_before = {t.data.tags["trial_id"]: t for t in before if before_status.get(t.data.tags["trial_id"]) == "TERMINATED"}
+        finished_before = {t.data.tags["trial_id"]: t for t in before
+                           if before_status.get(t.data.tags["trial_id"]) == "TERMINATED"}
         assert finished_before and all(t.info.status == "FINISHED" for t in finished_before.values())
         orphans = [r for r in experiment_runs(client, "tags.role = 'trial'") if r.info.status == "RUNNING"]
         assert orphans, "the kill should have left the training trial's run RUNNING"

@@ -201,7 +201,8 @@ def mlflow_server(root: Path, template: Path) -> Iterator[MlflowServer]:
     log = root / "server.log"
     env = {**os.environ, **BASE_ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")]
+               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+               "--artifacts-destination", str(root / "artifacts")]
     with open(log, "w") as out:
         process = subprocess.Popen(command, env=env, cwd=root, stdin=subprocess.DEVNULL, stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)
@@ -249,7 +250,8 @@ def test_sweep_spreads_over_two_nodes_and_logs_to_an_mlflow_server(tmp_path, mlf
         trials = experiment_runs(client, f"tags.mlflow.parentRunId = '{sweep.info.run_id}'")
         assert len(trials) == 2 and all(t.info.status == "FINISHED" for t in trials), [t.info.status for t in trials]
         nodes = {t.data.tags.get("ray_node_id") for t in trials}
-        assert nodes == {cluster.head, *cluster.workers}, f"trials ran on {nodes}, cluster is {cluster.head} + {cluster.workers}"
+        assert nodes == {cluster.head, *cluster.workers}, (
+            f"trials ran on {nodes}, cluster is {cluster.head} + {cluster.workers}")
 
         artifacts_root = tmp_path / "mlflow" / "artifacts"
         for trial in trials:
@@ -283,4 +285,5 @@ def test_local_sqlite_store_is_refused_on_a_multi_node_cluster(tmp_path):
     assert len(errors) == 1, explain(done)
     assert errors[0].startswith("bdo: error: --tracking-uri sqlite:///") and "2 nodes" in errors[0], errors[0]
     assert "Traceback" not in done.stderr, explain(done)
-    assert not (work / "mlflow.db").exists() and not (tmp_path / "bdo_runs").exists(), "refused before creating anything"
+    assert not (work / "mlflow.db").exists() and not (tmp_path / "bdo_runs").exists(), (
+        "refused before creating anything")

@@ -4,8 +4,9 @@ The commands are read from the README itself, so a command added there is tested
 Left out: `make demo` / `make test` (they build the venv and run this suite) and the cluster section's `ray ...`
 commands, which need a cluster; a `bdo` command inside `ray job submit` belongs to its job and is left out with it.
 `--quick` is added to every command whose subcommand has it. `bdo quickstart --quick` is left to
-test_quickstart.py, which runs that same command and checks its output. `bdo ui` serves until Ctrl-C, so its server start
-is replaced by a stub that checks what it was asked to serve (tests/integration/test_ui_browser.py runs a real one).
+test_quickstart.py, which runs that same command and checks its output. `bdo ui` serves until Ctrl-C, so its
+server start is replaced by a stub that checks what it was asked to serve (tests/integration/test_ui_browser.py runs a
+real one).
 """
 from __future__ import annotations
 

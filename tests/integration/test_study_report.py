@@ -53,7 +53,8 @@ def check_png(path: Path) -> None:
     data = path.read_bytes()
     assert len(data) > len(PNG_SIGNATURE) and data.startswith(PNG_SIGNATURE), f"{path.name} is not a PNG"
     pixels = image.imread(path)
-    assert pixels.ndim == 3 and pixels.shape[0] > 50 and pixels.shape[1] > 50 and pixels.shape[2] in (3, 4), pixels.shape
+    assert (pixels.ndim == 3 and pixels.shape[0] > 50 and pixels.shape[1] > 50
+            and pixels.shape[2] in (3, 4)), pixels.shape
     # A figure that failed to draw anything is a flat white canvas.
     assert float(pixels[..., :3].std()) > 0.01, f"{path.name} is blank"
 
@@ -108,7 +109,8 @@ def check_table(header: list[str], rows: list[list[str]], expected: dict, fmt: s
         for column, text in zip(header[1:], row[1:]):
             got, want = parse_cell(text), expected[(row[0], column)]
             assert got["seeds"] == len(SEEDS) == want["seeds"], (fmt, row[0], column, text)
-            assert got["trials"] == want["trials"] == (0 if column == "no defense" else TRIALS), (fmt, row[0], column, text)
+            assert got["trials"] == want["trials"] == (0 if column == "no defense" else TRIALS), (
+                fmt, row[0], column, text)
             for m in ("acc", "asr"):
                 # the table prints percentages to one decimal: half a unit of the last digit is all it may lose
                 for shown, true in zip(got[m], want[m]):

@@ -78,7 +78,8 @@ def test_optuna_pareto_sweep_returns_a_front(ray_session, workdir, capsys):
     assert {"pareto.png", "search_history.png", "param_importance.png"} <= drawn, drawn
     points = [(t.data.metrics["val_acc"], t.data.metrics["val_asr"]) for t in trials]
     for f in front:  # nothing dominates a front member
-        assert not any(a >= f["val_acc"] and s <= f["val_asr"] and (a > f["val_acc"] or s < f["val_asr"]) for a, s in points)
+        assert not any(a >= f["val_acc"] and s <= f["val_asr"] and (a > f["val_acc"] or s < f["val_asr"])
+                       for a, s in points)
 
 
 def test_a_failing_trial_ends_failed_and_the_sweep_returns_the_others(ray_session, workdir, monkeypatch, capsys):

@@ -11,9 +11,9 @@ import yaml
 
 from methods.core.context import LocalContext, StopRun, deserialize_state
 from methods.core.method import get_method
+from methods.data.embedded import DIGITS_INFO
 from methods.defenses.argd import ARGDConfig
 from methods.defenses.attention import TransferHeads, attention_map, edge_loss, weighted_at_loss
-from methods.data.embedded import DIGITS_INFO
 from methods.models.base import build_model
 
 PRESETS = Path(__file__).resolve().parents[2] / "search_spaces" / "presets" / "digits"
@@ -92,7 +92,8 @@ def test_loss_terms_detach_teacher_maps_given_with_gradients():
     x = torch.rand(8, 1, 16, 16)
     s_maps = [attention_map(s) for s in student.forward_features(x).stages]
     t_maps = [attention_map(s) for s in teacher.forward_features(x).stages]
-    total = weighted_at_loss(s_maps, t_maps, VERTEX) + edge_loss(s_maps, t_maps) + TransferHeads(3, 3, 8)(s_maps, t_maps)
+    total = (weighted_at_loss(s_maps, t_maps, VERTEX) + edge_loss(s_maps, t_maps)
+             + TransferHeads(3, 3, 8)(s_maps, t_maps))
     total.backward()
     assert all(p.grad is None for p in teacher.parameters())
 

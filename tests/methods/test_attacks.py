@@ -12,7 +12,6 @@ from methods.attacks.base import Backdoor, evaluate
 from methods.core.context import LocalContext, StopRun
 from methods.core.method import get_method, method_names
 from methods.data.base import DataConfig, load_splits
-from methods.models.base import build_model
 from tests.conftest import DIGITS_ATTACK, train_backdoor
 
 TINY = dict(dataset="digits", model="small_cnn", epochs=1, batch_size=64)
@@ -128,7 +127,8 @@ def assert_implants(name: str, m: dict, clean: dict, min_asr: float = MIN_ASR) -
     assert m["poison_count"] > 0
     assert m["test_asr"] >= min_asr, f"{name}: test ASR {m['test_asr']:.3f} < {min_asr}"
     assert m["test_acc"] >= clean["test_acc"] - MAX_ACC_DROP, (
-        f"{name}: test ACC {m['test_acc']:.3f} is more than {MAX_ACC_DROP} below clean training ({clean['test_acc']:.3f})")
+        f"{name}: test ACC {m['test_acc']:.3f} is more than {MAX_ACC_DROP} below clean training "
+        f"({clean['test_acc']:.3f})")
 
 
 @pytest.mark.parametrize("seed", [TUNED_SEED, pytest.param(UNSEEN_SEED, marks=pytest.mark.slow)])

@@ -53,7 +53,8 @@ def test_kept_round_candidates_give_the_rule_over_all_rounds(seed):
     margin = 0.05 * int(torch.randint(0, 4, (1,), generator=g))
     candidates = []
     for i, (acc, asr) in enumerate(values):
-        candidates = update_candidates(candidates, {"round": i + 1, "acc": acc, "asr": asr}, margin, "asr_within_acc_margin")
+        candidates = update_candidates(candidates, {"round": i + 1, "acc": acc, "asr": asr}, margin,
+                                       "asr_within_acc_margin")
         assert chosen(candidates)["round"] == brute_force_choice(values[: i + 1], margin) + 1
     assert len(candidates) <= n
 
@@ -62,7 +63,8 @@ def test_the_margin_rule_never_trades_accuracy_for_asr():
     rounds = [(0.98, 0.14), (0.85, 0.0), (0.975, 0.05), (0.70, 0.0)]
     candidates = []
     for i, (acc, asr) in enumerate(rounds):
-        candidates = update_candidates(candidates, {"round": i + 1, "acc": acc, "asr": asr}, 0.02, "asr_within_acc_margin")
+        candidates = update_candidates(candidates, {"round": i + 1, "acc": acc, "asr": asr}, 0.02,
+                                       "asr_within_acc_margin")
     assert chosen(candidates)["round"] == 3, "ACC 0.975 / ASR 0.05, not 0.85 / 0.00"
     # round 2 and 4 fall outside the margin; round 1 stays (the best ACC: a later round could make it the choice)
     assert [c["round"] for c in candidates] == [1, 3]

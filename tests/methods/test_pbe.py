@@ -10,16 +10,16 @@ import torch
 import yaml
 
 from methods.core.context import LocalContext, StopRun
-from methods.core.metrics import POOL_CLEAN, POOL_UNCERTAIN
 from methods.core.method import get_method
+from methods.core.metrics import POOL_CLEAN, POOL_UNCERTAIN
 from methods.core.training import derive_seed
 from methods.defenses.pbe import (
     PBEConfig,
+    label_quotas,
     logit_similarity,
     prediction_similarity,
     random_mask,
     top_fraction_mask,
-    label_quotas,
     trusted_pools,
 )
 from tests.conftest import train_backdoor
@@ -50,7 +50,8 @@ def test_pbe_without_clean_data_removes_the_backdoor_and_filters_the_poison(digi
           f"{trusted_frac:.3f} poisoned vs {actual:.3f} in the training set; score AUROC {after['split_auroc']:.3f}")
     for step, m in ctx.reports:
         if step % cfg.epochs_per_step == 0:
-            print(f"  step {step}: val ACC {m['val_acc']:.3f} ASR {m['val_asr']:.3f}, trusted {int(m['pool_clean_size'])} "
+            print(f"  step {step}: val ACC {m['val_acc']:.3f} ASR {m['val_asr']:.3f}, "
+                  f"trusted {int(m['pool_clean_size'])} "
                   f"({m['pool_clean_poisoned_frac']:.3f} poisoned), AUROC {m['split_auroc']:.3f}")
     assert before["test_asr"] >= 0.9
     assert after["test_asr"] <= 0.10
@@ -108,7 +109,8 @@ def test_a_step0_that_fails_on_validation_is_rerun_from_the_infected_model(badne
     flags = badnets_backdoor.data.poison_flags
     n = len(flags)
     redraw = random_mask(n, cfg.init_fraction, derive_seed(cfg.seed, "pbe_init_1"), torch.device("cpu"))
-    assert not torch.equal(redraw, random_mask(n, cfg.init_fraction, derive_seed(cfg.seed, "pbe_init"), torch.device("cpu")))
+    assert not torch.equal(redraw, random_mask(n, cfg.init_fraction, derive_seed(cfg.seed, "pbe_init"),
+                                               torch.device("cpu")))
     assert reports[per]["pbe_next_poisoned_frac"] == pytest.approx(flags[redraw].float().mean().item())
     assert reports[per + 1]["pool_clean_poisoned_frac"] == pytest.approx(flags[redraw].float().mean().item())
     assert "split_auroc" not in reports[per + 1], "the failed attempt's scores are dropped"
@@ -159,8 +161,8 @@ def test_the_trusted_subset_is_the_most_similar_fraction():
     sim = torch.tensor([0.9, 0.1, 0.8, 0.8, 0.3, 0.95, 0.2, 0.5, 0.6, 0.7])
     mask = top_fraction_mask(sim, 0.4)
     assert mask.tolist() == [True, False, True, True, False, True, False, False, False, False]
-    assert top_fraction_mask(sim, 0.3).tolist() == [True, False, True, False, False, True, False, False, False, False], \
-        "ties: the lower index first"
+    assert top_fraction_mask(sim, 0.3).tolist() == [True, False, True, False, False, True, False, False, False,
+                                                    False], "ties: the lower index first"
     assert top_fraction_mask(sim, 0.01).sum() == 1 and top_fraction_mask(sim, 1.0).all()
     pools = trusted_pools(mask)
     assert pools[mask].eq(POOL_CLEAN).all() and pools[~mask].eq(POOL_UNCERTAIN).all()

@@ -13,6 +13,7 @@ import yaml
 from methods.core.context import LocalContext, StopRun
 from methods.core.method import get_method
 from methods.core.metrics import POOL_CLEAN, POOL_POISON, POOL_UNCERTAIN
+from methods.data.embedded import DIGITS_INFO
 from methods.defenses.sd import (
     FCT_TRANSFORMS,
     SDConfig,
@@ -23,7 +24,6 @@ from methods.defenses.sd import (
     split_by_rank,
     split_by_thresholds,
 )
-from methods.data.embedded import DIGITS_INFO
 
 PRESET = yaml.safe_load((Path(__file__).resolve().parents[2] / "search_spaces/presets/digits/sd.yaml").read_text())
 

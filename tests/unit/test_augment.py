@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from methods.data.augment import random_crop, standard_augment, strong_augment, horizontal_flip
+from methods.data.augment import horizontal_flip, random_crop, standard_augment, strong_augment
 from methods.data.embedded import DIGITS_INFO, SYNTHETIC_INFO
 
 

@@ -8,7 +8,14 @@ import torch
 
 from methods.core.context import LocalContext
 from methods.core.training import CheckpointDeviceError, default_device, full_state, make_generator, restore_full_state
-from orchestrator.devices import ClusterShape, auto_gpu_share, check_gpu_request, driver_device, pick_device, resolve_gpus
+from orchestrator.devices import (
+    ClusterShape,
+    auto_gpu_share,
+    check_gpu_request,
+    driver_device,
+    pick_device,
+    resolve_gpus,
+)
 from orchestrator.errors import BadInput
 from orchestrator.spaces import load_space, plan_sweep
 

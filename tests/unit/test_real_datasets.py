@@ -79,7 +79,7 @@ def write_cifar10(root: Path, per_batch: int = 6) -> dict:
             known["test"] = (data, labels)
         else:
             all_train.append((data, labels))
-    known["train"] = (np.concatenate([d for d, _ in all_train]), sum((l for _, l in all_train), []))
+    known["train"] = (np.concatenate([d for d, _ in all_train]), sum((lab for _, lab in all_train), []))
     meta = {"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
             "num_cases_per_batch": per_batch, "num_vis": 3072}
     (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))

@@ -1,8 +1,6 @@
 """Every registered method has a search space; every space and preset in the repo validates."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
 
@@ -54,7 +52,8 @@ def test_a_set_pins_a_searched_key():
 
 def test_derived_values_follow_their_source(tmp_path):
     path = tmp_path / "cl.yaml"
-    path.write_text("method: cl\nspace:\n  pgd_eps: {choice: [0.04, 0.08]}\n  pgd_step_size: {derived: 'pgd_eps / 4'}\n")
+    path.write_text("method: cl\nspace:\n  pgd_eps: {choice: [0.04, 0.08]}\n"
+                    "  pgd_step_size: {derived: 'pgd_eps / 4'}\n")
     plan = plan_sweep(load_space(path))
     assert trial_values(plan, {"pgd_eps": 0.08})["pgd_step_size"] == pytest.approx(0.02)
 
