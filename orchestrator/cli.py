@@ -379,7 +379,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # MLflow draws a progress bar on stderr for every artifact it downloads, even a few-byte config.yaml
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        args = build_parser().parse_args(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as stop:  # --help and --version print and stop: a normal end, not an exception
+            return int(stop.code or 0)
         return COMMANDS[args.command](args)
     except BadInput as exc:
         print(f"bdo: error: {exc}", file=sys.stderr)
