@@ -130,10 +130,15 @@ class Tracker:
     """A thin, batched layer over MlflowClient used by the driver and by trials alike."""
 
     def __init__(self, uri: str, experiment: str | None = None, experiment_id: str | None = None) -> None:
+        import mlflow
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
+        # A run's "model" is both a folder of its artifacts and a logged model; MLflow resolves the logged model
+        # through the process-wide tracking URI, not the client's, so reading runs:/ID/model from another store
+        # than the global one fails (or opens ./mlflow.db). One process, one store: make them the same.
+        mlflow.set_tracking_uri(uri)
         self.experiment_id = experiment_id
         if experiment_id is None and experiment is not None:
             self.experiment_id = self.ensure_experiment(experiment)

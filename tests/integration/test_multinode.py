@@ -231,6 +231,7 @@ def experiment_runs(client, query: str, experiment: str = "bdo") -> list:
 
 
 def test_sweep_spreads_over_two_nodes_and_logs_to_an_mlflow_server(tmp_path, mlflow_template):
+    import mlflow
     from mlflow.tracking import MlflowClient
 
     storage = tmp_path / "shared" / "bdo_runs"  # the path every node would mount
@@ -245,6 +246,7 @@ def test_sweep_spreads_over_two_nodes_and_logs_to_an_mlflow_server(tmp_path, mlf
         assert done.returncode == 0, explain(done)
 
         client = MlflowClient(url)
+        mlflow.set_tracking_uri(url)  # MLflow resolves a run's logged model "model" through the global URI
         (sweep,) = experiment_runs(client, "tags.role = 'sweep'")
         assert sweep.info.status == "FINISHED"
         trials = experiment_runs(client, f"tags.mlflow.parentRunId = '{sweep.info.run_id}'")
