@@ -81,13 +81,16 @@ def test_dbr_removes_the_backdoor_on_digits(digits_backdoor):
     ctx = LocalContext(backdoor_provider=lambda: digits_backdoor)
     result = spec.run(ctx, cfg)
     before, after = digits_backdoor.metrics, result.metrics
-    first = sd_steps(cfg)
-    assert [s for s, _ in ctx.reports] == list(range(1, first + cfg.br_rounds + 1))
-    rounds = [m for s, m in ctx.reports if s > first]
+    first, last = sd_steps(cfg), sd_steps(cfg) + cfg.br_rounds
+    steps = [s for s, _ in ctx.reports]
+    assert steps[:last] == list(range(1, last + 1))
+    rounds = [m for s, m in ctx.reports if first < s <= last]
     assert all("split_poison_precision" in m for m in rounds)
     # the kept round follows the rule on validation (never test), and the final metrics are that round's
     best = brute_force_choice([(m["val_acc"], m["val_asr"]) for m in rounds], cfg.br_acc_margin)
     assert after["br_kept_round"] == best + 1
+    # an earlier round than the last is reported once more, as the run's final step: the records show that model
+    assert steps == list(range(1, last + 1)) + ([last + 1] if best + 1 < cfg.br_rounds else [])
     assert after["test_asr"] == rounds[best]["test_asr"] and after["test_acc"] == rounds[best]["test_acc"]
     assert after["val_acc"] >= max(m["val_acc"] for m in rounds) - cfg.br_acc_margin
     print(f"\nD-BR {digits_backdoor.attack}: ACC {before['test_acc']:.3f} -> {after['test_acc']:.3f}, "
