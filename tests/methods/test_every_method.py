@@ -77,10 +77,10 @@ def test_every_method_trains_on_the_fast_and_the_plain_path(name, path, tiny_bac
     result = spec.run(ctx, tiny_config(name))
     assert ctx.reports, f"{name} reported nothing"
     final = ctx.reports[-1][1]
-    for key in ("val_acc", "test_acc"):
+    # split statistics may be undefined on a tiny run (an AUROC over a pool with one class); these may not
+    for key in ("val_acc", "val_asr", "test_acc", "test_asr"):
         if key in final:
-            assert 0.0 <= final[key] <= 1.0 and math.isfinite(final[key])
-    assert all(math.isfinite(v) for v in final.values()), final
+            assert 0.0 <= final[key] <= 1.0 and math.isfinite(final[key]), (key, final)
     wrapped = ctx.__dict__.get("wrapped", [])
     assert wrapped, f"{name} never trains through ctx.wrap_model, so no fast switch reaches it"
     if path == "fast":
