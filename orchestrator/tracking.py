@@ -137,8 +137,15 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=uri)
         # A run's "model" is both a folder of its artifacts and a logged model; MLflow resolves the logged model
         # through the process-wide tracking URI, not the client's, so reading runs:/ID/model from another store
-        # than the global one fails (or opens ./mlflow.db). One process, one store: make them the same.
+        # than the global one fails (or opens ./mlflow.db). So MLflow's global URI follows the store in use; but
+        # set_tracking_uri also exports MLFLOW_TRACKING_URI, which bdo reads as the user's default store, so the
+        # variable is put back as the user left it (else every later command in this process would use this store).
+        previous = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(uri)
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
         self.experiment_id = experiment_id
         if experiment_id is None and experiment is not None:
             self.experiment_id = self.ensure_experiment(experiment)
