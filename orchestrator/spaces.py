@@ -368,8 +368,6 @@ def plan_sweep(
     gpus = plan.gpus_per_trial
     if plan.cpus_per_trial <= 0 or (gpus is not None and gpus < 0) or plan.workers_per_trial < 1:
         raise BadInput("resources: cpus per trial must be > 0, gpus >= 0, workers >= 1")
-    if gpus is not None and gpus > 1 and not float(gpus).is_integer():
-        raise BadInput(f"--gpus-per-trial {gpus:g}: above 1 a trial takes whole GPUs (2, 4, ...); fractions share one")
     if searcher == "grid":
         bad = [d.key for d in plan.tuned if d.kind not in ("grid", "choice")]
         if bad:
