@@ -264,6 +264,12 @@ class Tracker:
                 yield monitor
             finally:
                 monitor.finish()
+                # MLflow's loop drops the samples of an unfinished interval, so a run shorter than one interval
+                # would record none: publish what is left as the run's last point (one sample at least).
+                remaining = monitor.aggregate_metrics() or (monitor.collect_metrics() and monitor.aggregate_metrics())
+                if remaining:
+                    monitor.publish_metrics(remaining)
+                    monitor.mlflow_logger.flush()
 
         return sampling()
 
