@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     _tune_flags(p)
     p = sub.add_parser("study", help="attacks x defenses x seeds: tune each defense, rerun its choice per seed")
     p.add_argument("study", help="study YAML (docs/studies.md)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="attack builds and final runs trained at once, in worker processes (default: the study's jobs, "
+                        "else 1)")
     _shared(p)
     _tune_flags(p)
     p = sub.add_parser("quickstart", help="the demo: one BadNets model (on digits unless --dataset says), "
@@ -320,10 +323,15 @@ def cmd_study(args) -> int:
 
         plans = list(study.sweeps.values())
         print(f"study {study.name}: {len(study.attacks)} attacks x {len(study.defenses)} defenses "
-              f"x seeds {study.seeds}")
+              f"x seeds {study.seeds}; {study.jobs} run(s) at a time"
+              + ("; clean-model column" if study.clean else ""))
+        if study.untuned:
+            print("on their presets, no sweep (num_samples 0; the search: blocks below are not run): "
+                  + ", ".join(study.defenses[i][0] for i in sorted(study.untuned)))
         print(plan_text(plans, _dry_run_resources(plans, session)), end="")
         return 0
-    session.start_ray()
+    if len(study.untuned) < len(study.defenses):  # a study that runs every defense on its presets needs no Ray
+        session.start_ray()
     try:
         outcome = run_study(session, study, args)
     finally:

@@ -14,6 +14,8 @@ from orchestrator.errors import BadInput
 from orchestrator.tracking import Tracker, resolve_tracking_uri
 
 METRICS = ("acc", "asr", "ra", "der")
+# the study run's tags that list the attack runs of the columns without a defense
+ATTACK_COLUMNS = {"no_defense_run_ids": "no defense", "clean_run_ids": "clean model"}
 REPORT_FILES = {"md": "report.md", "csv": "report.csv", "html": "report.html", "latex": "report.tex",
                 "runs-csv": "report-runs.csv"}
 
@@ -35,13 +37,16 @@ def collect(tracker: Tracker, study_run_id: str, metrics: list[str]) -> tuple[li
     trials_per_sweep = {s.info.run_id: len(tracker.children(s.info.run_id)) for s in sweeps}
     groups: dict[tuple[str, str], list] = {}
     # see run_study: the attack runs tagged with the study are neither all of the column nor only it
-    recorded = tracker.client.get_run(study_run_id).data.tags.get("no_defense_run_ids", "{}")
-    for attack, run_ids in json.loads(recorded).items():
-        groups[(attack, "no defense")] = [tracker.client.get_run(r) for r in run_ids]
+    study_tags = tracker.client.get_run(study_run_id).data.tags
+    for tag, column in ATTACK_COLUMNS.items():
+        for attack, run_ids in json.loads(study_tags.get(tag, "{}")).items():
+            groups[(attack, column)] = [tracker.client.get_run(r) for r in run_ids]
     for run in finals:
         groups.setdefault((run.data.tags["attack"], run.data.tags["method"]), []).append(run)
     attacks = sorted({a for a, _ in groups})
-    columns = ["no defense"] + sorted({c for _, c in groups if c != "no defense"})
+    present = {c for _, c in groups}
+    columns = ([c for c in ATTACK_COLUMNS.values() if c in present]
+               + sorted(present - set(ATTACK_COLUMNS.values())))
     cells = {}
     for key, runs in groups.items():
         cell = {"seeds": len(runs), "runs": [

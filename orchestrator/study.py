@@ -3,20 +3,29 @@ tuned against each attack on validation metrics (a sweep, child of the study run
 is then rerun on every seed (final runs, each on the attack trained with that seed)."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
+import multiprocessing
+import os
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator.devices import driver_device
 from orchestrator.errors import BadInput
+from orchestrator.execute import build_attack
 from orchestrator.report import mean_std
 from orchestrator.resolve import SEARCH_SPACES, load_yaml, method_spec, resolve_run
 from orchestrator.runner import Session, run_single, run_sweep
 from orchestrator.spaces import SweepPlan, load_space, plan_sweep
 
-STUDY_KEYS = {"name", "dataset", "model", "attacks", "defenses", "seeds", "tune", "data", "quick"}
+STUDY_KEYS = {"name", "dataset", "model", "attacks", "defenses", "seeds", "tune", "data", "quick", "clean", "jobs"}
 TUNE_KEYS = {"num_samples", "searcher", "scheduler", "max_concurrent", "seed"}
+DEFENSE_KEYS = {"name", "space", "tune"}
 
 
 @dataclass
@@ -30,6 +39,10 @@ class StudyPlan:
     seeds: list[int]
     tune: dict[str, Any]
     sweeps: dict[tuple[int, int], SweepPlan] = field(default_factory=dict)
+    # defenses (by index) run on their presets without a sweep (`num_samples: 0`): the untuned configuration
+    untuned: set[int] = field(default_factory=set)
+    clean: bool = False  # a "clean model" column: each attack's settings with nothing poisoned
+    jobs: int = 1  # runs trained at once (attack builds and final runs; sweeps use Ray's own parallelism)
 
 
 def _given(flag: Any, from_study: Any) -> Any:
@@ -55,10 +68,15 @@ def load_study(path: Path, args) -> StudyPlan:
         method_spec(name, "attack", f"{src}: attacks")
         attacks.append((name, values))
     defenses = []
+    defense_tunes = []
     for item in raw["defenses"]:
         values = {"name": item} if isinstance(item, str) else dict(item)
         name = str(values.get("name", ""))
         method_spec(name, "defense", f"{src}: defenses")
+        if set(values) - DEFENSE_KEYS:
+            raise BadInput(f"{src}: defenses: {name}: unknown key(s) {', '.join(sorted(set(values) - DEFENSE_KEYS))}; "
+                           f"allowed: {', '.join(sorted(DEFENSE_KEYS))}")
+        defense_tunes.append(_tune_block(values.get("tune") or {}, f"{src}: defenses: {name}: tune"))
         given = values.get("space")
         # a study's own space path is relative to the study file, so a study folder works from anywhere
         space = ((path.parent / given).resolve() if given and not Path(given).is_absolute()
@@ -69,11 +87,15 @@ def load_study(path: Path, args) -> StudyPlan:
     seeds = raw["seeds"]
     if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
         raise BadInput(f"{src}: seeds: non-negative integers")
-    tune = raw.get("tune") or {}
-    if not isinstance(tune, dict) or set(tune) - TUNE_KEYS:
-        raise BadInput(f"{src}: tune: allowed keys {', '.join(sorted(TUNE_KEYS))}")
+    tune = _tune_block(raw.get("tune") or {}, f"{src}: tune")
+    jobs = _given(getattr(args, "jobs", None), raw.get("jobs", 1))
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise BadInput(f"{src}: jobs: a positive integer (runs trained at once), not {jobs!r}")
+    if not isinstance(raw.get("clean", False), bool):
+        raise BadInput(f"{src}: clean: true or false (a clean-model column trained with nothing poisoned)")
     plan = StudyPlan(path, str(raw.get("name", path.stem)), args.dataset or str(raw.get("dataset", "digits")),
-                     args.model or str(raw.get("model", "small_cnn")), attacks, defenses, list(seeds), dict(tune))
+                     args.model or str(raw.get("model", "small_cnn")), attacks, defenses, list(seeds), dict(tune),
+                     clean=raw.get("clean", False), jobs=jobs)
     quick = bool(raw.get("quick", False)) or bool(getattr(args, "quick", False))
     from orchestrator.resolve import parse_set
 
@@ -83,6 +105,9 @@ def load_study(path: Path, args) -> StudyPlan:
     for attack, attack_values in attacks:  # the study's own attack values are checked against the study file
         resolve_attack_config(attack, plan.dataset, plan.model, seeds[0], attack_values, not args.no_preset,
                               f"{src}: attacks: {attack}")
+    for di, defense_tune in enumerate(defense_tunes):
+        if _given(args.num_samples, {**tune, **defense_tune}.get("num_samples")) == 0:
+            plan.untuned.add(di)
     for ai, (attack, attack_values) in enumerate(attacks):
         for di, (defense, space_path) in enumerate(defenses):
             space = load_space(space_path)
@@ -90,19 +115,31 @@ def load_study(path: Path, args) -> StudyPlan:
                 raise BadInput(f"{src}: defenses: {space_path} is a space for {space.method}, not {defense}")
             space.attack_values = {**space.attack_values, **attack_values}
             space.data_values = {**space.data_values, **(raw.get("data") or {})}
+            cell_tune = {**tune, **defense_tunes[di]}
             plan.sweeps[(ai, di)] = plan_sweep(
                 space, dataset=plan.dataset, model=plan.model,
-                seed=args.seed if args.seed is not None else tune.get("seed", seeds[0]), attack=attack,
+                seed=args.seed if args.seed is not None else cell_tune.get("seed", seeds[0]), attack=attack,
                 sets=sets, use_preset=not args.no_preset, quick=quick,
-                searcher=args.searcher or tune.get("searcher"), scheduler=args.scheduler or tune.get("scheduler"),
+                searcher=args.searcher or cell_tune.get("searcher"),
+                scheduler=args.scheduler or cell_tune.get("scheduler"),
                 objective=args.objective,
-                num_samples=_given(args.num_samples, tune.get("num_samples")),
-                max_concurrent=_given(args.max_concurrent, tune.get("max_concurrent")),
+                # an untuned defense is still planned (so its space and presets are checked), never swept
+                num_samples=1 if di in plan.untuned else _given(args.num_samples, cell_tune.get("num_samples")),
+                max_concurrent=_given(args.max_concurrent, cell_tune.get("max_concurrent")),
                 cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                 workers_per_trial=args.workers_per_trial,
                 default_trial=not getattr(args, "no_default_trial", False),
             )
     return plan
+
+
+def _tune_block(tune: Any, source: str) -> dict[str, Any]:
+    if not isinstance(tune, dict) or set(tune) - TUNE_KEYS:
+        raise BadInput(f"{source}: a mapping with keys among {', '.join(sorted(TUNE_KEYS))}")
+    samples = tune.get("num_samples")
+    if samples is not None and (not isinstance(samples, int) or isinstance(samples, bool) or samples < 0):
+        raise BadInput(f"{source}: num_samples: 0 (run the presets, no sweep) or a positive integer, not {samples!r}")
+    return dict(tune)
 
 
 @dataclass
@@ -113,63 +150,151 @@ class StudyOutcome:
 
 
 def run_study(session: Session, study: StudyPlan, args) -> StudyOutcome:
-    from orchestrator.devices import driver_device
-    from orchestrator.execute import build_attack
-
     tracker = session.open_tracker()
     study_run_id = tracker.start_run(f"study-{study.name}", {"role": "study", "dataset": study.dataset,
                                                             "model": study.model, "study_file": str(study.path)})
     tracker.log_params(study_run_id, {"attacks": [a for a, _ in study.attacks],
                                       "defenses": [d for d, _ in study.defenses],
-                                      "seeds": study.seeds, **{f"tune.{k}": v for k, v in study.tune.items()}})
+                                      "seeds": study.seeds, "clean": study.clean, "jobs": study.jobs,
+                                      "untuned": [study.defenses[i][0] for i in sorted(study.untuned)],
+                                      **{f"tune.{k}": v for k, v in study.tune.items()}})
     tags = {"study_run_id": study_run_id}
     failed = 0
     cells: dict[tuple[str, str], list[dict[str, float]]] = {}
-    no_defense: dict[str, list[str]] = {}
     trials: dict[tuple[str, str], int] = {}
+    pool = RunPool(session, study.jobs)
     try:
+        # The attack columns first: every final run below trains on one of these models (served by the cache).
+        columns = [("none", False)] + ([("clean", True)] if study.clean else [])
+        built: dict[tuple[str, str], list[tuple[int, Any]]] = {}
         for ai, (attack, _) in enumerate(study.attacks):
-            for seed in study.seeds:  # the "no defense" column: the attack itself, per seed
-                first = study.sweeps[(ai, 0)]
-                seeded = resolve_run(first.base.method, study.dataset, study.model, seed, attack,
-                                     attack_base={k: v for k, v in first.base.attack_config.items()
-                                                  if k not in ("seed",)},
-                                     data_base=first.base.data_config, use_preset=False)
-                backdoor, attack_run_id, _ = build_attack(seeded, tracker, session.storage, session.data_root,
-                                                          session.download, extra_tags=tags,
-                                                          device=driver_device(first))
-                cells.setdefault((attack, "none"), []).append(backdoor.metrics)
-                no_defense.setdefault(attack, []).append(attack_run_id)
-            # bdo report reads the column from these ids, not from the study_run_id tag: a cached attack keeps the
-            # tags of whichever command built it, and the sweeps' own attacks (tuning seed, a space's data block)
-            # carry this study's tag without belonging to the column.
-            tracker.set_tags(study_run_id, {"no_defense_run_ids": json.dumps(no_defense)})
-            for di, (defense, _) in enumerate(study.defenses):
-                plan = study.sweeps[(ai, di)]
-                result = run_sweep(session, plan, extra_tags=tags, parent_id=study_run_id,
-                                   max_failures=args.max_failures)
-                failed += result.failed
-                trials[(attack, defense)] = len(result.trials)
-                if result.best is None:
+            first = study.sweeps[(ai, 0)]
+            for column, clean in columns:
+                for seed in study.seeds:
+                    spec = resolve_run(first.base.method, study.dataset, study.model, seed, attack,
+                                       attack_base={**{k: v for k, v in first.base.attack_config.items()
+                                                       if k != "seed"}, **({"poison_rate": 0.0} if clean else {})},
+                                       data_base=first.base.data_config, use_preset=False)
+                    label = f"{attack} {'clean model' if clean else 'no defense'} seed {seed}"
+                    built.setdefault((attack, column), []).append(
+                        (seed, pool.submit(label, "attack", spec, tags, device=driver_device(first))))
+        # bdo report reads these columns from the recorded ids, not from the study_run_id tag: a cached attack
+        # keeps the tags of whichever command built it, and the sweeps' own attacks (tuning seed, a space's data
+        # block) carry this study's tag without belonging to the column.
+        recorded: dict[str, dict[str, list[str]]] = {"none": {}, "clean": {}}
+        for (attack, column), jobs in built.items():
+            for _, job in jobs:
+                outcome = pool.wait(job)
+                if outcome is None:
                     failed += 1
                     continue
-                chosen = {k: v for k, v in result.best["config"].items()}
+                run_id, metrics = outcome
+                cells.setdefault((attack, column), []).append(metrics)
+                recorded[column].setdefault(attack, []).append(run_id)
+        tracker.set_tags(study_run_id, {"no_defense_run_ids": json.dumps(recorded["none"]),
+                                        "clean_run_ids": json.dumps(recorded["clean"])})
+        finals: list[tuple[str, str, Any]] = []
+        for ai, (attack, _) in enumerate(study.attacks):
+            for di, (defense, _) in enumerate(study.defenses):
+                plan = study.sweeps[(ai, di)]
+                chosen: dict[str, Any] = {}
+                final_tags = dict(tags)
+                if di not in study.untuned:
+                    result = run_sweep(session, plan, extra_tags=tags, parent_id=study_run_id,
+                                       max_failures=args.max_failures)
+                    failed += result.failed
+                    trials[(attack, defense)] = len(result.trials)
+                    if result.best is None:
+                        failed += 1
+                        continue
+                    chosen = dict(result.best["config"])
+                    final_tags.update(sweep_run_id=result.sweep_run_id, selected_trial_id=result.best["trial_id"])
                 for seed in study.seeds:
                     spec = resolve_run(defense, study.dataset, study.model, seed, attack,
                                        base={**{k: v for k, v in plan.base.config.items() if k != "seed"}, **chosen},
                                        attack_base={k: v for k, v in plan.base.attack_config.items() if k != "seed"},
                                        data_base=plan.base.data_config, use_preset=False)
                     spec.config = _with_derived(plan, spec.config)
-                    _, metrics = run_single(session, spec, extra_tags={**tags, "sweep_run_id": result.sweep_run_id,
-                                                                       "selected_trial_id": result.best["trial_id"]},
-                                            role="final", parent_id=study_run_id, device=driver_device(plan))
-                    cells.setdefault((attack, defense), []).append(metrics)
+                    job = pool.submit(f"{attack} x {defense} seed {seed}", "final", spec, final_tags,
+                                      parent_id=study_run_id, device=driver_device(plan))
+                    finals.append((attack, defense, job))
+        for attack, defense, job in finals:
+            outcome = pool.wait(job)
+            if outcome is None:
+                failed += 1
+                continue
+            cells.setdefault((attack, defense), []).append(outcome[1])
     except BaseException:
+        pool.shutdown(cancel=True)
         tracker.end(study_run_id, "FAILED")
         raise
+    pool.shutdown()
     table = format_table(study, cells, trials)
     tracker.end(study_run_id, "FINISHED" if not failed else "FAILED")
     return StudyOutcome(study_run_id, table, failed)
+
+
+def _train(session_fields: dict[str, Any], job: str, spec, tags: dict[str, str], parent_id: str | None,
+           device: str, threads: int | None) -> tuple[str, dict[str, float]]:
+    """One attack build or final run; in a worker process when the study trains several at once (its own
+    tracker, `threads` torch threads, its progress lines dropped: the study prints one line per run)."""
+    import torch
+
+    session = Session(**session_fields)
+    quiet = contextlib.redirect_stdout(io.StringIO()) if threads else contextlib.nullcontext()
+    if threads:
+        torch.set_num_threads(threads)
+    with quiet:
+        if job == "attack":
+            backdoor, run_id, _ = build_attack(spec, session.open_tracker(), session.storage, session.data_root,
+                                               session.download, extra_tags=tags, device=torch.device(device))
+            return run_id, backdoor.metrics
+        return run_single(session, spec, extra_tags=tags, role="final", parent_id=parent_id,
+                          device=torch.device(device))
+
+
+class RunPool:
+    """Trains a study's attack builds and final runs, `jobs` at a time in spawned worker processes (each with
+    an equal share of the CPU threads), or one after the other in this process when jobs is 1. A run that
+    fails is reported in one line and counted; the others go on."""
+
+    def __init__(self, session: Session, jobs: int) -> None:
+        self.session = session
+        self.fields = {"tracking_uri": session.tracking_uri, "experiment": session.experiment,
+                       "storage": session.storage, "data_root": session.data_root, "download": session.download}
+        self.threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+        self.executor = None
+        if jobs > 1:
+            self.executor = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+
+    def submit(self, label: str, job: str, spec, tags: dict[str, str], parent_id: str | None = None,
+               device=None) -> tuple[str, Any, float]:
+        args = (self.fields, job, spec, tags, parent_id, str(device), self.threads)
+        if self.executor is not None:
+            return label, self.executor.submit(_train, *args), time.monotonic()
+        future: Future = Future()
+        started = time.monotonic()
+        try:
+            future.set_result(_train(*args))
+        except Exception as exc:  # noqa: BLE001  (reported by wait, like a worker's failure)
+            future.set_exception(exc)
+        return label, future, started
+
+    def wait(self, job: tuple[str, Any, float]) -> tuple[str, dict[str, float]] | None:
+        label, future, started = job
+        try:
+            run_id, metrics = future.result()
+        except Exception as exc:  # noqa: BLE001
+            print(f"  {label}: FAILED: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            return None
+        if self.executor is not None:  # in one process the run printed its own progress
+            print(f"  {label}: test_acc={metrics.get('test_acc', math.nan):.3f} "
+                  f"test_asr={metrics.get('test_asr', math.nan):.3f} ({time.monotonic() - started:.0f} s)")
+        return run_id, metrics
+
+    def shutdown(self, cancel: bool = False) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=not cancel, cancel_futures=cancel)
 
 
 def _with_derived(plan: SweepPlan, values: dict[str, Any]) -> dict[str, Any]:
@@ -184,10 +309,10 @@ def format_table(study: StudyPlan, cells: dict[tuple[str, str], list[dict[str, f
     reads them back from MLflow), so the two can be compared cell by cell."""
     from orchestrator.report import render
 
-    columns = ["no defense"] + [d for d, _ in study.defenses]
+    columns = ["no defense"] + (["clean model"] if study.clean else []) + [d for d, _ in study.defenses]
     summary = {}
     for (attack, column), runs in cells.items():
-        name = "no defense" if column == "none" else column
+        name = {"none": "no defense", "clean": "clean model"}.get(column, column)
         summary[(attack, name)] = {"seeds": len(runs), "trials": trials.get((attack, column), 0),
                                    **{m: mean_std([r.get(f"test_{m}", math.nan) for r in runs])
                                       for m in ("acc", "asr")}}

@@ -108,6 +108,14 @@ STUDY_CASES = {
                                          "study.yaml: attacks: badnets: poison_rate: 2.0 is outside"),
     "missing space beside the study": ("attacks: [badnets]\ndefenses: [{name: ft, space: nope.yaml}]\nseeds: [0]\n",
                                        "space nope.yaml not found"),
+    "zero jobs": ("attacks: [badnets]\ndefenses: [ft]\nseeds: [0]\njobs: 0\n", "jobs: a positive integer"),
+    "clean not a bool": ("attacks: [badnets]\ndefenses: [ft]\nseeds: [0]\nclean: maybe\n", "clean: true or false"),
+    "negative samples": ("attacks: [badnets]\ndefenses: [ft]\nseeds: [0]\ntune: {num_samples: -1}\n",
+                         "num_samples: 0 (run the presets, no sweep) or a positive integer"),
+    "unknown defense key": ("attacks: [badnets]\ndefenses: [{name: ft, epochs: 3}]\nseeds: [0]\n",
+                            "defenses: ft: unknown key(s) epochs"),
+    "defense tune not a mapping": ("attacks: [badnets]\ndefenses: [{name: ft, tune: 3}]\nseeds: [0]\n",
+                                   "defenses: ft: tune: a mapping"),
 }
 
 

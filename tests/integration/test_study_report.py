@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import re
 import statistics
 from html.parser import HTMLParser
@@ -271,3 +272,46 @@ def test_sd_and_asd_runs_draw_their_plots(ray_session, workdir, monkeypatch):
     check_plot(client, by_method["asd"].info.run_id, "asd_pools.png", workdir / "plots" / "asd")
     for run in by_method.values():
         check_plot(client, run.info.run_id, "curves.png", workdir / "plots" / run.data.tags["method"])
+
+
+# A matrix-style study: the defense runs on its presets without a sweep, a clean-model column beside the attack's,
+# and the attack builds and final runs trained two at a time in worker processes.
+UNTUNED = """\
+name: untuned
+attacks: [{name: badnets, epochs: 4}]
+defenses: [ft]
+seeds: [0, 1]
+tune: {num_samples: 0}
+clean: true
+jobs: 2
+quick: true
+"""
+
+
+def test_an_untuned_study_with_a_clean_column_trained_two_at_a_time(workdir, capsys):
+    study_file = workdir / "study.yaml"
+    study_file.write_text(UNTUNED)
+    assert main(["study", str(study_file)]) == 0
+    study_out = capsys.readouterr().out
+    client, all_runs = runs(workdir)
+    (study,) = [r for r in all_runs if r.data.tags.get("role") == "study"]
+    mine = [r for r in all_runs if r.data.tags.get("study_run_id") == study.info.run_id]
+    roles = sorted(r.data.tags["role"] for r in mine)
+    assert roles == ["attack"] * 4 + ["final"] * 2, roles  # no sweep, no trial; poisoned and clean attacks per seed
+    finals = [r for r in mine if r.data.tags["role"] == "final"]
+    assert {r.data.tags["torch_threads"] for r in finals} == {str(max(1, (os.cpu_count() or 1) // 2))}
+    assert all("sweep_run_id" not in r.data.tags for r in finals)
+    clean = [r for r in mine if r.data.tags["role"] == "attack" and r.data.params["poison_rate"] == "0.0"]
+    assert len(clean) == 2 and all(r.data.metrics["poison_count"] == 0 for r in clean)
+
+    assert main(["report", "--format", "md"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = md_cells(next(line for line in lines if line.startswith("| attack |")))
+    assert header == ["attack", "no defense", "clean model", "ft"], header
+    row = dict(zip(header, md_cells(next(line for line in lines if line.startswith("| badnets |")))))
+    poisoned, clean_cell = parse_cell(row["no defense"]), parse_cell(row["clean model"])
+    assert clean_cell["seeds"] == poisoned["seeds"] == parse_cell(row["ft"])["seeds"] == 2
+    # a model trained on nothing poisoned does not carry the trigger the poisoned one learned
+    assert clean_cell["asr"][0] < 0.5 < poisoned["asr"][0], (clean_cell, poisoned)
+    for label in ("badnets no defense seed 1", "badnets clean model seed 0", "badnets x ft seed 1"):
+        assert f"  {label}: test_acc=" in study_out, study_out
