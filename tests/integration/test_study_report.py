@@ -301,7 +301,7 @@ def test_an_untuned_study_with_a_clean_column_trained_two_at_a_time(workdir, cap
     finals = [r for r in mine if r.data.tags["role"] == "final"]
     assert {r.data.tags["torch_threads"] for r in finals} == {str(max(1, (os.cpu_count() or 1) // 2))}
     assert all("sweep_run_id" not in r.data.tags for r in finals)
-    clean = [r for r in mine if r.data.tags["role"] == "attack" and r.data.params["poison_rate"] == "0.0"]
+    clean = [r for r in mine if r.data.tags["role"] == "attack" and r.data.params["attack.poison_rate"] == "0.0"]
     assert len(clean) == 2 and all(r.data.metrics["poison_count"] == 0 for r in clean)
 
     assert main(["report", "--format", "md"]) == 0
