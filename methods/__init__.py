@@ -1,26 +1,15 @@
 """bdo's methods: datasets, models, attacks, defenses and metrics in pure PyTorch (no ray, no mlflow).
 
-Importing `methods` registers everything: every module under data/, models/, attacks/ and defenses/ is imported
-so its registry decorators run. A new method is one new file; nothing else needs editing.
+Importing `methods` registers everything without importing torch: every attack and defense is declared with its
+config in its kind's torch-free `configs` module, imported here. The torch side is imported when first used: a
+method's run function when `METHODS.get(name).run` is read, and the dataset and model registries, which import
+every module of methods/data and methods/models the first time they are read. A new method is its config in
+the kind's configs.py plus one file with its run; nothing else needs editing.
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
+import methods.attacks.configs  # noqa: F401  (declares every attack)
+import methods.defenses.configs  # noqa: F401  (declares every defense)
 from methods.core.registry import DATASETS, METHODS, MODELS
-
-_PACKAGES = ("methods.data", "methods.models", "methods.attacks", "methods.defenses")
-
-
-def _import_all() -> None:
-    for package_name in _PACKAGES:
-        package = importlib.import_module(package_name)
-        for info in pkgutil.iter_modules(package.__path__):
-            if not info.name.startswith("_"):
-                importlib.import_module(f"{package_name}.{info.name}")
-
-
-_import_all()
 
 __all__ = ["DATASETS", "METHODS", "MODELS"]

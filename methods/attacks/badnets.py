@@ -4,34 +4,13 @@ white square (`square`), the four-corner checkerboard (`four_corner`) or a user 
 the bottom-right corner at `patch_size` px)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
 import torch
 
-from methods.attacks.base import AttackConfig, run_attack
-from methods.attacks.triggers import (
-    PatchTrigger,
-    four_corner_pattern,
-    grid_pattern,
-    image_file_pattern,
-    square_pattern,
-)
-from methods.core.config import choice, ranged
+from methods.attacks.base import run_attack
+from methods.attacks.configs import BadNetsConfig
+from methods.attacks.triggers import PatchTrigger, four_corner_pattern, grid_pattern, image_file_pattern, square_pattern
 from methods.core.method import register_method
-from methods.data.base import DatasetInfo
-
-
-@dataclass
-class BadNetsConfig(AttackConfig):
-    pattern: str = choice("grid", ("grid", "square", "four_corner", "file"))
-    patch_file: Optional[str] = None
-    patch_size: int = ranged(3, 1, 64, "side of the `file` patch in pixels")
-
-    def validate(self) -> None:
-        super().validate()
-        if self.pattern == "file" and not self.patch_file:
-            raise ValueError("patch_file: required when pattern is 'file'")
+from methods.data.configs import DatasetInfo
 
 
 def make_badnets_trigger(info: DatasetInfo, cfg: BadNetsConfig, seed: int) -> PatchTrigger:
@@ -52,6 +31,6 @@ def make_badnets_trigger(info: DatasetInfo, cfg: BadNetsConfig, seed: int) -> Pa
     return PatchTrigger({"channels": c, "size": s, "pattern": cfg.pattern}, {"mask": mask, "pattern": pattern})
 
 
-@register_method("badnets", kind="attack", config=BadNetsConfig)
+@register_method("badnets")
 def run(ctx, cfg: BadNetsConfig):
     return run_attack(ctx, "badnets", cfg, make_badnets_trigger)

@@ -14,66 +14,23 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
+from methods.attacks.configs import AttackConfig
 from methods.attacks.triggers import Trigger, trigger_from_state
-from methods.core.config import Config, choice, ranged
 from methods.core.context import RunContext
 from methods.core.metrics import accuracy
 from methods.core.training import (
     full_state,
     make_generator,
     predict_logits,
-    resolve_seed,
     restore_full_state,
     sgd,
     train_epoch,
     unwrap,
 )
 from methods.data.augment import standard_augment
-from methods.data.base import DatasetInfo, Splits, load_splits
+from methods.data.base import Splits, load_splits
+from methods.data.configs import DatasetInfo
 from methods.models.base import BackdoorModel, build_model
-
-LABEL_MODES = ("all2one", "all2all", "cleanLabel")
-# default: D-BR's counts (all2one: rate x non-target images, all2all: rate x N, cleanLabel: rate x target class);
-# bernoulli: ASD's independent draw per candidate; uniform: PBE/NAD's rate x N over all images.
-POISON_INDEX_MODES = ("default", "bernoulli", "uniform")
-
-
-@dataclass
-class AttackConfig(Config):
-    dataset: str = "digits"
-    model: str = "small_cnn"
-    target: int = ranged(0, 0, None, "target class (all2one, cleanLabel)")
-    label_mode: str = choice("all2one", LABEL_MODES)
-    poison_rate: float = ranged(0.1, 0.0, 1.0, "fraction of candidates poisoned (see poison_index_mode)")
-    poison_index_mode: str = choice("default", POISON_INDEX_MODES)
-    seed: int = ranged(0, 0, None, "derives the split, poison, train and clean seeds unless those are set")
-    split_seed: Optional[int] = ranged(None, 0, None)
-    poison_seed: Optional[int] = ranged(None, 0, None)
-    train_seed: Optional[int] = ranged(None, 0, None)
-    clean_seed: Optional[int] = ranged(None, 0, None, "clean-subset draws of defenses built on this attack")
-    epochs: int = ranged(100, 1, 10_000)
-    batch_size: int = ranged(128, 1, 65_536)
-    lr: float = ranged(0.01, 0.0, 10.0)
-    momentum: float = ranged(0.9, 0.0, 1.0)
-    weight_decay: float = ranged(5e-4, 0.0, 1.0)
-    augment: bool = True
-    eval_batch_size: int = ranged(1024, 1, 1_000_000)
-
-    def seeds(self) -> dict[str, int]:
-        return {
-            "split_seed": resolve_seed(self.seed, "split", self.split_seed),
-            "poison_seed": resolve_seed(self.seed, "poison", self.poison_seed),
-            "train_seed": resolve_seed(self.seed, "train", self.train_seed),
-            "clean_seed": resolve_seed(self.seed, "clean", self.clean_seed),
-        }
-
-    def validate(self) -> None:
-        from methods.core.registry import DATASETS, MODELS
-
-        if self.dataset not in DATASETS:
-            raise ValueError(f"dataset: unknown {self.dataset!r}; known: {', '.join(DATASETS.names())}")
-        if self.model not in MODELS:
-            raise ValueError(f"model: unknown {self.model!r}; known: {', '.join(MODELS.names())}")
 
 
 def poison_targets(y: torch.Tensor, label_mode: str, target: int, num_classes: int) -> torch.Tensor:

@@ -4,27 +4,11 @@ the Hello-Kitty image we cannot ship), D-BR's Blend-Strip (`stripe`), fresh nois
 randomPixelTrigger of NAD/D-BR) or a user image file (`file`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
-from methods.attacks.base import AttackConfig, run_attack
+from methods.attacks.base import run_attack
+from methods.attacks.configs import BlendConfig
 from methods.attacks.triggers import BlendTrigger, image_file_pattern, random_pattern, stripe_pattern
-from methods.core.config import choice, ranged
 from methods.core.method import register_method
-from methods.data.base import DatasetInfo
-
-
-@dataclass
-class BlendConfig(AttackConfig):
-    pattern: str = choice("random", ("random", "stripe", "noise", "file"))
-    pattern_file: Optional[str] = None
-    alpha: float = ranged(0.2, 0.0, 1.0, "blend weight of the pattern in poisoned training images")
-    alpha_test: Optional[float] = ranged(None, 0.0, 1.0, "blend weight at evaluation (default: alpha)")
-
-    def validate(self) -> None:
-        super().validate()
-        if self.pattern == "file" and not self.pattern_file:
-            raise ValueError("pattern_file: required when pattern is 'file'")
+from methods.data.configs import DatasetInfo
 
 
 def make_blend_trigger(info: DatasetInfo, cfg: BlendConfig, seed: int) -> BlendTrigger:
@@ -45,6 +29,6 @@ def make_blend_trigger(info: DatasetInfo, cfg: BlendConfig, seed: int) -> BlendT
     return BlendTrigger(params, {"pattern": pattern})
 
 
-@register_method("blend", kind="attack", config=BlendConfig)
+@register_method("blend")
 def run(ctx, cfg: BlendConfig):
     return run_attack(ctx, "blend", cfg, make_blend_trigger)

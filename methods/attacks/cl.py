@@ -7,38 +7,17 @@ reported as `cl_hardened_clean_acc`: near 1 means PGD left them easy and the att
 clean-label BadNets, which a model has no reason to learn."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
 import torch
 
-from methods.attacks.base import LABEL_MODES, AttackConfig, build_poisoned_data, run_attack, train_classifier
+from methods.attacks.base import build_poisoned_data, run_attack, train_classifier
+from methods.attacks.configs import CLConfig
 from methods.attacks.triggers import PatchTrigger, four_corner_pattern
-from methods.core.config import choice, ranged
 from methods.core.method import register_method
 from methods.core.metrics import accuracy
 from methods.core.pgd import pgd_untargeted
 from methods.core.training import predict_logits, to_float
-from methods.data.base import DatasetInfo
+from methods.data.configs import DatasetInfo
 from methods.models.base import build_model
-
-
-@dataclass
-class CLConfig(AttackConfig):
-    label_mode: str = choice("cleanLabel", LABEL_MODES)
-    pgd_eps: float = ranged(8 / 255, 0.0, 1.0)
-    pgd_step_size: float = ranged(2 / 255, 0.0, 1.0)
-    pgd_steps: int = ranged(4, 0, 1000)
-    clean_epochs: Optional[int] = ranged(None, 1, 10_000, "epochs of the clean model (default: epochs)")
-    trigger_amplitude: float = ranged(
-        1.0, 0.0, 1.0,
-        "share of the trigger's contrast stamped on poisoned training images; evaluation always stamps the full "
-        "trigger (Turner et al.'s reduced-amplitude variant, BackdoorBench's reduced_amplitude)")
-
-    def validate(self) -> None:
-        super().validate()
-        if self.label_mode != "cleanLabel":
-            raise ValueError("label_mode: CL is a clean-label attack; only 'cleanLabel' is allowed")
 
 
 def make_cl_trigger(info: DatasetInfo, cfg: CLConfig, seed: int) -> PatchTrigger:
@@ -84,6 +63,6 @@ def hardened_poison(ctx, cfg: CLConfig, splits, trigger: PatchTrigger, seeds: di
     return poison_images
 
 
-@register_method("cl", kind="attack", config=CLConfig)
+@register_method("cl")
 def run(ctx, cfg: CLConfig):
     return run_attack(ctx, "cl", cfg, make_cl_trigger, poison_images_factory=hardened_poison)

@@ -4,21 +4,11 @@ BackdoorBench (a fix docs/methods.md#sig recommends) the training amplitude is 4
 clean-label by default."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from methods.attacks.base import LABEL_MODES, AttackConfig, run_attack
+from methods.attacks.base import run_attack
+from methods.attacks.configs import SIGConfig
 from methods.attacks.triggers import AdditiveTrigger, sig_signal
-from methods.core.config import choice, ranged
 from methods.core.method import register_method
-from methods.data.base import DatasetInfo
-
-
-@dataclass
-class SIGConfig(AttackConfig):
-    label_mode: str = choice("cleanLabel", LABEL_MODES)
-    amplitude: float = ranged(40.0, 0.0, 255.0, "D when poisoning training images")
-    amplitude_test: float = ranged(60.0, 0.0, 255.0, "D on evaluation images")
-    frequency: float = ranged(6.0, 0.0, 64.0)
+from methods.data.configs import DatasetInfo
 
 
 def make_sig_trigger(info: DatasetInfo, cfg: SIGConfig, seed: int) -> AdditiveTrigger:
@@ -30,6 +20,6 @@ def make_sig_trigger(info: DatasetInfo, cfg: SIGConfig, seed: int) -> AdditiveTr
     )
 
 
-@register_method("sig", kind="attack", config=SIGConfig)
+@register_method("sig")
 def run(ctx, cfg: SIGConfig):
     return run_attack(ctx, "sig", cfg, make_sig_trigger)

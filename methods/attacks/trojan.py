@@ -4,17 +4,11 @@ ours is generated once by this project from a seed (assets/trojan_patch.npy), no
 repositories: x' = clip(x + T)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from methods.attacks.base import AttackConfig, run_attack
+from methods.attacks.base import run_attack
+from methods.attacks.configs import TrojanConfig
 from methods.attacks.triggers import AdditiveTrigger, trojan_patch
 from methods.core.method import register_method
-from methods.data.base import DatasetInfo
-
-
-@dataclass
-class TrojanConfig(AttackConfig):
-    pass
+from methods.data.configs import DatasetInfo
 
 
 def make_trojan_trigger(info: DatasetInfo, cfg: TrojanConfig, seed: int) -> AdditiveTrigger:
@@ -22,6 +16,6 @@ def make_trojan_trigger(info: DatasetInfo, cfg: TrojanConfig, seed: int) -> Addi
     return AdditiveTrigger({"channels": info.channels, "size": info.size}, {"delta": delta})
 
 
-@register_method("trojan", kind="attack", config=TrojanConfig)
+@register_method("trojan")
 def run(ctx, cfg: TrojanConfig):
     return run_attack(ctx, "trojan", cfg, make_trojan_trigger)

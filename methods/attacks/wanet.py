@@ -7,25 +7,15 @@ rotation (10 degrees by default) moves border pixels of a small image further th
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 
-from methods.attacks.base import AttackConfig, PoisonedData, run_attack
+from methods.attacks.base import PoisonedData, run_attack
+from methods.attacks.configs import WaNetConfig
 from methods.attacks.triggers import WarpTrigger, wanet_backdoor_grid, wanet_grids, wanet_noise_grids, warp
-from methods.core.config import ranged
 from methods.core.method import register_method
 from methods.data.augment import backdoor_pipeline_augment
-from methods.data.base import DatasetInfo
-
-
-@dataclass
-class WaNetConfig(AttackConfig):
-    k: int = ranged(4, 2, 64, "control grid size")
-    s: float = ranged(0.5, 0.0, 10.0, "warping strength")
-    grid_rescale: float = ranged(1.0, 0.0, 2.0)
-    cross_ratio: float = ranged(2.0, 0.0, 10.0, "noise-mode images per poisoned image")
-    rotation_deg: float = ranged(10.0, 0.0, 180.0, "training rotation range in degrees; 0 turns rotation off")
+from methods.data.configs import DatasetInfo
 
 
 def make_wanet_trigger(info: DatasetInfo, cfg: WaNetConfig, seed: int) -> WarpTrigger:
@@ -52,7 +42,7 @@ def add_noise_mode(cfg: WaNetConfig):
     return postprocess
 
 
-@register_method("wanet", kind="attack", config=WaNetConfig)
+@register_method("wanet")
 def run(ctx, cfg: WaNetConfig):
     augment = functools.partial(backdoor_pipeline_augment, rotation_deg=cfg.rotation_deg)
     return run_attack(ctx, "wanet", cfg, make_wanet_trigger, augment=augment, postprocess=add_noise_mode(cfg))

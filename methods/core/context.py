@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from methods.core.fastpath import FastPath, accelerate
+from methods.core.fastpath import accelerate
+from methods.core.fastpath_config import FastPath
 from methods.core.training import default_device
+from methods.data.configs import DataConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from methods.attacks.base import Backdoor
-    from methods.data.base import DataConfig
 
 
 class StopRun(Exception):
@@ -104,8 +105,6 @@ class LocalContext:
 
     def __post_init__(self) -> None:
         if self.data_config is None:
-            from methods.data.base import DataConfig
-
             self.data_config = DataConfig()
 
     def report(self, metrics: dict[str, float], step: int) -> None:

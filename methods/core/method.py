@@ -1,11 +1,24 @@
-"""Method registration: one decorator turns a `run(ctx, cfg)` function into a registered attack or defense."""
+"""Methods: declared without torch, run with it.
+
+A method is declared on its config class, in its kind's torch-free module (methods/attacks/configs.py,
+methods/defenses/configs.py): `@declare_method(name, kind)` records its name, kind, config class and whether it
+splits samples, so validation knows every method and its config without importing torch. Its `run(ctx, cfg)`
+lives in methods/<kind>s/<name>.py under `@register_method(name)`; that module is imported the first time the
+run (or the docstring that `bdo list` summarises) is asked for.
+"""
 from __future__ import annotations
 
+import ast
+import importlib
+import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 from methods.core.config import Config
-from methods.core.registry import METHODS
+from methods.core.registry import METHODS, Registry
+
+RUNS: Registry[Callable[..., Any]] = Registry("method run")
 
 
 @dataclass(frozen=True)
@@ -13,22 +26,48 @@ class MethodSpec:
     name: str
     kind: Literal["attack", "defense"]
     config_cls: type[Config]
-    run: Callable[..., Any]
     # Methods that split or score training samples hand over a "scores" table and report split metrics.
     splits_samples: bool = False
-    summary: str = ""
+
+    @property
+    def module(self) -> str:
+        """The module that holds the run function (the method's own file in its kind's package)."""
+        return f"methods.{self.kind}s.{self.name}"
+
+    @property
+    def run(self) -> Callable[..., Any]:
+        if self.name not in RUNS:
+            importlib.import_module(self.module)
+        return RUNS.get(self.name)
+
+    @property
+    def doc(self) -> str:
+        """The run module's docstring (what `bdo list` summarises), read from its source: listing needs no torch."""
+        source = Path(importlib.util.find_spec(self.module).origin).read_text()
+        return ast.get_docstring(ast.parse(source)) or ""
 
     def make_config(self, values: dict[str, Any] | None = None) -> Config:
         return self.config_cls.from_dict(values or {})
 
 
-def register_method(
-    name: str, kind: Literal["attack", "defense"], config: type[Config], splits_samples: bool = False
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def declare_method(
+    name: str, kind: Literal["attack", "defense"], splits_samples: bool = False
+) -> Callable[[type[Config]], type[Config]]:
+    def decorator(config: type[Config]) -> type[Config]:
+        METHODS.add(name, MethodSpec(name, kind, config, splits_samples))
+        return config
+
+    return decorator
+
+
+def register_method(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Attach `run` to the method declared as `name`; the run must live in that method's own module."""
+
     def decorator(run: Callable[..., Any]) -> Callable[..., Any]:
-        module = __import__(run.__module__, fromlist=["__doc__"])
-        summary = (module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else ""
-        METHODS.add(name, MethodSpec(name, kind, config, run, splits_samples, summary))
+        spec = METHODS.get(name)
+        if run.__module__ != spec.module:
+            raise ValueError(f"method {name!r}: its run belongs in {spec.module}, not {run.__module__}")
+        RUNS.add(name, run)
         return run
 
     return decorator

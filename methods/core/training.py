@@ -8,13 +8,14 @@ same weights, bit for bit on CPU.
 from __future__ import annotations
 
 import hashlib
-import os
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from methods.core.hardware import default_device_name
 
 SEED_PURPOSES = ("split", "poison", "train", "clean")
 
@@ -31,18 +32,12 @@ def resolve_seed(seed: int, purpose: str, explicit: int | None) -> int:
 
 
 def default_device() -> torch.device:
-    """Where a run trains when nobody says: BDO_DEVICE if set (cpu, cuda, cuda:1), else the first visible GPU,
-    else the CPU. The GPU is the target; the CPU is the reference path that tests pin with BDO_DEVICE=cpu."""
-    requested = os.environ.get("BDO_DEVICE", "").strip()
-    if requested:
-        try:
-            device = torch.device(requested)
-        except RuntimeError:
-            raise ValueError(f"BDO_DEVICE={requested!r}: use cpu, cuda or cuda:N") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"BDO_DEVICE={requested!r}: no CUDA device is visible to this process; use cpu")
-        return device
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """`default_device_name()` (BDO_DEVICE, else the first visible GPU, else the CPU) as a torch device."""
+    name = default_device_name()
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"BDO_DEVICE={name!r}: use cpu, cuda or cuda:N") from None
 
 
 class CheckpointDeviceError(ValueError):

@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from methods.data.base import DatasetInfo
+from methods.data.configs import DatasetInfo
 
 
 def _uniform(shape: tuple[int, ...], g: torch.Generator, device: torch.device, lo: float = 0.0,

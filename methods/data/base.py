@@ -6,30 +6,14 @@ which normalises inside itself, so pixel-space epsilons and triggers mean what t
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
-from methods.core.config import Config, ranged
 from methods.core.registry import DATASETS
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    name: str
-    num_classes: int
-    channels: int
-    size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    # Training augmentation this dataset tolerates (digits must not be flipped, CIFAR may be).
-    crop_pad: int = 4
-    hflip: bool = True
-    rotation_deg: float = 0.0
-    val_fraction: float = 0.05
+from methods.data.configs import DataConfig, DatasetInfo, default_data_root
 
 
 @dataclass
@@ -58,32 +42,11 @@ class Splits:
         return Splits(**moved)
 
 
-@dataclass
-class DataConfig(Config):
-    """Options of the dataset (the `data.KEY` of `--set`)."""
-
-    val_fraction: Optional[float] = ranged(None, 0.0, 0.5, "fraction of the training part held out for validation")
-    train_limit: Optional[int] = ranged(None, 10, None, "keep at most this many training images (quick runs)")
-    test_limit: Optional[int] = ranged(None, 10, None, "keep at most this many test images (quick runs)")
-    synthetic_train: int = ranged(10000, 100, 10_000_000, "training images of the synthetic dataset")
-    synthetic_test: int = ranged(2000, 100, 1_000_000, "test images of the synthetic dataset")
-    # Calibrated on small_cnn, 8 epochs at lr 0.05 on 4,000 images (seed 0, CPU): test ACC 1.000 at 0,
-    # 0.914 at 0.4, 0.872 at 0.45, 0.837 at 0.5: 0.45 sits in the 85-90% band, room to see what a defense costs.
-    synthetic_difficulty: float = ranged(
-        0.45, 0.0, 1.0,
-        "how much the synthetic classes overlap (orientation, frequency and colour jitter, pixel noise); 0 is "
-        "the original easy set that small models learn perfectly")
-
-
 class MissingDataError(FileNotFoundError):
     """A dataset's files are not where they should be; the message names the path and the flag that fetches them."""
 
 
 Builder = Callable[..., RawDataset]
-
-
-def default_data_root() -> Path:
-    return Path(os.environ.get("BDO_DATA_ROOT", Path.home() / ".cache" / "bdo" / "data")).expanduser()
 
 
 def load_raw(name: str, data_root: Path | None = None, download: bool = False,

@@ -8,12 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from methods.core.registry import DATASETS
-from methods.data.base import DataConfig, DatasetInfo, RawDataset
-
-DIGITS_INFO = DatasetInfo(
-    name="digits", num_classes=10, channels=1, size=16, mean=(0.33,), std=(0.40,),
-    crop_pad=2, hflip=False, rotation_deg=10.0, val_fraction=0.125,
-)
+from methods.data.base import RawDataset
+from methods.data.configs import DIGITS_INFO, SYNTHETIC_INFO, DataConfig
 
 
 @DATASETS.register("digits")
@@ -34,12 +30,6 @@ def digits(data_root=None, download=False, cfg: DataConfig | None = None) -> Raw
     n_test = int(round(0.2 * len(labels)))
     test, train = order[:n_test].sort().values, order[n_test:].sort().values
     return RawDataset(DIGITS_INFO, images[train], labels[train], images[test], labels[test])
-
-
-SYNTHETIC_INFO = DatasetInfo(
-    name="synthetic", num_classes=10, channels=3, size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
-    crop_pad=4, hflip=True, rotation_deg=0.0, val_fraction=0.05,
-)
 
 
 def synthetic_images(

@@ -26,7 +26,17 @@ import torch
 from PIL import Image
 
 from methods.core.registry import DATASETS
-from methods.data.base import DataConfig, DatasetInfo, MissingDataError, RawDataset, to_uint8_nchw
+from methods.data.base import MissingDataError, RawDataset, to_uint8_nchw
+from methods.data.configs import (
+    CELEBA8_INFO,
+    CIFAR10_INFO,
+    CIFAR100_INFO,
+    GTSRB_INFO,
+    MNIST_INFO,
+    TINY_IMAGENET_INFO,
+    DataConfig,
+    DatasetInfo,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,37 +45,6 @@ CACHE_FORMAT = "1"  # bump when the layout of the cache files changes
 KEYS = ("x_train", "y_train", "x_test", "y_test")
 FIX = "pass --download to fetch it or set --data-root / BDO_DATA_ROOT to where it is"
 
-# Channel statistics are the commonly quoted per-pixel values over each training set (0..1 scale).
-CIFAR10_INFO = DatasetInfo(
-    name="cifar10", num_classes=10, channels=3, size=32,
-    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
-    crop_pad=4, hflip=True, rotation_deg=0.0, val_fraction=0.05,
-)
-CIFAR100_INFO = DatasetInfo(
-    name="cifar100", num_classes=100, channels=3, size=32,
-    mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
-    crop_pad=4, hflip=True, rotation_deg=0.0, val_fraction=0.05,
-)
-MNIST_INFO = DatasetInfo(
-    name="mnist", num_classes=10, channels=1, size=28,
-    mean=(0.1307,), std=(0.3081,),
-    crop_pad=2, hflip=False, rotation_deg=10.0, val_fraction=0.05,
-)
-GTSRB_INFO = DatasetInfo(
-    name="gtsrb", num_classes=43, channels=3, size=32,
-    mean=(0.3403, 0.3121, 0.3214), std=(0.2724, 0.2608, 0.2669),
-    crop_pad=4, hflip=False, rotation_deg=10.0, val_fraction=0.05,
-)
-CELEBA8_INFO = DatasetInfo(
-    name="celeba8", num_classes=8, channels=3, size=64,
-    mean=(0.5063, 0.4258, 0.3832), std=(0.3107, 0.2904, 0.2897),
-    crop_pad=8, hflip=True, rotation_deg=0.0, val_fraction=0.05,
-)
-TINY_IMAGENET_INFO = DatasetInfo(
-    name="tiny_imagenet", num_classes=200, channels=3, size=64,
-    mean=(0.4802, 0.4481, 0.3975), std=(0.2770, 0.2691, 0.2821),
-    crop_pad=8, hflip=True, rotation_deg=0.0, val_fraction=0.05,
-)
 
 # CelebA attributes combined into the 8 classes of celeba8 (most significant bit first).
 CELEBA_ATTRIBUTES = ((18, "Heavy_Makeup"), (31, "Smiling"), (21, "Mouth_Slightly_Open"))

@@ -19,14 +19,12 @@ Deviations from the official code (github.com/John-niu-07/BPE), all as docs/meth
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from methods.core.config import ranged
 from methods.core.context import RunContext
 from methods.core.method import register_method
 from methods.core.pgd import pgd_untargeted
@@ -41,46 +39,9 @@ from methods.core.training import (
     unwrap,
 )
 from methods.data.augment import backdoor_pipeline_augment
-from methods.data.base import DatasetInfo
-from methods.defenses.common import (
-    DefenseConfig,
-    DefenseResult,
-    clean_subset,
-    final_result,
-    report_eval,
-)
-
-
-@dataclass
-class AdversarialFinetuneConfig(DefenseConfig):
-    """PGD and fine-tuning settings shared by AFT and PBE (docs/methods.md#aft)."""
-
-    adv_eps: float = ranged(6 / 255, 0.0, 1.0, "L-inf radius of the PGD examples, in [0, 1] pixel units")
-    adv_steps: int = ranged(7, 1, 1000, "PGD iterations")
-    adv_step_size: Optional[float] = ranged(None, 0.0, 1.0,
-                                            "PGD step in pixel units (default adv_eps / 5, as the code)")
-    adv_random_start: bool = True
-    adv_clamp: bool = True
-    lr: float = ranged(1e-3, 0.0, 10.0, "constant SGD learning rate")
-    momentum: float = ranged(0.9, 0.0, 1.0)
-    weight_decay: float = ranged(5e-4, 0.0, 1.0)
-    batch_size: int = ranged(128, 1, 65_536)
-
-    def step_size(self) -> float:
-        return self.adv_eps / 5 if self.adv_step_size is None else self.adv_step_size
-
-
-@dataclass
-class AFTConfig(AdversarialFinetuneConfig):
-    clean_ratio: float = ranged(0.05, 0.0, 1.0, "clean extra set as a fraction of the training set")
-    epochs: int = ranged(20, 1, 100_000, "fine-tuning epochs in total")
-    adv_epochs: Optional[int] = ranged(3, 0, None, "leading epochs trained on PGD examples (None: every epoch)")
-
-    def validate(self) -> None:
-        if self.clean_ratio <= 0:
-            raise ValueError(f"clean_ratio: {self.clean_ratio} must be > 0 (AFT needs clean data)")
-        if self.adv_epochs is not None and self.adv_epochs > self.epochs:
-            raise ValueError(f"adv_epochs: {self.adv_epochs} exceeds epochs {self.epochs}; use None for all epochs")
+from methods.data.configs import DatasetInfo
+from methods.defenses.common import DefenseResult, clean_subset, final_result, report_eval
+from methods.defenses.configs import AdversarialFinetuneConfig, AFTConfig
 
 
 def adversarial_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AdversarialFinetuneConfig,
@@ -125,7 +86,7 @@ def adversarial_finetune_epoch(
     return total / max(steps, 1)
 
 
-@register_method("aft", kind="defense", config=AFTConfig)
+@register_method("aft")
 def run(ctx: RunContext, cfg: AFTConfig) -> DefenseResult:
     backdoor = ctx.backdoor().to(ctx.device)
     data = backdoor.data

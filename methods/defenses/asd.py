@@ -33,34 +33,20 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from methods.attacks.base import Backdoor
-from methods.core.config import choice, ranged
 from methods.core.context import RunContext
 from methods.core.method import register_method
 from methods.core.metrics import POOL_CLEAN, POOL_POISON, split_metrics
-from methods.core.training import (
-    derive_seed,
-    full_state,
-    make_generator,
-    restore_full_state,
-    to_float,
-    train_epoch,
-)
+from methods.core.training import derive_seed, full_state, make_generator, restore_full_state, to_float, train_epoch
 from methods.data.augment import standard_augment
-from methods.data.base import DatasetInfo
-from methods.defenses.common import (
-    DefenseConfig,
-    final_result,
-    hand_off_scores,
-    report_eval,
-)
+from methods.data.configs import DatasetInfo
+from methods.defenses.common import final_result, hand_off_scores, report_eval
+from methods.defenses.configs import ASDConfig
 from methods.defenses.mixmatch import (
     interleave,
     mixup,
@@ -72,43 +58,6 @@ from methods.defenses.mixmatch import (
     uninterleave,
 )
 from methods.models.base import BackdoorModel, build_model
-
-META_LAYERS = ("late", "classifier")
-
-
-@dataclass
-class ASDConfig(DefenseConfig):
-    epochs: int = ranged(120, 1, 100_000, "total MixMatch epochs (stage boundaries scale with it)")
-    iterations_per_epoch: int = ranged(1024, 1, 10_000_000, "MixMatch iterations per epoch")
-    batch_size: int = ranged(64, 2, 65_536, "labeled batch = unlabeled batch")
-    lr: float = ranged(2e-3, 1e-8, 1.0, "Adam learning rate of the MixMatch training")
-    weight_decay: float = ranged(0.0, 0.0, 1.0)
-    stage1_end: float = ranged(0.5, 0.0, 1.0, "fraction of epochs spent in stage 1 (class-aware split)")
-    stage2_end: float = ranged(0.75, 0.0, 1.0, "fraction of epochs after which the meta split starts")
-    seed_num: int = ranged(10, 1, 100_000, "trusted clean seed images per class")
-    class_increment: int = ranged(10, 0, 1_000_000, "stage 1: low-loss images added per class every period")
-    class_period: int = ranged(5, 1, 100_000, "stage 1: epochs between two increments")
-    epsilon: float = ranged(0.5, 0.01, 0.99, "stages 2-3: fraction of all images in the clean pool")
-    sce_alpha: float = ranged(0.1, 0.0, 100.0, "weight of CE in the split loss")
-    sce_beta: float = ranged(1.0, 0.0, 100.0, "weight of reverse CE in the split loss")
-    meta_lr: float = ranged(0.015, 1e-8, 10.0, "Adam lr of the meta split's virtual model")
-    meta_epochs: int = ranged(1, 1, 1000, "supervised epochs of the virtual model")
-    meta_batch_size: int = ranged(128, 1, 65_536)
-    meta_layers: str = choice("late", META_LAYERS,
-                              "layers the virtual model trains: the model's late modules or the classifier")
-    temperature: float = ranged(0.5, 0.01, 10.0, "MixMatch sharpening temperature T")
-    mixup_alpha: float = ranged(0.75, 0.01, 100.0, "MixUp Beta(alpha, alpha)")
-    lambda_u: float = ranged(15.0, 0.0, 10_000.0, "weight of the unlabeled loss after the ramp")
-    rampup: Optional[float] = ranged(None, 0.0, 100_000.0, "epochs of the linear lambda_u ramp (default: epochs)")
-    record_with_aug: bool = True
-
-    def validate(self) -> None:
-        if self.stage2_end < self.stage1_end:
-            raise ValueError(
-                f"stage2_end: {self.stage2_end} must be >= stage1_end ({self.stage1_end}); both are fractions of epochs"
-            )
-        if self.sce_alpha + self.sce_beta <= 0:
-            raise ValueError("sce_alpha, sce_beta: at least one must be > 0, or the split loss is constant")
 
 
 def stage_of(epoch: int, cfg: ASDConfig) -> int:
@@ -243,7 +192,7 @@ def mixmatch_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.
     return {"train_loss": totals[0], "train_lx": totals[1], "train_lu": totals[2]}
 
 
-@register_method("asd", kind="defense", config=ASDConfig, splits_samples=True)
+@register_method("asd")
 def run(ctx: RunContext, cfg: ASDConfig):
     backdoor = ctx.backdoor().to(ctx.device)
     data, info = backdoor.data, backdoor.data.info

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from methods.attacks.base import Backdoor, evaluate
-from methods.core.config import Config, ranged
 from methods.core.context import RunContext
 from methods.core.metrics import POOL_NAMES, der, split_metrics
 from methods.core.training import unwrap
@@ -24,13 +22,6 @@ class DefenseResult:
     model_state: dict[str, torch.Tensor]
     metrics: dict[str, float]
     model_name: str = ""
-
-
-@dataclass
-class DefenseConfig(Config):
-    seed: int = ranged(0, 0, None, "training seed of the defense")
-    clean_seed: Optional[int] = ranged(None, 0, None, "clean-subset seed (default: the attack's recorded clean_seed)")
-    eval_batch_size: int = ranged(1024, 1, 1_000_000)
 
 
 def clean_subset(backdoor: Backdoor, clean_ratio: float, clean_seed: int | None = None) -> torch.Tensor:

@@ -19,38 +19,19 @@ Deviations from the official code:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from methods.core.config import choice, ranged
 from methods.core.context import RunContext
 from methods.core.method import register_method
 from methods.core.metrics import POOL_CLEAN, POOL_POISON
 from methods.core.training import derive_seed, full_state, make_generator, restore_full_state, sgd, train_epoch
 from methods.data.augment import standard_augment
 from methods.defenses.common import evaluate_with_der, final_result
-from methods.defenses.sd import SDConfig, pool_indices, run_sd
-
-
-@dataclass
-class DBRConfig(SDConfig):
-    br_rounds: int = ranged(20, 1, 10_000, "unlearn/relearn rounds")
-    br_lr: float = ranged(1e-4, 0.0, 10.0, "SGD lr of the relearning phase (and, scaled, of the unlearning)")
-    br_unlearn_lr_scale: float = ranged(1.0, 0.0, 1000.0, "unlearning lr = br_lr x this")
-    br_relearn_epochs: int = ranged(1, 1, 1000, "epochs on the clean pool per round")
-    br_batch_size: int = ranged(128, 1, 65_536)
-    # Which round's weights are returned, decided on the validation split only:
-    # - "asr_within_acc_margin": among the rounds whose val_acc is at least (best val_acc of any round) -
-    #   br_acc_margin, the one with the lowest val_asr (ties: the higher val_acc, then the later round). The kept
-    #   model never gives up more than br_acc_margin of validation accuracy against the best round, whatever ASR
-    #   that would buy. 0.02 sits below the 3-point accuracy bar the defenses are held to and above the noise of
-    #   a few hundred validation images (one image of digits' ~180 is 0.0056).
-    # - "last": the last round, as a run without model selection would.
-    br_select: str = choice("asr_within_acc_margin", ("asr_within_acc_margin", "last"), "which round's model is kept")
-    br_acc_margin: float = ranged(0.02, 0.0, 1.0, "val_acc a kept round may lose against the best round")
+from methods.defenses.configs import DBRConfig
+from methods.defenses.sd import pool_indices, run_sd
 
 
 def _ascent(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -81,7 +62,7 @@ def chosen(candidates: list[dict[str, Any]]) -> dict[str, Any]:
     return min(candidates, key=lambda c: (c["asr"], -c["acc"], -c["round"]))
 
 
-@register_method("dbr", kind="defense", config=DBRConfig, splits_samples=True)
+@register_method("dbr")
 def run(ctx: RunContext, cfg: DBRConfig):
     backdoor = ctx.backdoor().to(ctx.device)
     data = backdoor.data

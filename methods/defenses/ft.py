@@ -24,37 +24,14 @@ import torch
 import torch.nn as nn
 
 from methods.attacks.base import Backdoor
-from methods.core.config import ranged
 from methods.core.context import RunContext
 from methods.core.method import register_method
-from methods.core.training import (
-    derive_seed,
-    full_state,
-    make_generator,
-    restore_full_state,
-    sgd,
-    train_epoch,
-)
+from methods.core.training import derive_seed, full_state, make_generator, restore_full_state, sgd, train_epoch
 from methods.data.augment import standard_augment
-from methods.data.base import DatasetInfo
+from methods.data.configs import DatasetInfo
 from methods.defenses.attention import cutout
-from methods.defenses.common import DefenseConfig, clean_subset, final_result, report_eval
-
-
-@dataclass
-class FTConfig(DefenseConfig):
-    clean_ratio: float = ranged(0.05, 1e-4, 1.0, "fraction of the training set available as clean data")
-    epochs: int = ranged(10, 1, 10_000)
-    lr: float = ranged(0.01, 0.0, 10.0)
-    batch_size: int = ranged(64, 1, 65_536)
-    momentum: float = ranged(0.9, 0.0, 1.0)
-    weight_decay: float = ranged(1e-4, 0.0, 1.0)
-    nesterov: bool = True
-    cutout_length: int = ranged(3, 0, 64, "Cutout side (half-length floored: 3 cuts 2 x 2); 0 disables it")
-
-    def validate(self) -> None:
-        if self.nesterov and self.momentum == 0:
-            raise ValueError("nesterov: needs momentum > 0")
+from methods.defenses.common import clean_subset, final_result, report_eval
+from methods.defenses.configs import FTConfig
 
 
 def clean_augment(info: DatasetInfo, g: torch.Generator, cutout_length: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -132,7 +109,7 @@ def finetune_stage(ctx: RunContext, name: str, model: nn.Module, optimizer: torc
     return Stage(name, epochs, model, run_epoch)
 
 
-@register_method("ft", kind="defense", config=FTConfig)
+@register_method("ft")
 def run(ctx: RunContext, cfg: FTConfig):
     backdoor = ctx.backdoor().to(ctx.device)
     data = backdoor.data

@@ -14,67 +14,19 @@ kept. This module also holds what ARGD shares with NAD: the config base, the tea
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from methods.core.config import listed, ranged
 from methods.core.context import RunContext
 from methods.core.method import register_method
 from methods.core.training import derive_seed, make_generator, minibatches, sgd, to_float
 from methods.defenses.attention import attention_map, weighted_at_loss
-from methods.defenses.common import DefenseConfig, clean_subset, final_result
-from methods.defenses.ft import Stage, clean_augment, finetune_stage, run_stages, scaled_steps, set_lr, stepped_lr
-
-
-@dataclass
-class DistillConfig(DefenseConfig):
-    """Fields NAD and ARGD share. `lr_step_epochs` are given for the method's paper schedule length
-    (REFERENCE_EPOCHS) and scaled to `epochs`; at each the lr becomes lr times the matching `lr_steps` factor."""
-
-    REFERENCE_EPOCHS = 10
-
-    clean_ratio: float = ranged(0.05, 1e-4, 1.0, "fraction of the training set available as clean data")
-    epochs: int = ranged(10, 1, 10_000, "distillation epochs")
-    lr: float = ranged(0.1, 0.0, 10.0, "initial distillation lr")
-    lr_steps: list[float] = listed([0.1, 0.01], 0.0, 10.0, "lr factors from each step epoch on")
-    lr_step_epochs: list[int] = listed([3, 6], 1, None, "step epochs of the paper schedule, scaled to epochs")
-    batch_size: int = ranged(64, 2, 65_536)
-    momentum: float = ranged(0.9, 0.0, 1.0)
-    weight_decay: float = ranged(1e-4, 0.0, 1.0)
-    nesterov: bool = True
-    p: float = ranged(2.0, 0.5, 8.0, "attention-map power")
-    cutout_length: int = ranged(3, 0, 64, "Cutout side (half-length floored: 3 cuts 2 x 2); 0 disables it")
-    teacher_epochs: int = ranged(10, 1, 10_000, "CE training epochs of the teacher")
-
-    def validate(self) -> None:
-        if len(self.lr_steps) != len(self.lr_step_epochs):
-            raise ValueError(f"lr_steps: {len(self.lr_steps)} factors for {len(self.lr_step_epochs)} lr_step_epochs; "
-                             "give one factor per step epoch")
-        if any(b <= a for a, b in zip(self.lr_step_epochs, self.lr_step_epochs[1:])):
-            raise ValueError(f"lr_step_epochs: must be strictly increasing, got {self.lr_step_epochs}")
-        if self.nesterov and self.momentum == 0:
-            raise ValueError("nesterov: needs momentum > 0")
-
-    def student_lr(self, epoch: int) -> float:
-        steps = scaled_steps(self.lr_step_epochs, self.REFERENCE_EPOCHS, self.epochs)
-        return stepped_lr(self.lr, self.lr_steps, steps, epoch)
-
-
-@dataclass
-class NADConfig(DistillConfig):
-    REFERENCE_EPOCHS = 20
-
-    epochs: int = ranged(20, 1, 10_000, "distillation epochs")
-    lr_steps: list[float] = listed([0.1], 0.0, 10.0, "lr factors from each step epoch on")
-    lr_step_epochs: list[int] = listed([2], 1, None, "step epochs of the 20-epoch schedule, scaled to epochs")
-    beta1: float = ranged(500.0, 0.0, None, "AT weight of the first stage output")
-    beta2: float = ranged(1000.0, 0.0, None, "AT weight of the second stage output")
-    beta3: float = ranged(1000.0, 0.0, None, "AT weight of the third stage output")
-    teacher_lr: float = ranged(0.01, 0.0, 10.0, "lr of the teacher's fine-tuning")
+from methods.defenses.common import clean_subset, final_result
+from methods.defenses.configs import DistillConfig, NADConfig
+from methods.defenses.ft import Stage, clean_augment, finetune_stage, run_stages, set_lr
 
 
 class StudentForward(nn.Module):
@@ -144,7 +96,7 @@ def teacher_stage(ctx: RunContext, cfg: DistillConfig, teacher: nn.Module, x: to
     return stage, optimizer, g
 
 
-@register_method("nad", kind="defense", config=NADConfig)
+@register_method("nad")
 def run(ctx: RunContext, cfg: NADConfig):
     backdoor = ctx.backdoor().to(ctx.device)
     data = backdoor.data

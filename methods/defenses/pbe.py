@@ -39,96 +39,20 @@ Deviations from the official code (github.com/John-niu-07/BPE), as docs/methods.
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from methods.core.config import choice, listed, ranged
 from methods.core.context import RunContext
 from methods.core.method import register_method
 from methods.core.metrics import POOL_CLEAN, POOL_UNCERTAIN, split_metrics
-from methods.core.training import (
-    derive_seed,
-    full_state,
-    make_generator,
-    predict_logits,
-    restore_full_state,
-    sgd,
-)
-from methods.defenses.aft import AdversarialFinetuneConfig, adversarial_finetune_epoch
+from methods.core.training import derive_seed, full_state, make_generator, predict_logits, restore_full_state, sgd
+from methods.defenses.aft import adversarial_finetune_epoch
 from methods.defenses.common import DefenseResult, evaluate_with_der, final_result, hand_off_scores
+from methods.defenses.configs import SIMILARITIES, PBEConfig
 
-SIMILARITIES = ("cosine_logits", "kl_softmax", "argmax")
 ARGMAX_TIE_WEIGHT = 1e-3
-
-
-@dataclass
-class PBEConfig(AdversarialFinetuneConfig):
-    init_fraction: float = ranged(0.05, 0.0, 1.0, "random initial trusted subset, as a fraction of the training set")
-    n_steps: int = ranged(4, 1, 1000, "progressive steps (step 0 plus refinements)")
-    epochs_per_step: int = ranged(10, 1, 100_000)
-    top_rates: Optional[list[float]] = listed([0.2, 0.5, 0.7], 0.0, 1.0,
-                                              "trusted fraction after steps 0 .. n_steps - 2 (None: the ramp below)")
-    top_rate_first: float = ranged(0.2, 0.0, 1.0, "when top_rates is None: the rate after step 0 ...")
-    top_rate_last: float = ranged(0.7, 0.0, 1.0, "... rising linearly to this rate after step n_steps - 2")
-    later_adv_batches: Optional[int] = ranged(31, 0, None,
-                                              "adversarial batches of the first epoch of steps >= 1 (None: all)")
-    reset_optimizer_each_step: bool = False
-    # How unchanged a training image's prediction is after a step, in [0, 1] (1 = unchanged); the most unchanged
-    # images form the next trusted subset. cosine_logits: 0.5 + 0.5 cos of the raw logits (the code);
-    # kl_softmax: exp(-KL(softmax before || softmax after)); argmax: 1 if the predicted class is unchanged, else
-    # 0, plus 1e-3 x the cosine measure so that images within a group are ranked by how far they moved rather
-    # than by their index.
-    similarity: str = choice("cosine_logits", SIMILARITIES, "how unchanged a prediction is (see above)")
-    # The code ranks all images together. Once step 0 has moved the model, whole classes can move more than the
-    # rest and drop out of the trusted subset; the later steps then forget them (digits BadNets: two digits had
-    # no trusted image after the first re-selection and fell to 0.26 / 0.36 val ACC). select_per_label takes the
-    # same number of images from every dataset label (label_quotas), each label's most similar ones. Not the
-    # same fraction of every label: under all2one the target's label also holds all the poisoned images, and
-    # 70% of it would have to take some of them.
-    select_per_label: bool = False
-    # Step 0 decides the run (module docstring). Its PGD radius may differ from the later steps', and it is
-    # checked on the validation split: failed = val ASR above step0_max_val_asr after it. A failed step 0 is
-    # rerun (at most step0_retries times) from the infected model on a new random draw, each rerun's radius
-    # retry_eps_scale times the previous one. Without reruns left the run continues from the failed step.
-    step0_adv_eps: Optional[float] = ranged(None, 0.0, 1.0, "PGD radius of step 0 (None: adv_eps)")
-    step0_retries: int = ranged(0, 0, 100, "reruns of a step 0 that failed on validation (0: the paper, none)")
-    step0_max_val_asr: float = ranged(0.2, 0.0, 1.0, "step 0 failed when its val ASR is above this")
-    retry_eps_scale: float = ranged(1.5, 1.0, 100.0, "radius of a rerun of step 0 / radius of the attempt before")
-
-    def step0_config(self, attempt: int) -> "PBEConfig":
-        """The PGD settings of step 0's attempt `attempt` (0 = the first): its radius, and the step size scaled
-        with it so that the PGD iterations still cover the ball."""
-        eps = min(1.0, (self.adv_eps if self.step0_adv_eps is None else self.step0_adv_eps)
-                  * self.retry_eps_scale ** attempt)
-        size = self.step_size() * eps / self.adv_eps if self.adv_eps > 0 else eps / 5
-        return dataclasses.replace(self, adv_eps=eps, adv_step_size=min(1.0, size))
-
-    def rates(self) -> list[float]:
-        """The trusted fraction chosen after each step but the last (n_steps - 1 values)."""
-        if self.top_rates is not None:
-            return list(self.top_rates)
-        m = self.n_steps - 1
-        if m == 1:
-            return [self.top_rate_last]
-        return [self.top_rate_first + (self.top_rate_last - self.top_rate_first) * k / (m - 1) for k in range(m)]
-
-    def validate(self) -> None:
-        if self.init_fraction <= 0:
-            raise ValueError(f"init_fraction: {self.init_fraction} must be > 0")
-        if self.top_rates is None:
-            for name in ("top_rate_first", "top_rate_last"):
-                if getattr(self, name) <= 0:
-                    raise ValueError(f"{name}: {getattr(self, name)} must be in (0, 1]")
-            return
-        if any(r <= 0 for r in self.top_rates):
-            raise ValueError(f"top_rates: every rate must be in (0, 1], got {self.top_rates}")
-        if len(self.top_rates) != self.n_steps - 1:
-            raise ValueError(f"top_rates: {len(self.top_rates)} entries, but n_steps={self.n_steps} re-selects "
-                             f"{self.n_steps - 1} times (or set top_rates to None to use the top_rate_first/last ramp)")
 
 
 def logit_similarity(reference: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
@@ -193,7 +117,7 @@ def poisoned_fraction(mask: torch.Tensor, flags: torch.Tensor) -> float:
     return flags[mask].float().mean().item() if bool(mask.any()) else float("nan")
 
 
-@register_method("pbe", kind="defense", config=PBEConfig, splits_samples=True)
+@register_method("pbe")
 def run(ctx: RunContext, cfg: PBEConfig) -> DefenseResult:
     backdoor = ctx.backdoor().to(ctx.device)
     data = backdoor.data

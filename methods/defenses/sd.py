@@ -33,7 +33,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from methods.attacks.base import Backdoor
-from methods.core.config import choice, ranged
 from methods.core.context import RunContext
 from methods.core.method import register_method
 from methods.core.metrics import POOL_CLEAN, POOL_POISON, POOL_UNCERTAIN, auroc
@@ -48,50 +47,12 @@ from methods.core.training import (
     unwrap,
 )
 from methods.data.augment import horizontal_flip, random_crop, random_rotate_translate
-from methods.data.base import DatasetInfo
-from methods.defenses.common import DefenseConfig, final_result, hand_off_scores, report_eval
+from methods.data.configs import DatasetInfo
+from methods.defenses.common import final_result, hand_off_scores, report_eval
+from methods.defenses.configs import SDConfig
 from methods.models.base import BackdoorModel, build_model
 
-FCT_TRANSFORMS = ("rotate_affine", "rotate", "affine", "flip", "crop", "blur", "erase")
-FCT_MODELS = ("short", "backdoored")
-
 Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
-
-
-@dataclass
-class SDConfig(DefenseConfig):
-    fct_model: str = choice("short", FCT_MODELS,
-                            "score with the short no-augmentation model (paper) or the backdoored one")
-    sd_pretrain_epochs: int = ranged(2, 1, 1000, "epochs of no-augmentation training (fct_model short)")
-    sd_pretrain_lr: float = ranged(0.01, 0.0, 10.0, "SGD lr of the short training and the centroid fine-tuning")
-    sd_cosine_t_max: int = ranged(100, 1, 100_000, "T_max of SD's cosine schedule (100: the lr barely decays)")
-    sd_ft_epochs: int = ranged(10, 0, 1000, "epochs of centroid-separation fine-tuning (0 disables it)")
-    sd_batch_size: int = ranged(128, 1, 65_536)
-    momentum: float = ranged(0.9, 0.0, 1.0)
-    weight_decay: float = ranged(5e-4, 0.0, 1.0)
-    fct_transform: str = choice("rotate_affine", FCT_TRANSFORMS, "tau of the FCT score")
-    fct_rotation_deg: float = ranged(180.0, 0.0, 180.0, "rotation range of rotate / rotate_affine")
-    fct_translate: float = ranged(0.2, 0.0, 0.5, "translation range (fraction of the size) of affine / rotate_affine")
-    fct_crop_pad: Optional[int] = ranged(None, 0, 64, "padding of the crop transform (default: the dataset's)")
-    fct_blur_kernel: int = ranged(15, 1, 63, "odd kernel size of the blur transform")
-    fct_blur_sigma_min: float = ranged(0.1, 0.01, 10.0)
-    fct_blur_sigma_max: float = ranged(2.0, 0.01, 10.0)
-    fct_erase_scale_min: float = ranged(0.2, 0.0, 1.0, "erased area fraction, lower end")
-    fct_erase_scale_max: float = ranged(0.3, 0.0, 1.0, "erased area fraction, upper end")
-    fct_n_draws: int = ranged(1, 1, 100, "transformation draws averaged per sample")
-    alpha_c: float = ranged(0.2, 0.0, 1.0, "fraction of lowest-FCT samples put in the clean pool")
-    alpha_p: float = ranged(0.05, 0.0, 1.0, "fraction of highest-FCT samples put in the poisoned pool")
-    split_rescore: bool = False  # True: the code's second FCT pass against the first pass's thresholds
-
-    def validate(self) -> None:
-        if self.alpha_c + self.alpha_p > 1.0:
-            raise ValueError(f"alpha_c + alpha_p: {self.alpha_c} + {self.alpha_p} exceeds 1 (the pools would overlap)")
-        if self.fct_blur_kernel % 2 == 0:
-            raise ValueError(f"fct_blur_kernel: {self.fct_blur_kernel} must be odd")
-        if self.fct_blur_sigma_min > self.fct_blur_sigma_max:
-            raise ValueError("fct_blur_sigma_min: must not exceed fct_blur_sigma_max")
-        if self.fct_erase_scale_min > self.fct_erase_scale_max:
-            raise ValueError("fct_erase_scale_min: must not exceed fct_erase_scale_max")
 
 
 # ------------------------------------------------------------------------------------------------ loss pieces
@@ -326,7 +287,7 @@ def pool_indices(pools: torch.Tensor, *codes: int) -> torch.Tensor:
     return torch.nonzero(member).flatten()
 
 
-@register_method("sd", kind="defense", config=SDConfig, splits_samples=True)
+@register_method("sd")
 def run(ctx: RunContext, cfg: SDConfig):
     backdoor = ctx.backdoor().to(ctx.device)
     outcome = run_sd(ctx, cfg, backdoor, ctx.load_state())

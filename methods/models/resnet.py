@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from methods.core.registry import MODELS
-from methods.data.base import DatasetInfo
+from methods.data.configs import DatasetInfo
 from methods.models.base import BackdoorModel
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from methods.core.registry import MODELS
-from methods.data.base import DatasetInfo
+from methods.data.configs import DatasetInfo
 from methods.models.base import BackdoorModel
 
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from methods.core.registry import MODELS
-from methods.data.base import DatasetInfo
+from methods.data.configs import DatasetInfo
 from methods.models.base import BackdoorModel
 
 _VGG16_BLOCKS: tuple[tuple[int, ...], ...] = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))

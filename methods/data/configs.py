@@ -1,0 +1,113 @@
+"""What bdo knows about its datasets without loading one or importing torch: each dataset's DatasetInfo
+(DATASET_INFOS, the source of the dataset names that validation accepts), DataConfig (the `data.KEY` of
+`--set`) and where datasets live. The loaders register in DATASETS (methods/data/embedded.py, real.py) under
+these names; a test holds the two equal.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from methods.core.config import Config, ranged
+from methods.core.registry import Registry
+
+DATASET_INFOS: Registry[Any] = Registry("dataset")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    num_classes: int
+    channels: int
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    # Training augmentation this dataset tolerates (digits must not be flipped, CIFAR may be).
+    crop_pad: int = 4
+    hflip: bool = True
+    rotation_deg: float = 0.0
+    val_fraction: float = 0.05
+
+
+def declare_dataset(**fields: Any) -> DatasetInfo:
+    info = DatasetInfo(**fields)
+    DATASET_INFOS.add(info.name, info)
+    return info
+
+
+def default_data_root() -> Path:
+    return Path(os.environ.get("BDO_DATA_ROOT", Path.home() / ".cache" / "bdo" / "data")).expanduser()
+
+
+@dataclass
+class DataConfig(Config):
+    """Options of the dataset (the `data.KEY` of `--set`)."""
+
+    val_fraction: Optional[float] = ranged(None, 0.0, 0.5, "fraction of the training part held out for validation")
+    train_limit: Optional[int] = ranged(None, 10, None, "keep at most this many training images (quick runs)")
+    test_limit: Optional[int] = ranged(None, 10, None, "keep at most this many test images (quick runs)")
+    synthetic_train: int = ranged(10000, 100, 10_000_000, "training images of the synthetic dataset")
+    synthetic_test: int = ranged(2000, 100, 1_000_000, "test images of the synthetic dataset")
+    # Calibrated on small_cnn, 8 epochs at lr 0.05 on 4,000 images (seed 0, CPU): test ACC 1.000 at 0,
+    # 0.914 at 0.4, 0.872 at 0.45, 0.837 at 0.5: 0.45 sits in the 85-90% band, room to see what a defense costs.
+    synthetic_difficulty: float = ranged(
+        0.45, 0.0, 1.0,
+        "how much the synthetic classes overlap (orientation, frequency and colour jitter, pixel noise); 0 is "
+        "the original easy set that small models learn perfectly")
+
+
+DIGITS_INFO = declare_dataset(
+    name="digits", num_classes=10, channels=1, size=16, mean=(0.33,), std=(0.40,),
+    crop_pad=2, hflip=False, rotation_deg=10.0, val_fraction=0.125,
+)
+
+
+SYNTHETIC_INFO = declare_dataset(
+    name="synthetic", num_classes=10, channels=3, size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+    crop_pad=4, hflip=True, rotation_deg=0.0, val_fraction=0.05,
+)
+
+
+# Channel statistics are the commonly quoted per-pixel values over each training set (0..1 scale).
+CIFAR10_INFO = declare_dataset(
+    name="cifar10", num_classes=10, channels=3, size=32,
+    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+    crop_pad=4, hflip=True, rotation_deg=0.0, val_fraction=0.05,
+)
+
+
+CIFAR100_INFO = declare_dataset(
+    name="cifar100", num_classes=100, channels=3, size=32,
+    mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
+    crop_pad=4, hflip=True, rotation_deg=0.0, val_fraction=0.05,
+)
+
+
+MNIST_INFO = declare_dataset(
+    name="mnist", num_classes=10, channels=1, size=28,
+    mean=(0.1307,), std=(0.3081,),
+    crop_pad=2, hflip=False, rotation_deg=10.0, val_fraction=0.05,
+)
+
+
+GTSRB_INFO = declare_dataset(
+    name="gtsrb", num_classes=43, channels=3, size=32,
+    mean=(0.3403, 0.3121, 0.3214), std=(0.2724, 0.2608, 0.2669),
+    crop_pad=4, hflip=False, rotation_deg=10.0, val_fraction=0.05,
+)
+
+
+CELEBA8_INFO = declare_dataset(
+    name="celeba8", num_classes=8, channels=3, size=64,
+    mean=(0.5063, 0.4258, 0.3832), std=(0.3107, 0.2904, 0.2897),
+    crop_pad=8, hflip=True, rotation_deg=0.0, val_fraction=0.05,
+)
+
+
+TINY_IMAGENET_INFO = declare_dataset(
+    name="tiny_imagenet", num_classes=200, channels=3, size=64,
+    mean=(0.4802, 0.4481, 0.3975), std=(0.2770, 0.2691, 0.2821),
+    crop_pad=8, hflip=True, rotation_deg=0.0, val_fraction=0.05,
+)
