@@ -134,14 +134,14 @@ def _version() -> str:
 
 def _dry_run_resources(plans, session) -> dict:
     """The device and GPU share a sweep would get, as far as it can be known without starting Ray."""
-    from orchestrator.devices import ClusterShape, driver_device, resolve_gpus
+    from orchestrator.devices import ClusterShape, driver_device_name, resolve_gpus
 
     if session.address:
         return {"gpu_share": "chosen from the cluster's GPUs when the sweep starts", "cluster": session.address}
     shape = ClusterShape.local()
     resolved = [resolve_gpus(p, shape) for p in plans]
     return {"local_gpus": int(shape.node_gpus[0]), "gpus_per_trial_resolved": resolved[0].gpus_per_trial,
-            "attack_device": str(driver_device(resolved[0]))}
+            "attack_device": driver_device_name(resolved[0])}
 
 
 def cmd_list(args) -> int:
@@ -161,17 +161,17 @@ def cmd_describe(args) -> int:
 def _print_run_plan(spec) -> int:
     import yaml
 
-    from orchestrator.devices import pick_device
+    from methods.core.hardware import default_device_name
 
     print(yaml.safe_dump({"method": spec.method, "kind": spec.kind, "config": spec.config, "attack": spec.attack,
                           "attack_config": spec.attack_config, "data": spec.data_config,
                           "fast": spec.fast_config or "defaults (on for CUDA, off on CPU)", "presets": spec.presets,
-                          "device": str(pick_device())}, sort_keys=False), end="")
+                          "device": default_device_name()}, sort_keys=False), end="")
     return 0
 
 
 def _session(args):
-    from methods.data.base import default_data_root
+    from methods.data.configs import default_data_root
     from orchestrator.runner import Session
     from orchestrator.tracking import resolve_tracking_uri
 
@@ -275,10 +275,11 @@ def _check_local_gpus(plans, session) -> None:
     the same check runs against its nodes once connected, still before any run (orchestrator.devices)."""
     if session.address:
         return
-    from orchestrator.devices import check_gpu_request, local_gpu_count
+    from methods.core.hardware import visible_gpu_count
+    from orchestrator.devices import check_gpu_request
 
     for plan in plans:
-        check_gpu_request(plan.gpus_per_trial, [float(local_gpu_count())])
+        check_gpu_request(plan.gpus_per_trial, [float(visible_gpu_count())])
 
 
 def cmd_tune(args) -> int:

@@ -12,15 +12,18 @@ import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-import torch
 
-from methods.attacks.base import Backdoor
-from methods.core.context import deserialize_state, serialize_state
-from methods.core.fastpath import FastPath, accelerate
-from methods.data.base import DataConfig
+from methods.core.fastpath_config import FastPath
+from methods.data.configs import DataConfig
+
+# torch is imported where a run uses it, not here: the CLI imports this module (through runner) to validate input
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from methods.attacks.base import Backdoor
 
 STATE_FILE = "state.pt"
 
@@ -151,6 +154,8 @@ class TrackedContext:
         self._send(None)
 
     def save_state(self, state: dict[str, Any]) -> None:
+        from methods.core.context import serialize_state
+
         blob = serialize_state(state)
         with tempfile.TemporaryDirectory(prefix="bdo-ckpt-") as d:
             atomic_write_bytes(Path(d) / STATE_FILE, blob)
@@ -161,6 +166,8 @@ class TrackedContext:
                 self._send(Path(d))
 
     def load_state(self) -> dict[str, Any] | None:
+        from methods.core.context import deserialize_state
+
         blob = self.reporter.get_state()
         return None if blob is None else deserialize_state(blob)
 
@@ -176,6 +183,8 @@ class TrackedContext:
         return self.backdoor_obj
 
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        from methods.core.fastpath import accelerate
+
         fast = accelerate(model, self.device, self.fast)
         if self.world_size <= 1:
             return fast
@@ -191,6 +200,7 @@ class TrackedContext:
         this the ranks would end with different models."""
         if self.world_size <= 1 or not self._ddp_models:
             return
+        import torch
         import torch.distributed as dist
 
         with torch.no_grad():

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-import torch
-
-from methods.core.training import default_device
+from methods.core.hardware import default_device_name, visible_gpu_count
 from orchestrator.errors import BadInput
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 # Small models at the methods' batch sizes leave most of a large GPU idle (benchmarks share4); more than this
 # many trials per GPU mostly add CUDA contexts and memory without adding throughput.
@@ -27,15 +29,15 @@ MAX_TRIALS_PER_GPU = 4
 
 def pick_device(gpus: float | None = None) -> torch.device:
     """A run's device: the default device when the share is unset, the CPU for a share of 0, else the GPU."""
+    import torch  # here, not at the top: validation and --dry-run use this module without torch
+
+    from methods.core.training import default_device
+
     if gpus is None:
         return default_device()
     if gpus > 0 and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
-
-
-def local_gpu_count() -> int:
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def check_gpu_request(gpus: float | None, node_gpus: list[float], where: str = "--gpus-per-trial") -> None:
@@ -61,7 +63,7 @@ class ClusterShape:
     def local(num_cpus: float | None = None) -> "ClusterShape":
         import os
 
-        return ClusterShape((float(local_gpu_count()),), (float(num_cpus or os.cpu_count() or 1),))
+        return ClusterShape((float(visible_gpu_count()),), (float(num_cpus or os.cpu_count() or 1),))
 
     @staticmethod
     def from_ray() -> "ClusterShape":
@@ -95,6 +97,13 @@ def resolve_gpus(plan, shape: ClusterShape):
     return replace(plan, gpus_per_trial=share)
 
 
+def driver_device_name(plan) -> str:
+    """Where the driver builds a sweep's attack: the CPU when the user forced CPU trials, else the default. A name,
+    which --dry-run prints without importing torch."""
+    return "cpu" if plan.gpus_per_trial == 0 else default_device_name()
+
+
 def driver_device(plan) -> torch.device:
-    """Where the driver builds a sweep's attack: the CPU when the user forced CPU trials, else the default."""
-    return torch.device("cpu") if plan.gpus_per_trial == 0 else default_device()
+    import torch
+
+    return torch.device(driver_device_name(plan))

@@ -30,8 +30,7 @@ def _first_line(obj: Any) -> str:
 
 
 def _method_summary(name: str) -> str:
-    run = METHODS.get(name).run
-    return summary(inspect.getdoc(inspect.getmodule(run)) or "")
+    return summary(METHODS.get(name).doc)
 
 
 def list_lines(kind: str | None = None) -> list[str]:

@@ -10,21 +10,25 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 import yaml
 
-from methods.attacks.base import Backdoor
 from methods.core.method import METHODS
-from methods.defenses.common import DefenseResult
 from orchestrator import plots
-from orchestrator.cache import AttackCache, cache_key
 from orchestrator.context import Reporter, TrackedContext, write_parquet_atomic
 from orchestrator.devices import pick_device
 from orchestrator.resolve import RunSpec
 from orchestrator.tracking import DatasetRecord, Tracker, system_metrics_interval
+
+# torch (and the attack cache, which holds Backdoors) is imported in the functions that run or log a method: the
+# CLI imports this module (through runner) to validate input, which must not cost torch's import
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from methods.attacks.base import Backdoor
+    from methods.defenses.common import DefenseResult
 
 
 def base_tags(spec: RunSpec, role: str, seeds: dict[str, int]) -> dict[str, str]:
@@ -81,6 +85,8 @@ def reset_global_rngs(seed: int) -> None:
     generators (a new head's initial weights) must not depend on what ran there before."""
     import random
 
+    import torch
+
     from methods.core.training import derive_seed
 
     value = derive_seed(int(seed), "global")
@@ -90,6 +96,8 @@ def reset_global_rngs(seed: int) -> None:
 
 
 def run_method(spec: RunSpec, ctx: TrackedContext) -> Backdoor | DefenseResult:
+    import torch
+
     method = METHODS.get(spec.method)
     cfg = spec.method_config()
     reset_global_rngs(spec.config.get("seed", 0) or 0)
@@ -152,6 +160,8 @@ def log_mlflow_model(tracker: Tracker, run_id: str, model: torch.nn.Module, back
 def confusion_matrices(model: torch.nn.Module, backdoor: Backdoor, device: torch.device) -> dict[str, np.ndarray]:
     """Test-split confusion matrices of the final model: on clean images, and on triggered images against their
     true classes (the attack's target column shows the backdoor; all2all needs the whole matrix)."""
+    import torch
+
     from methods.core.training import predict_logits
 
     data = backdoor.data
@@ -217,6 +227,10 @@ def build_attack(spec: RunSpec, tracker: Tracker, storage: Path, data_root: Path
     The same config trains a different model on a CPU than on a GPU, and under another fast path (other random
     streams, bf16), so the device type and the resolved fast switches are part of the key and recorded in the
     entry: a GPU sweep never silently reuses a CPU-built model, nor the other way round."""
+    import torch
+
+    from orchestrator.cache import AttackCache, cache_key
+
     attack_spec = RunSpec(spec.attack, "attack", spec.attack_config, spec.attack, spec.attack_config,
                           spec.data_config, [p for p in spec.presets if f"/{spec.attack}.yaml" in p], spec.fast_config)
     device = device or pick_device()
@@ -255,6 +269,7 @@ def attack_of_run(tracker: Tracker, run_id: str, storage: Path) -> tuple[Backdoo
     digest). Anything else is bad input, so a defense never runs under an attack id it did not use."""
     from safetensors.torch import load_file
 
+    from orchestrator.cache import AttackCache
     from orchestrator.errors import BadInput
 
     run = tracker.client.get_run(run_id)
@@ -282,6 +297,8 @@ def restore_attack_run(tracker: Tracker, spec: RunSpec, backdoor: Backdoor, key:
     """The cache served an attack that this tracking store has never seen (a new store over shared storage):
     record it here as an attack run, so every defense built on it names a run this store can open, and the
     report's no-defense column has its metrics. Tagged as restored, with the run that trained it elsewhere."""
+    import torch
+
     seeds = backdoor.seeds
     run_id = tracker.start_run(f"attack-{spec.method}", {
         **base_tags(spec, "attack", seeds), "attack_cache_key": key, "restored_from_cache": "true",

@@ -13,12 +13,12 @@ from typing import Any
 
 import yaml
 
-import methods  # noqa: F401  (registers everything)
+import methods  # noqa: F401  (declares every method; torch-free, like everything this module imports)
 from methods.core.config import Config
-from methods.core.fastpath import FastPath
+from methods.core.fastpath_config import FastPath
 from methods.core.method import METHODS, MethodSpec
-from methods.core.registry import DATASETS, MODELS
-from methods.data.base import DataConfig
+from methods.data.configs import DATASET_INFOS, DataConfig
+from methods.models.names import MODEL_NAMES
 from orchestrator.errors import BadInput, where
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,36 +39,26 @@ def method_spec(name: str, kind: str | None = None, source: str | None = None) -
 
 
 def check_dataset_model(dataset: str, model: str, source: str | None = None) -> None:
-    if dataset not in DATASETS:
-        raise BadInput(where(source, "dataset", f"unknown {dataset!r}; known: {', '.join(DATASETS.names())}"))
-    if model not in MODELS:
-        raise BadInput(where(source, "model", f"unknown {model!r}; known: {', '.join(MODELS.names())}"))
-
-
-def dataset_classes(dataset: str) -> int | None:
-    """The class count of a registered dataset without loading it: the DatasetInfo its module declares."""
-    import methods.data.embedded as embedded
-    import methods.data.real as real
-    from methods.data.base import DatasetInfo
-
-    infos = {v.name: v for m in (embedded, real) for v in vars(m).values() if isinstance(v, DatasetInfo)}
-    return infos[dataset].num_classes if dataset in infos else None
+    if dataset not in DATASET_INFOS:
+        raise BadInput(where(source, "dataset", f"unknown {dataset!r}; known: {', '.join(DATASET_INFOS.names())}"))
+    if model not in MODEL_NAMES:
+        raise BadInput(where(source, "model", f"unknown {model!r}; known: {', '.join(MODEL_NAMES)}"))
 
 
 def check_target(values: dict[str, Any], dataset: str, source: str | None) -> None:
     """A target class the dataset does not have would pass every range check and fail mid-run."""
-    classes = dataset_classes(dataset)
+    classes = DATASET_INFOS.get(dataset).num_classes
     target = values.get("target")
-    if classes is not None and isinstance(target, int) and not 0 <= target < classes:
+    if isinstance(target, int) and not 0 <= target < classes:
         raise BadInput(where(source, "target", f"{target} is not a class of {dataset} (0..{classes - 1})"))
 
 
 def check_data(spec, session) -> None:
     """Missing data is bad input: one line naming the expected path, before anything starts."""
-    from methods.data.base import MissingDataError, load_raw
-
     if spec.dataset in ("digits", "synthetic"):
         return
+    from methods.data.base import MissingDataError, load_raw  # torch: only real datasets are read from disk
+
     try:
         load_raw(spec.dataset, session.data_root, session.download, spec.data_cfg())
     except MissingDataError as exc:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from methods.core.method import METHODS
-from methods.data.base import DataConfig
+from methods.data.configs import DataConfig
 from orchestrator.errors import BadInput
 from orchestrator.resolve import (
     RunSpec,
