@@ -17,7 +17,7 @@ import methods  # noqa: F401  (declares every method; torch-free, like everythin
 from methods.core.config import Config
 from methods.core.fastpath_config import FastPath
 from methods.core.method import METHODS, MethodSpec
-from methods.data.configs import DATASET_INFOS, DataConfig
+from methods.data.configs import DATASET_INFOS, DataConfig, absent_dataset
 from methods.models.names import MODEL_NAMES
 from orchestrator.errors import BadInput, where
 
@@ -54,9 +54,13 @@ def check_target(values: dict[str, Any], dataset: str, source: str | None) -> No
 
 
 def check_data(spec, session) -> None:
-    """Missing data is bad input: one line naming the expected path, before anything starts."""
-    if spec.dataset in ("digits", "synthetic"):
+    """Missing data is bad input: one line naming the expected path, before anything starts (and, when nothing is
+    there at all, before torch is imported)."""
+    info = DATASET_INFOS.get(spec.dataset)
+    if not info.folder:  # embedded
         return
+    if not session.download and (absent := absent_dataset(info, session.data_root)):
+        raise BadInput(absent)
     from methods.data.base import MissingDataError, load_raw  # torch: only real datasets are read from disk
 
     try:

@@ -29,6 +29,9 @@ class DatasetInfo:
     hflip: bool = True
     rotation_deg: float = 0.0
     val_fraction: float = 0.05
+    # Where a real dataset's files sit below the data root ("" for the embedded ones): named in error messages, and
+    # checked before anything starts (no torch needed to say a dataset is missing).
+    folder: str = ""
 
 
 def declare_dataset(**fields: Any) -> DatasetInfo:
@@ -39,6 +42,22 @@ def declare_dataset(**fields: Any) -> DatasetInfo:
 
 def default_data_root() -> Path:
     return Path(os.environ.get("BDO_DATA_ROOT", Path.home() / ".cache" / "bdo" / "data")).expanduser()
+
+
+CACHE_DIR = "bdo_cache"  # below the data root: each real dataset converted once into <name>.safetensors
+MISSING_FIX = "pass --download to fetch it or set --data-root / BDO_DATA_ROOT to where it is"
+
+
+def cache_path(data_root: Path, name: str) -> Path:
+    return Path(data_root) / CACHE_DIR / f"{name}.safetensors"
+
+
+def absent_dataset(info: DatasetInfo, data_root: Path) -> str | None:
+    """The one-line error for a real dataset with neither its folder nor its converted cache under the data root;
+    None when there is something to read (whether it is complete is for the loader to say)."""
+    if not info.folder or cache_path(data_root, info.name).is_file() or (Path(data_root) / info.folder).exists():
+        return None
+    return f"{info.name} not found at {Path(data_root) / info.folder}; {MISSING_FIX}"
 
 
 @dataclass
@@ -72,42 +91,42 @@ SYNTHETIC_INFO = declare_dataset(
 
 # Channel statistics are the commonly quoted per-pixel values over each training set (0..1 scale).
 CIFAR10_INFO = declare_dataset(
-    name="cifar10", num_classes=10, channels=3, size=32,
+    name="cifar10", folder="cifar-10-batches-py", num_classes=10, channels=3, size=32,
     mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
     crop_pad=4, hflip=True, rotation_deg=0.0, val_fraction=0.05,
 )
 
 
 CIFAR100_INFO = declare_dataset(
-    name="cifar100", num_classes=100, channels=3, size=32,
+    name="cifar100", folder="cifar-100-python", num_classes=100, channels=3, size=32,
     mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
     crop_pad=4, hflip=True, rotation_deg=0.0, val_fraction=0.05,
 )
 
 
 MNIST_INFO = declare_dataset(
-    name="mnist", num_classes=10, channels=1, size=28,
+    name="mnist", folder="MNIST/raw", num_classes=10, channels=1, size=28,
     mean=(0.1307,), std=(0.3081,),
     crop_pad=2, hflip=False, rotation_deg=10.0, val_fraction=0.05,
 )
 
 
 GTSRB_INFO = declare_dataset(
-    name="gtsrb", num_classes=43, channels=3, size=32,
+    name="gtsrb", folder="gtsrb", num_classes=43, channels=3, size=32,
     mean=(0.3403, 0.3121, 0.3214), std=(0.2724, 0.2608, 0.2669),
     crop_pad=4, hflip=False, rotation_deg=10.0, val_fraction=0.05,
 )
 
 
 CELEBA8_INFO = declare_dataset(
-    name="celeba8", num_classes=8, channels=3, size=64,
+    name="celeba8", folder="celeba", num_classes=8, channels=3, size=64,
     mean=(0.5063, 0.4258, 0.3832), std=(0.3107, 0.2904, 0.2897),
     crop_pad=8, hflip=True, rotation_deg=0.0, val_fraction=0.05,
 )
 
 
 TINY_IMAGENET_INFO = declare_dataset(
-    name="tiny_imagenet", num_classes=200, channels=3, size=64,
+    name="tiny_imagenet", folder="tiny-imagenet-200", num_classes=200, channels=3, size=64,
     mean=(0.4802, 0.4481, 0.3975), std=(0.2770, 0.2691, 0.2821),
     crop_pad=8, hflip=True, rotation_deg=0.0, val_fraction=0.05,
 )

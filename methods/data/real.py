@@ -32,18 +32,18 @@ from methods.data.configs import (
     CIFAR10_INFO,
     CIFAR100_INFO,
     GTSRB_INFO,
+    MISSING_FIX,
     MNIST_INFO,
     TINY_IMAGENET_INFO,
     DataConfig,
     DatasetInfo,
+    cache_path,
 )
 
 log = logging.getLogger(__name__)
 
-CACHE_DIR = "bdo_cache"
 CACHE_FORMAT = "1"  # bump when the layout of the cache files changes
 KEYS = ("x_train", "y_train", "x_test", "y_test")
-FIX = "pass --download to fetch it or set --data-root / BDO_DATA_ROOT to where it is"
 
 
 # CelebA attributes combined into the 8 classes of celeba8 (most significant bit first).
@@ -60,7 +60,6 @@ class Source:
     """How one dataset is found, fetched and converted."""
 
     info: DatasetInfo
-    folder: str  # below data_root; named in error messages
     missing: Callable[[Path], list[Path]]  # required source paths that are absent
     fetch: Callable[[Path], None]  # download into data_root (only with download=True)
     convert: Callable[[Path], Parts]
@@ -69,10 +68,6 @@ class Source:
 
 
 # --------------------------------------------------------------------------------------------- cache handling
-
-
-def cache_path(data_root: Path, name: str) -> Path:
-    return Path(data_root) / CACHE_DIR / f"{name}.safetensors"
 
 
 def _cache_problem(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: Source) -> Optional[str]:
@@ -138,7 +133,7 @@ def _one_line(error: BaseException) -> str:
 
 
 def _missing_error(source: Source, data_root: Path, missing: list[Path]) -> MissingDataError:
-    where = Path(data_root) / source.folder
+    where = Path(data_root) / source.info.folder
     detail = ""
     if where.exists() and missing:
         first = missing[0]
@@ -148,11 +143,11 @@ def _missing_error(source: Source, data_root: Path, missing: list[Path]) -> Miss
             pass
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         detail = f" (missing {first}{more})"
-    return MissingDataError(f"{source.info.name} not found at {where}{detail}; {FIX}")
+    return MissingDataError(f"{source.info.name} not found at {where}{detail}; {MISSING_FIX}")
 
 
 def _convert(source: Source, data_root: Path) -> Parts:
-    where = Path(data_root) / source.folder
+    where = Path(data_root) / source.info.folder
     try:
         parts = source.convert(Path(data_root))
     except (RuntimeError, OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as error:
@@ -180,13 +175,13 @@ def _build_locked(source: Source, data_root: Path, download: bool, cache: Option
         if parts is not None:
             return parts
     if download and source.missing(data_root):
-        log.info("downloading %s into %s", source.info.name, data_root / source.folder)
+        log.info("downloading %s into %s", source.info.name, data_root / source.info.folder)
         try:
             Path(data_root).mkdir(parents=True, exist_ok=True)
             source.fetch(data_root)
         except Exception as error:
             raise MissingDataError(
-                f"downloading {source.info.name} into {data_root / source.folder} failed ({_one_line(error)}); "
+                f"downloading {source.info.name} into {data_root / source.info.folder} failed ({_one_line(error)}); "
                 "fetch the files by hand and put them there, or set --data-root / BDO_DATA_ROOT to where they are"
             ) from error
     missing = source.missing(data_root)
@@ -194,7 +189,7 @@ def _build_locked(source: Source, data_root: Path, download: bool, cache: Option
         raise _missing_error(source, data_root, missing)
     if source.prepare is not None:
         source.prepare(data_root)
-    log.info("converting %s from %s (once)", source.info.name, data_root / source.folder)
+    log.info("converting %s from %s (once)", source.info.name, data_root / source.info.folder)
     parts = _convert(source, data_root)
     if cache is not None:
         write_cache(cache, parts, source)
@@ -300,7 +295,7 @@ def _cifar_source(info: DatasetInfo, cls_name: str) -> Source:
             out.append(torch.as_tensor(ds.targets, dtype=torch.int64))
         return out[0], out[1], out[2], out[3]
 
-    return Source(info, cls.base_folder, missing, fetch, convert, recipe=f"torchvision.{cls_name} HWC->CHW")
+    return Source(info, missing, fetch, convert, recipe=f"torchvision.{cls_name} HWC->CHW")
 
 
 @DATASETS.register("cifar10")
@@ -349,7 +344,7 @@ def _mnist_source() -> Source:
             out.append(ds.targets.to(torch.int64))
         return out[0], out[1], out[2], out[3]
 
-    return Source(MNIST_INFO, "MNIST/raw", missing, fetch, convert, recipe="torchvision.MNIST as is", prepare=prepare)
+    return Source(MNIST_INFO, missing, fetch, convert, recipe="torchvision.MNIST as is", prepare=prepare)
 
 
 @DATASETS.register("mnist")
@@ -395,7 +390,7 @@ def _gtsrb_source() -> Source:
             out.append(targets)
         return out[0], out[1], out[2], out[3]
 
-    return Source(GTSRB_INFO, "gtsrb", missing, fetch, convert, recipe=f"torchvision.GTSRB resize {size} bilinear")
+    return Source(GTSRB_INFO, missing, fetch, convert, recipe=f"torchvision.GTSRB resize {size} bilinear")
 
 
 @DATASETS.register("gtsrb")
@@ -444,7 +439,7 @@ def _celeba_source() -> Source:
         return out[0], out[1], out[2], out[3]
 
     recipe = f"torchvision.CelebA attrs {[i for i, _ in CELEBA_ATTRIBUTES]} msb-first, center square, {size} bilinear"
-    return Source(CELEBA8_INFO, "celeba", missing, fetch, convert, recipe=recipe)
+    return Source(CELEBA8_INFO, missing, fetch, convert, recipe=recipe)
 
 
 @DATASETS.register("celeba8")
@@ -508,7 +503,7 @@ def _tiny_source() -> Source:
         return out[0], out[1], out[2], out[3]
 
     return Source(
-        TINY_IMAGENET_INFO, "tiny-imagenet-200", missing, fetch, convert, recipe=f"sorted wnids, val as test, {size}"
+        TINY_IMAGENET_INFO, missing, fetch, convert, recipe=f"sorted wnids, val as test, {size}"
     )
 
 

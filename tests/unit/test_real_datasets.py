@@ -464,6 +464,26 @@ def test_missing_dataset_raises_one_line_naming_path_and_fix(tmp_path, name):
     assert not root.exists()  # nothing created under a root that does not hold the data
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_the_torch_free_check_says_what_the_loader_says(tmp_path, name):
+    from methods.data.configs import DATASET_INFOS, absent_dataset
+
+    info = DATASET_INFOS.get(name)
+    root = tmp_path / "data"
+    with pytest.raises(MissingDataError) as caught:
+        load_raw(name, root)
+    assert absent_dataset(info, root) == str(caught.value)
+    (root / info.folder).mkdir(parents=True)
+    assert absent_dataset(info, root) is None, "a folder is there: the loader decides what it lacks"
+
+
+def test_the_cifar_folders_are_torchvisions():
+    from torchvision import datasets
+
+    assert real.CIFAR10_INFO.folder == datasets.CIFAR10.base_folder
+    assert real.CIFAR100_INFO.folder == datasets.CIFAR100.base_folder
+
+
 def test_partly_missing_dataset_names_the_missing_file(tmp_path):
     write_cifar10(tmp_path)
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()

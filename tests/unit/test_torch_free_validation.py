@@ -28,6 +28,7 @@ def test_validation_and_dry_run_import_neither_torch_nor_ray(tmp_path):
         ["study", str(bad_study)],
         ["defend", "nad", "--set", "lr_steps=[0.1]", "--set", "lr_step_epochs=[2, 4]"],
         ["attack", "badnets", "--dataset", "cifar11"],
+        ["attack", "badnets", "--dataset", "cifar10", "--data-root", str(tmp_path / "no-data")],  # missing data
         # valid: every check runs (presets, space bounds at their extremes, data options, GPU share), then the plan
         ["tune", str(ROOT / "search_spaces" / "dbr.yaml"), "--quick", "--set", "br_rounds=3", "--dry-run"],
         ["study", str(ROOT / "examples" / "study-digits.yaml"), "--quick", "--dry-run"],
@@ -37,6 +38,6 @@ def test_validation_and_dry_run_import_neither_torch_nor_ray(tmp_path):
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["codes"] == [2, 2, 2, 2, 0, 0, 0], done.stderr
+    assert report["codes"] == [2, 2, 2, 2, 2, 0, 0, 0], done.stderr
     assert report["loaded"] == [], f"validation imported {report['loaded']}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml", "study.yaml"], "a dry run wrote something"
