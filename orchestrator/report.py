@@ -43,10 +43,12 @@ def collect(tracker: Tracker, study_run_id: str, metrics: list[str]) -> tuple[li
             groups[(attack, column)] = [tracker.client.get_run(r) for r in run_ids]
     for run in finals:
         groups.setdefault((run.data.tags["attack"], run.data.tags["method"]), []).append(run)
-    attacks = sorted({a for a, _ in groups})
+    # the study's own order of attacks and defenses (the paper's layout); a study run without it: alphabetical
+    layout = json.loads(study_tags.get("layout", "{}"))
     present = {c for _, c in groups}
+    attacks = in_order({a for a, _ in groups}, layout.get("attacks", []))
     columns = ([c for c in ATTACK_COLUMNS.values() if c in present]
-               + sorted(present - set(ATTACK_COLUMNS.values())))
+               + in_order(present - set(ATTACK_COLUMNS.values()), layout.get("defenses", [])))
     cells = {}
     for key, runs in groups.items():
         cell = {"seeds": len(runs), "runs": [
@@ -60,11 +62,17 @@ def collect(tracker: Tracker, study_run_id: str, metrics: list[str]) -> tuple[li
     return attacks, columns, cells
 
 
+def in_order(names: set[str], order: list[str]) -> list[str]:
+    return [n for n in order if n in names] + sorted(names - set(order))
+
+
 def render(attacks: list[str], columns: list[str], cells: dict, metrics: list[str], fmt: str) -> str:
     def text(cell) -> str:
         if cell is None:
             return "-"
-        parts = [f"{100 * cell[m][0]:.1f}±{100 * cell[m][1]:.1f}" for m in metrics]
+        # a metric a column cannot have (DER of a model no defense touched) shows as "-"
+        parts = [f"{100 * cell[m][0]:.1f}±{100 * cell[m][1]:.1f}" if not math.isnan(cell[m][0]) else "-"
+                 for m in metrics]
         extra = f" (seeds {cell['seeds']}" + (f", trials {cell['trials']})" if cell["trials"] else ")")
         return " / ".join(parts) + extra
 

@@ -158,6 +158,8 @@ def run_study(session: Session, study: StudyPlan, args) -> StudyOutcome:
                                       "seeds": study.seeds, "clean": study.clean, "jobs": study.jobs,
                                       "untuned": [study.defenses[i][0] for i in sorted(study.untuned)],
                                       **{f"tune.{k}": v for k, v in study.tune.items()}})
+    tracker.set_tags(study_run_id, {"layout": json.dumps({"attacks": [a for a, _ in study.attacks],
+                                                          "defenses": [d for d, _ in study.defenses]})})
     tags = {"study_run_id": study_run_id}
     failed = 0
     cells: dict[tuple[str, str], list[dict[str, float]]] = {}
