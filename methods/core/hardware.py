@@ -12,7 +12,7 @@ import os
 import sys
 
 
-def _gpu_driver_present() -> bool:
+def gpu_driver_present() -> bool:
     try:
         ctypes.CDLL("libcuda.so.1")  # NVIDIA's driver library, which torch's CUDA build loads to find GPUs
     except OSError:
@@ -22,7 +22,7 @@ def _gpu_driver_present() -> bool:
 
 def visible_gpu_count() -> int:
     """The GPUs torch sees in this process (CUDA_VISIBLE_DEVICES applied)."""
-    if "torch" not in sys.modules and not _gpu_driver_present():
+    if "torch" not in sys.modules and not gpu_driver_present():
         return 0
     import torch
 
