@@ -14,8 +14,8 @@ from methods.core.context import LocalContext, StopRun
 from methods.core.method import get_method
 from methods.core.metrics import POOL_CLEAN, POOL_POISON, POOL_UNCERTAIN
 from methods.data.embedded import DIGITS_INFO
+from methods.defenses.configs import FCT_TRANSFORMS
 from methods.defenses.sd import (
-    FCT_TRANSFORMS,
     SDConfig,
     centroid_separation_loss,
     fct_scores,
