@@ -14,6 +14,7 @@ import torch
 from methods.attacks.base import Backdoor
 from methods.core.context import LocalContext
 from methods.core.fastpath import FastForward, FastPath
+from methods.core.knowledge import classified
 from methods.core.method import get_method, method_names
 from methods.data.base import DataConfig
 
@@ -81,6 +82,9 @@ def test_every_method_trains_on_the_fast_and_the_plain_path(name, path, tiny_bac
     for key in ("val_acc", "val_asr", "test_acc", "test_asr"):
         if key in final:
             assert 0.0 <= final[key] <= 1.0 and math.isfinite(final[key]), (key, final)
+    # a blind sweep may select only on what methods.core.knowledge calls blind: every name must be stated there
+    unclassified = sorted({k for _, m in ctx.reports for k in m if not classified(k)})
+    assert not unclassified, f"{name} reports metrics methods/core/knowledge.py does not classify: {unclassified}"
     wrapped = ctx.__dict__.get("wrapped", [])
     assert wrapped, f"{name} never trains through ctx.wrap_model, so no fast switch reaches it"
     if path == "fast":

@@ -1,0 +1,68 @@
+"""What a defender must know to compute each metric (docs/methods.md#metrics), torch-free so that validation
+can refuse an objective before anything starts.
+
+- `oracle`: the metric reads the attacker's trigger (ASR, RA, DER and what is built on them) or the true poison
+  flags of the training set (split precision/recall, AUROCs against the flags, poisoned fractions). No defender
+  has either, so a threshold chosen on it is tuned with knowledge the defense will never have.
+- `blind`: computable from what a defender holds: the suspect model, the training set it came from, and the
+  clean held-out data its setting allows. The validation split counts as such clean data: it is drawn from the
+  clean distribution before poisoning and never poisoned, which is what a defender's small trusted hold-out is.
+
+A metric is named by its bare name (`acc`) or with its split (`val_acc`, `test_acc`); the split prefix never
+changes the knowledge level. A name in neither table is oracle, the safe side: a new metric must be added here
+before a blind sweep may select on it.
+"""
+from __future__ import annotations
+
+ORACLE, BLIND = "oracle", "blind"
+KNOWLEDGE_LEVELS = (ORACLE, BLIND)
+
+SPLIT_PREFIXES = ("val_", "test_")
+
+# Metrics that read the trigger or the true poison flags.
+ORACLE_METRICS = frozenset({
+    "asr", "ra", "der", "implant",  # the trigger applied to evaluation images
+    "fct_auroc",  # SD's FCT score separating clean from triggered validation images
+    "split_poison_precision", "split_poison_recall", "split_clean_precision", "split_clean_recall", "split_auroc",
+    "pool_clean_poisoned_frac", "pbe_next_poisoned_frac",  # poisoned fractions of a pool, from the flags
+    "pbe_step0_failed",  # PBE's step-0 check against val ASR
+    "poison_count", "wanet_noise_count",  # the attacker's own counts of the images it altered
+    "cl_hardened_clean_acc",  # a clean model on CL's hardened images: the attacker's construction
+})
+
+# Metrics a defender can compute; the counters and losses describe the run itself, not the attack. Counters of
+# in-method choices (kept_step, br_kept_round, pbe_attempt) follow the run's own rules, which under blind
+# knowledge read only blind metrics.
+BLIND_METRICS = frozenset({
+    "acc",  # clean held-out data (see above)
+    "pool_clean_size", "pool_poison_size",  # how many samples the defense put in each pool: its own decision
+    "train_loss", "lr", "stage", "adversarial", "asd_stage", "kept_step", "pbe_step", "pbe_attempt",
+    # D-BR's round counters and the accuracy floor of its selection rule, from val ACC
+    "br_round", "br_kept_round", "br_acc_floor", "br_unlearn_loss", "br_relearn_loss",
+    "sd_loss", "st_supcon_loss", "st_cls_loss", "train_lx", "train_lu", "loss_ce", "loss_at", "loss_vert",
+    "loss_edge", "loss_trans",
+})
+
+
+def bare_name(metric: str) -> str:
+    """`val_acc` -> `acc`: the metric without its evaluation split."""
+    for prefix in SPLIT_PREFIXES:
+        if metric.startswith(prefix):
+            return metric[len(prefix):]
+    return metric
+
+
+def classified(metric: str) -> bool:
+    """Whether the metric's level is stated in a table (and not just the unknown-name default)."""
+    name = bare_name(metric)
+    return name in ORACLE_METRICS or name in BLIND_METRICS
+
+
+def knowledge_of(metric: str) -> str:
+    """`blind` when a defender can compute the metric, else `oracle` (unknown names included)."""
+    return BLIND if bare_name(metric) in BLIND_METRICS else ORACLE
+
+
+def blind_metrics(split: str = "val") -> list[str]:
+    """The blind metrics of an evaluation split that every defense reports, for messages."""
+    return [f"{split}_acc"]
