@@ -56,8 +56,15 @@ def _tune_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-failures", type=int, default=1, help="retries of a failed trial, from its last checkpoint")
     p.add_argument("--quick", action="store_true", help="apply the space's quick: overrides (tiny schedules)")
     _verbose(p)
+    _knowledge(p)
     p.add_argument("--no-default-trial", action="store_true",
                    help="sample every trial; by default the first runs the untuned values (preset, else defaults)")
+
+
+def _knowledge(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--knowledge", choices=("oracle", "blind"), default=None,
+                   help="what selection may know: blind refuses objectives that read the trigger or the poison "
+                        "flags and switches in-method choices to their blind rules (default: the space's, else oracle)")
 
 
 def _verbose(p: argparse.ArgumentParser) -> None:
@@ -99,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="the demo: one BadNets model (on digits unless --dataset says), "
                                           "every defense tuned against it")
     p.add_argument("--quick", action="store_true", help="one trial per defense and tiny schedules")
+    _knowledge(p)
     _verbose(p)
     _shared(p)
     p = sub.add_parser("ui", help="open the MLflow UI on the tracking store")
@@ -267,6 +275,7 @@ def _plan(args, space_path: Path, quick: bool = False):
         searcher=args.searcher, scheduler=args.scheduler, objective=args.objective, num_samples=args.num_samples,
         max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
         workers_per_trial=args.workers_per_trial, default_trial=not getattr(args, "no_default_trial", False),
+        knowledge=args.knowledge,
     )
 
 

@@ -108,6 +108,7 @@ def plan_text(plans: list, resources: dict[str, Any]) -> str:
             "presets": base.presets, "pinned": plan.pinned,
             "tuned": {d.key: {d.kind: d.args} for d in plan.tuned},
             "search": {"searcher": plan.searcher, "scheduler": plan.scheduler, "objective": plan.objective,
+                       "knowledge": plan.knowledge,
                        "metric": f"{plan.space.mode} {plan.space.metric}", "num_samples": plan.num_samples,
                        "max_concurrent": plan.max_concurrent},
             "resources": {"cpus_per_trial": plan.cpus_per_trial, "gpus_per_trial": plan.gpus_per_trial,

@@ -288,6 +288,7 @@ def run_sweep(session: Session, plan: SweepPlan, extra_tags: dict[str, str] | No
                 "space_sha256": space_fingerprint(plan),
                 "searcher": plan.searcher, "scheduler": plan.scheduler, "objective": plan.objective,
                 "objective_metric": plan.space.metric, "objective_mode": plan.space.mode,
+                "knowledge": plan.knowledge,
                 "gpus_per_trial": f"{plan.gpus_per_trial:g}",
                 "storage": str(session.storage), **(extra_tags or {})}
         if attack_run_id:
@@ -302,7 +303,7 @@ def run_sweep(session: Session, plan: SweepPlan, extra_tags: dict[str, str] | No
     setup = TrialSetup(plan=plan, tracking_uri=tracker.uri, experiment_id=tracker.experiment_id,
                        sweep_run_id=sweep_run_id, storage=str(session.storage), cache_key=cache_key,
                        attack_run_id=attack_run_id, data_root=str(session.data_root), download=session.download,
-                       tags={k: v for k, v in (extra_tags or {}).items()}, max_failures=max_failures,
+                       tags={**(extra_tags or {}), "knowledge": plan.knowledge}, max_failures=max_failures,
                        fault=os.environ.get("BDO_FAULT"), system_metrics=system_metrics_interval())
     if plan.workers_per_trial > 1:
         resources: dict[str, float] = {"CPU": 0.01}

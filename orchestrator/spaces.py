@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from methods.core.knowledge import BLIND, KNOWLEDGE_LEVELS, ORACLE, blind_metrics, knowledge_of
 from methods.core.method import METHODS
 from methods.data.configs import DataConfig
 from orchestrator.errors import BadInput
@@ -29,7 +30,7 @@ from orchestrator.resolve import (
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint", "grid", "derived")
 TOP_LEVEL = {
     "method", "description", "dataset", "model", "attack", "data", "fixed", "space", "objective", "scheduler",
-    "searcher", "num_samples", "max_concurrent", "resources", "quick",
+    "searcher", "num_samples", "max_concurrent", "resources", "quick", "knowledge",
 }
 SEARCHERS = ("random", "grid", "optuna")
 SCHEDULERS = ("fifo", "asha")
@@ -137,6 +138,7 @@ class SearchSpace:
     resources: dict[str, float]
     quick: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    knowledge: str = ORACLE  # what the objective may know (methods/core/knowledge.py); --knowledge overrides
 
     @property
     def tuned(self) -> list[Dimension]:
@@ -250,6 +252,8 @@ def load_space(path: Path) -> SearchSpace:
     _expect(isinstance(quick, dict), source, "quick: expected a mapping of config keys to values")
     data_values = raw.get("data") or {}
     _expect(isinstance(data_values, dict), source, "data: expected a mapping of dataset options")
+    knowledge = str(raw.get("knowledge", ORACLE))
+    _expect(knowledge in KNOWLEDGE_LEVELS, source, f"knowledge {knowledge!r}: use {' or '.join(KNOWLEDGE_LEVELS)}")
 
     return SearchSpace(
         path=path, method=method, dataset=str(raw.get("dataset", "digits")), model=str(raw.get("model", "small_cnn")),
@@ -257,7 +261,7 @@ def load_space(path: Path) -> SearchSpace:
         metric=metric, mode=mode, scheduler=scheduler, grace_period=grace, max_t=max_t, reduction_factor=rf,
         searcher=searcher, num_samples=num_samples, max_concurrent=max_conc,
         resources={k: float(v) for k, v in resources.items()}, quick=dict(quick),
-        description=str(raw.get("description", "")),
+        description=str(raw.get("description", "")), knowledge=knowledge,
     )
 
 
@@ -288,10 +292,16 @@ class SweepPlan:
     workers_per_trial: int
     pinned: dict[str, Any] = field(default_factory=dict)
     default_trial: bool = True
+    knowledge: str = ORACLE  # the level the sweep selects under; every run of it is tagged with it
 
     @property
     def tuned(self) -> list[Dimension]:
         return [d for d in self.space.tuned if d.key not in self.pinned]
+
+    @property
+    def objective_metrics(self) -> list[str]:
+        """Every metric the sweep selects on."""
+        return [m for m, _ in PARETO_METRICS] if self.objective == "pareto" else [self.space.metric]
 
 
 def default_point(plan: SweepPlan) -> dict[str, Any] | None:
@@ -325,6 +335,7 @@ def plan_sweep(
     gpus_per_trial: float | None = None,
     workers_per_trial: int | None = None,
     default_trial: bool = True,
+    knowledge: str | None = None,
 ) -> SweepPlan:
     source = str(space.path)
     sets = dict(sets or {})
@@ -351,6 +362,9 @@ def plan_sweep(
         raise BadInput(f"--objective {objective!r}: use single or pareto")
     if objective == "pareto" and scheduler == "asha":
         raise BadInput("--objective pareto with --scheduler asha: ASHA is single-objective; use --scheduler fifo")
+    knowledge = knowledge or space.knowledge
+    if knowledge not in KNOWLEDGE_LEVELS:
+        raise BadInput(f"--knowledge {knowledge!r}: use {' or '.join(KNOWLEDGE_LEVELS)}")
     plan = SweepPlan(
         space=space, base=base, searcher=searcher, scheduler=scheduler, objective=objective,
         num_samples=num_samples if num_samples is not None else space.num_samples,
@@ -359,8 +373,9 @@ def plan_sweep(
         gpus_per_trial=gpus_per_trial if gpus_per_trial is not None else space.resources.get("gpus_per_trial"),
         workers_per_trial=int(workers_per_trial if workers_per_trial is not None
                               else space.resources.get("workers_per_trial", 1)),
-        pinned=pinned, default_trial=default_trial,
+        pinned=pinned, default_trial=default_trial, knowledge=knowledge,
     )
+    check_knowledge(plan)
     if plan.num_samples < 1:
         raise BadInput(f"--num-samples {plan.num_samples}: a positive integer")
     if plan.max_concurrent is not None and plan.max_concurrent < 1:
@@ -375,6 +390,17 @@ def plan_sweep(
                            f"{', '.join(bad)} {'is' if len(bad) == 1 else 'are'} continuous")
     validate_space_values(plan)
     return plan
+
+
+def check_knowledge(plan: SweepPlan) -> None:
+    """Under blind knowledge, selecting on a metric that reads the trigger or the poison flags is bad input."""
+    if plan.knowledge != BLIND:
+        return
+    for metric in plan.objective_metrics:
+        if knowledge_of(metric) != BLIND:
+            what = "the pareto objective" if plan.objective == "pareto" else "objective.metric"
+            raise BadInput(f"{plan.space.path}: {what} {metric} needs the trigger or the poison flags (oracle), "
+                           f"which knowledge blind refuses; blind metrics: {', '.join(blind_metrics())}")
 
 
 def validate_space_values(plan: SweepPlan) -> None:

@@ -129,6 +129,7 @@ def load_study(path: Path, args) -> StudyPlan:
                 cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                 workers_per_trial=args.workers_per_trial,
                 default_trial=not getattr(args, "no_default_trial", False),
+                knowledge=getattr(args, "knowledge", None),
             )
     return plan
 
@@ -200,7 +201,7 @@ def run_study(session: Session, study: StudyPlan, args) -> StudyOutcome:
             for di, (defense, _) in enumerate(study.defenses):
                 plan = study.sweeps[(ai, di)]
                 chosen: dict[str, Any] = {}
-                final_tags = dict(tags)
+                final_tags = {**tags, "knowledge": plan.knowledge}
                 if di not in study.untuned:
                     result = run_sweep(session, plan, extra_tags=tags, parent_id=study_run_id,
                                        max_failures=args.max_failures)

@@ -9,6 +9,7 @@ import pytest
 from orchestrator.cli import main
 
 SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
+EXAMPLES = SPACES.parent / "examples"
 
 
 def write(path: Path, text: str) -> Path:
@@ -45,6 +46,13 @@ CASES = {
     "attack target the dataset lacks": (["defend", "ft", "--attack", "badnets", "--set", "attack.target=15"],
                                         "target: 15 is not a class of digits"),
     "attack run in a missing store": (["defend", "ft", "--attack-run", "doesnotexist"], "no MLflow store"),
+    "blind tune of a val_der space": (["tune", str(SPACES / "ft.yaml"), "--knowledge", "blind"],
+                                      "objective.metric val_der needs the trigger"),
+    "blind pareto": (["tune", str(SPACES / "ft.yaml"), "--knowledge", "blind", "--objective", "pareto",
+                      "--scheduler", "fifo"],
+                     "the pareto objective val_asr needs the trigger"),
+    "blind study of a val_der space": (["study", str(EXAMPLES / "study-digits.yaml"), "--knowledge", "blind"],
+                                       "val_der needs the trigger"),
     "resume in a missing store": (["tune", str(SPACES / "badnets.yaml"), "--resume", "BADID"], "no MLflow store"),
     "study in a missing store": (["report", "--study", "deadbeef"], "no MLflow store"),
     "quickstart on missing data": (["quickstart", "--dataset", "cifar10", "--data-root", "/nonexistent/bdo"],
@@ -83,6 +91,9 @@ SPACE_CASES = {
     "unknown method": ("method: nomethod\n", "unknown method 'nomethod'"),
     "negative fixed epsilon": ("method: cl\nfixed: {pgd_eps: -0.1}\n", "pgd_eps: -0.1 is outside"),
     "randint low >= high": ("method: badnets\nspace:\n  epochs: {randint: [5, 5]}\n", "must be < high"),
+    "blind space selecting on val_asr": ("method: ft\nknowledge: blind\nobjective: {metric: val_asr, mode: min}\n",
+                                         "objective.metric val_asr needs the trigger or the poison flags"),
+    "unknown knowledge level": ("method: ft\nknowledge: partial\n", "knowledge 'partial': use oracle or blind"),
 }
 
 

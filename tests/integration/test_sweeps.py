@@ -43,7 +43,9 @@ def test_asha_stops_poor_trials_early(ray_session, workdir, tmp_path):
         "objective: {metric: val_acc, mode: max}\n"
         "scheduler: {name: asha, grace_period: 1, max_t: 6, reduction_factor: 2}\n"
     )
-    assert main(["tune", str(space), "--num-samples", "6", "--max-concurrent", "2", "--seed", "1"]) == 0
+    # val_acc is blind (methods/core/knowledge.py), so the sweep may run under blind knowledge and says so
+    assert main(["tune", str(space), "--num-samples", "6", "--max-concurrent", "2", "--seed", "1",
+                 "--knowledge", "blind"]) == 0
     client, trials = runs(workdir, query="tags.role = 'trial'")
     assert len(trials) == 6
     lengths = sorted(len(metric_steps(client, t.info.run_id, "val_acc")) for t in trials)
@@ -54,6 +56,7 @@ def test_asha_stops_poor_trials_early(ray_session, workdir, tmp_path):
     assert {t.data.tags.get("device") for t in trials} == {"cpu"}
     _, (sweep,) = runs(workdir, query="tags.role = 'sweep'")
     assert sweep.data.tags["gpus_per_trial"] == "0"
+    assert {t.data.tags["knowledge"] for t in [sweep, *trials]} == {"blind"}
     # --max-concurrent 2 holds for random search too (Tune used to ignore it there)
     spans = [(t.info.start_time, t.info.end_time) for t in trials]
     overlap = max(sum(1 for s, e in spans if s <= start < e) for start, _ in spans)

@@ -79,3 +79,17 @@ def test_no_first_point_outside_the_space_or_for_grids(tmp_path):
     assert default_point(plan_sweep(load_space(path), dataset="digits", use_preset=False)) is None
     path.write_text("method: ft\nspace:\n  lr: {grid: [0.01, 0.05]}\n")
     assert default_point(plan_sweep(load_space(path), dataset="digits")) is None
+
+
+def test_knowledge_comes_from_the_space_and_the_command_line_wins(tmp_path):
+    from orchestrator.discover import plan_text
+
+    path = tmp_path / "ft.yaml"
+    path.write_text("method: ft\nknowledge: blind\nobjective: {metric: val_acc, mode: max}\n")
+    blind = plan_sweep(load_space(path))
+    assert blind.knowledge == "blind"
+    assert yaml.safe_load(plan_text([blind], {}))["search"]["knowledge"] == "blind"  # what --dry-run shows
+    assert plan_sweep(load_space(path), knowledge="oracle").knowledge == "oracle"
+    assert plan_sweep(load_space(SEARCH_SPACES / "ft.yaml")).knowledge == "oracle"  # today's behaviour
+    with pytest.raises(BadInput, match="val_der needs the trigger or the poison flags"):
+        plan_sweep(load_space(SEARCH_SPACES / "ft.yaml"), knowledge="blind")
