@@ -344,9 +344,17 @@ def plan_sweep(
     s_method, _, _, _ = split_keys(sets)
     # --set and the quick block pin searched keys (their range is replaced by the value)
     pinned = {k: v for k, v in {**q_method, **s_method}.items() if k in {d.key for d in space.dims}}
+    knowledge = knowledge or space.knowledge
+    if knowledge not in KNOWLEDGE_LEVELS:
+        raise BadInput(f"--knowledge {knowledge!r}: use {' or '.join(KNOWLEDGE_LEVELS)}")
+    # a defense's in-method choices follow the level its sweep selects under (DefenseConfig.knowledge)
+    level = {"knowledge": knowledge} if "knowledge" in config_fields(space.method) else {}
+    if level and s_method.get("knowledge", knowledge) != knowledge:
+        raise BadInput(f"--set knowledge={s_method['knowledge']}: the sweep selects under knowledge {knowledge}; "
+                       f"set the level with --knowledge")
     base = resolve_run(
         space.method, dataset or space.dataset, model or space.model, seed, attack or space.attack,
-        sets=sets, base={**space.fixed, **q_method}, attack_base={**space.attack_values, **q_attack},
+        sets=sets, base={**space.fixed, **q_method, **level}, attack_base={**space.attack_values, **q_attack},
         data_base={**space.data_values, **q_data}, use_preset=use_preset, source=source,
     )
     if base.kind == "attack":
@@ -362,9 +370,6 @@ def plan_sweep(
         raise BadInput(f"--objective {objective!r}: use single or pareto")
     if objective == "pareto" and scheduler == "asha":
         raise BadInput("--objective pareto with --scheduler asha: ASHA is single-objective; use --scheduler fifo")
-    knowledge = knowledge or space.knowledge
-    if knowledge not in KNOWLEDGE_LEVELS:
-        raise BadInput(f"--knowledge {knowledge!r}: use {' or '.join(KNOWLEDGE_LEVELS)}")
     plan = SweepPlan(
         space=space, base=base, searcher=searcher, scheduler=scheduler, objective=objective,
         num_samples=num_samples if num_samples is not None else space.num_samples,

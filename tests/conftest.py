@@ -83,3 +83,24 @@ def digits_backdoor(request) -> Backdoor:
 def clean_reference() -> Backdoor:
     """Clean training: the attack recipe at poison rate 0 (what from-scratch defenses are held against)."""
     return train_backdoor("badnets", poison_rate=0.0)
+
+
+@pytest.fixture
+def oracle_metrics_nan(monkeypatch):
+    """Makes every oracle metric (methods/core/knowledge.py) that the named functions return NaN: a choice made
+    under blind knowledge must come out the same, since it may not read them. Call it with (module, function name)
+    pairs, naming each function where the method under test looks it up; a function that returns one number
+    (SD's val_fct_auroc) is named for an oracle metric and returns NaN."""
+    from methods.core.knowledge import ORACLE, knowledge_of
+
+    def poison(result):
+        if not isinstance(result, dict):
+            return float("nan")
+        return {k: float("nan") if knowledge_of(k) == ORACLE else v for k, v in result.items()}
+
+    def apply(*targets: tuple) -> None:
+        for module, name in targets:
+            real = getattr(module, name)
+            monkeypatch.setattr(module, name, lambda *a, real=real, **k: poison(real(*a, **k)))
+
+    return apply

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from methods.core.config import Config, choice, listed, ranged
+from methods.core.knowledge import BLIND, KNOWLEDGE_LEVELS, ORACLE
 from methods.core.method import declare_method
 
 
@@ -17,6 +18,18 @@ class DefenseConfig(Config):
     seed: int = ranged(0, 0, None, "training seed of the defense")
     clean_seed: Optional[int] = ranged(None, 0, None, "clean-subset seed (default: the attack's recorded clean_seed)")
     eval_batch_size: int = ranged(1024, 1, 1_000_000)
+    # What the defense's own choices may read (methods/core/knowledge.py): under blind, a choice made inside the
+    # method (which round to keep, whether a step failed) reads neither the trigger nor the poison flags. The
+    # orchestrator sets it from the sweep's level; a rule left unset follows it, an oracle rule set under blind
+    # is refused by validate().
+    knowledge: str = choice(ORACLE, KNOWLEDGE_LEVELS, "what in-method choices may know: oracle or blind")
+
+    def refuse_oracle_rule(self, field: str, oracle_rules: tuple[str, ...]) -> None:
+        """An explicitly chosen rule that reads oracle metrics contradicts knowledge blind."""
+        value = getattr(self, field)
+        if self.knowledge == BLIND and value in oracle_rules:
+            raise ValueError(f"{field}: {value} reads the trigger or the poison flags, which knowledge: blind refuses; "
+                             f"leave {field} unset or choose a blind rule")
 
 
 @declare_method("ft", kind="defense")
@@ -192,6 +205,19 @@ class PBEConfig(AdversarialFinetuneConfig):
     step0_retries: int = ranged(0, 0, 100, "reruns of a step 0 that failed on validation (0: the paper, none)")
     step0_max_val_asr: float = ranged(0.2, 0.0, 1.0, "step 0 failed when its val ASR is above this")
     retry_eps_scale: float = ranged(1.5, 1.0, 100.0, "radius of a rerun of step 0 / radius of the attempt before")
+    # How step 0 is checked:
+    # - "val_asr": failed when its val ASR is above step0_max_val_asr. Oracle: it applies the trigger.
+    # - "unchecked": never failed, so never rerun (the paper, which has no check). Blind. A blind check would need
+    #   a trigger-free sign that the backdoor survived step 0; none is computed yet, and guessing one would rerun
+    #   (or keep) step 0 on noise, so under blind the run goes on as the paper's does.
+    # None: val_asr under knowledge oracle, unchecked under blind.
+    step0_rule: Optional[str] = choice(None, (None, "val_asr", "unchecked"),
+                                       "how step 0 is checked (None: by knowledge)")
+
+    def step0_check(self) -> str:
+        if self.step0_rule is not None:
+            return self.step0_rule
+        return "unchecked" if self.knowledge == BLIND else "val_asr"
 
     def step0_config(self, attempt: int) -> "PBEConfig":
         """The PGD settings of step 0's attempt `attempt` (0 = the first): its radius, and the step size scaled
@@ -211,6 +237,7 @@ class PBEConfig(AdversarialFinetuneConfig):
         return [self.top_rate_first + (self.top_rate_last - self.top_rate_first) * k / (m - 1) for k in range(m)]
 
     def validate(self) -> None:
+        self.refuse_oracle_rule("step0_rule", ("val_asr",))
         if self.init_fraction <= 0:
             raise ValueError(f"init_fraction: {self.init_fraction} must be > 0")
         if self.top_rates is None:
@@ -268,6 +295,9 @@ class SDConfig(DefenseConfig):
             raise ValueError("fct_erase_scale_min: must not exceed fct_erase_scale_max")
 
 
+BR_SELECT_RULES = ("asr_within_acc_margin", "best_val_acc", "last")
+
+
 @declare_method("dbr", kind="defense", splits_samples=True)
 @dataclass
 class DBRConfig(SDConfig):
@@ -282,9 +312,24 @@ class DBRConfig(SDConfig):
     #   model never gives up more than br_acc_margin of validation accuracy against the best round, whatever ASR
     #   that would buy. 0.02 sits below the 3-point accuracy bar the defenses are held to and above the noise of
     #   a few hundred validation images (one image of digits' ~180 is 0.0056).
-    # - "last": the last round, as a run without model selection would.
-    br_select: str = choice("asr_within_acc_margin", ("asr_within_acc_margin", "last"), "which round's model is kept")
+    #   Oracle: it reads val_asr, i.e. the trigger.
+    # - "best_val_acc": the round with the highest val_acc (ties: the later round). Blind: clean validation
+    #   accuracy is all it reads. The backdoor's removal itself is not visible to it; it keeps the round that lost
+    #   the least clean accuracy to unlearning, which after relearning is usually a late one.
+    # - "last": the last round, as a run without model selection would. Blind.
+    # None: asr_within_acc_margin under knowledge oracle, best_val_acc under blind.
+    br_select: Optional[str] = choice(None, (None,) + BR_SELECT_RULES,
+                                      "which round's model is kept (None: by knowledge)")
     br_acc_margin: float = ranged(0.02, 0.0, 1.0, "val_acc a kept round may lose against the best round")
+
+    def selection_rule(self) -> str:
+        if self.br_select is not None:
+            return self.br_select
+        return "best_val_acc" if self.knowledge == BLIND else "asr_within_acc_margin"
+
+    def validate(self) -> None:
+        super().validate()
+        self.refuse_oracle_rule("br_select", ("asr_within_acc_margin",))
 
 
 @declare_method("dst", kind="defense", splits_samples=True)

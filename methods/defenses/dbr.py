@@ -8,7 +8,8 @@ ordinary descent on the suspected-clean pool, both with the dataset's standard a
 Deviations from the official code:
 - the official code keeps the round with the largest test ACC - test ASR. Here the round is chosen on the
   validation split only, by a bounded rule (`br_select`, see DBRConfig): the lowest val_asr among the rounds whose
-  val_acc is within `br_acc_margin` of the best val_acc of any round. ACC - ASR accepts any accuracy loss that
+  val_acc is within `br_acc_margin` of the best val_acc of any round; under knowledge blind, which may not read
+  val_asr, the round with the best val_acc. ACC - ASR accepts any accuracy loss that
   buys a larger ASR drop (it prefers ACC 0.85 / ASR 0.00 to ACC 0.98 / ASR 0.14). Every round reports
   `br_kept_round` (the choice so far) and `br_acc_floor`; when the kept round is not the last, the returned model
   is reported once more as the final step (methods.defenses.common.final_result);
@@ -50,15 +51,20 @@ def update_candidates(candidates: list[dict[str, Any]], new: dict[str, Any], mar
     still choose after more rounds. Under the margin rule the final choice is a round within the margin of the
     final best ACC that no other round beats on both ACC and ASR; both properties only get stricter as rounds
     are added, so dropping the rounds that fail either now loses nothing, and only these rounds' weights need
-    to be held."""
+    to be held. Under best_val_acc the only candidate is the best round so far, and last holds the newest."""
     if rule == "last":
         return [new]
+    if rule == "best_val_acc":
+        return [new] if not candidates or new["acc"] >= candidates[0]["acc"] else candidates
     pool = candidates + [new]
     floor = max(c["acc"] for c in pool) - margin
     return [c for c in pool if c["acc"] >= floor and not any(_beats(d, c) for d in pool if d is not c)]
 
 
 def chosen(candidates: list[dict[str, Any]]) -> dict[str, Any]:
+    """The kept round; only the margin rule holds more than one candidate, and only it reads their ASR."""
+    if len(candidates) == 1:
+        return candidates[0]
     return min(candidates, key=lambda c: (c["asr"], -c["acc"], -c["round"]))
 
 
@@ -87,6 +93,7 @@ def run(ctx: RunContext, cfg: DBRConfig):
     x_poison, y_poison = data.x_train[poison], data.y_train[poison]
     augment = lambda xb: standard_augment(xb, data.info, g)  # noqa: E731
     wrapped = ctx.wrap_model(model)
+    rule = cfg.selection_rule()
     for rnd in range(done + 1, cfg.br_rounds + 1):
         optimizer.param_groups[0]["lr"] = cfg.br_lr * cfg.br_unlearn_lr_scale
         unlearn = train_epoch(wrapped, optimizer, x_poison, y_poison, cfg.br_batch_size, g, augment, _ascent,
@@ -100,7 +107,7 @@ def run(ctx: RunContext, cfg: DBRConfig):
         best_acc = max(best_acc, metrics["val_acc"])
         # the candidate holds this round's report (completed below), which the final report repeats if it is kept
         entry = {"round": rnd, "acc": metrics["val_acc"], "asr": metrics["val_asr"], "report": metrics}
-        candidates = update_candidates(candidates, entry, cfg.br_acc_margin, cfg.br_select)
+        candidates = update_candidates(candidates, entry, cfg.br_acc_margin, rule)
         metrics.update({**sd.split, "br_round": float(rnd), "br_unlearn_loss": -unlearn.item(),
                         "br_relearn_loss": relearn.item(), "br_kept_round": float(chosen(candidates)["round"]),
                         "br_acc_floor": best_acc - cfg.br_acc_margin})
@@ -113,8 +120,8 @@ def run(ctx: RunContext, cfg: DBRConfig):
 
     kept = chosen(candidates)
     model.load_state_dict(kept["weights"])
-    ctx.progress(f"dbr: kept round {kept['round']} of {cfg.br_rounds} ({cfg.br_select}): val ACC {kept['acc']:.4f}, "
-                 f"val ASR {kept['asr']:.4f}" + ("" if cfg.br_select == "last" else
+    ctx.progress(f"dbr: kept round {kept['round']} of {cfg.br_rounds} ({rule}): val ACC {kept['acc']:.4f}, "
+                 f"val ASR {kept['asr']:.4f}" + ("" if rule != "asr_within_acc_margin" else
                  f", the lowest ASR among the rounds with val ACC >= {best_acc - cfg.br_acc_margin:.4f} "
                  f"(best {best_acc:.4f} - margin {cfg.br_acc_margin})"))
     return final_result(ctx, model, backdoor, last, {**kept["report"], "br_kept_round": float(kept["round"]),

@@ -14,8 +14,9 @@ rank as the least moved, fill the next trusted subset, and the later steps re-im
 BadNets, seeds 1-5, with a 16/255 radius: 4 of 5 runs kept ASR 1.0; on a CIFAR-shaped run the first re-selection
 held more poison than the training set). So here step 0 can be made stronger (`step0_adv_eps`) and is checked on the
 validation split: when its val ASR is above `step0_max_val_asr`, it is rerun from the infected model on a new
-random draw with a radius `retry_eps_scale` times larger, at most `step0_retries` times. The defaults (no check,
-no rerun, the same radius) are the paper's.
+random draw with a radius `retry_eps_scale` times larger, at most `step0_retries` times. The defaults (no
+rerun, the same radius) are the paper's. The check reads the trigger, so under knowledge blind step 0 is not
+checked (`step0_rule`, PBEConfig).
 
 Reports: `step` counts epochs across every attempt of step 0 and the later steps (E = epochs_per_step; after a
 failed attempts, step s epoch e is (a + s) * E + e). Every report carries `pbe_step` and `pbe_attempt` and the
@@ -170,8 +171,9 @@ def run(ctx: RunContext, cfg: PBEConfig) -> DefenseResult:
             similarity = prediction_similarity(reference, predict_logits(model, data.x_train, cfg.eval_batch_size),
                                                cfg.similarity)
             split = split_metrics(trusted_pools(trained_on), data.poison_flags, 1.0 - similarity)
-            failed = stage == 0 and metrics["val_asr"] > cfg.step0_max_val_asr
-            if stage == 0:
+            checked = stage == 0 and cfg.step0_check() == "val_asr"
+            failed = checked and metrics["val_asr"] > cfg.step0_max_val_asr
+            if checked:
                 extra["pbe_step0_failed"] = float(failed)
             if failed and attempt < cfg.step0_retries:
                 attempt += 1

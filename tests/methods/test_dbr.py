@@ -1,6 +1,7 @@
 """D-BR: removes BadNets/Blend backdoors on digits, keeps the round chosen on validation, resumes, checks config."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,48 @@ def test_dbr_resumes_inside_the_removal_rounds(badnets_backdoor):
     assert resumed.metrics == straight.metrics
     for key, value in straight.model_state.items():
         assert torch.equal(value, resumed.model_state[key]), key
+
+
+def test_best_val_acc_keeps_the_best_round_and_the_later_of_a_tie():
+    rounds = [(0.90, 0.0), (0.95, 0.9), (0.95, 1.0), (0.93, 0.0)]
+    candidates = []
+    for i, (acc, asr) in enumerate(rounds):
+        candidates = update_candidates(candidates, {"round": i + 1, "acc": acc, "asr": asr}, 0.02, "best_val_acc")
+    assert [c["round"] for c in candidates] == [3] and chosen(candidates)["round"] == 3
+
+
+@pytest.mark.parametrize("values, rule", [({}, "asr_within_acc_margin"), ({"knowledge": "blind"}, "best_val_acc"),
+                                          ({"knowledge": "blind", "br_select": "last"}, "last")])
+def test_the_kept_round_rule_follows_knowledge_unless_set(values, rule):
+    assert DBRConfig.from_dict(values).selection_rule() == rule
+
+
+def test_an_oracle_rule_under_blind_knowledge_is_refused_naming_both_fields():
+    with pytest.raises(ValueError, match="br_select: asr_within_acc_margin .* knowledge: blind"):
+        DBRConfig.from_dict({"knowledge": "blind", "br_select": "asr_within_acc_margin"})
+
+
+def test_the_blind_kept_round_never_reads_trigger_or_flag_metrics(badnets_backdoor, oracle_metrics_nan):
+    import methods.defenses.common as common
+    import methods.defenses.dbr as dbr
+    import methods.defenses.sd as sd
+
+    spec = get_method("dbr")
+    cfg = spec.make_config(dict(PRESET, sd_ft_epochs=1, br_rounds=3, knowledge="blind"))
+
+    def run():
+        ctx = LocalContext(backdoor_provider=lambda: badnets_backdoor)
+        return ctx, spec.run(ctx, cfg)
+
+    ctx, plain = run()
+    rounds = [m for s, m in ctx.reports if sd_steps(cfg) < s <= sd_steps(cfg) + cfg.br_rounds]
+    best = max(range(len(rounds)), key=lambda i: (rounds[i]["val_acc"], i))
+    assert plain.metrics["br_kept_round"] == best + 1
+    # the round's evaluation, SD's split metrics and its FCT AUROC: everything D-BR's choice could see
+    oracle_metrics_nan((dbr, "evaluate_with_der"), (common, "split_metrics"), (sd, "_val_fct_auroc"))
+    poisoned_ctx, poisoned = run()
+    seen = [m for s, m in poisoned_ctx.reports if sd_steps(cfg) < s <= sd_steps(cfg) + cfg.br_rounds]
+    assert all(math.isnan(m["val_asr"]) and math.isnan(m["split_poison_precision"]) for m in seen)
+    assert poisoned.metrics["br_kept_round"] == plain.metrics["br_kept_round"]
+    for key, value in plain.model_state.items():
+        assert torch.equal(value, poisoned.model_state[key]), key

@@ -2,6 +2,7 @@
 clean; similarity scoring, subset growth and the top-rate ramp; resume; bad configs."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -246,3 +247,31 @@ def test_resetting_the_optimizer_between_steps_changes_training(badnets_backdoor
 def test_bad_config_values_name_the_field(values, field):
     with pytest.raises(ValueError, match=field):
         PBEConfig.from_dict(values)
+
+
+@pytest.mark.parametrize("values, check", [({}, "val_asr"), ({"knowledge": "blind"}, "unchecked"),
+                                           ({"knowledge": "blind", "step0_rule": "unchecked"}, "unchecked")])
+def test_the_step0_check_follows_knowledge_unless_set(values, check):
+    assert PBEConfig.from_dict(values).step0_check() == check
+
+
+def test_the_val_asr_check_under_blind_knowledge_is_refused_naming_both_fields():
+    with pytest.raises(ValueError, match="step0_rule: val_asr .* knowledge: blind"):
+        PBEConfig.from_dict({"knowledge": "blind", "step0_rule": "val_asr"})
+
+
+def test_blind_pbe_never_reads_trigger_or_flag_metrics(badnets_backdoor, oracle_metrics_nan):
+    import methods.defenses.common as common
+    import methods.defenses.pbe as pbe
+
+    # RERUN's threshold of 0 reruns step 0 under oracle knowledge (test above); blind leaves step 0 unchecked
+    values = dict(RERUN, knowledge="blind")
+    ctx, plain = run_pbe(badnets_backdoor, **values)
+    cfg = PBEConfig.from_dict({**PRESET, **values})
+    assert [s for s, _ in ctx.reports] == list(range(1, cfg.n_steps * cfg.epochs_per_step + 1))
+    assert not any("pbe_step0_failed" in m for _, m in ctx.reports)
+    oracle_metrics_nan((pbe, "evaluate_with_der"), (pbe, "split_metrics"), (common, "split_metrics"))
+    poisoned_ctx, poisoned = run_pbe(badnets_backdoor, **values)
+    assert all(math.isnan(m["val_asr"]) for s, m in poisoned_ctx.reports if s <= cfg.n_steps * cfg.epochs_per_step)
+    for key, value in plain.model_state.items():
+        assert torch.equal(value, poisoned.model_state[key]), key

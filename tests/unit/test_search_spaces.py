@@ -87,9 +87,11 @@ def test_knowledge_comes_from_the_space_and_the_command_line_wins(tmp_path):
     path = tmp_path / "ft.yaml"
     path.write_text("method: ft\nknowledge: blind\nobjective: {metric: val_acc, mode: max}\n")
     blind = plan_sweep(load_space(path))
-    assert blind.knowledge == "blind"
+    assert blind.knowledge == "blind" and blind.base.config["knowledge"] == "blind"  # the in-method rules follow
     assert yaml.safe_load(plan_text([blind], {}))["search"]["knowledge"] == "blind"  # what --dry-run shows
     assert plan_sweep(load_space(path), knowledge="oracle").knowledge == "oracle"
     assert plan_sweep(load_space(SEARCH_SPACES / "ft.yaml")).knowledge == "oracle"  # today's behaviour
     with pytest.raises(BadInput, match="val_der needs the trigger or the poison flags"):
         plan_sweep(load_space(SEARCH_SPACES / "ft.yaml"), knowledge="blind")
+    with pytest.raises(BadInput, match="--set knowledge=oracle: the sweep selects under knowledge blind"):
+        plan_sweep(load_space(path), sets={"knowledge": "oracle"})
