@@ -18,7 +18,7 @@ from typing import Any
 from orchestrator.devices import driver_device
 from orchestrator.errors import BadInput
 from orchestrator.execute import build_attack
-from orchestrator.report import mean_std
+from orchestrator.report import ATTACK_COLUMNS, mean_std, render
 from orchestrator.resolve import SEARCH_SPACES, load_yaml, method_spec, resolve_run
 from orchestrator.runner import Session, run_single, run_sweep
 from orchestrator.spaces import SweepPlan, load_space, plan_sweep
@@ -169,7 +169,7 @@ def run_study(session: Session, study: StudyPlan, args) -> StudyOutcome:
     try:
         # The attack columns first: every final run below trains on one of these models (served by the cache).
         columns = [("none", False)] + ([("clean", True)] if study.clean else [])
-        built: dict[tuple[str, str], list[tuple[int, Any]]] = {}
+        built: dict[tuple[str, str], list[Any]] = {}
         for ai, (attack, _) in enumerate(study.attacks):
             first = study.sweeps[(ai, 0)]
             for column, clean in columns:
@@ -180,13 +180,13 @@ def run_study(session: Session, study: StudyPlan, args) -> StudyOutcome:
                                        data_base=first.base.data_config, use_preset=False)
                     label = f"{attack} {'clean model' if clean else 'no defense'} seed {seed}"
                     built.setdefault((attack, column), []).append(
-                        (seed, pool.submit(label, "attack", spec, tags, device=driver_device(first))))
+                        pool.submit(label, "attack", spec, tags, device=driver_device(first)))
         # bdo report reads these columns from the recorded ids, not from the study_run_id tag: a cached attack
         # keeps the tags of whichever command built it, and the sweeps' own attacks (tuning seed, a space's data
         # block) carry this study's tag without belonging to the column.
         recorded: dict[str, dict[str, list[str]]] = {"none": {}, "clean": {}}
         for (attack, column), jobs in built.items():
-            for _, job in jobs:
+            for job in jobs:
                 outcome = pool.wait(job)
                 if outcome is None:
                     failed += 1
@@ -262,7 +262,6 @@ class RunPool:
     fails is reported in one line and counted; the others go on."""
 
     def __init__(self, session: Session, jobs: int) -> None:
-        self.session = session
         self.fields = {"tracking_uri": session.tracking_uri, "experiment": session.experiment,
                        "storage": session.storage, "data_root": session.data_root, "download": session.download}
         self.threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
@@ -310,12 +309,11 @@ def format_table(study: StudyPlan, cells: dict[tuple[str, str], list[dict[str, f
                  trials: dict[tuple[str, str], int]) -> str:
     """The study's table from the metrics it holds in memory, drawn by the same renderer as `bdo report` (which
     reads them back from MLflow), so the two can be compared cell by cell."""
-    from orchestrator.report import render
-
-    columns = ["no defense"] + (["clean model"] if study.clean else []) + [d for d, _ in study.defenses]
+    no_defense, clean_model = ATTACK_COLUMNS["no_defense_run_ids"], ATTACK_COLUMNS["clean_run_ids"]
+    columns = [no_defense] + ([clean_model] if study.clean else []) + [d for d, _ in study.defenses]
     summary = {}
     for (attack, column), runs in cells.items():
-        name = {"none": "no defense", "clean": "clean model"}.get(column, column)
+        name = {"none": no_defense, "clean": clean_model}.get(column, column)
         summary[(attack, name)] = {"seeds": len(runs), "trials": trials.get((attack, column), 0),
                                    **{m: mean_std([r.get(f"test_{m}", math.nan) for r in runs])
                                       for m in ("acc", "asr")}}
