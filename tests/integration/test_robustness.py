@@ -5,10 +5,11 @@ so theirs is measured against a model trained on the same data with nothing pois
 presets (no sweep), the way docs/results/digits.md was produced, two runs at a time; FT and NAD are measured in
 that table, not here.
 
-Two cells are run and printed but not held, because the presets do not meet the bar there yet (measured on this
-machine; docs/results/digits.md): AFT on Blend (test ASR 0.170 and 0.308 on seeds 6 and 7; on seed 3 too, where two
-adversarial epochs instead of one remove it at about 3 points of validation ACC) and D-BR on Blend (ASR 0.104 on
-seed 6: still falling at the last of its 30 rounds)."""
+Two cells are run and printed but not held: they are limits of the method in this setting, measured over
+seeds 0-5 against every alternative setting tried (docs/results/digits.md, "On seeds no preset was tuned on"). AFT on
+Blend: with 63 clean images one adversarial step leaves the trigger on some seeds and two cost 3-5 points of ACC.
+D-BR on Blend: SD's split fails on some seeds, and where it is perfect unlearning lowers ASR only as fast as it
+costs accuracy."""
 from __future__ import annotations
 
 import pytest
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.slow
 DEFENSES = ["aft", "argd", "asd", "dbr", "dst", "pbe"]
 FROM_SCRATCH = {"asd", "dst"}  # compared against the clean model: they never start from the backdoored weights
 ATTACKS, SEEDS = ["badnets", "blend"], [6, 7]
-NOT_YET_HELD = {("aft", "blend"), ("dbr", "blend")}
+KNOWN_LIMITS = {("aft", "blend"), ("dbr", "blend")}
 STUDY = f"""\
 name: robustness
 attacks: [{', '.join(ATTACKS)}]
@@ -58,9 +59,9 @@ def test_every_defense_meets_the_bar_on_unseen_seeds(workdir, capsys):
         after = run.data.metrics
         line = (f"{defense} on {attack} seed {seed}: ACC {baseline['test_acc']:.3f} -> {after['test_acc']:.3f}, "
                 f"ASR {poisoned['test_asr']:.3f} -> {after['test_asr']:.3f}")
-        results.append(line + (" (not held)" if (defense, attack) in NOT_YET_HELD else ""))
+        results.append(line + (" (known limit, not held)" if (defense, attack) in KNOWN_LIMITS else ""))
         meets = after["test_asr"] <= 0.10 and after["test_acc"] >= baseline["test_acc"] - 0.03
-        if not meets and (defense, attack) not in NOT_YET_HELD:
+        if not meets and (defense, attack) not in KNOWN_LIMITS:
             failures.append(line)
     print("\n".join(sorted(results)))
     assert len(results) == len(DEFENSES) * len(ATTACKS) * len(SEEDS), sorted(results)
