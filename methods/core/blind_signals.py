@@ -58,6 +58,10 @@ class BlindSignals:
     images: int
     seed: int
     canary: Optional[Canary] = None
+    # The weights last evaluated and their signals. The final evaluation of a defense re-evaluates the weights of
+    # its last report, and PGD's input gradients need not be bit-reproducible on a GPU: handing back the memo for
+    # equal weights keeps final_result from seeing a difference that is not there (and saves one PGD).
+    _memo: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def dataset_eps(info: Any) -> float:
@@ -114,15 +118,25 @@ def canary_asr(model: nn.Module, canary: Canary, split: str, x: torch.Tensor, y:
     return accuracy(pred, torch.full_like(pred, canary.target))
 
 
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.device == b.device and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
 def blind_signals(model: nn.Module, data: Any, signals: Optional[BlindSignals] = None,
                   batch_size: int = 1024) -> dict[str, float]:
     """`<split>_adv_concentration` for val and test, and `<split>_canary_asr` when a canary was planted."""
     signals = signals or default_signals(data.info)
     bare = unwrap(model)  # fp32 and no autocast, as methods.attacks.base.evaluate
+    state = bare.state_dict()
+    memo = signals._memo
+    if memo and memo["keys"] == list(state) and all(_same_tensor(a, b) for a, b in zip(memo["state"],
+                                                                                         state.values())):
+        return dict(memo["out"])
     out: dict[str, float] = {}
     for split in SPLITS:
         x, y = data.clean_set(split)
         out[f"{split}_adv_concentration"] = adv_concentration(bare, x, y, signals, batch_size)
         if signals.canary is not None:
             out[f"{split}_canary_asr"] = canary_asr(bare, signals.canary, split, x, y, batch_size)
+    memo.update(keys=list(state), state=[v.detach().clone() for v in state.values()], out=dict(out))
     return out

@@ -36,6 +36,12 @@ def test_adv_concentration_disturbs_neither_the_rng_nor_the_model(badnets_backdo
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
     assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in model.parameters())
     assert blind_signals(model, badnets_backdoor.data) == first, "a pure function of the weights"
+    signals = default_signals(badnets_backdoor.data.info)
+    assert blind_signals(model, badnets_backdoor.data, signals) == first
+    assert blind_signals(model, badnets_backdoor.data, signals) == first, "equal weights: the memo"
+    with torch.no_grad():
+        model.classifier.weight.zero_()  # every image goes to the class of the largest bias
+    assert blind_signals(model, badnets_backdoor.data, signals)["val_adv_concentration"] == 1.0, "new weights"
 
 
 def run_ft(backdoor, **overrides):
