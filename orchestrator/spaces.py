@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from methods.core.knowledge import BLIND, KNOWLEDGE_LEVELS, ORACLE, blind_metrics, knowledge_of
+from methods.core.knowledge import BLIND, KNOWLEDGE_LEVELS, ORACLE, bare_name, blind_metrics, knowledge_of
 from methods.core.method import METHODS
 from methods.data.configs import DataConfig
 from orchestrator.errors import BadInput
@@ -381,6 +381,7 @@ def plan_sweep(
         pinned=pinned, default_trial=default_trial, knowledge=knowledge,
     )
     check_knowledge(plan)
+    check_canary_objective(plan)
     if plan.num_samples < 1:
         raise BadInput(f"--num-samples {plan.num_samples}: a positive integer")
     if plan.max_concurrent is not None and plan.max_concurrent < 1:
@@ -406,6 +407,17 @@ def check_knowledge(plan: SweepPlan) -> None:
             what = "the pareto objective" if plan.objective == "pareto" else "objective.metric"
             raise BadInput(f"{plan.space.path}: {what} {metric} needs the trigger or the poison flags (oracle), "
                            f"which knowledge blind refuses; blind metrics: {', '.join(blind_metrics())}")
+
+
+def check_canary_objective(plan: SweepPlan) -> None:
+    """The canary ASR is reported only by runs that plant a canary (canary_rate > 0, methods/defenses/canary.py):
+    selecting on it without one would fail in every trial, so it is refused before anything starts."""
+    if not any(bare_name(m) == "canary_asr" for m in plan.objective_metrics):
+        return
+    if any(d.key == "canary_rate" for d in plan.tuned) or float(plan.base.config.get("canary_rate") or 0) > 0:
+        return
+    raise BadInput(f"{plan.space.path}: objective.metric {plan.space.metric} is reported only by runs that plant a "
+                   "canary; set canary_rate > 0 (fixed: {canary_rate: 0.1} in the space, or --set canary_rate=0.1)")
 
 
 def validate_space_values(plan: SweepPlan) -> None:

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from methods.attacks.configs import AttackConfig
 from methods.attacks.triggers import Trigger, trigger_from_state
+from methods.core.blind_signals import BlindSignals
 from methods.core.context import RunContext
 from methods.core.metrics import accuracy
 from methods.core.training import (
@@ -134,6 +135,9 @@ class Backdoor:
     model_state: dict[str, torch.Tensor]
     metrics: dict[str, float]
     seeds: dict[str, int]
+    # How a defense run computes its blind signals, and the canary it planted (methods/core/blind_signals.py);
+    # set by the method dispatch from the defense's config, never saved with the artifact (None: the defaults).
+    blind: Optional[BlindSignals] = None
 
     def build_model(self, device: torch.device | str = "cpu") -> BackdoorModel:
         model = build_model(self.model_name, self.data.info)
@@ -142,7 +146,7 @@ class Backdoor:
 
     def to(self, device: torch.device) -> "Backdoor":
         return Backdoor(self.attack, self.config, self.data.to(device), self.model_name, self.model_state, self.metrics,
-                        self.seeds)
+                        self.seeds, self.blind)
 
     # Saved as safetensors (tensors) plus JSON (everything else): loading never executes code.
     def save(self, directory: Path) -> None:

@@ -28,6 +28,10 @@ class MethodSpec:
     config_cls: type[Config]
     # Methods that split or score training samples hand over a "scores" table and report split metrics.
     splits_samples: bool = False
+    # Defenses only: whether the returned model is trained from scratch on the suspect training set (True) or
+    # repairs the suspect model (False); a function of the config where a setting decides. It says where a canary
+    # is planted (methods/defenses/canary.py): into the training set, or into the suspect model.
+    from_scratch: bool | Callable[[Config], bool] = False
 
     @property
     def module(self) -> str:
@@ -38,7 +42,17 @@ class MethodSpec:
     def run(self) -> Callable[..., Any]:
         if self.name not in RUNS:
             importlib.import_module(self.module)
-        return RUNS.get(self.name)
+        run = RUNS.get(self.name)
+        if self.kind != "defense":
+            return run
+        # Every defense is dispatched through here: its context hands out the suspect Backdoor with the blind
+        # signals' settings attached and the canary planted when the config asks for one.
+        from methods.defenses.canary import with_blind_signals
+
+        return with_blind_signals(run, self)
+
+    def trains_from_scratch(self, cfg: Config) -> bool:
+        return bool(self.from_scratch(cfg) if callable(self.from_scratch) else self.from_scratch)
 
     @property
     def doc(self) -> str:
@@ -51,10 +65,11 @@ class MethodSpec:
 
 
 def declare_method(
-    name: str, kind: Literal["attack", "defense"], splits_samples: bool = False
+    name: str, kind: Literal["attack", "defense"], splits_samples: bool = False,
+    from_scratch: bool | Callable[[Config], bool] = False,
 ) -> Callable[[type[Config]], type[Config]]:
     def decorator(config: type[Config]) -> type[Config]:
-        METHODS.add(name, MethodSpec(name, kind, config, splits_samples))
+        METHODS.add(name, MethodSpec(name, kind, config, splits_samples, from_scratch))
         return config
 
     return decorator

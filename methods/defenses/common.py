@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from methods.attacks.base import Backdoor, evaluate
+from methods.core.blind_signals import blind_signals
 from methods.core.context import RunContext
 from methods.core.metrics import POOL_NAMES, der, split_metrics
 from methods.core.training import unwrap
@@ -36,12 +37,15 @@ def clean_subset(backdoor: Backdoor, clean_ratio: float, clean_seed: int | None 
 
 
 def evaluate_with_der(model: nn.Module, backdoor: Backdoor, batch_size: int = 1024) -> dict[str, float]:
-    """val/test ACC, ASR, RA of `model`, plus DER against the backdoored model's own figures."""
+    """val/test ACC, ASR, RA of `model`, plus DER against the backdoored model's own figures, plus the blind
+    signals (adversarial concentration, and the canary's ASR when one is planted). Every report and the final
+    evaluation of every defense pass through here, so each reports the same blind signals."""
     metrics = evaluate(unwrap(model), backdoor.data, batch_size=batch_size)
     before = backdoor.metrics
     for split in ("val", "test"):
         metrics[f"{split}_der"] = der(before[f"{split}_acc"], before[f"{split}_asr"],
                                       metrics[f"{split}_acc"], metrics[f"{split}_asr"])
+    metrics.update(blind_signals(model, backdoor.data, backdoor.blind, batch_size))
     return metrics
 
 

@@ -12,6 +12,10 @@ from methods.core.config import Config, choice, listed, ranged
 from methods.core.knowledge import BLIND, KNOWLEDGE_LEVELS, ORACLE
 from methods.core.method import declare_method
 
+# The canary's trigger patterns (methods/defenses/canary.py): `cross` sits where no attack of this project puts
+# its trigger; `grid` is BadNets' own corner patch, which a run against BadNets refuses.
+CANARY_TRIGGERS = ("cross", "grid")
+
 
 @dataclass
 class DefenseConfig(Config):
@@ -23,6 +27,31 @@ class DefenseConfig(Config):
     # orchestrator sets it from the sweep's level; a rule left unset follows it, an oracle rule set under blind
     # is refused by validate().
     knowledge: str = choice(ORACLE, KNOWLEDGE_LEVELS, "what in-method choices may know: oracle or blind")
+    # The blind adversarial-concentration signal every defense reports (methods/core/blind_signals.py). It reads
+    # the weights only, so these settings change no other number a run reports.
+    blind_adv_eps: Optional[float] = ranged(None, 0.0, 1.0,
+                                            "PGD radius of val/test_adv_concentration (None: the dataset's)")
+    # 3 steps of radius / 2 on 128 images: on digits the separation of a backdoored from a clean model is the
+    # same as with 5 or 10 steps and 256 images (docs/methods.md#blind-signals), at a third of the cost
+    blind_adv_steps: int = ranged(3, 1, 1000, "PGD iterations of the adversarial concentration")
+    blind_adv_step_size: Optional[float] = ranged(None, 0.0, 1.0, "its PGD step (None: radius / 2)")
+    blind_adv_images: int = ranged(128, 1, 1_000_000, "clean images attacked per split (a fixed subsample)")
+    blind_adv_seed: int = ranged(0, 0, None, "seed of that subsample and of the PGD random start")
+    # The canary (methods/defenses/canary.py): the defender's own backdoor, planted before the defense, whose
+    # ASR after it (val/test_canary_asr) is a blind sign of how well the defense removes a backdoor. Opt-in: it
+    # changes what the defense starts from. A defense that trains from scratch gets canary_rate of the training
+    # set stamped and relabelled; one that repairs the suspect model gets that model fine-tuned first on its
+    # clean extra set with canary_rate of it stamped.
+    canary_rate: float = ranged(0.0, 0.0, 1.0, "fraction of the images trained on that carry the canary (0: off)")
+    canary_target: Optional[int] = ranged(None, 0, None, "the canary's class (None: the attack's target + 1)")
+    canary_trigger: str = choice("cross", CANARY_TRIGGERS, "the canary's trigger pattern")
+    # The planting fine-tune is gentle: on digits (rate 0.1 of 10% clean images) 20 epochs at lr 0.003 plant the
+    # canary (val canary ASR 1.0) and keep the suspect model (val ACC 0.98, ASR 0.98); lr 0.01 already plays FT's
+    # part and removes much of the attacker's backdoor before the defense begins.
+    canary_epochs: int = ranged(20, 1, 10_000, "repairing defenses: epochs of the fine-tuning that plants it")
+    canary_lr: float = ranged(0.003, 0.0, 10.0, "repairing defenses: lr of that fine-tuning")
+    canary_clean_ratio: float = ranged(0.1, 1e-4, 1.0,
+                                       "repairing defenses: clean training images that fine-tuning uses")
 
     def refuse_oracle_rule(self, field: str, oracle_rules: tuple[str, ...]) -> None:
         """An explicitly chosen rule that reads oracle metrics contradicts knowledge blind."""
@@ -258,7 +287,8 @@ FCT_TRANSFORMS = ("rotate_affine", "rotate", "affine", "flip", "crop", "blur", "
 FCT_MODELS = ("short", "backdoored")
 
 
-@declare_method("sd", kind="defense", splits_samples=True)
+# SD's returned model is the short model trained from scratch, or with fct_model backdoored the suspect one.
+@declare_method("sd", kind="defense", splits_samples=True, from_scratch=lambda cfg: cfg.fct_model == "short")
 @dataclass
 class SDConfig(DefenseConfig):
     fct_model: str = choice("short", FCT_MODELS,
@@ -332,7 +362,7 @@ class DBRConfig(SDConfig):
         self.refuse_oracle_rule("br_select", ("asr_within_acc_margin",))
 
 
-@declare_method("dst", kind="defense", splits_samples=True)
+@declare_method("dst", kind="defense", splits_samples=True, from_scratch=True)
 @dataclass
 class DSTConfig(SDConfig):
     st_epochs: int = ranged(200, 1, 100_000, "SupCon epochs")
@@ -357,7 +387,7 @@ class DSTConfig(SDConfig):
 META_LAYERS = ("late", "classifier")
 
 
-@declare_method("asd", kind="defense", splits_samples=True)
+@declare_method("asd", kind="defense", splits_samples=True, from_scratch=True)
 @dataclass
 class ASDConfig(DefenseConfig):
     epochs: int = ranged(120, 1, 100_000, "total MixMatch epochs (stage boundaries scale with it)")

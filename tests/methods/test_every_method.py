@@ -85,6 +85,8 @@ def test_every_method_trains_on_the_fast_and_the_plain_path(name, path, tiny_bac
     # a blind sweep may select only on what methods.core.knowledge calls blind: every name must be stated there
     unclassified = sorted({k for _, m in ctx.reports for k in m if not classified(k)})
     assert not unclassified, f"{name} reports metrics methods/core/knowledge.py does not classify: {unclassified}"
+    if spec.kind == "defense":  # the blind signal every defense reports (methods/core/blind_signals.py)
+        assert all(0.0 <= m["val_adv_concentration"] <= 1.0 for _, m in ctx.reports), name
     wrapped = ctx.__dict__.get("wrapped", [])
     assert wrapped, f"{name} never trains through ctx.wrap_model, so no fast switch reaches it"
     if path == "fast":
