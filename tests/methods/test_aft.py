@@ -1,4 +1,5 @@
-"""AFT: removes BadNets and Blend backdoors on digits with 5% clean data; its pieces; resume; bad configs."""
+"""AFT: removes BadNets and Blend backdoors on digits with its preset's clean data (10%); its pieces; resume; bad
+configs."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,9 +26,9 @@ def run_aft(backdoor, stop_after_step=None, checkpoint=None, **overrides):
 
 
 @pytest.mark.slow
-def test_aft_with_five_percent_clean_data_removes_the_backdoor(digits_backdoor):
+def test_aft_with_its_digits_preset_removes_the_backdoor(digits_backdoor):
     before = digits_backdoor.metrics
-    ctx, result = run_aft(digits_backdoor, clean_ratio=0.05)
+    ctx, result = run_aft(digits_backdoor)
     after = result.metrics
     print(f"\naft {digits_backdoor.attack}: test ACC {before['test_acc']:.3f} -> {after['test_acc']:.3f}, "
           f"ASR {before['test_asr']:.3f} -> {after['test_asr']:.3f} (val ACC {after['val_acc']:.3f}, "
