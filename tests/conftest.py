@@ -33,7 +33,15 @@ def pytest_configure(config):
     os.environ["BDO_DEVICE"] = config.getoption("--device")
 
 
+SLOW_TIMEOUT = 900  # seconds; pyproject's default (300) is for the rest
+
+
 def pytest_collection_modifyitems(config, items):
+    # A slow test (efficacy training, a sweep) may take minutes on a loaded 2-core runner: it gets a longer timeout
+    # than the default unless it names its own, so only a hung test times out.
+    for item in items:
+        if "slow" in item.keywords and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))
     wanted = config.getoption("--device")
     if wanted.startswith("cuda") and not torch.cuda.is_available():
         skip = pytest.mark.skip(reason=f"--device {wanted}: no CUDA device is visible here")

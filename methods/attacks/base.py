@@ -1,5 +1,6 @@
 """What every poisoning attack shares: its config, index selection and label rules, the poisoned dataset, the
-backdoored-model artifact that defenses consume, evaluation (ACC / ASR / RA), and the standard training recipe.
+backdoored-model artifact that defenses consume, evaluation (ACC / ASR / RA), and the standard training recipe
+(run by methods.core.engine).
 
 Poisoning happens at the dataset level, before augmentation (docs/methods.md#conventions); validation and test
 images are kept clean and get the trigger only at evaluation time.
@@ -18,16 +19,9 @@ from methods.attacks.configs import AttackConfig
 from methods.attacks.triggers import Trigger, trigger_from_state
 from methods.core.blind_signals import BlindSignals
 from methods.core.context import RunContext
+from methods.core.engine import Engine, Stage
 from methods.core.metrics import accuracy
-from methods.core.training import (
-    full_state,
-    make_generator,
-    predict_logits,
-    restore_full_state,
-    sgd,
-    train_epoch,
-    unwrap,
-)
+from methods.core.training import make_generator, predict_logits, sgd, train_epoch, unwrap
 from methods.data.augment import standard_augment
 from methods.data.base import Splits, load_splits
 from methods.data.configs import DatasetInfo
@@ -242,34 +236,35 @@ def train_classifier(
     report: bool = True,
     constants: Optional[dict[str, float]] = None,
 ) -> dict[str, float]:
-    """The standard recipe (SGD with momentum, cosine schedule) on the poisoned set; checkpoints every epoch
-    and resumes from the context's last checkpoint. Reports val/test ACC, ASR, RA and implant each epoch, plus
-    `constants` (facts fixed before training, such as the poison count) so every step and the final metrics
-    carry them and a sweep's table shows them next to ASR."""
-    device = ctx.device
+    """The standard recipe (SGD with momentum, cosine schedule) on the poisoned set, one epoch a step. Reports
+    val/test ACC, ASR, RA and implant each epoch, plus `constants` (facts fixed before training, such as the poison
+    count) so every step and the final metrics carry them and a sweep's table shows them next to ASR. With
+    `report=False` (a helper model trained inside an attack, before the run's own training) it neither reports nor
+    checkpoints, and returns its final metrics."""
     optimizer = sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-    g = make_generator(train_seed, device)
-    models, opts, scheds, gens = {"model": model}, {"opt": optimizer}, {"sched": scheduler}, {"train": g}
-    start = 0
-    state = ctx.load_state() if report else None
-    if state is not None:
-        start = restore_full_state(state, models, opts, scheds, gens)
+    g = make_generator(train_seed, ctx.device)
     wrapped = ctx.wrap_model(model)
     aug = (lambda xb: augment(xb, data.info, g)) if (augment is not None and cfg.augment) else None
-    metrics: dict[str, float] = {}
-    for epoch in range(start + 1, cfg.epochs + 1):
+
+    def run_epoch(epoch: int) -> dict[str, Any]:
         loss = train_epoch(wrapped, optimizer, data.x_train, data.y_train, cfg.batch_size, g, aug,
                            rank=ctx.rank, world_size=ctx.world_size)
         scheduler.step()
-        if report:
-            metrics = {**with_implant(evaluate(unwrap(model), data, batch_size=cfg.eval_batch_size)),
-                       "train_loss": loss.item(), **(constants or {})}
-            ctx.report(metrics, step=epoch)
-            ctx.save_state(full_state(epoch, models, opts, scheds, gens))
+        return {"train_loss": loss, **(constants or {})}
+
+    def evaluated() -> dict[str, float]:
+        return with_implant(evaluate(unwrap(model), data, batch_size=cfg.eval_batch_size))
+
     if not report:
-        metrics = {**with_implant(evaluate(model, data, batch_size=cfg.eval_batch_size)), **(constants or {})}
-    return metrics
+        for epoch in range(cfg.epochs):
+            run_epoch(epoch)
+        return {**evaluated(), **(constants or {})}
+    engine = Engine(ctx)
+    engine.track({"model": model}, {"opt": optimizer}, {"sched": scheduler}, {"train": g})
+    metrics = engine.run([Stage("train", cfg.epochs, run_epoch, evaluated)])[1]
+    # a run resumed after its last epoch trains and reports nothing; its metrics are those of the restored model
+    return metrics or {**evaluated(), **(constants or {})}
 
 
 def run_attack(

@@ -1,7 +1,8 @@
 """The run context: the only way a method talks to the world.
 
 A method's `run(ctx, cfg)` trains on `ctx.device`, reports metrics with `ctx.report`, checkpoints with
-`ctx.save_state` / `ctx.load_state`, and hands per-sample arrays and per-epoch series over with `ctx.hand_off`
+`ctx.save_state` / `ctx.load_state` (both through methods.core.engine, which owns the step numbering and the
+resume), and hands per-sample arrays and per-epoch series over with `ctx.hand_off`
 / `ctx.hand_off_series`. Defenses get their backdoored model and poisoned data from `ctx.backdoor()`.
 The orchestrator implements this on Ray Tune/Train and MLflow; `LocalContext` implements it in memory for
 tests and for plain scripts. Nothing here imports ray or mlflow.

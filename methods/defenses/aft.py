@@ -26,21 +26,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from methods.core.context import RunContext
+from methods.core.engine import Engine, Stage
 from methods.core.method import register_method
 from methods.core.pgd import pgd_untargeted
-from methods.core.training import (
-    derive_seed,
-    full_state,
-    make_generator,
-    minibatches,
-    restore_full_state,
-    sgd,
-    to_float,
-    unwrap,
-)
+from methods.core.training import derive_seed, make_generator, minibatches, sgd, to_float, unwrap
 from methods.data.augment import backdoor_pipeline_augment
 from methods.data.configs import DatasetInfo
-from methods.defenses.common import DefenseResult, clean_subset, final_result, report_eval
+from methods.defenses.common import DefenseResult, clean_subset, evaluation, final_result
 from methods.defenses.configs import AdversarialFinetuneConfig, AFTConfig
 
 
@@ -99,20 +91,16 @@ def run(ctx: RunContext, cfg: AFTConfig) -> DefenseResult:
     optimizer = sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
     g_train = make_generator(derive_seed(cfg.seed, "train"), ctx.device)
     g_pgd = make_generator(derive_seed(cfg.seed, "pgd"), ctx.device)
-    models, opts, gens = {"model": model}, {"opt": optimizer}, {"train": g_train, "pgd": g_pgd}
-    start = 0
-    state = ctx.load_state()
-    if state is not None:
-        start = restore_full_state(state, models, opts, {}, gens)
+    engine = Engine(ctx)
+    engine.track({"model": model}, {"opt": optimizer}, generators={"train": g_train, "pgd": g_pgd})
     wrapped = ctx.wrap_model(model)
     adv_epochs = cfg.epochs if cfg.adv_epochs is None else cfg.adv_epochs
 
-    last: tuple[int, dict[str, float]] = (start, {})
-    for epoch in range(start + 1, cfg.epochs + 1):
-        adversarial = epoch <= adv_epochs
+    def run_epoch(epoch: int) -> dict[str, torch.Tensor | float]:
+        adversarial = epoch < adv_epochs
         loss = adversarial_finetune_epoch(wrapped, optimizer, x_clean, y_clean, cfg, data.info, g_train, g_pgd,
                                           None if adversarial else 0, ctx.rank, ctx.world_size)
-        last = (epoch, report_eval(ctx, model, backdoor, epoch,
-                                   {"train_loss": loss.item(), "adversarial": float(adversarial)}, cfg.eval_batch_size))
-        ctx.save_state(full_state(epoch, models, opts, {}, gens))
+        return {"train_loss": loss, "adversarial": float(adversarial)}
+
+    last = engine.run([Stage("finetune", cfg.epochs, run_epoch, evaluation(model, backdoor, cfg.eval_batch_size))])
     return final_result(ctx, model, backdoor, last, batch_size=cfg.eval_batch_size)

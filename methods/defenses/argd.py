@@ -29,13 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from methods.core.context import RunContext
+from methods.core.engine import Engine
 from methods.core.method import register_method
 from methods.core.training import derive_seed, make_generator, sgd
+from methods.defenses._distill import distill_stage, teacher_stage
 from methods.defenses.attention import TransferHeads, edge_loss, weighted_at_loss
 from methods.defenses.common import clean_subset, final_result
 from methods.defenses.configs import ARGDConfig
-from methods.defenses.ft import run_stages
-from methods.defenses.nad import distill_stage, teacher_stage
 from methods.models.base import build_model
 
 
@@ -58,7 +58,7 @@ def run(ctx: RunContext, cfg: ARGDConfig):
     else:
         teacher = seeded_module(derive_seed(cfg.seed, "teacher_init"), lambda: build_model("wrn40_2", data.info))
         teacher = teacher.to(ctx.device)
-    first, teacher_opt, g_teacher = teacher_stage(ctx, cfg, teacher, x, y, data.info, cfg.teacher_lr_at)
+    first, teacher_opt, g_teacher = teacher_stage(ctx, cfg, backdoor, teacher, x, y, cfg.teacher_lr_at)
 
     heads = seeded_module(derive_seed(cfg.seed, "heads"), lambda: TransferHeads(3, 3, cfg.qk_dim)).to(ctx.device)
     params = list(student.parameters())
@@ -75,8 +75,8 @@ def run(ctx: RunContext, cfg: ARGDConfig):
                 "loss_edge": cfg.w_edge * edge_loss(student_maps, teacher_maps),
                 "loss_trans": cfg.w_trans * transfer}
 
-    stage = distill_stage(ctx, cfg, student, teacher, optimizer, x, y, data.info, g, loss_terms, head=heads)
-    last = run_stages(ctx, backdoor, [first, stage], {"teacher": teacher, "student": student, "heads": heads},
-                      {"teacher": teacher_opt, "student": optimizer}, {"teacher": g_teacher, "train": g},
-                      cfg.eval_batch_size)
-    return final_result(ctx, student, backdoor, last, batch_size=cfg.eval_batch_size)
+    stage = distill_stage(ctx, cfg, backdoor, student, teacher, optimizer, x, y, g, loss_terms, head=heads)
+    engine = Engine(ctx)
+    engine.track({"teacher": teacher, "student": student, "heads": heads},
+                  {"teacher": teacher_opt, "student": optimizer}, generators={"teacher": g_teacher, "train": g})
+    return final_result(ctx, student, backdoor, engine.run([first, stage]), batch_size=cfg.eval_batch_size)

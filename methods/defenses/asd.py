@@ -40,12 +40,13 @@ import torch.nn.functional as F
 
 from methods.attacks.base import Backdoor
 from methods.core.context import RunContext
+from methods.core.engine import Engine, Stage
 from methods.core.method import register_method
 from methods.core.metrics import POOL_CLEAN, POOL_POISON, split_metrics
-from methods.core.training import derive_seed, full_state, make_generator, restore_full_state, to_float, train_epoch
+from methods.core.training import derive_seed, make_generator, to_float, train_epoch
 from methods.data.augment import standard_augment
 from methods.data.configs import DatasetInfo
-from methods.defenses.common import final_result, hand_off_scores, report_eval
+from methods.defenses.common import evaluation, final_result, hand_off_scores
 from methods.defenses.configs import ASDConfig
 from methods.defenses.mixmatch import (
     interleave,
@@ -206,37 +207,29 @@ def run(ctx: RunContext, cfg: ASDConfig):
     seeds = clean_seed_indices(backdoor, cfg.seed_num,
                                backdoor.seeds["clean_seed"] if cfg.clean_seed is None else cfg.clean_seed)
 
-    series: dict[str, list[float]] = {"epoch": [], "clean_pool_size": [], "clean_pool_poisoned": [], "stage": []}
-    pools = scores = None
-    start = 0
-    state = ctx.load_state()
-    if state is not None:
-        start = restore_full_state(state, {"model": model}, {"opt": optimizer}, {}, gens)
-        series = {k: list(v) for k, v in state["extra"]["series"].items()}
-        pools, scores = state["extra"]["pools"].to(ctx.device), state["extra"]["scores"].to(ctx.device)
+    engine = Engine(ctx)
+    engine.track({"model": model}, {"opt": optimizer}, generators=gens)
+    # the last split: what the final model was trained with, handed over as the run's scores
+    kept = engine.keep(series={"epoch": [], "clean_pool_size": [], "clean_pool_poisoned": [], "stage": []},
+                       pools=None, scores=None)
     wrapped = ctx.wrap_model(model)
 
-    last: tuple[int, dict[str, float]] = (start, {})
-    for epoch in range(start, cfg.epochs):
+    def run_epoch(epoch: int) -> dict[str, torch.Tensor | float]:
         stage = stage_of(epoch, cfg)
         loss = record_split_loss(model, x, y, cfg, info, gens["record"])
         if stage == 1:
             per_class = cfg.class_increment * (epoch // cfg.class_period)
-            clean, scores = class_aware_pool(loss, y, seeds, per_class, info.num_classes), loss
+            clean, kept.scores = class_aware_pool(loss, y, seeds, per_class, info.num_classes), loss
         elif stage == 2:
-            clean, scores = lowest_fraction_pool(loss, cfg.epsilon), loss
+            clean, kept.scores = lowest_fraction_pool(loss, cfg.epsilon), loss
         else:
-            scores = meta_loss_drop(model, x, y, loss, cfg, info, gens["meta"], gens["record"])
-            clean = lowest_fraction_pool(scores, cfg.epsilon)
-        pools = torch.where(clean, POOL_CLEAN, POOL_POISON)
+            kept.scores = meta_loss_drop(model, x, y, loss, cfg, info, gens["meta"], gens["record"])
+            clean = lowest_fraction_pool(kept.scores, cfg.epsilon)
+        kept.pools = torch.where(clean, POOL_CLEAN, POOL_POISON)
         clean_idx, polluted_idx = torch.nonzero(clean).flatten(), torch.nonzero(~clean).flatten()
         losses = mixmatch_epoch(wrapped, optimizer, x, y, clean_idx, polluted_idx, epoch, cfg, info,
                                 gens["train"], ctx.rank, ctx.world_size)
-
-        split = split_metrics(pools, flags, scores)
-        last = (epoch + 1, report_eval(ctx, model, backdoor, epoch + 1,
-                                       {**split, **{k: v.item() for k, v in losses.items()}, "asd_stage": float(stage)},
-                                       batch_size=cfg.eval_batch_size))
+        series = kept.series
         series["epoch"].append(epoch + 1)
         series["clean_pool_size"].append(int(clean_idx.numel()))
         series["clean_pool_poisoned"].append(int(flags[clean_idx].sum().item()))
@@ -244,9 +237,9 @@ def run(ctx: RunContext, cfg: ASDConfig):
         ctx.hand_off_series("asd_pools", series)
         ctx.progress(f"asd epoch {epoch + 1}/{cfg.epochs} stage {stage}: clean pool {len(clean_idx)} "
                      f"({series['clean_pool_poisoned'][-1]} poisoned)")
-        extra = {"series": series, "pools": pools.cpu(), "scores": scores.detach().cpu()}
-        ctx.save_state(full_state(epoch + 1, {"model": model}, {"opt": optimizer}, {}, gens, extra=extra))
+        return {**split_metrics(kept.pools, flags, kept.scores), **losses, "asd_stage": float(stage)}
 
-    ctx.hand_off_series("asd_pools", series)
-    final_split = hand_off_scores(ctx, backdoor, scores, pools)
+    last = engine.run([Stage("mixmatch", cfg.epochs, run_epoch, evaluation(model, backdoor, cfg.eval_batch_size))])
+    ctx.hand_off_series("asd_pools", kept.series)
+    final_split = hand_off_scores(ctx, backdoor, kept.scores, kept.pools)
     return final_result(ctx, model, backdoor, last, final_split, batch_size=cfg.eval_batch_size)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -49,11 +50,9 @@ def evaluate_with_der(model: nn.Module, backdoor: Backdoor, batch_size: int = 10
     return metrics
 
 
-def report_eval(ctx: RunContext, model: nn.Module, backdoor: Backdoor, step: int,
-                extra: dict[str, float] | None = None, batch_size: int = 1024) -> dict[str, float]:
-    metrics = {**evaluate_with_der(model, backdoor, batch_size), **(extra or {})}
-    ctx.report(metrics, step=step)
-    return metrics
+def evaluation(model: nn.Module, backdoor: Backdoor, batch_size: int = 1024) -> Callable[[], dict[str, float]]:
+    """An engine stage's `evaluate`: `model` evaluated with DER after every step."""
+    return lambda: evaluate_with_der(model, backdoor, batch_size)
 
 
 def _same(a: float, b: float) -> bool:

@@ -11,6 +11,7 @@ from typing import Optional
 from methods.core.config import Config, choice, listed, ranged
 from methods.core.knowledge import BLIND, KNOWLEDGE_LEVELS, ORACLE
 from methods.core.method import declare_method
+from methods.core.schedules import scaled_steps, stepped_lr
 
 # The canary's trigger patterns (methods/defenses/canary.py): `cross` sits where no attack of this project puts
 # its trigger; `grid` is BadNets' own corner patch, which a run against BadNets refuses.
@@ -108,8 +109,6 @@ class DistillConfig(DefenseConfig):
             raise ValueError("nesterov: needs momentum > 0")
 
     def student_lr(self, epoch: int) -> float:
-        from methods.defenses.ft import scaled_steps, stepped_lr
-
         steps = scaled_steps(self.lr_step_epochs, self.REFERENCE_EPOCHS, self.epochs)
         return stepped_lr(self.lr, self.lr_steps, steps, epoch)
 
@@ -157,8 +156,6 @@ class ARGDConfig(DistillConfig):
     def teacher_lr_at(self, epoch: int) -> float:
         if self.teacher_mode == "finetune_student":
             return 0.01 if self.teacher_lr is None else self.teacher_lr
-        from methods.defenses.ft import scaled_steps, stepped_lr
-
         lr = 0.1 if self.teacher_lr is None else self.teacher_lr
         steps = scaled_steps(SCRATCH_STEP_EPOCHS, SCRATCH_REFERENCE_EPOCHS, self.teacher_epochs)
         return stepped_lr(lr, SCRATCH_STEPS, steps, epoch)

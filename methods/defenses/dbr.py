@@ -26,13 +26,15 @@ import torch
 import torch.nn.functional as F
 
 from methods.core.context import RunContext
+from methods.core.engine import Engine, Stage
 from methods.core.method import register_method
 from methods.core.metrics import POOL_CLEAN, POOL_POISON
-from methods.core.training import derive_seed, full_state, make_generator, restore_full_state, sgd, train_epoch
+from methods.core.schedules import set_lr
+from methods.core.training import derive_seed, make_generator, sgd, train_epoch
 from methods.data.augment import standard_augment
 from methods.defenses.common import evaluate_with_der, final_result
 from methods.defenses.configs import DBRConfig
-from methods.defenses.sd import pool_indices, run_sd
+from methods.defenses.sd import pool_indices, sd_stages
 
 
 def _ascent(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -72,53 +74,54 @@ def chosen(candidates: list[dict[str, Any]]) -> dict[str, Any]:
 def run(ctx: RunContext, cfg: DBRConfig):
     backdoor = ctx.backdoor().to(ctx.device)
     data = backdoor.data
-    state = ctx.load_state()
-    sd = run_sd(ctx, cfg, backdoor, state)
+    engine = Engine(ctx)
+    sd_run, _ = sd_stages(ctx, cfg, backdoor, engine)
 
     model = backdoor.build_model(ctx.device)
     optimizer = sgd(model.parameters(), cfg.br_lr, cfg.momentum, cfg.weight_decay)
     g = make_generator(derive_seed(cfg.seed, "br"), ctx.device)
-    models, opts, gens = {"br": model}, {"br": optimizer}, {"br": g}
-    candidates: list[dict[str, Any]] = []
-    best_acc = float("-inf")
-    done = 0
-    last: tuple[int, dict[str, float]] = (sd.step, sd.metrics)
-    if state is not None and state["extra"].get("stage") == "br":
-        done = restore_full_state(state, models, opts, {}, gens) - sd.step
-        candidates, best_acc = state["extra"]["candidates"], state["extra"]["best_acc"]
-        last = (sd.step + done, state["extra"]["last_report"])
+    engine.track({"br": model}, {"br": optimizer}, generators={"br": g})
+    carried = engine.keep(candidates=[], best_acc=float("-inf"))
+    pools: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    newest: dict[str, Any] = {}  # this round's candidate entry, completed once the round is reported
 
-    clean, poison = pool_indices(sd.pools, POOL_CLEAN), pool_indices(sd.pools, POOL_POISON)
-    x_clean, y_clean = data.x_train[clean], data.y_train[clean]
-    x_poison, y_poison = data.x_train[poison], data.y_train[poison]
+    def split_pools() -> None:
+        for name, code in (("clean", POOL_CLEAN), ("poison", POOL_POISON)):
+            idx = pool_indices(carried.pools, code)
+            pools[name] = data.x_train[idx], data.y_train[idx]
+
     augment = lambda xb: standard_augment(xb, data.info, g)  # noqa: E731
     wrapped = ctx.wrap_model(model)
     rule = cfg.selection_rule()
-    for rnd in range(done + 1, cfg.br_rounds + 1):
-        optimizer.param_groups[0]["lr"] = cfg.br_lr * cfg.br_unlearn_lr_scale
-        unlearn = train_epoch(wrapped, optimizer, x_poison, y_poison, cfg.br_batch_size, g, augment, _ascent,
-                              rank=ctx.rank, world_size=ctx.world_size)
-        optimizer.param_groups[0]["lr"] = cfg.br_lr
-        for _ in range(cfg.br_relearn_epochs):
-            relearn = train_epoch(wrapped, optimizer, x_clean, y_clean, cfg.br_batch_size, g, augment,
-                                  rank=ctx.rank, world_size=ctx.world_size)
-        step = sd.step + rnd
-        metrics = evaluate_with_der(model, backdoor, cfg.eval_batch_size)
-        best_acc = max(best_acc, metrics["val_acc"])
-        # the candidate holds this round's report (completed below), which the final report repeats if it is kept
-        entry = {"round": rnd, "acc": metrics["val_acc"], "asr": metrics["val_asr"], "report": metrics}
-        candidates = update_candidates(candidates, entry, cfg.br_acc_margin, rule)
-        metrics.update({**sd.split, "br_round": float(rnd), "br_unlearn_loss": -unlearn.item(),
-                        "br_relearn_loss": relearn.item(), "br_kept_round": float(chosen(candidates)["round"]),
-                        "br_acc_floor": best_acc - cfg.br_acc_margin})
-        ctx.report(metrics, step=step)
-        # copied after the report, which is where a multi-worker context averages the BatchNorm statistics
-        entry["weights"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        last = (step, metrics)
-        ctx.save_state(full_state(step, models, opts, {}, gens, extra={
-            "stage": "br", "candidates": candidates, "best_acc": best_acc, "last_report": metrics, **sd.extra()}))
 
-    kept = chosen(candidates)
+    def br_round(i: int) -> dict[str, float]:
+        rnd = i + 1
+        set_lr(optimizer, cfg.br_lr * cfg.br_unlearn_lr_scale)
+        unlearn = train_epoch(wrapped, optimizer, *pools["poison"], cfg.br_batch_size, g, augment, _ascent,
+                              rank=ctx.rank, world_size=ctx.world_size)
+        set_lr(optimizer, cfg.br_lr)
+        for _ in range(cfg.br_relearn_epochs):
+            relearn = train_epoch(wrapped, optimizer, *pools["clean"], cfg.br_batch_size, g, augment,
+                                  rank=ctx.rank, world_size=ctx.world_size)
+        metrics = evaluate_with_der(model, backdoor, cfg.eval_batch_size)
+        carried.best_acc = max(carried.best_acc, metrics["val_acc"])
+        # the candidate holds this round's report (completed below), which the final report repeats if it is kept
+        entry = {"round": rnd, "step": engine.step, "acc": metrics["val_acc"], "asr": metrics["val_asr"],
+                 "report": metrics}
+        carried.candidates = update_candidates(carried.candidates, entry, cfg.br_acc_margin, rule)
+        metrics.update({**carried.split, "br_round": float(rnd), "br_unlearn_loss": -unlearn.item(),
+                        "br_relearn_loss": relearn.item(), "br_kept_round": float(chosen(carried.candidates)["round"]),
+                        "br_acc_floor": carried.best_acc - cfg.br_acc_margin})
+        newest["entry"] = entry
+        return metrics
+
+    def keep_weights() -> None:
+        # copied after the report, which is where a multi-worker context averages the BatchNorm statistics
+        newest["entry"]["weights"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+    last = engine.run([*sd_run, Stage("br", cfg.br_rounds, br_round, begin=split_pools, after_report=keep_weights)])
+    best_acc = carried.best_acc
+    kept = chosen(carried.candidates)
     model.load_state_dict(kept["weights"])
     ctx.progress(f"dbr: kept round {kept['round']} of {cfg.br_rounds} ({rule}): val ACC {kept['acc']:.4f}, "
                  f"val ASR {kept['asr']:.4f}" + ("" if rule != "asr_within_acc_margin" else
@@ -126,4 +129,4 @@ def run(ctx: RunContext, cfg: DBRConfig):
                  f"(best {best_acc:.4f} - margin {cfg.br_acc_margin})"))
     return final_result(ctx, model, backdoor, last, {**kept["report"], "br_kept_round": float(kept["round"]),
                                                      "br_acc_floor": best_acc - cfg.br_acc_margin},
-                        kept_step=sd.step + kept["round"], batch_size=cfg.eval_batch_size)
+                        kept_step=kept["step"], batch_size=cfg.eval_batch_size)

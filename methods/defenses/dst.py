@@ -24,6 +24,7 @@ Deviations from the official code:
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -31,21 +32,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from methods.core.context import RunContext
+from methods.core.engine import Engine, Stage
 from methods.core.method import register_method
 from methods.core.metrics import POOL_CLEAN, POOL_POISON
-from methods.core.training import (
-    derive_seed,
-    full_state,
-    make_generator,
-    minibatches,
-    predict_features,
-    restore_full_state,
-    to_float,
-)
+from methods.core.schedules import set_lr
+from methods.core.training import derive_seed, make_generator, minibatches, predict_features, to_float
 from methods.data.augment import strong_augment
-from methods.defenses.common import final_result, report_eval
+from methods.defenses.common import evaluate_with_der, final_result
 from methods.defenses.configs import DSTConfig
-from methods.defenses.sd import pool_indices, run_sd
+from methods.defenses.sd import pool_indices, sd_stages
 from methods.models.base import BackdoorModel, build_model
 
 
@@ -141,93 +136,87 @@ def _fresh_head(head: nn.Linear, g: torch.Generator) -> None:
 def run(ctx: RunContext, cfg: DSTConfig):
     backdoor = ctx.backdoor().to(ctx.device)
     data, device = backdoor.data, ctx.device
-    state = ctx.load_state()
-    sd = run_sd(ctx, cfg, backdoor, state)
-    stage = state["extra"].get("stage") if state is not None else None
-
-    torch.manual_seed(derive_seed(cfg.seed, "st_init"))
-    model = build_model(backdoor.model_name, data.info).to(device)
-    width = model.feature_dim
-    projector = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True),
-                              nn.Linear(width, cfg.st_proj_dim)).to(device)
-    g = make_generator(derive_seed(cfg.seed, "st"), device)
-    clean_pool = pool_indices(sd.pools, POOL_CLEAN)
-    x_clean, y_clean = data.x_train[clean_pool], data.y_train[clean_pool]
-    is_clean = sd.pools == POOL_CLEAN
+    engine = Engine(ctx)
+    sd_run, _ = sd_stages(ctx, cfg, backdoor, engine)
+    kept = engine.kept  # SD's pools and split metrics
     n = len(data.y_train)
-    augment = lambda xb: strong_augment(xb, data.info, g)  # noqa: E731
+    st = SimpleNamespace()  # what the two stages build when they begin
 
-    # Stage 1: SupCon. The classifier is not part of it (frozen, so DDP does not wait on its gradient).
-    model.classifier.requires_grad_(False)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad] + list(projector.parameters()),
-                                lr=cfg.st_lr, momentum=cfg.momentum, weight_decay=cfg.st_weight_decay)
-    models1, opts1, gens = {"st": model, "proj": projector}, {"st": optimizer}, {"st": g}
-    done = 0
-    if stage == "st_supcon":
-        done = restore_full_state(state, models1, opts1, {}, gens) - sd.step
-    if stage != "st_cls" and done < cfg.st_epochs:
-        net = ctx.wrap_model(SupConNet(model, projector))
-        n_batches = math.ceil(n / cfg.st_batch_size)
-        for epoch in range(done + 1, cfg.st_epochs + 1):
-            net.train()
-            total = torch.zeros((), device=device)
-            for batch, idx in enumerate(minibatches(n, cfg.st_batch_size, g, device, rank=ctx.rank,
-                                                    world_size=ctx.world_size)):
-                optimizer.param_groups[0]["lr"] = supcon_lr(cfg, epoch, batch, n_batches)
-                x = to_float(data.x_train[idx])
-                z = net(torch.cat([augment(x), augment(x)]))
-                loss = supcon_loss(z[: len(idx)], z[len(idx) :], data.y_train[idx], is_clean[idx],
-                                   cfg.st_supcon_temperature, cfg.st_base_temperature,
-                                   cfg.st_positive_pool == "clean")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += loss.detach()
-            _nearest_mean_probe(model, x_clean, y_clean, cfg.eval_batch_size)
-            step = sd.step + epoch
-            report_eval(ctx, model, backdoor, step, {**sd.split, "st_supcon_loss": (total / n_batches).item()},
-                        cfg.eval_batch_size)
-            ctx.save_state(full_state(step, models1, opts1, {}, gens, extra={"stage": "st_supcon", **sd.extra()}))
+    def begin_supcon() -> None:
+        torch.manual_seed(derive_seed(cfg.seed, "st_init"))
+        st.model = model = build_model(backdoor.model_name, data.info).to(device)
+        width = model.feature_dim
+        st.projector = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True),
+                                     nn.Linear(width, cfg.st_proj_dim)).to(device)
+        st.g = make_generator(derive_seed(cfg.seed, "st"), device)
+        clean_pool = pool_indices(kept.pools, POOL_CLEAN)
+        st.x_clean, st.y_clean = data.x_train[clean_pool], data.y_train[clean_pool]
+        st.is_clean = kept.pools == POOL_CLEAN
+        st.augment = lambda xb: strong_augment(xb, data.info, st.g)
+        # The classifier is not part of SupCon (frozen, so DDP does not wait on its gradient).
+        model.classifier.requires_grad_(False)
+        st.optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad]
+                                       + list(st.projector.parameters()),
+                                       lr=cfg.st_lr, momentum=cfg.momentum, weight_decay=cfg.st_weight_decay)
+        engine.track({"st": model, "proj": st.projector}, {"st": st.optimizer}, generators={"st": st.g})
+        st.net = ctx.wrap_model(SupConNet(model, st.projector))
 
-    # Stage 2: a fresh linear head on the frozen encoder, mixed CE over the clean and poisoned pools.
-    model.requires_grad_(False)
-    head = model.classifier
-    head.requires_grad_(True)
-    _fresh_head(head, make_generator(derive_seed(cfg.seed, "st_head"), device))
-    head_opt = torch.optim.SGD(head.parameters(), lr=cfg.st_cls_lr, momentum=cfg.momentum,
-                               weight_decay=cfg.st_cls_weight_decay)
-    head_sched = torch.optim.lr_scheduler.MultiStepLR(head_opt, milestones=[60, 75, 90], gamma=0.2)
-    models2, opts2, scheds2 = {"st": model}, {"cls": head_opt}, {"cls": head_sched}
-    done = 0
-    if stage == "st_cls":
-        done = restore_full_state(state, models2, opts2, scheds2, gens) - sd.step - cfg.st_epochs
-    train_idx = pool_indices(sd.pools, POOL_CLEAN, POOL_POISON)
-    x_train, y_train = data.x_train[train_idx], data.y_train[train_idx]
-    poisoned = sd.pools[train_idx] == POOL_POISON
-    wrapped_head = ctx.wrap_model(head)
-    # a run resumed after its last epoch has reported that epoch already; its checkpoint carries the report
-    last: tuple[int, dict[str, Any]] = (sd.step + cfg.st_epochs + done,
-                                        state["extra"].get("metrics", {}) if stage == "st_cls" else {})
-    for epoch in range(done + 1, cfg.st_cls_epochs + 1):
-        model.eval()  # frozen encoder, BN statistics included
-        head.train()
+    n_batches = math.ceil(n / cfg.st_batch_size)
+
+    def supcon_epoch(i: int) -> dict[str, Any]:
+        epoch = i + 1
+        st.net.train()
+        total = torch.zeros((), device=device)
+        for batch, idx in enumerate(minibatches(n, cfg.st_batch_size, st.g, device, rank=ctx.rank,
+                                                world_size=ctx.world_size)):
+            set_lr(st.optimizer, supcon_lr(cfg, epoch, batch, n_batches))
+            x = to_float(data.x_train[idx])
+            z = st.net(torch.cat([st.augment(x), st.augment(x)]))
+            loss = supcon_loss(z[: len(idx)], z[len(idx) :], data.y_train[idx], st.is_clean[idx],
+                               cfg.st_supcon_temperature, cfg.st_base_temperature, cfg.st_positive_pool == "clean")
+            st.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            st.optimizer.step()
+            total += loss.detach()
+        _nearest_mean_probe(st.model, st.x_clean, st.y_clean, cfg.eval_batch_size)
+        return {**kept.split, "st_supcon_loss": total / n_batches}
+
+    def begin_cls() -> None:
+        # A fresh linear head on the frozen encoder, mixed CE over the clean and poisoned pools.
+        st.model.requires_grad_(False)
+        st.head = head = st.model.classifier
+        head.requires_grad_(True)
+        _fresh_head(head, make_generator(derive_seed(cfg.seed, "st_head"), device))
+        st.head_opt = torch.optim.SGD(head.parameters(), lr=cfg.st_cls_lr, momentum=cfg.momentum,
+                                      weight_decay=cfg.st_cls_weight_decay)
+        st.head_sched = torch.optim.lr_scheduler.MultiStepLR(st.head_opt, milestones=[60, 75, 90], gamma=0.2)
+        engine.track(optimizers={"cls": st.head_opt}, schedulers={"cls": st.head_sched})
+        train_idx = pool_indices(kept.pools, POOL_CLEAN, POOL_POISON)
+        st.x_train, st.y_train = data.x_train[train_idx], data.y_train[train_idx]
+        st.poisoned = kept.pools[train_idx] == POOL_POISON
+        st.wrapped_head = ctx.wrap_model(head)
+
+    def cls_epoch(i: int) -> dict[str, Any]:
+        st.model.eval()  # frozen encoder, BN statistics included
+        st.head.train()
         total = torch.zeros((), device=device)
         steps = 0
-        for idx in minibatches(len(train_idx), cfg.st_cls_batch_size, g, device, rank=ctx.rank,
+        for idx in minibatches(len(st.y_train), cfg.st_cls_batch_size, st.g, device, rank=ctx.rank,
                                world_size=ctx.world_size):
             with torch.no_grad():
-                features = model.features(augment(to_float(x_train[idx])))
-            loss = mixed_cross_entropy(wrapped_head(features), y_train[idx], poisoned[idx], cfg.st_lambda_p)
-            head_opt.zero_grad(set_to_none=True)
+                features = st.model.features(st.augment(to_float(st.x_train[idx])))
+            loss = mixed_cross_entropy(st.wrapped_head(features), st.y_train[idx], st.poisoned[idx], cfg.st_lambda_p)
+            st.head_opt.zero_grad(set_to_none=True)
             loss.backward()
-            head_opt.step()
+            st.head_opt.step()
             total += loss.detach()
             steps += 1
-        head_sched.step()
-        step = sd.step + cfg.st_epochs + epoch
-        metrics = report_eval(ctx, model, backdoor, step, {**sd.split, "st_cls_loss": (total / max(steps, 1)).item()},
-                              cfg.eval_batch_size)
-        last = (step, metrics)
-        ctx.save_state(full_state(step, models2, opts2, scheds2, gens, extra={"stage": "st_cls", "metrics": metrics,
-                                                                           **sd.extra()}))
-    return final_result(ctx, model, backdoor, last, batch_size=cfg.eval_batch_size)
+        st.head_sched.step()
+        return {**kept.split, "st_cls_loss": total / max(steps, 1)}
+
+    def evaluate() -> dict[str, float]:
+        return evaluate_with_der(st.model, backdoor, cfg.eval_batch_size)
+
+    last = engine.run([*sd_run, Stage("st_supcon", cfg.st_epochs, supcon_epoch, evaluate, begin=begin_supcon),
+                       Stage("st_cls", cfg.st_cls_epochs, cls_epoch, evaluate, begin=begin_cls)])
+    return final_result(ctx, st.model, backdoor, last, batch_size=cfg.eval_batch_size)

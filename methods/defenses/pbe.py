@@ -46,9 +46,10 @@ import torch
 import torch.nn.functional as F
 
 from methods.core.context import RunContext
+from methods.core.engine import Engine, Stage
 from methods.core.method import register_method
 from methods.core.metrics import POOL_CLEAN, POOL_UNCERTAIN, split_metrics
-from methods.core.training import derive_seed, full_state, make_generator, predict_logits, restore_full_state, sgd
+from methods.core.training import derive_seed, make_generator, predict_logits, sgd
 from methods.defenses.aft import adversarial_finetune_epoch
 from methods.defenses.common import DefenseResult, evaluate_with_der, final_result, hand_off_scores
 from methods.defenses.configs import SIMILARITIES, PBEConfig
@@ -131,26 +132,18 @@ def run(ctx: RunContext, cfg: PBEConfig) -> DefenseResult:
     optimizer = sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
     g_train = make_generator(derive_seed(cfg.seed, "train"), ctx.device)
     g_pgd = make_generator(derive_seed(cfg.seed, "pgd"), ctx.device)
-    models, opts, gens = {"model": model}, {"opt": optimizer}, {"train": g_train, "pgd": g_pgd}
-    trusted = random_mask(n, cfg.init_fraction, derive_seed(cfg.seed, "pbe_init"), ctx.device)
-    similarity: Optional[torch.Tensor] = None
-    start, attempt = 0, 0  # attempt: how many times step 0 failed and was rerun so far
-    state = ctx.load_state()
-    if state is not None:
-        start = restore_full_state(state, models, opts, {}, gens)
-        trusted = state["extra"]["trusted"].to(ctx.device)
-        saved = state["extra"]["similarity"]
-        similarity = None if saved is None else saved.to(ctx.device)
-        attempt = int(state["extra"].get("attempt", 0))
+    engine = Engine(ctx)
+    engine.track({"model": model}, {"opt": optimizer}, generators={"train": g_train, "pgd": g_pgd})
+    # attempt: how many times step 0 failed and was rerun so far
+    kept = engine.keep(trusted=random_mask(n, cfg.init_fraction, derive_seed(cfg.seed, "pbe_init"), ctx.device),
+                       similarity=None, attempt=0)
     wrapped = ctx.wrap_model(model)
-    ctx.progress(f"pbe: {n} training images, {int(trusted.sum())} trusted at start, rates {rates}")
-
-    last: tuple[int, dict[str, float]] = (start, {})
+    ctx.progress(f"pbe: {n} training images, {int(kept.trusted.sum())} trusted at start, rates {rates}")
     per = cfg.epochs_per_step
-    step = start
-    while step < (cfg.n_steps + attempt) * per:  # every rerun of step 0 adds a step's epochs
-        step += 1
-        stage, epoch = divmod(step - 1 - attempt * per, per)
+
+    def run_epoch(i: int) -> dict[str, float]:
+        # epoch i of the run, after the failed attempts at step 0, is epoch `epoch` of progressive step `stage`
+        stage, epoch = divmod(i - kept.attempt * per, per)
         epoch += 1
         if epoch == 1 and stage > 0 and cfg.reset_optimizer_each_step:
             optimizer.state.clear()
@@ -160,48 +153,47 @@ def run(ctx: RunContext, cfg: PBEConfig) -> DefenseResult:
             adv_batches = cfg.later_adv_batches
         else:
             adv_batches = 0
-        idx = torch.nonzero(trusted).flatten()
+        idx = torch.nonzero(kept.trusted).flatten()
         loss = adversarial_finetune_epoch(wrapped, optimizer, data.x_train[idx], data.y_train[idx],
-                                          cfg.step0_config(attempt) if stage == 0 else cfg, data.info,
+                                          cfg.step0_config(kept.attempt) if stage == 0 else cfg, data.info,
                                           g_train, g_pgd, adv_batches, ctx.rank, ctx.world_size)
-        trained_on = trusted
+        trained_on = kept.trusted
         metrics = evaluate_with_der(model, backdoor, cfg.eval_batch_size)
-        extra: dict[str, float] = {"train_loss": loss.item(), "pbe_step": float(stage), "pbe_attempt": float(attempt)}
+        extra: dict[str, float] = {"train_loss": loss.item(), "pbe_step": float(stage),
+                                   "pbe_attempt": float(kept.attempt)}
         if epoch == per:
-            similarity = prediction_similarity(reference, predict_logits(model, data.x_train, cfg.eval_batch_size),
-                                               cfg.similarity)
-            split = split_metrics(trusted_pools(trained_on), data.poison_flags, 1.0 - similarity)
+            kept.similarity = prediction_similarity(
+                reference, predict_logits(model, data.x_train, cfg.eval_batch_size), cfg.similarity)
+            split = split_metrics(trusted_pools(trained_on), data.poison_flags, 1.0 - kept.similarity)
             checked = stage == 0 and cfg.step0_check() == "val_asr"
             failed = checked and metrics["val_asr"] > cfg.step0_max_val_asr
             if checked:
                 extra["pbe_step0_failed"] = float(failed)
-            if failed and attempt < cfg.step0_retries:
-                attempt += 1
+            if failed and kept.attempt < cfg.step0_retries:
+                kept.attempt += 1
                 ctx.progress(f"pbe: step 0 failed on validation (val ASR {metrics['val_asr']:.3f} > "
-                             f"{cfg.step0_max_val_asr}); rerun {attempt} of {cfg.step0_retries} from the infected "
-                             f"model, new draw, PGD radius {cfg.step0_config(attempt).adv_eps:.4f}")
+                             f"{cfg.step0_max_val_asr}); rerun {kept.attempt} of {cfg.step0_retries} from the infected "
+                             f"model, new draw, PGD radius {cfg.step0_config(kept.attempt).adv_eps:.4f}")
                 model.load_state_dict(backdoor.model_state)
                 optimizer.state.clear()
-                trusted = random_mask(n, cfg.init_fraction, derive_seed(cfg.seed, f"pbe_init_{attempt}"), ctx.device)
-                similarity = None
+                kept.trusted = random_mask(n, cfg.init_fraction, derive_seed(cfg.seed, f"pbe_init_{kept.attempt}"),
+                                           ctx.device)
+                kept.similarity = None
             else:
                 if failed:
                     ctx.progress(f"pbe: step 0 failed on validation (val ASR {metrics['val_asr']:.3f} > "
                                  f"{cfg.step0_max_val_asr}) and no rerun is left; continuing")
                 if stage < cfg.n_steps - 1:
-                    trusted = top_fraction_mask(similarity, rates[stage],
-                                                data.y_train if cfg.select_per_label else None)
-            extra["pbe_next_poisoned_frac"] = poisoned_fraction(trusted, data.poison_flags)
+                    kept.trusted = top_fraction_mask(kept.similarity, rates[stage],
+                                                     data.y_train if cfg.select_per_label else None)
+            extra["pbe_next_poisoned_frac"] = poisoned_fraction(kept.trusted, data.poison_flags)
         else:
             split = split_metrics(trusted_pools(trained_on), data.poison_flags,
-                                  None if similarity is None else 1.0 - similarity)
-        metrics.update({**extra, **split})
-        ctx.report(metrics, step=step)
-        last = (step, metrics)
-        ctx.save_state(full_state(step, models, opts, {}, gens, extra={
-            "trusted": trusted.cpu(), "similarity": None if similarity is None else similarity.cpu(),
-            "attempt": attempt}))
+                                  None if kept.similarity is None else 1.0 - kept.similarity)
+        return {**metrics, **extra, **split}
 
-    assert similarity is not None, "the last epoch of every step re-scores"
-    final_split = hand_off_scores(ctx, backdoor, 1.0 - similarity, trusted_pools(trusted))
+    # every rerun of step 0 adds a step's epochs
+    last = engine.run([Stage("progressive", lambda: (cfg.n_steps + kept.attempt) * per, run_epoch)])
+    assert kept.similarity is not None, "the last epoch of every step re-scores"
+    final_split = hand_off_scores(ctx, backdoor, 1.0 - kept.similarity, trusted_pools(kept.trusted))
     return final_result(ctx, model, backdoor, last, final_split, batch_size=cfg.eval_batch_size)

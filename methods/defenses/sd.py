@@ -5,7 +5,7 @@ Chen, Wu, Wang, "Effective Backdoor Defense by Exploiting Sensitivity of Poisone
 the attack's fully trained model) is fine-tuned to push class centroids apart; every training sample is then
 scored by how far its penultimate feature moves under a random transformation, and the training set is split
 into a clean pool (lowest scores, fraction alpha_c), a poisoned pool (highest, alpha_p) and an uncertain rest.
-`dbr` and `dst` reuse `run_sd`.
+`dbr` and `dst` run `sd_stages` first.
 
 Deviations from the official code:
 - the split is made by rank on one set of scores (averaged over `fct_n_draws` transformation draws), so the
@@ -25,8 +25,7 @@ Deviations from the official code:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -34,21 +33,13 @@ import torch.nn.functional as F
 
 from methods.attacks.base import Backdoor
 from methods.core.context import RunContext
+from methods.core.engine import Engine, Stage
 from methods.core.method import register_method
 from methods.core.metrics import POOL_CLEAN, POOL_POISON, POOL_UNCERTAIN, auroc
-from methods.core.training import (
-    derive_seed,
-    full_state,
-    make_generator,
-    restore_full_state,
-    sgd,
-    to_float,
-    train_epoch,
-    unwrap,
-)
+from methods.core.training import derive_seed, make_generator, sgd, to_float, train_epoch, unwrap
 from methods.data.augment import horizontal_flip, random_crop, random_rotate_translate
 from methods.data.configs import DatasetInfo
-from methods.defenses.common import final_result, hand_off_scores, report_eval
+from methods.defenses.common import evaluation, final_result, hand_off_scores
 from methods.defenses.configs import SDConfig
 from methods.models.base import BackdoorModel, build_model
 
@@ -177,21 +168,6 @@ class _Penultimate(nn.Module):
         return self.model.features(x)
 
 
-@dataclass
-class SDOutcome:
-    scores: torch.Tensor  # (N,) FCT score of every training sample
-    pools: torch.Tensor  # (N,) pool code of every training sample
-    step: int  # the last step SD used (its split step)
-    split: dict[str, float]  # split metrics and val_fct_auroc, reported with every later step
-    metrics: dict[str, float]  # everything reported at the split step
-    model: Optional[BackdoorModel]  # the FCT model; None when resumed from a later stage
-
-    def extra(self) -> dict[str, Any]:
-        """What later stages keep in their checkpoints to resume without redoing SD."""
-        return {"scores": self.scores.cpu(), "pools": self.pools.cpu(), "sd_step": self.step,
-                "sd_split": dict(self.split), "sd_metrics": dict(self.metrics)}
-
-
 def sd_steps(cfg: SDConfig) -> int:
     """How many steps SD reports: pre-training epochs (short model only), fine-tuning epochs, the split."""
     return (cfg.sd_pretrain_epochs if cfg.fct_model == "short" else 0) + cfg.sd_ft_epochs + 1
@@ -207,23 +183,14 @@ def _val_fct_auroc(model: nn.Module, backdoor: Backdoor, transform: Transform, g
     return auroc(torch.cat([clean, triggered]), flags)
 
 
-def run_sd(ctx: RunContext, cfg: SDConfig, backdoor: Backdoor, state: dict[str, Any] | None) -> SDOutcome:
-    """Run (or resume) SD. Reports steps 1..sd_steps(cfg) and hands the scores over; `state` is the run's
-    checkpoint, if any: one taken inside SD resumes SD, one taken after it (stage other than sd) skips SD."""
+def sd_stages(ctx: RunContext, cfg: SDConfig, backdoor: Backdoor, engine: Engine) -> tuple[list[Stage], BackdoorModel]:
+    """SD's stages (steps 1..sd_steps(cfg)): pre-training (short model only), centroid fine-tuning, the split.
+    Returns them with the FCT model. The split keeps `scores` and `pools` of every training sample and `split` (its
+    split metrics and val_fct_auroc, which `dbr` and `dst` report with every later step) in engine.kept, and hands
+    the scores over, again after a resume past it."""
     data = backdoor.data
     device = ctx.device
-    stage = state["extra"].get("stage") if state is not None else None
-    if stage not in (None, "sd", "sd_done"):
-        extra = state["extra"]
-        scores, pools = extra["scores"].to(device), extra["pools"].to(device)
-        hand_off_scores(ctx, backdoor, scores, pools)
-        return SDOutcome(scores, pools, int(extra["sd_step"]), dict(extra["sd_split"]),
-                         dict(extra["sd_metrics"]), None)
-
-    short = cfg.fct_model == "short"
-    pretrain = cfg.sd_pretrain_epochs if short else 0
-    split_step = sd_steps(cfg)
-    if short:
+    if cfg.fct_model == "short":
         torch.manual_seed(derive_seed(cfg.seed, "sd_init"))
         model = build_model(backdoor.model_name, data.info).to(device)
     else:
@@ -232,32 +199,35 @@ def run_sd(ctx: RunContext, cfg: SDConfig, backdoor: Backdoor, state: dict[str, 
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.sd_cosine_t_max)
     g_train = make_generator(derive_seed(cfg.seed, "sd_train"), device)
     g_fct = make_generator(derive_seed(cfg.seed, "sd_fct"), device)
-    models, opts, scheds, gens = {"fct": model}, {"sd": optimizer}, {"sd": scheduler}, {"sd": g_train, "fct": g_fct}
-    start = restore_full_state(state, models, opts, scheds, gens) if state is not None else 0
+    engine.track({"fct": model}, {"sd": optimizer}, {"sd": scheduler}, {"sd": g_train, "fct": g_fct})
+    kept = engine.keep(scores=None, pools=None, split={})
+    engine.on_resume(lambda: None if kept.scores is None else hand_off_scores(ctx, backdoor, kept.scores, kept.pools))
     num_classes = data.info.num_classes
     transform = fct_transform(cfg, data.info)
+    trainer: dict[str, nn.Module] = {}  # what the current stage trains through, wrapped once per stage
 
-    if start < split_step:
-        trainers: dict[str, nn.Module] = {}  # wrapped once per stage, not per epoch
-        for step in range(start + 1, split_step):
-            if step <= pretrain:
-                if "ce" not in trainers:
-                    trainers["ce"] = ctx.wrap_model(model)
-                loss = train_epoch(trainers["ce"], optimizer, data.x_train, data.y_train, cfg.sd_batch_size,
-                                   g_train, None, rank=ctx.rank, world_size=ctx.world_size)
-            else:
-                if "centroid" not in trainers:
-                    # The centroid loss gives the classifier no gradient; freezing it keeps DDP from waiting on it.
-                    model.classifier.requires_grad_(False)
-                    trainers["centroid"] = ctx.wrap_model(_Penultimate(model))
-                loss = train_epoch(trainers["centroid"], optimizer, data.x_train, data.y_train, cfg.sd_batch_size,
-                                   g_train, None, loss_fn=lambda f, y: centroid_separation_loss(f, y, num_classes),
-                                   rank=ctx.rank, world_size=ctx.world_size)
-            scheduler.step()
-            report_eval(ctx, model, backdoor, step, {"sd_loss": loss.item()}, cfg.eval_batch_size)
-            ctx.save_state(full_state(step, models, opts, scheds, gens, extra={"stage": "sd"}))
-        model.classifier.requires_grad_(True)
+    def begin_pretrain() -> None:
+        trainer["net"] = ctx.wrap_model(model)
 
+    def pretrain(epoch: int) -> dict[str, torch.Tensor]:
+        loss = train_epoch(trainer["net"], optimizer, data.x_train, data.y_train, cfg.sd_batch_size, g_train, None,
+                           rank=ctx.rank, world_size=ctx.world_size)
+        scheduler.step()
+        return {"sd_loss": loss}
+
+    def begin_centroid() -> None:
+        # The centroid loss gives the classifier no gradient; freezing it keeps DDP from waiting on it.
+        model.classifier.requires_grad_(False)
+        trainer["net"] = ctx.wrap_model(_Penultimate(model))
+
+    def centroid(epoch: int) -> dict[str, torch.Tensor]:
+        loss = train_epoch(trainer["net"], optimizer, data.x_train, data.y_train, cfg.sd_batch_size, g_train, None,
+                           loss_fn=lambda f, y: centroid_separation_loss(f, y, num_classes),
+                           rank=ctx.rank, world_size=ctx.world_size)
+        scheduler.step()
+        return {"sd_loss": loss}
+
+    def split(_: int) -> dict[str, float]:
         scores = fct_scores(model, data.x_train, transform, g_fct, cfg.fct_n_draws, cfg.eval_batch_size)
         if cfg.split_rescore:
             rescored = fct_scores(model, data.x_train, transform, g_fct, cfg.fct_n_draws, cfg.eval_batch_size)
@@ -265,18 +235,16 @@ def run_sd(ctx: RunContext, cfg: SDConfig, backdoor: Backdoor, state: dict[str, 
             scores = rescored
         else:
             pools = split_by_rank(scores, cfg.alpha_c, cfg.alpha_p)
-        split = {**hand_off_scores(ctx, backdoor, scores, pools),
-                 "val_fct_auroc": _val_fct_auroc(model, backdoor, transform, g_fct, cfg)}
-        metrics = report_eval(ctx, model, backdoor, split_step, split, cfg.eval_batch_size)
-        outcome = SDOutcome(scores, pools, split_step, split, metrics, model)
-        ctx.save_state(full_state(split_step, models, opts, scheds, gens,
-                                  extra={"stage": "sd_done", **outcome.extra()}))
-        return outcome
+        kept.scores, kept.pools = scores, pools
+        kept.split = {**hand_off_scores(ctx, backdoor, scores, pools),
+                      "val_fct_auroc": _val_fct_auroc(model, backdoor, transform, g_fct, cfg)}
+        return kept.split
 
-    extra = state["extra"]
-    scores, pools = extra["scores"].to(device), extra["pools"].to(device)
-    hand_off_scores(ctx, backdoor, scores, pools)
-    return SDOutcome(scores, pools, split_step, dict(extra["sd_split"]), dict(extra["sd_metrics"]), model)
+    evaluate = evaluation(model, backdoor, cfg.eval_batch_size)
+    pretrain_epochs = cfg.sd_pretrain_epochs if cfg.fct_model == "short" else 0
+    return [Stage("sd_pretrain", pretrain_epochs, pretrain, evaluate, begin=begin_pretrain),
+            Stage("sd_centroid", cfg.sd_ft_epochs, centroid, evaluate, begin=begin_centroid),
+            Stage("sd_split", 1, split, evaluate, begin=lambda: model.classifier.requires_grad_(True))], model
 
 
 def pool_indices(pools: torch.Tensor, *codes: int) -> torch.Tensor:
@@ -290,5 +258,6 @@ def pool_indices(pools: torch.Tensor, *codes: int) -> torch.Tensor:
 @register_method("sd")
 def run(ctx: RunContext, cfg: SDConfig):
     backdoor = ctx.backdoor().to(ctx.device)
-    outcome = run_sd(ctx, cfg, backdoor, ctx.load_state())
-    return final_result(ctx, outcome.model, backdoor, (outcome.step, outcome.metrics), batch_size=cfg.eval_batch_size)
+    engine = Engine(ctx)
+    stages, model = sd_stages(ctx, cfg, backdoor, engine)
+    return final_result(ctx, model, backdoor, engine.run(stages), batch_size=cfg.eval_batch_size)

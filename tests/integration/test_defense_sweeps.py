@@ -13,7 +13,7 @@ from orchestrator.cli import main
 from tests.integration.conftest import runs
 
 SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 SPLIT_METRICS = {"split_poison_precision", "split_poison_recall", "split_clean_precision", "split_clean_recall",
                  "pool_clean_size", "pool_poison_size", "pool_clean_poisoned_frac"}

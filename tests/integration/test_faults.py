@@ -34,7 +34,7 @@ from tests.integration.test_multinode import (
     wait_until,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 # Pinned values: with nothing left to sample, two sweeps train the very same model.
 PINNED = ["--set", "poison_rate=0.1", "--set", "lr=0.05"]

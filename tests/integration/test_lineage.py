@@ -9,7 +9,7 @@ import pytest
 from orchestrator.cli import main
 from tests.integration.conftest import runs
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 DEFEND = ["defend", "ft", "--attack", "badnets", "--set", "attack.epochs=2", "--set", "epochs=1"]
 
 

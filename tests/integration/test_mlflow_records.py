@@ -15,7 +15,7 @@ from orchestrator.cli import main
 from tests.integration.conftest import runs
 
 SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def test_a_defense_run_records_datasets_a_loadable_model_and_system_metrics(workdir, monkeypatch):

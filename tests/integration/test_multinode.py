@@ -27,7 +27,7 @@ import pytest
 from orchestrator.ui import free_port, stop_server
 
 SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 # Runs in its own interpreter and owns the cluster's processes. It prints one JSON line once every node is up,
 # then obeys stdin: "kill <i>" removes worker i without a graceful shutdown; end of input tears it all down.

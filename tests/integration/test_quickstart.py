@@ -13,7 +13,7 @@ from orchestrator.cli import main
 from tests.integration.conftest import runs
 
 SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def test_quickstart_quick(ray_session, workdir, capsys):

@@ -11,7 +11,7 @@ from orchestrator.cli import main
 from tests.integration.conftest import runs
 
 SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def _twice(argv: list[str], tmp_path: Path, template: Path, monkeypatch) -> list[list]:

@@ -15,7 +15,8 @@ import pytest
 from orchestrator.cli import main
 from tests.integration.conftest import runs
 
-pytestmark = pytest.mark.slow
+# its runs take about 320 s on 2 cores; the timeout only stops a hung run, so it is generous
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 DEFENSES = ["aft", "argd", "asd", "dbr", "dst", "pbe"]
 FROM_SCRATCH = {"asd", "dst"}  # compared against the clean model: they never start from the backdoored weights

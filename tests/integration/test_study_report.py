@@ -17,7 +17,7 @@ from tests.integration.conftest import runs
 
 SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 # Short attacks (3 epochs instead of the preset's 15) keep the attack trainings cheap. Tuning on a seed that is not
 # evaluated (2, against 0 and 1) gives the study an attack run of its own that belongs to no column of the table.

@@ -10,7 +10,7 @@ from orchestrator.cli import main
 from tests.integration.conftest import runs
 
 SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def metric_steps(client, run_id: str, key: str) -> list[int]:

@@ -32,7 +32,7 @@ CHROME_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-de
 # MLflow 3 opens a new visitor on its GenAI view; bdo's runs belong to its "Model training" view.
 ML_VIEW = "?workflowType=machine_learning"
 ASSISTANT_CLOSE = 'button[data-component-id="mlflow.assistant.chat_panel.close"]'  # MLflow 3's chat side panel
-pytestmark = [pytest.mark.browser, pytest.mark.slow]
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def _binary(preferred: str, name: str) -> str | None:

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 import methods.defenses.aft as aft
-from methods.core.context import LocalContext, StopRun
+from methods.core.context import LocalContext
 from methods.core.method import get_method
 from methods.core.training import make_generator
 from methods.data.embedded import DIGITS_INFO
@@ -82,21 +82,6 @@ def test_only_the_leading_batches_of_an_epoch_are_adversarial(monkeypatch, adv_b
     assert torch.isfinite(loss) and loss.dim() == 0
     assert model.training
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters())), "the model was trained"
-
-
-def test_interrupted_aft_resumes_bit_identically(badnets_backdoor):
-    tiny = dict(epochs=4, adv_epochs=2, adv_steps=2, adv_step_size=None)
-    _, straight = run_aft(badnets_backdoor, **tiny)
-    interrupted = LocalContext(backdoor_provider=lambda: badnets_backdoor, stop_after_step=2)
-    spec = get_method("aft")
-    with pytest.raises(StopRun):
-        spec.run(interrupted, spec.make_config({**PRESET, **tiny}))
-    assert [s for s, _ in interrupted.reports] == [1, 2]
-    resumed, result = run_aft(badnets_backdoor, checkpoint=interrupted.checkpoint, **tiny)
-    assert [s for s, _ in resumed.reports] == [3, 4]
-    assert [m["adversarial"] for _, m in resumed.reports] == [0.0, 0.0]
-    for key, value in straight.model_state.items():
-        assert torch.equal(value, result.model_state[key]), key
 
 
 @pytest.mark.parametrize(

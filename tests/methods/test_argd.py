@@ -128,21 +128,6 @@ def test_heads_train_and_sit_in_the_optimizer_only_when_switched_on(trainable, b
     assert held == n_student + (n_heads if trainable else 0)
 
 
-def test_argd_resumes_after_an_interruption_and_matches_a_straight_run(badnets_backdoor):
-    straight, _ = run_argd(badnets_backdoor)
-    for stop in (1, 3):  # inside the teacher stage and inside the distillation stage
-        first = LocalContext(backdoor_provider=lambda: badnets_backdoor, stop_after_step=stop)
-        with pytest.raises(StopRun):
-            run_argd(badnets_backdoor, first)
-        assert [s for s, _ in first.reports] == list(range(1, stop + 1))
-        resumed_ctx = LocalContext(backdoor_provider=lambda: badnets_backdoor, checkpoint=first.checkpoint)
-        resumed, _ = run_argd(badnets_backdoor, resumed_ctx)
-        assert [s for s, _ in resumed_ctx.reports] == list(range(stop + 1, 5))
-        assert [m["stage"] for _, m in resumed_ctx.reports][-1] == 1.0
-        for key, value in straight.model_state.items():
-            assert torch.equal(value, resumed.model_state[key]), (stop, key)
-
-
 def test_scratch_wrn40_2_teacher_runs_on_a_small_cnn_student(badnets_backdoor):
     result, ctx = run_argd(badnets_backdoor, teacher_mode="scratch_wrn40_2", teacher_epochs=1, epochs=1)
     teacher_keys = deserialize_state(ctx.checkpoint)["models"]["teacher"]

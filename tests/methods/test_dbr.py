@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from methods.core.context import LocalContext, StopRun
+from methods.core.context import LocalContext
 from methods.core.method import get_method
 from methods.defenses.dbr import DBRConfig, _ascent, chosen, update_candidates
 from methods.defenses.sd import sd_steps
@@ -101,24 +101,6 @@ def test_dbr_removes_the_backdoor_on_digits(digits_backdoor):
     assert before["test_asr"] >= 0.9
     assert after["test_asr"] <= 0.10
     assert after["test_acc"] >= before["test_acc"] - 0.03
-
-
-def test_dbr_resumes_inside_the_removal_rounds(badnets_backdoor):
-    spec = get_method("dbr")
-    cfg = spec.make_config(dict(PRESET, sd_ft_epochs=1, br_rounds=3))
-    first = sd_steps(cfg)
-    straight_ctx = LocalContext(backdoor_provider=lambda: badnets_backdoor)
-    straight = spec.run(straight_ctx, cfg)
-    interrupted = LocalContext(backdoor_provider=lambda: badnets_backdoor, stop_after_step=first + 1)
-    with pytest.raises(StopRun):
-        spec.run(interrupted, cfg)
-    resumed_ctx = LocalContext(backdoor_provider=lambda: badnets_backdoor, checkpoint=interrupted.checkpoint)
-    resumed = spec.run(resumed_ctx, cfg)
-    assert [s for s, _ in resumed_ctx.reports] == [first + 2, first + 3]
-    assert "scores" in resumed_ctx.hand_offs
-    assert resumed.metrics == straight.metrics
-    for key, value in straight.model_state.items():
-        assert torch.equal(value, resumed.model_state[key]), key
 
 
 def test_best_val_acc_keeps_the_best_round_and_the_later_of_a_tie():

@@ -4,50 +4,20 @@ defense is covered by this file without a line added here; its search space's `q
 means, and the epoch-like counts are cut further so the whole matrix stays within the CI budget."""
 from __future__ import annotations
 
-import dataclasses
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-from methods.attacks.base import Backdoor
 from methods.core.context import LocalContext
 from methods.core.fastpath import FastForward, FastPath
 from methods.core.knowledge import classified
 from methods.core.method import get_method, method_names
-from methods.data.base import DataConfig
+from tests.methods.conftest import TINY_DATA, tiny_config
 
-yaml = pytest.importorskip("yaml")
-
-SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
-TINY_DATA = DataConfig(train_limit=240, test_limit=200)
 ALL_ON = FastPath(bf16=True, channels_last=True, cudnn_benchmark=False)
 ALL_OFF = FastPath(bf16=False, channels_last=False, cudnn_benchmark=False)
 PATHS = {"fast": ALL_ON, "plain": ALL_OFF}
-# Counts that set a run's length; each is cut to at most 2 where the config still validates.
-LENGTH_WORDS = ("epoch", "round", "iterations", "n_steps", "draws", "pgd_steps", "adv_steps")
-
-
-def quick_values(name: str) -> dict:
-    """The method keys of its search space's quick block (data.* keys are replaced by TINY_DATA)."""
-    raw = yaml.safe_load((SPACES / f"{name}.yaml").read_text()) or {}
-    return {k: v for k, v in (raw.get("quick") or {}).items() if "." not in k}
-
-
-def tiny_config(name: str):
-    spec = get_method(name)
-    cfg = spec.make_config(quick_values(name))
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if not (isinstance(value, int) and not isinstance(value, bool) and value > 2):
-            continue
-        if any(word in f.name for word in LENGTH_WORDS):
-            try:
-                cfg = spec.make_config({**cfg.to_dict(), f.name: 2})
-            except ValueError:
-                pass  # a cross-field rule needs this count as it is
-    return cfg
 
 
 class CountingContext(LocalContext):
@@ -59,13 +29,6 @@ class CountingContext(LocalContext):
         out = super().wrap_model(model)
         self.__dict__.setdefault("wrapped", []).append(out)
         return out
-
-
-@pytest.fixture(scope="module")
-def tiny_backdoor() -> Backdoor:
-    spec = get_method("badnets")
-    cfg = spec.make_config(dict(dataset="digits", model="small_cnn", epochs=3, lr=0.05, poison_rate=0.1, seed=0))
-    return spec.run(LocalContext(data_config=TINY_DATA), cfg)
 
 
 @pytest.mark.parametrize("path", sorted(PATHS))

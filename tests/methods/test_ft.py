@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from methods.core.context import LocalContext, StopRun
-from methods.core.method import get_method
+from methods.core.schedules import scaled_steps, stepped_lr
 from methods.defenses.attention import cutout
 from methods.defenses.common import clean_subset
-from methods.defenses.ft import FTConfig, scaled_steps, stepped_lr
+from methods.defenses.configs import FTConfig
 
 
 def test_cutout_zeroes_one_floored_square_per_image():
@@ -44,22 +43,6 @@ def test_ft_and_the_distillation_defenses_share_the_clean_indices(badnets_backdo
     assert torch.equal(a, clean_subset(badnets_backdoor, 0.1))
     assert not badnets_backdoor.data.poison_flags[a.cpu()].any()
     assert len(a) == round(0.1 * len(badnets_backdoor.data.y_train))
-
-
-def test_ft_resumes_after_an_interruption_and_matches_a_straight_run(badnets_backdoor):
-    spec = get_method("ft")
-    cfg = spec.make_config(dict(clean_ratio=0.05, epochs=3))
-    straight = spec.run(LocalContext(backdoor_provider=lambda: badnets_backdoor), cfg)
-    first = LocalContext(backdoor_provider=lambda: badnets_backdoor, stop_after_step=2)
-    with pytest.raises(StopRun):
-        spec.run(first, cfg)
-    resumed_ctx = LocalContext(backdoor_provider=lambda: badnets_backdoor, checkpoint=first.checkpoint)
-    resumed = spec.run(resumed_ctx, cfg)
-    assert [s for s, _ in resumed_ctx.reports] == [3]
-    for key in ("val_acc", "val_asr", "val_der", "test_acc", "test_asr", "train_loss", "lr"):
-        assert key in resumed_ctx.reports[-1][1]
-    for key, value in straight.model_state.items():
-        assert torch.equal(value, resumed.model_state[key]), key
 
 
 @pytest.mark.parametrize(

@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 
-from methods.core.context import LocalContext, StopRun
+from methods.core.context import LocalContext
 from methods.core.method import get_method
 from methods.core.metrics import POOL_CLEAN, POOL_UNCERTAIN
 from methods.core.training import derive_seed
@@ -200,23 +199,6 @@ TINY = dict(n_steps=2, epochs_per_step=2, top_rates=[0.3], init_fraction=0.1, ad
 
 
 RERUN = dict(TINY, step0_retries=1, step0_max_val_asr=0.0)
-
-
-@pytest.mark.parametrize("stop, values", [(2, TINY), (3, TINY), (2, RERUN), (3, RERUN)])
-def test_interrupted_pbe_resumes_bit_identically(badnets_backdoor, stop, values):
-    straight_ctx, straight = run_pbe(badnets_backdoor, **values)
-    interrupted = LocalContext(backdoor_provider=lambda: badnets_backdoor, stop_after_step=stop)
-    spec = get_method("pbe")
-    with pytest.raises(StopRun):
-        spec.run(interrupted, spec.make_config({**PRESET, **values}))
-    assert [s for s, _ in interrupted.reports] == list(range(1, stop + 1))
-    resumed_ctx, resumed = run_pbe(badnets_backdoor, checkpoint=interrupted.checkpoint, **values)
-    assert [s for s, _ in resumed_ctx.reports] == list(range(stop + 1, straight_ctx.reports[-1][0] + 1))
-    for key, value in straight.model_state.items():
-        assert torch.equal(value, resumed.model_state[key]), key
-    for column in ("score", "pool"):
-        assert np.array_equal(straight_ctx.hand_offs["scores"][column], resumed_ctx.hand_offs["scores"][column])
-    assert resumed_ctx.reports[-1][1]["pool_clean_size"] == straight_ctx.reports[-1][1]["pool_clean_size"]
 
 
 def test_resetting_the_optimizer_between_steps_changes_training(badnets_backdoor):

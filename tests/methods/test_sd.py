@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from methods.core.context import LocalContext, StopRun
+from methods.core.context import LocalContext
 from methods.core.method import get_method
 from methods.core.metrics import POOL_CLEAN, POOL_POISON, POOL_UNCERTAIN
 from methods.data.embedded import DIGITS_INFO
@@ -138,23 +138,3 @@ def test_sd_poisoned_pool_is_precise_on_digits(digits_backdoor):
     assert (table["pool"] == "poison").sum() == int(cfg.alpha_p * n) == m["pool_poison_size"]
     assert (table["pool"] == "clean").sum() == int(cfg.alpha_c * n) == m["pool_clean_size"]
     assert result.metrics["split_poison_precision"] == m["split_poison_precision"]
-
-
-def test_sd_resumes_where_it_stopped(badnets_backdoor):
-    values = dict(sd_pretrain_epochs=2, sd_ft_epochs=1)
-    spec = get_method("sd")
-    cfg = spec.make_config(values)
-    straight = LocalContext(backdoor_provider=lambda: badnets_backdoor)
-    expected = spec.run(straight, cfg)
-    assert [s for s, _ in straight.reports] == [1, 2, 3, 4]
-
-    interrupted = LocalContext(backdoor_provider=lambda: badnets_backdoor, stop_after_step=2)
-    with pytest.raises(StopRun):
-        spec.run(interrupted, cfg)
-    resumed = LocalContext(backdoor_provider=lambda: badnets_backdoor, checkpoint=interrupted.checkpoint)
-    result = spec.run(resumed, cfg)
-    assert [s for s, _ in resumed.reports] == [3, 4]
-    assert np.array_equal(resumed.hand_offs["scores"]["score"], straight.hand_offs["scores"]["score"])
-    assert np.array_equal(resumed.hand_offs["scores"]["pool"], straight.hand_offs["scores"]["pool"])
-    for key, value in expected.model_state.items():
-        assert torch.equal(value, result.model_state[key]), key

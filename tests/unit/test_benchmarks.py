@@ -75,6 +75,7 @@ def test_table_marks_skipped_rows_and_missing_numbers():
 
 
 # ---------------------------------------------------------------------------------------- the suite itself
+@pytest.mark.timeout(900)  # runs the pure-torch rows of the suite in a subprocess (about 2 min on 2 cores)
 def test_pure_torch_rows_run_without_ray_and_mlflow(tmp_path):
     """As on a machine with only torch and torchvision: the orchestrator rows are skipped with a note."""
     data, stdout = run_suite(tmp_path, "--only", "fct.small_cnn,tune.trivial,sweep",
