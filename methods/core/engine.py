@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from methods.core.context import RunContext
-from methods.core.training import full_state, restore_full_state
+from methods.core.training import derive_seed, full_state, make_generator, restore_full_state, sgd, train_epoch
 
 Metrics = dict[str, Any]  # name -> float or 0-d tensor (converted once, when reported)
 
@@ -85,6 +85,30 @@ class Engine:
         """`fn` runs once a checkpoint is restored: it redoes what the run handed the context outside the
         checkpoint (a hand-off made by a step that will not run again)."""
         self._on_resume.append(fn)
+
+    def epochs(self, name: str, epochs: int, model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor,
+               batch_size: int, seed: int, lr: float | None = None, optimizer: torch.optim.Optimizer | None = None,
+               evaluate: Callable[[], dict[str, float]] | None = None,
+               augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None) -> Stage:
+        """The most common stage, built for the method: `epochs` epochs of cross-entropy on (x, y), one epoch a
+        step, trained through the context's fast path (ctx.wrap_model) and reporting `train_loss`; SGD with
+        momentum at `lr` unless an `optimizer` is given. The model, the optimizer and the shuffling generator (from
+        `seed`, for the purpose "train") are tracked under `name`; `augment(batch, generator)` draws from that
+        generator, so it resumes with it."""
+        if (lr is None) == (optimizer is None):
+            raise ValueError(f"engine.epochs {name!r}: give either lr or optimizer")
+        ctx = self.ctx
+        optimizer = optimizer if optimizer is not None else sgd(model.parameters(), lr)
+        generator = make_generator(derive_seed(seed, "train"), ctx.device)
+        self.track({name: model}, {name: optimizer}, generators={name: generator})
+        wrapped = ctx.wrap_model(model)
+        batch_augment = None if augment is None else (lambda xb: augment(xb, generator))
+
+        def one_epoch(_: int) -> Metrics:
+            return {"train_loss": train_epoch(wrapped, optimizer, x_uint8, y, batch_size, generator, batch_augment,
+                                              rank=ctx.rank, world_size=ctx.world_size)}
+
+        return Stage(name, epochs, one_epoch, evaluate)
 
     def run(self, stages: Sequence[Stage]) -> tuple[int, dict[str, float]]:
         """Run (or resume) the stages. Returns (step, metrics) of the last report, for final_result to compare the

@@ -68,3 +68,11 @@ def test_tracking_or_keeping_a_name_twice_is_refused():
     engine.keep(x=1)
     with pytest.raises(ValueError, match="already kept"):
         engine.keep(x=2)
+
+
+def test_the_epochs_stage_takes_either_an_lr_or_an_optimizer():
+    model = torch.nn.Linear(4, 2)
+    x, y = torch.zeros(8, 4, dtype=torch.uint8), torch.zeros(8, dtype=torch.long)
+    for extra in ({}, {"lr": 0.1, "optimizer": torch.optim.SGD(model.parameters(), lr=0.1)}):
+        with pytest.raises(ValueError, match="either lr or optimizer"):
+            Engine(LocalContext()).epochs("fit", 1, model, x, y, batch_size=4, seed=0, **extra)
