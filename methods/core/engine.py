@@ -132,6 +132,9 @@ class Engine:
                 pending = None
             if stage.begin is not None:
                 stage.begin()
+            if len(stages) > 1 and start < first + stage.length() - 1:
+                # one line a stage: each step's metrics are already printed where the context shows reports
+                ctx.progress(f"{stage.name}: steps {first}-{first + stage.length() - 1}")
             if pending is not None and start < first - 1 + stage.length():  # the checkpoint is inside this stage
                 self._restore(pending)
                 pending = None
@@ -149,7 +152,6 @@ class Engine:
     def _step(self, stage: Stage, i: int, step: int) -> tuple[int, dict[str, float]]:
         ctx = self.ctx
         self.step = step
-        ctx.progress(f"{stage.name} {i + 1}/{stage.length()} (step {step})")
         metrics = stage.run(i)
         if stage.evaluate is not None:
             metrics = {**stage.evaluate(), **metrics}
