@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 from methods.core.config import Config, choice, listed, ranged
 from methods.core.knowledge import BLIND, KNOWLEDGE_LEVELS, ORACLE
@@ -53,6 +53,9 @@ class DefenseConfig(Config):
     canary_lr: float = ranged(0.003, 0.0, 10.0, "repairing defenses: lr of that fine-tuning")
     canary_clean_ratio: float = ranged(0.1, 1e-4, 1.0,
                                        "repairing defenses: clean training images that fine-tuning uses")
+    # The fields whose rule, left unset, follows `knowledge`: the only way the level changes what a run trains.
+    # A defense without any trains the same under both levels, so a study comparing them runs its trials once.
+    KNOWLEDGE_RULES: ClassVar[tuple[str, ...]] = ()
 
     def refuse_oracle_rule(self, field: str, oracle_rules: tuple[str, ...]) -> None:
         """An explicitly chosen rule that reads oracle metrics contradicts knowledge blind."""
@@ -239,6 +242,7 @@ class PBEConfig(AdversarialFinetuneConfig):
     # None: val_asr under knowledge oracle, unchecked under blind.
     step0_rule: Optional[str] = choice(None, (None, "val_asr", "unchecked"),
                                        "how step 0 is checked (None: by knowledge)")
+    KNOWLEDGE_RULES: ClassVar[tuple[str, ...]] = ("step0_rule",)
 
     def step0_check(self) -> str:
         if self.step0_rule is not None:
@@ -347,6 +351,7 @@ class DBRConfig(SDConfig):
     # None: asr_within_acc_margin under knowledge oracle, best_val_acc under blind.
     br_select: Optional[str] = choice(None, (None,) + BR_SELECT_RULES,
                                       "which round's model is kept (None: by knowledge)")
+    KNOWLEDGE_RULES: ClassVar[tuple[str, ...]] = ("br_select",)
     br_acc_margin: float = ranged(0.02, 0.0, 1.0, "val_acc a kept round may lose against the best round")
 
     def selection_rule(self) -> str:
