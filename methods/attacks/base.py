@@ -19,9 +19,9 @@ from methods.attacks.configs import AttackConfig
 from methods.attacks.triggers import Trigger, trigger_from_state
 from methods.core.blind_signals import BlindSignals
 from methods.core.context import RunContext
-from methods.core.engine import Engine, Stage
+from methods.core.engine import Engine
 from methods.core.metrics import accuracy
-from methods.core.training import make_generator, predict_logits, sgd, train_epoch, unwrap
+from methods.core.training import make_generator, predict_logits, sgd, unwrap
 from methods.data.augment import standard_augment
 from methods.data.base import Splits, load_splits
 from methods.data.configs import DatasetInfo
@@ -243,26 +243,21 @@ def train_classifier(
     checkpoints, and returns its final metrics."""
     optimizer = sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-    g = make_generator(train_seed, ctx.device)
-    wrapped = ctx.wrap_model(model)
-    aug = (lambda xb: augment(xb, data.info, g)) if (augment is not None and cfg.augment) else None
-
-    def run_epoch(epoch: int) -> dict[str, Any]:
-        loss = train_epoch(wrapped, optimizer, data.x_train, data.y_train, cfg.batch_size, g, aug,
-                           rank=ctx.rank, world_size=ctx.world_size)
-        scheduler.step()
-        return {"train_loss": loss, **(constants or {})}
+    use_augment = augment is not None and cfg.augment
 
     def evaluated() -> dict[str, float]:
         return with_implant(evaluate(unwrap(model), data, batch_size=cfg.eval_batch_size))
 
+    engine = Engine(ctx)
+    stage = engine.epochs("train", cfg.epochs, model, data.x_train, data.y_train, cfg.batch_size, optimizer=optimizer,
+                          generator=make_generator(train_seed, ctx.device), scheduler=scheduler, extra=constants,
+                          evaluate=evaluated,
+                          augment=(lambda xb, g: augment(xb, data.info, g)) if use_augment else None)
     if not report:
         for epoch in range(cfg.epochs):
-            run_epoch(epoch)
+            stage.run(epoch)
         return {**evaluated(), **(constants or {})}
-    engine = Engine(ctx)
-    engine.track({"model": model}, {"opt": optimizer}, {"sched": scheduler}, {"train": g})
-    metrics = engine.run([Stage("train", cfg.epochs, run_epoch, evaluated)])[1]
+    metrics = engine.run([stage])[1]
     # a run resumed after its last epoch trains and reports nothing; its metrics are those of the restored model
     return metrics or {**evaluated(), **(constants or {})}
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from methods.core.context import RunContext
+from methods.core.schedules import set_lr
 from methods.core.training import derive_seed, full_state, make_generator, restore_full_state, sgd, train_epoch
 
 Metrics = dict[str, Any]  # name -> float or 0-d tensor (converted once, when reported)
@@ -87,26 +88,45 @@ class Engine:
         self._on_resume.append(fn)
 
     def epochs(self, name: str, epochs: int, model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor,
-               batch_size: int, seed: int, lr: float | None = None, optimizer: torch.optim.Optimizer | None = None,
+               batch_size: int, seed: int | None = None, lr: float | None = None,
+               optimizer: torch.optim.Optimizer | None = None,
                evaluate: Callable[[], dict[str, float]] | None = None,
-               augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None) -> Stage:
+               augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None, *,
+               generator: torch.Generator | None = None, lr_at: Callable[[int], float] | None = None,
+               scheduler: Any = None, extra: Metrics | None = None) -> Stage:
         """The most common stage, built for the method: `epochs` epochs of cross-entropy on (x, y), one epoch a
-        step, trained through the context's fast path (ctx.wrap_model) and reporting `train_loss`; SGD with
-        momentum at `lr` unless an `optimizer` is given. The model, the optimizer and the shuffling generator (from
-        `seed`, for the purpose "train") are tracked under `name`; `augment(batch, generator)` draws from that
-        generator, so it resumes with it."""
+        step, trained through the context's fast path (ctx.wrap_model) and reporting `train_loss`. Every
+        method that trains with plain cross-entropy trains through here (the attacks' recipe, FT, the teachers).
+
+        - Optimizer: SGD with momentum at `lr`, or the given `optimizer`. `lr_at(epoch)` (0-based) sets its rate
+          before each epoch and is reported as `lr`; a `scheduler` steps after each epoch.
+        - Shuffling: a generator drawn from `seed` (for the purpose "train"), or the given `generator`.
+          `augment(batch, generator)` draws from it, so it resumes with it.
+        - `extra`: values reported with every step (a stage index, facts fixed before training).
+
+        The model, optimizer, scheduler and generator are tracked under `name`."""
         if (lr is None) == (optimizer is None):
             raise ValueError(f"engine.epochs {name!r}: give either lr or optimizer")
+        if (seed is None) == (generator is None):
+            raise ValueError(f"engine.epochs {name!r}: give either seed or generator")
         ctx = self.ctx
         optimizer = optimizer if optimizer is not None else sgd(model.parameters(), lr)
-        generator = make_generator(derive_seed(seed, "train"), ctx.device)
-        self.track({name: model}, {name: optimizer}, generators={name: generator})
+        generator = generator if generator is not None else make_generator(derive_seed(seed, "train"), ctx.device)
+        self.track({name: model}, {name: optimizer}, {name: scheduler} if scheduler is not None else None,
+                   {name: generator})
         wrapped = ctx.wrap_model(model)
         batch_augment = None if augment is None else (lambda xb: augment(xb, generator))
 
-        def one_epoch(_: int) -> Metrics:
-            return {"train_loss": train_epoch(wrapped, optimizer, x_uint8, y, batch_size, generator, batch_augment,
-                                              rank=ctx.rank, world_size=ctx.world_size)}
+        def one_epoch(epoch: int) -> Metrics:
+            metrics: Metrics = {}
+            if lr_at is not None:
+                metrics["lr"] = torch.tensor(lr_at(epoch))
+                set_lr(optimizer, lr_at(epoch))
+            metrics["train_loss"] = train_epoch(wrapped, optimizer, x_uint8, y, batch_size, generator, batch_augment,
+                                                rank=ctx.rank, world_size=ctx.world_size)
+            if scheduler is not None:
+                scheduler.step()
+            return {**metrics, **(extra or {})}
 
         return Stage(name, epochs, one_epoch, evaluate)
 

@@ -9,9 +9,9 @@ import torch.nn as nn
 
 from methods.attacks.base import Backdoor
 from methods.core.context import RunContext
-from methods.core.engine import Stage
+from methods.core.engine import Engine, Stage
 from methods.core.schedules import set_lr
-from methods.core.training import derive_seed, make_generator, minibatches, sgd, to_float, train_epoch
+from methods.core.training import derive_seed, make_generator, minibatches, sgd, to_float
 from methods.data.augment import standard_augment
 from methods.data.configs import DatasetInfo
 from methods.defenses.attention import attention_map, cutout
@@ -19,38 +19,29 @@ from methods.defenses.common import evaluation
 from methods.defenses.configs import DistillConfig
 
 
-def clean_augment(info: DatasetInfo, g: torch.Generator, cutout_length: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def clean_augment(info: DatasetInfo, cutout_length: int) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
     """The clean-data pipeline of NAD/ARGD: the dataset's standard crop/flip, then Cutout."""
-    return lambda x: cutout(standard_augment(x, info, g), cutout_length, g)
+    return lambda x, g: cutout(standard_augment(x, info, g), cutout_length, g)
 
 
-def finetune_stage(ctx: RunContext, backdoor: Backdoor, name: str, index: int, model: nn.Module,
+def finetune_stage(engine: Engine, backdoor: Backdoor, name: str, index: int, model: nn.Module,
                    optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, g: torch.Generator,
                    epochs: int, batch_size: int, cutout_length: int, lr_at: Callable[[int], float],
                    eval_batch_size: int) -> Stage:
-    """CE fine-tuning of `model` on (x, y), one epoch a step, reported with the stage's `index`: FT itself, NAD's
-    and ARGD's fine-tuned teacher, ARGD's scratch teacher."""
-    wrapped = ctx.wrap_model(model)
-    augment = clean_augment(backdoor.data.info, g, cutout_length)
-
-    def run_epoch(epoch: int) -> dict[str, torch.Tensor]:
-        lr = lr_at(epoch)
-        set_lr(optimizer, lr)
-        loss = train_epoch(wrapped, optimizer, x, y, batch_size, g, augment, rank=ctx.rank, world_size=ctx.world_size)
-        return {"train_loss": loss, "lr": torch.tensor(lr), "stage": float(index)}
-
-    return Stage(name, epochs, run_epoch, evaluation(model, backdoor, eval_batch_size))
+    """CE fine-tuning of `model` on (x, y) with the clean pipeline, one epoch a step, reported with the stage's
+    `index`: FT itself, NAD's and ARGD's fine-tuned teacher, ARGD's scratch teacher."""
+    return engine.epochs(name, epochs, model, x, y, batch_size, optimizer=optimizer, generator=g, lr_at=lr_at,
+                         augment=clean_augment(backdoor.data.info, cutout_length),
+                         evaluate=evaluation(model, backdoor, eval_batch_size), extra={"stage": float(index)})
 
 
-def teacher_stage(ctx: RunContext, cfg: DistillConfig, backdoor: Backdoor, teacher: nn.Module, x: torch.Tensor,
-                  y: torch.Tensor, lr_at: Callable[[int], float]) -> tuple[Stage, torch.optim.Optimizer,
-                                                                           torch.Generator]:
+def teacher_stage(engine: Engine, cfg: DistillConfig, backdoor: Backdoor, teacher: nn.Module, x: torch.Tensor,
+                  y: torch.Tensor, lr_at: Callable[[int], float]) -> Stage:
     """The teacher of NAD and ARGD (stage 0): CE on the clean subset for teacher_epochs, lr per epoch from `lr_at`."""
     optimizer = sgd(teacher.parameters(), lr_at(0), cfg.momentum, cfg.weight_decay, cfg.nesterov)
-    g = make_generator(derive_seed(cfg.seed, "teacher"), ctx.device)
-    stage = finetune_stage(ctx, backdoor, "teacher", 0, teacher, optimizer, x, y, g, cfg.teacher_epochs,
-                           cfg.batch_size, cfg.cutout_length, lr_at, cfg.eval_batch_size)
-    return stage, optimizer, g
+    g = make_generator(derive_seed(cfg.seed, "teacher"), engine.ctx.device)
+    return finetune_stage(engine, backdoor, "teacher", 0, teacher, optimizer, x, y, g, cfg.teacher_epochs,
+                          cfg.batch_size, cfg.cutout_length, lr_at, cfg.eval_batch_size)
 
 
 class StudentForward(nn.Module):
@@ -79,7 +70,7 @@ def distill_stage(ctx: RunContext, cfg: DistillConfig, backdoor: Backdoor, stude
     """The student stage (stage 1): per batch, the frozen teacher's attention maps under no_grad, then the sum of
     the method's `loss_terms` on the student. Reports each term's epoch mean."""
     forward = ctx.wrap_model(StudentForward(student, head))
-    augment = clean_augment(backdoor.data.info, g, cfg.cutout_length)
+    augment = clean_augment(backdoor.data.info, cfg.cutout_length)
     n = len(y)
     # BatchNorm (ARGD's heads) cannot normalise a one-sample batch on any rank, so such a remainder is dropped.
     drop_last = n > cfg.batch_size and 0 < (n % cfg.batch_size) < 2 * ctx.world_size
@@ -93,7 +84,7 @@ def distill_stage(ctx: RunContext, cfg: DistillConfig, backdoor: Backdoor, stude
         batches = 0
         for idx in minibatches(n, cfg.batch_size, g, x.device, drop_last=drop_last,
                                rank=ctx.rank, world_size=ctx.world_size):
-            xb = augment(to_float(x[idx]))
+            xb = augment(to_float(x[idx]), g)
             with torch.no_grad():
                 teacher_maps = [attention_map(s, cfg.p) for s in teacher.forward_features(xb).stages]
             logits, student_maps, head_loss = forward(xb, teacher_maps, cfg.p)

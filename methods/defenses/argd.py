@@ -58,7 +58,8 @@ def run(ctx: RunContext, cfg: ARGDConfig):
     else:
         teacher = seeded_module(derive_seed(cfg.seed, "teacher_init"), lambda: build_model("wrn40_2", data.info))
         teacher = teacher.to(ctx.device)
-    first, teacher_opt, g_teacher = teacher_stage(ctx, cfg, backdoor, teacher, x, y, cfg.teacher_lr_at)
+    engine = Engine(ctx)
+    first = teacher_stage(engine, cfg, backdoor, teacher, x, y, cfg.teacher_lr_at)
 
     heads = seeded_module(derive_seed(cfg.seed, "heads"), lambda: TransferHeads(3, 3, cfg.qk_dim)).to(ctx.device)
     params = list(student.parameters())
@@ -76,7 +77,5 @@ def run(ctx: RunContext, cfg: ARGDConfig):
                 "loss_trans": cfg.w_trans * transfer}
 
     stage = distill_stage(ctx, cfg, backdoor, student, teacher, optimizer, x, y, g, loss_terms, head=heads)
-    engine = Engine(ctx)
-    engine.track({"teacher": teacher, "student": student, "heads": heads},
-                  {"teacher": teacher_opt, "student": optimizer}, generators={"teacher": g_teacher, "train": g})
+    engine.track({"student": student, "heads": heads}, {"student": optimizer}, generators={"train": g})
     return final_result(ctx, student, backdoor, engine.run([first, stage]), batch_size=cfg.eval_batch_size)

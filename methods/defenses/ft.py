@@ -33,7 +33,6 @@ def run(ctx: RunContext, cfg: FTConfig):
     optimizer = sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
     g = make_generator(derive_seed(cfg.seed, "train"), ctx.device)
     engine = Engine(ctx)
-    engine.track({"model": model}, {"opt": optimizer}, generators={"train": g})
-    stage = finetune_stage(ctx, backdoor, "finetune", 0, model, optimizer, data.x_train[idx], data.y_train[idx], g,
+    stage = finetune_stage(engine, backdoor, "finetune", 0, model, optimizer, data.x_train[idx], data.y_train[idx], g,
                            cfg.epochs, cfg.batch_size, cfg.cutout_length, lambda epoch: cfg.lr, cfg.eval_batch_size)
     return final_result(ctx, model, backdoor, engine.run([stage]), batch_size=cfg.eval_batch_size)

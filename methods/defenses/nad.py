@@ -33,7 +33,8 @@ def run(ctx: RunContext, cfg: NADConfig):
     idx = clean_subset(backdoor, cfg.clean_ratio, cfg.clean_seed)
     x, y = data.x_train[idx], data.y_train[idx]
     student, teacher = backdoor.build_model(ctx.device), backdoor.build_model(ctx.device)
-    first, teacher_opt, g_teacher = teacher_stage(ctx, cfg, backdoor, teacher, x, y, lambda epoch: cfg.teacher_lr)
+    engine = Engine(ctx)
+    first = teacher_stage(engine, cfg, backdoor, teacher, x, y, lambda epoch: cfg.teacher_lr)
     optimizer = sgd(student.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
     g = make_generator(derive_seed(cfg.seed, "train"), ctx.device)
     betas = (cfg.beta1, cfg.beta2, cfg.beta3)
@@ -43,7 +44,5 @@ def run(ctx: RunContext, cfg: NADConfig):
                 "loss_at": weighted_at_loss(student_maps, teacher_maps, betas)}
 
     stage = distill_stage(ctx, cfg, backdoor, student, teacher, optimizer, x, y, g, loss_terms)
-    engine = Engine(ctx)
-    engine.track({"teacher": teacher, "student": student}, {"teacher": teacher_opt, "student": optimizer},
-                  generators={"teacher": g_teacher, "train": g})
+    engine.track({"student": student}, {"student": optimizer}, generators={"train": g})
     return final_result(ctx, student, backdoor, engine.run([first, stage]), batch_size=cfg.eval_batch_size)
