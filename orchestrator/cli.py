@@ -327,14 +327,16 @@ def cmd_study(args) -> int:
     _check_failures(args)
     study = load_study(Path(args.study), args)
     session = _session(args)
-    _check_local_gpus(study.sweeps.values(), session)
+    plans = list(study.sweeps.values()) + list(study.blind_sweeps.values())
+    _check_local_gpus(plans, session)
     if args.dry_run:
         from orchestrator.discover import plan_text
 
-        plans = list(study.sweeps.values())
         print(f"study {study.name}: {len(study.attacks)} attacks x {len(study.defenses)} defenses "
               f"x seeds {study.seeds}; {study.jobs} run(s) at a time"
-              + ("; clean-model column" if study.clean else ""))
+              + ("; clean-model column" if study.clean else "")
+              + (f"; blind vs oracle, the blind sweeps on {' '.join(study.blind_objective)}"
+                 if study.blind_objective else ""))
         if study.untuned:
             print("on their presets, no sweep (num_samples 0; the search: blocks below are not run): "
                   + ", ".join(study.defenses[i][0] for i in sorted(study.untuned)))

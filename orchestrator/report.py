@@ -80,14 +80,15 @@ def render(attacks: list[str], columns: list[str], cells: dict, metrics: list[st
     rows = [[a] + [text(cells.get((a, c))) for c in columns] for a in attacks]
     caption = "cells: test " + " / ".join(m.upper() for m in metrics) + " in %, mean±std over seeds"
     if fmt == "runs-csv":  # the raw values behind every mean: one row per run
-        out = io.StringIO()
-        writer = csv.writer(out)
-        writer.writerow(["attack", "defense", "seed", "run_id", *(f"test_{m}" for m in metrics)])
-        for a in attacks:
-            for c in columns:
-                for seed, run_id, values in (cells.get((a, c)) or {}).get("runs", []):
-                    writer.writerow([a, c, seed, run_id, *(values[m] for m in metrics)])
-        return out.getvalue()
+        raw = [[a, c, seed, run_id, *(values[m] for m in metrics)] for a in attacks for c in columns
+               for seed, run_id, values in (cells.get((a, c)) or {}).get("runs", [])]
+        return format_rows(["attack", "defense", "seed", "run_id", *(f"test_{m}" for m in metrics)], raw, "", "csv")
+    return format_rows(header, rows, caption, fmt)
+
+
+def format_rows(header: list[str], rows: list[list], caption: str, fmt: str) -> str:
+    """A table in one of the report's formats (md with its caption below, csv, html, latex)."""
+    columns = header[1:]
     if fmt == "latex":
         def tex(value: str) -> str:
             return value.replace("±", r"$\pm$").replace("%", r"\%").replace("_", r"\_")
@@ -139,8 +140,13 @@ def run_report(args) -> int:
                            f"bdo report without --study takes the latest") from None
         if role != "study":
             raise BadInput(f"--study {study_id}: that run is not a study (role={role})")
-    attacks, columns, cells = collect(tracker, study_id, metrics)
-    content = render(attacks, columns, cells, metrics, args.format)
+    from orchestrator.compare import COMPARE_MODE, comparison_table
+
+    if tracker.client.get_run(study_id).data.tags.get("mode") == COMPARE_MODE:
+        content = comparison_table(tracker, study_id, args.format)  # always test ACC and ASR
+    else:
+        attacks, columns, cells = collect(tracker, study_id, metrics)
+        content = render(attacks, columns, cells, metrics, args.format)
     name = REPORT_FILES[args.format]
     if args.out:
         out = Path(args.out)

@@ -363,8 +363,11 @@ def summarize(tracker: Tracker, plan: SweepPlan, sweep_run_id: str, grid) -> Swe
     for result in grid:
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
         metrics = result.metrics or {}
+        # every split metric of the trial's last report (the returned model), so that a caller may select or
+        # correlate on metrics other than the sweep's own objective (the study's blind-vs-oracle comparison)
         row = {"trial_id": metrics.get("trial_id", trial_id), "config": result.config,
                "error": result.error is not None,
+               **{k: v for k, v in metrics.items() if k.startswith(("val_", "test_"))},
                **{k: metrics.get(k, math.nan) for k in (*TRIAL_COLUMNS, plan.space.metric)},
                "step": metrics.get("step")}
         run = runs.get(row["trial_id"])
@@ -381,11 +384,9 @@ def summarize(tracker: Tracker, plan: SweepPlan, sweep_run_id: str, grid) -> Swe
     log_trials_csv(tracker, sweep_run_id, out.trials, plan.space.metric)
     if plan.searcher == "optuna":
         log_search_plots(tracker, sweep_run_id, plan, out.trials)
-    metric, mode = plan.space.metric, plan.space.mode
     ok = [t for t in out.trials if not t["error"]]
-    scored = [t for t in ok if not math.isnan(_metric(t, metric))]
-    if scored:
-        best = (max if mode == "max" else min)(scored, key=lambda t: _metric(t, metric))
+    best = best_trial(out.trials, plan.space.metric, plan.space.mode)
+    if best is not None:
         out.best = best
         tags = {"best_trial_id": best["trial_id"], "best_run_id": best["run_id"] or ""}
         tracker.set_tags(sweep_run_id, tags)
@@ -411,6 +412,15 @@ def summarize(tracker: Tracker, plan: SweepPlan, sweep_run_id: str, grid) -> Swe
             tracker.log_artifact(sweep_run_id, Path(d) / "pareto.json")
             tracker.log_artifact(sweep_run_id, plot_dir, "plots")
     return out
+
+
+def best_trial(trials: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
+    """The finished trial with the best `metric` (validation), or None when no trial reported it. Ties go to the
+    earlier trial, which is the default point when the sweep evaluated one."""
+    scored = [t for t in trials if not t["error"] and not math.isnan(_metric(t, metric))]
+    if not scored:
+        return None
+    return (max if mode == "max" else min)(scored, key=lambda t: _metric(t, metric))
 
 
 def parameter_importances(plan: SweepPlan, trials: list[dict[str, Any]]) -> dict[str, float]:

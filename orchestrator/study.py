@@ -11,10 +11,13 @@ import multiprocessing
 import os
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from methods.core.knowledge import BLIND, ORACLE, blind_metrics, knowledge_of
+from orchestrator.compare import COMPARE_MODE, comparison_table, run_comparison
 from orchestrator.devices import driver_device
 from orchestrator.errors import BadInput
 from orchestrator.execute import build_attack
@@ -23,9 +26,11 @@ from orchestrator.resolve import SEARCH_SPACES, load_yaml, method_spec, resolve_
 from orchestrator.runner import Session, run_single, run_sweep
 from orchestrator.spaces import SweepPlan, load_space, plan_sweep
 
-STUDY_KEYS = {"name", "dataset", "model", "attacks", "defenses", "seeds", "tune", "data", "quick", "clean", "jobs"}
+STUDY_KEYS = {"name", "dataset", "model", "attacks", "defenses", "seeds", "tune", "data", "quick", "clean", "jobs",
+              "blind_vs_oracle"}
 TUNE_KEYS = {"num_samples", "searcher", "scheduler", "max_concurrent", "seed"}
 DEFENSE_KEYS = {"name", "space", "tune"}
+DEFAULT_BLIND_OBJECTIVE = ("val_blind_score", "max")
 
 
 @dataclass
@@ -43,6 +48,10 @@ class StudyPlan:
     untuned: set[int] = field(default_factory=set)
     clean: bool = False  # a "clean model" column: each attack's settings with nothing poisoned
     jobs: int = 1  # runs trained at once (attack builds and final runs; sweeps use Ray's own parallelism)
+    # blind_vs_oracle (orchestrator/compare.py): every cell is also tuned under knowledge blind, on this objective;
+    # `sweeps` then holds the oracle sweeps
+    blind_objective: tuple[str, str] | None = None
+    blind_sweeps: dict[tuple[int, int], SweepPlan] = field(default_factory=dict)
 
 
 def _given(flag: Any, from_study: Any) -> Any:
@@ -96,6 +105,7 @@ def load_study(path: Path, args) -> StudyPlan:
     plan = StudyPlan(path, str(raw.get("name", path.stem)), args.dataset or str(raw.get("dataset", "digits")),
                      args.model or str(raw.get("model", "small_cnn")), attacks, defenses, list(seeds), dict(tune),
                      clean=raw.get("clean", False), jobs=jobs)
+    plan.blind_objective = blind_objective(raw.get("blind_vs_oracle"), src, args)
     quick = bool(raw.get("quick", False)) or bool(getattr(args, "quick", False))
     from orchestrator.resolve import parse_set
 
@@ -108,6 +118,9 @@ def load_study(path: Path, args) -> StudyPlan:
     for di, defense_tune in enumerate(defense_tunes):
         if _given(args.num_samples, {**tune, **defense_tune}.get("num_samples")) == 0:
             plan.untuned.add(di)
+    if plan.blind_objective and plan.untuned:
+        raise BadInput(f"{src}: blind_vs_oracle tunes every defense; num_samples 0 (no sweep) leaves nothing to "
+                       f"compare for {', '.join(defenses[i][0] for i in sorted(plan.untuned))}")
     for ai, (attack, attack_values) in enumerate(attacks):
         for di, (defense, space_path) in enumerate(defenses):
             space = load_space(space_path)
@@ -116,12 +129,14 @@ def load_study(path: Path, args) -> StudyPlan:
             space.attack_values = {**space.attack_values, **attack_values}
             space.data_values = {**space.data_values, **(raw.get("data") or {})}
             cell_tune = {**tune, **defense_tunes[di]}
-            plan.sweeps[(ai, di)] = plan_sweep(
-                space, dataset=plan.dataset, model=plan.model,
+            planned = partial(
+                plan_sweep, dataset=plan.dataset, model=plan.model,
                 seed=args.seed if args.seed is not None else cell_tune.get("seed", seeds[0]), attack=attack,
                 sets=sets, use_preset=not args.no_preset, quick=quick,
                 searcher=args.searcher or cell_tune.get("searcher"),
-                scheduler=args.scheduler or cell_tune.get("scheduler"),
+                # a comparison selects twice from one set of trials, which early stopping on one objective would
+                # cut short for the other: FIFO unless the study asks otherwise (and is then refused)
+                scheduler=args.scheduler or cell_tune.get("scheduler") or ("fifo" if plan.blind_objective else None),
                 objective=args.objective,
                 # an untuned defense is still planned (so its space and presets are checked), never swept
                 num_samples=1 if di in plan.untuned else _given(args.num_samples, cell_tune.get("num_samples")),
@@ -129,9 +144,47 @@ def load_study(path: Path, args) -> StudyPlan:
                 cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                 workers_per_trial=args.workers_per_trial,
                 default_trial=not getattr(args, "no_default_trial", False),
-                knowledge=getattr(args, "knowledge", None),
             )
+            if plan.blind_objective is None:
+                plan.sweeps[(ai, di)] = planned(space, knowledge=getattr(args, "knowledge", None))
+                continue
+            metric, mode = plan.blind_objective
+            plan.sweeps[(ai, di)] = planned(space, knowledge=ORACLE)
+            plan.blind_sweeps[(ai, di)] = planned(replace(space, metric=metric, mode=mode), knowledge=BLIND)
+            for sweep in (plan.sweeps[(ai, di)], plan.blind_sweeps[(ai, di)]):
+                check_comparable(sweep, src)
     return plan
+
+
+def blind_objective(value: Any, source: str, args) -> tuple[str, str] | None:
+    """The objective of the blind sweeps of a blind_vs_oracle study (None: not such a study). `true` takes
+    val_blind_score (val ACC minus val adversarial concentration), the blind analogue of the oracle's ACC - ASR."""
+    if value is None or value is False:
+        return None
+    if getattr(args, "knowledge", None):
+        raise BadInput(f"{source}: blind_vs_oracle tunes each cell under both knowledge levels; drop --knowledge")
+    if value is True:
+        return DEFAULT_BLIND_OBJECTIVE
+    objective = value.get("objective") if isinstance(value, dict) and set(value) <= {"objective"} else None
+    if not isinstance(objective, dict) or set(objective) - {"metric", "mode"}:
+        raise BadInput(f"{source}: blind_vs_oracle: true, or {{objective: {{metric: val_..., mode: max|min}}}} "
+                       f"(the blind sweeps' objective)")
+    metric, mode = str(objective.get("metric", DEFAULT_BLIND_OBJECTIVE[0])), str(objective.get("mode", "max"))
+    if not metric.startswith("val_") or knowledge_of(metric) != BLIND:
+        raise BadInput(f"{source}: blind_vs_oracle: objective.metric {metric!r} is not a blind validation metric; "
+                       f"blind metrics: {', '.join(blind_metrics())}")
+    if mode not in ("max", "min"):
+        raise BadInput(f"{source}: blind_vs_oracle: objective.mode {mode!r}: use max or min")
+    return metric, mode
+
+
+def check_comparable(plan: SweepPlan, source: str) -> None:
+    """Both selections of a cell whose defense trains the same under both levels are made from one set of trials;
+    a searcher or scheduler that steers by one objective would make those trials the oracle's (or the blind's)."""
+    if plan.searcher == "optuna" or plan.scheduler == "asha":
+        raise BadInput(f"{source}: blind_vs_oracle selects twice from the same trials, which {plan.searcher} with "
+                       f"{plan.scheduler} would steer by one objective; use searcher random (or grid) and "
+                       f"scheduler fifo (the default of such a study)")
 
 
 def _tune_block(tune: Any, source: str) -> dict[str, Any]:
@@ -161,41 +214,19 @@ def run_study(session: Session, study: StudyPlan, args) -> StudyOutcome:
                                       **{f"tune.{k}": v for k, v in study.tune.items()}})
     tracker.set_tags(study_run_id, {"layout": json.dumps({"attacks": [a for a, _ in study.attacks],
                                                           "defenses": [d for d, _ in study.defenses]})})
+    if study.blind_objective:
+        tracker.set_tags(study_run_id, {"mode": COMPARE_MODE, "blind_objective": " ".join(study.blind_objective)})
     tags = {"study_run_id": study_run_id}
-    failed = 0
     cells: dict[tuple[str, str], list[dict[str, float]]] = {}
     trials: dict[tuple[str, str], int] = {}
     pool = RunPool(session, study.jobs)
     try:
-        # The attack columns first: every final run below trains on one of these models (served by the cache).
-        columns = [("none", False)] + ([("clean", True)] if study.clean else [])
-        built: dict[tuple[str, str], list[Any]] = {}
-        for ai, (attack, _) in enumerate(study.attacks):
-            first = study.sweeps[(ai, 0)]
-            for column, clean in columns:
-                for seed in study.seeds:
-                    spec = resolve_run(first.base.method, study.dataset, study.model, seed, attack,
-                                       attack_base={**{k: v for k, v in first.base.attack_config.items()
-                                                       if k != "seed"}, **({"poison_rate": 0.0} if clean else {})},
-                                       data_base=first.base.data_config, use_preset=False)
-                    label = f"{attack} {'clean model' if clean else 'no defense'} seed {seed}"
-                    built.setdefault((attack, column), []).append(
-                        pool.submit(label, "attack", spec, tags, device=driver_device(first)))
-        # bdo report reads these columns from the recorded ids, not from the study_run_id tag: a cached attack
-        # keeps the tags of whichever command built it, and the sweeps' own attacks (tuning seed, a space's data
-        # block) carry this study's tag without belonging to the column.
-        recorded: dict[str, dict[str, list[str]]] = {"none": {}, "clean": {}}
-        for (attack, column), jobs in built.items():
-            for job in jobs:
-                outcome = pool.wait(job)
-                if outcome is None:
-                    failed += 1
-                    continue
-                run_id, metrics = outcome
-                cells.setdefault((attack, column), []).append(metrics)
-                recorded[column].setdefault(attack, []).append(run_id)
-        tracker.set_tags(study_run_id, {"no_defense_run_ids": json.dumps(recorded["none"]),
-                                        "clean_run_ids": json.dumps(recorded["clean"])})
+        failed = attack_columns(study, pool, tracker, study_run_id, cells)
+        if study.blind_objective:
+            failed += run_comparison(session, study, pool, study_run_id, args.max_failures)
+            pool.shutdown()
+            tracker.end(study_run_id, "FINISHED" if not failed else "FAILED")
+            return StudyOutcome(study_run_id, comparison_table(tracker, study_run_id, "md"), failed)
         finals: list[tuple[str, str, Any]] = []
         for ai, (attack, _) in enumerate(study.attacks):
             for di, (defense, _) in enumerate(study.defenses):
@@ -213,11 +244,7 @@ def run_study(session: Session, study: StudyPlan, args) -> StudyOutcome:
                     chosen = dict(result.best["config"])
                     final_tags.update(sweep_run_id=result.sweep_run_id, selected_trial_id=result.best["trial_id"])
                 for seed in study.seeds:
-                    spec = resolve_run(defense, study.dataset, study.model, seed, attack,
-                                       base={**{k: v for k, v in plan.base.config.items() if k != "seed"}, **chosen},
-                                       attack_base={k: v for k, v in plan.base.attack_config.items() if k != "seed"},
-                                       data_base=plan.base.data_config, use_preset=False)
-                    spec.config = _with_derived(plan, spec.config)
+                    spec = final_spec(study, plan, defense, attack, seed, chosen)
                     job = pool.submit(f"{attack} x {defense} seed {seed}", "final", spec, final_tags,
                                       parent_id=study_run_id, device=driver_device(plan))
                     finals.append((attack, defense, job))
@@ -237,12 +264,61 @@ def run_study(session: Session, study: StudyPlan, args) -> StudyOutcome:
     return StudyOutcome(study_run_id, table, failed)
 
 
+def attack_columns(study: StudyPlan, pool: "RunPool", tracker, study_run_id: str,
+                   cells: dict[tuple[str, str], list[dict[str, float]]]) -> int:
+    """Train the no-defense (and clean-model) column of every attack and seed, record them on the study run;
+    returns how many failed. Every final run afterwards trains on one of these models (served by the cache)."""
+    tags = {"study_run_id": study_run_id}
+    failed = 0
+    columns = [("none", False)] + ([("clean", True)] if study.clean else [])
+    built: dict[tuple[str, str], list[Any]] = {}
+    for ai, (attack, _) in enumerate(study.attacks):
+        first = study.sweeps[(ai, 0)]
+        for column, clean in columns:
+            for seed in study.seeds:
+                spec = resolve_run(first.base.method, study.dataset, study.model, seed, attack,
+                                   attack_base={**{k: v for k, v in first.base.attack_config.items()
+                                                   if k != "seed"}, **({"poison_rate": 0.0} if clean else {})},
+                                   data_base=first.base.data_config, use_preset=False)
+                label = f"{attack} {'clean model' if clean else 'no defense'} seed {seed}"
+                built.setdefault((attack, column), []).append(
+                    pool.submit(label, "attack", spec, tags, device=driver_device(first)))
+    # bdo report reads these columns from the recorded ids, not from the study_run_id tag: a cached attack
+    # keeps the tags of whichever command built it, and the sweeps' own attacks (tuning seed, a space's data
+    # block) carry this study's tag without belonging to the column.
+    recorded: dict[str, dict[str, list[str]]] = {"none": {}, "clean": {}}
+    for (attack, column), jobs in built.items():
+        for job in jobs:
+            outcome = pool.wait(job)
+            if outcome is None:
+                failed += 1
+                continue
+            run_id, metrics = outcome
+            cells.setdefault((attack, column), []).append(metrics)
+            recorded[column].setdefault(attack, []).append(run_id)
+    tracker.set_tags(study_run_id, {"no_defense_run_ids": json.dumps(recorded["none"]),
+                                    "clean_run_ids": json.dumps(recorded["clean"])})
+    return failed
+
+
+def final_spec(study: StudyPlan, plan: SweepPlan, defense: str, attack: str, seed: int, chosen: dict[str, Any]):
+    """The run of a cell's configuration (the sweep's base with the chosen values) on one evaluation seed."""
+    spec = resolve_run(defense, study.dataset, study.model, seed, attack,
+                       base={**{k: v for k, v in plan.base.config.items() if k != "seed"}, **chosen},
+                       attack_base={k: v for k, v in plan.base.attack_config.items() if k != "seed"},
+                       data_base=plan.base.data_config, use_preset=False)
+    spec.config = _with_derived(plan, spec.config)
+    return spec
+
+
 def _train(session_fields: dict[str, Any], job: str, spec, tags: dict[str, str], parent_id: str | None,
-           device: str, threads: int | None) -> tuple[str, dict[str, float]]:
+           device: str, threads: int | None) -> tuple[str, dict[str, float], float]:
     """One attack build or final run; in a worker process when the study trains several at once (its own
-    tracker, `threads` torch threads, its progress lines dropped: the study prints one line per run)."""
+    tracker, `threads` torch threads, its progress lines dropped: the study prints one line per run). Returns
+    (run id, metrics, seconds it ran): a queued run's wait for a free worker is not its time."""
     import torch
 
+    started = time.monotonic()
     session = Session(**session_fields)
     quiet = contextlib.redirect_stdout(io.StringIO()) if threads else contextlib.nullcontext()
     if threads:
@@ -251,9 +327,11 @@ def _train(session_fields: dict[str, Any], job: str, spec, tags: dict[str, str],
         if job == "attack":
             backdoor, run_id, _ = build_attack(spec, session.open_tracker(), session.storage, session.data_root,
                                                session.download, extra_tags=tags, device=torch.device(device))
-            return run_id, backdoor.metrics
-        return run_single(session, spec, extra_tags=tags, role="final", parent_id=parent_id,
-                          device=torch.device(device))
+            metrics = backdoor.metrics
+        else:
+            run_id, metrics = run_single(session, spec, extra_tags=tags, role="final", parent_id=parent_id,
+                                         device=torch.device(device))
+    return run_id, metrics, time.monotonic() - started
 
 
 class RunPool:
@@ -270,28 +348,27 @@ class RunPool:
             self.executor = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
 
     def submit(self, label: str, job: str, spec, tags: dict[str, str], parent_id: str | None = None,
-               device=None) -> tuple[str, Any, float]:
+               device=None) -> tuple[str, Any]:
         args = (self.fields, job, spec, tags, parent_id, str(device), self.threads)
         if self.executor is not None:
-            return label, self.executor.submit(_train, *args), time.monotonic()
+            return label, self.executor.submit(_train, *args)
         future: Future = Future()
-        started = time.monotonic()
         try:
             future.set_result(_train(*args))
         except Exception as exc:  # noqa: BLE001  (reported by wait, like a worker's failure)
             future.set_exception(exc)
-        return label, future, started
+        return label, future
 
-    def wait(self, job: tuple[str, Any, float]) -> tuple[str, dict[str, float]] | None:
-        label, future, started = job
+    def wait(self, job: tuple[str, Any]) -> tuple[str, dict[str, float]] | None:
+        label, future = job
         try:
-            run_id, metrics = future.result()
+            run_id, metrics, seconds = future.result()
         except Exception as exc:  # noqa: BLE001
             print(f"  {label}: FAILED: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             return None
         if self.executor is not None:  # in one process the run printed its own progress
             print(f"  {label}: test_acc={metrics.get('test_acc', math.nan):.3f} "
-                  f"test_asr={metrics.get('test_asr', math.nan):.3f} ({time.monotonic() - started:.0f} s)")
+                  f"test_asr={metrics.get('test_asr', math.nan):.3f} ({seconds:.0f} s)")
         return run_id, metrics
 
     def shutdown(self, cancel: bool = False) -> None:

@@ -127,6 +127,20 @@ STUDY_CASES = {
                             "defenses: ft: unknown key(s) epochs"),
     "defense tune not a mapping": ("attacks: [badnets]\ndefenses: [{name: ft, tune: 3}]\nseeds: [0]\n",
                                    "defenses: ft: tune: a mapping"),
+    "blind objective reads the trigger": (
+        "attacks: [badnets]\ndefenses: [ft]\nseeds: [0]\nblind_vs_oracle: {objective: {metric: val_asr, mode: min}}\n",
+        "blind_vs_oracle: objective.metric 'val_asr' is not a blind validation metric"),
+    "blind objective on a test metric": (
+        "attacks: [badnets]\ndefenses: [ft]\nseeds: [0]\nblind_vs_oracle: {objective: {metric: test_acc}}\n",
+        "objective.metric 'test_acc' is not a blind validation metric"),
+    "blind_vs_oracle not a mapping": ("attacks: [badnets]\ndefenses: [ft]\nseeds: [0]\nblind_vs_oracle: yes please\n",
+                                      "blind_vs_oracle: true, or {objective:"),
+    "blind_vs_oracle with an untuned defense": (
+        "attacks: [badnets]\ndefenses: [ft]\nseeds: [0]\ntune: {num_samples: 0}\nblind_vs_oracle: true\n",
+        "blind_vs_oracle tunes every defense; num_samples 0"),
+    "blind_vs_oracle with a steering searcher": (
+        "attacks: [badnets]\ndefenses: [ft]\nseeds: [0]\ntune: {searcher: optuna}\nblind_vs_oracle: true\n",
+        "blind_vs_oracle selects twice from the same trials"),
 }
 
 
