@@ -317,6 +317,12 @@ def execute_defense(spec: RunSpec, ctx: TrackedContext, tracker: Tracker | None,
     """Run a defense with its context and log its outputs (rank 0). Returns (final metrics, final weights)."""
     result = run_method(spec, ctx)
     if ctx.logs:
+        # the result's metrics that no report carried (the test split's blind signals, measured only for the
+        # returned model: methods.defenses.common.final_result), logged with the last report, which describes it
+        reported = {k for _, metrics in ctx.history for k in metrics}
+        unreported = {k: v for k, v in result.metrics.items() if k not in reported}
+        if unreported:
+            tracker.log_metrics(run_id, unreported, ctx.history[-1][0])
         log_outputs(tracker, run_id, spec, ctx, result.model_state, backdoor, backdoor.seeds)
     return result.metrics, result.model_state
 

@@ -8,6 +8,12 @@ a defender can compute, so that a `knowledge: blind` sweep has more to select on
   many classes. Lower is better for a defense.
 - `canary_asr`: the defender's own backdoor (methods/defenses/canary.py), planted before the defense; its ASR
   after the defense, measured with the canary trigger the defender knows. Lower is better.
+- `blind_score`: acc - adv_concentration (methods/defenses/common.py, which has the accuracy), the blind analogue
+  of ACC - ASR: a repaired model keeps its clean accuracy and spreads adversarial examples over the classes.
+  Higher is better.
+
+A defense's step reports carry the validation split's signals only (sweeps select on validation); the test
+split's are measured once, for the model the defense returns (methods.defenses.common.final_result).
 
 Computing them may change no number a method computes: they draw from their own generators (never the global RNG
 nor a method's), run on the bare model in fp32 eval mode and restore its mode, and take gradients with respect to
@@ -58,9 +64,10 @@ class BlindSignals:
     images: int
     seed: int
     canary: Optional[Canary] = None
-    # The weights last evaluated and their signals. The final evaluation of a defense re-evaluates the weights of
-    # its last report, and PGD's input gradients need not be bit-reproducible on a GPU: handing back the memo for
-    # equal weights keeps final_result from seeing a difference that is not there (and saves one PGD).
+    # The weights last evaluated and their signals, per split. The final evaluation of a defense re-evaluates the
+    # weights of its last report, and PGD's input gradients need not be bit-reproducible on a GPU: handing back
+    # the memo for equal weights keeps final_result from seeing a difference that is not there (and saves one
+    # PGD); the test split, which only the final evaluation measures, is added to the memo of those weights.
     _memo: dict = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -122,21 +129,28 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.device == b.device and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
+def _split_signals(model: nn.Module, data: Any, signals: BlindSignals, split: str,
+                   batch_size: int) -> dict[str, float]:
+    x, y = data.clean_set(split)
+    out = {f"{split}_adv_concentration": adv_concentration(model, x, y, signals, batch_size)}
+    if signals.canary is not None:
+        out[f"{split}_canary_asr"] = canary_asr(model, signals.canary, split, x, y, batch_size)
+    return out
+
+
 def blind_signals(model: nn.Module, data: Any, signals: Optional[BlindSignals] = None,
-                  batch_size: int = 1024) -> dict[str, float]:
-    """`<split>_adv_concentration` for val and test, and `<split>_canary_asr` when a canary was planted."""
+                  batch_size: int = 1024, splits: tuple[str, ...] = SPLITS) -> dict[str, float]:
+    """`<split>_adv_concentration` for each of `splits`, and `<split>_canary_asr` when a canary was planted."""
     signals = signals or default_signals(data.info)
     bare = unwrap(model)  # fp32 and no autocast, as methods.attacks.base.evaluate
     state = bare.state_dict()
     memo = signals._memo
-    if memo and memo["keys"] == list(state) and all(_same_tensor(a, b) for a, b in zip(memo["state"],
-                                                                                         state.values())):
-        return dict(memo["out"])
-    out: dict[str, float] = {}
-    for split in SPLITS:
-        x, y = data.clean_set(split)
-        out[f"{split}_adv_concentration"] = adv_concentration(bare, x, y, signals, batch_size)
-        if signals.canary is not None:
-            out[f"{split}_canary_asr"] = canary_asr(bare, signals.canary, split, x, y, batch_size)
-    memo.update(keys=list(state), state=[v.detach().clone() for v in state.values()], out=dict(out))
-    return out
+    same = memo and memo["keys"] == list(state) and all(_same_tensor(a, b) for a, b in zip(memo["state"],
+                                                                                          state.values()))
+    if not same:
+        memo.update(keys=list(state), state=[v.detach().clone() for v in state.values()], out={})
+    # per split: the step reports evaluate val only and the final evaluation adds test for the same weights
+    for split in splits:
+        if split not in memo["out"]:
+            memo["out"][split] = _split_signals(bare, data, signals, split, batch_size)
+    return {k: v for split in splits for k, v in memo["out"][split].items()}

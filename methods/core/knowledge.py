@@ -38,6 +38,9 @@ BLIND_METRICS = frozenset({
     # methods/core/blind_signals.py: PGD examples of clean held-out images, and the ASR of the defender's own
     # canary backdoor, measured with the canary trigger the defender chose (never the attacker's)
     "adv_concentration", "canary_asr",
+    # acc - adv_concentration (methods/defenses/common.py): blind, as both of its terms are; the blind analogue of
+    # ACC - ASR that a blind sweep can maximise
+    "blind_score",
     "pool_clean_size", "pool_poison_size",  # how many samples the defense put in each pool: its own decision
     "train_loss", "lr", "stage", "adversarial", "asd_stage", "kept_step", "pbe_step", "pbe_attempt",
     # D-BR's round counters and the accuracy floor of its selection rule, from val ACC
@@ -69,4 +72,4 @@ def knowledge_of(metric: str) -> str:
 def blind_metrics(split: str = "val") -> list[str]:
     """The blind metrics of an evaluation split that every defense reports, for messages (`canary_asr` only when a
     canary is planted)."""
-    return [f"{split}_acc", f"{split}_adv_concentration", f"{split}_canary_asr"]
+    return [f"{split}_acc", f"{split}_adv_concentration", f"{split}_blind_score", f"{split}_canary_asr"]

@@ -37,16 +37,25 @@ def clean_subset(backdoor: Backdoor, clean_ratio: float, clean_seed: int | None 
     return clean[torch.randperm(len(clean), generator=g)[:count]].sort().values.to(data.y_train.device)
 
 
+def split_blind_signals(model: nn.Module, backdoor: Backdoor, metrics: dict[str, float], split: str,
+                        batch_size: int = 1024) -> dict[str, float]:
+    """The blind signals of one split (adversarial concentration, the canary's ASR when one is planted) and the
+    blind score built on them and on `metrics`' accuracy of that split."""
+    out = blind_signals(model, backdoor.data, backdoor.blind, batch_size, splits=(split,))
+    out[f"{split}_blind_score"] = metrics[f"{split}_acc"] - out[f"{split}_adv_concentration"]
+    return out
+
+
 def evaluate_with_der(model: nn.Module, backdoor: Backdoor, batch_size: int = 1024) -> dict[str, float]:
-    """val/test ACC, ASR, RA of `model`, plus DER against the backdoored model's own figures, plus the blind
-    signals (adversarial concentration, and the canary's ASR when one is planted). Every report and the final
-    evaluation of every defense pass through here, so each reports the same blind signals."""
+    """val/test ACC, ASR, RA of `model`, plus DER against the backdoored model's own figures, plus the validation
+    split's blind signals. Every report and the final evaluation of every defense pass through here, so each
+    reports the same blind signals; the test split's PGD, which no choice may read, is left to final_result."""
     metrics = evaluate(unwrap(model), backdoor.data, batch_size=batch_size)
     before = backdoor.metrics
     for split in ("val", "test"):
         metrics[f"{split}_der"] = der(before[f"{split}_acc"], before[f"{split}_asr"],
                                       metrics[f"{split}_acc"], metrics[f"{split}_asr"])
-    metrics.update(blind_signals(model, backdoor.data, backdoor.blind, batch_size))
+    metrics.update(split_blind_signals(model, backdoor, metrics, "val", batch_size))
     return metrics
 
 
@@ -69,12 +78,18 @@ def final_result(ctx: RunContext, model: nn.Module, backdoor: Backdoor, last: tu
     The returned weights are evaluated; whenever the result (their evaluation, the last report's other values and
     `extra`) differs from what was last reported, it is reported once more at the next step, with `kept_step`.
     What the orchestrator records, ranks and tabulates is the last report, so it always describes the weights
-    saved as the run's model and never a step that was discarded."""
+    saved as the run's model and never a step that was discarded.
+
+    The test split's blind signals are measured here only, for the returned weights: they are part of the result
+    (and of a final report), but no step report carries them, so they alone never make the result differ (the
+    orchestrator logs them at the last reported step, orchestrator.execute.execute_defense)."""
     step, reported = last
-    metrics = {**reported, **(extra or {}), **evaluate_with_der(model, backdoor, batch_size)}
+    evaluated = evaluate_with_der(model, backdoor, batch_size)
+    metrics = {**reported, **(extra or {}), **evaluated}
     differs = set(metrics) != set(reported) or not all(_same(float(v), float(reported[k])) for k, v in metrics.items())
     if kept_step is not None and kept_step != step:
         differs = True
+    metrics.update(split_blind_signals(model, backdoor, evaluated, "test", batch_size))
     if differs:
         metrics["kept_step"] = float(step if kept_step is None else kept_step)
         ctx.report(metrics, step=step + 1)

@@ -326,7 +326,13 @@ class SDConfig(DefenseConfig):
             raise ValueError("fct_erase_scale_min: must not exceed fct_erase_scale_max")
 
 
-BR_SELECT_RULES = ("asr_within_acc_margin", "best_val_acc", "last")
+# The margin rules and the validation metric each minimises among the rounds near the best val_acc.
+BR_MARGIN_METRICS = {
+    "asr_within_acc_margin": "val_asr",
+    "concentration_within_acc_margin": "val_adv_concentration",
+    "canary_within_acc_margin": "val_canary_asr",
+}
+BR_SELECT_RULES = (*BR_MARGIN_METRICS, "best_val_acc", "last")
 
 
 @declare_method("dbr", kind="defense", splits_samples=True)
@@ -338,17 +344,30 @@ class DBRConfig(SDConfig):
     br_relearn_epochs: int = ranged(1, 1, 1000, "epochs on the clean pool per round")
     br_batch_size: int = ranged(128, 1, 65_536)
     # Which round's weights are returned, decided on the validation split only:
-    # - "asr_within_acc_margin": among the rounds whose val_acc is at least (best val_acc of any round) -
-    #   br_acc_margin, the one with the lowest val_asr (ties: the higher val_acc, then the later round). The kept
-    #   model never gives up more than br_acc_margin of validation accuracy against the best round, whatever ASR
+    # - the margin rules: among the rounds whose val_acc is at least (best val_acc of any round) - br_acc_margin,
+    #   the one with the lowest value of the rule's metric (ties: the higher val_acc, then the later round). The
+    #   kept model never gives up more than br_acc_margin of validation accuracy against the best round, whatever
     #   that would buy. 0.02 sits below the 3-point accuracy bar the defenses are held to and above the noise of
-    #   a few hundred validation images (one image of digits' ~180 is 0.0056).
-    #   Oracle: it reads val_asr, i.e. the trigger.
+    #   a few hundred validation images (one image of digits' ~180 is 0.0056). The metric:
+    #   - "asr_within_acc_margin": val_asr. Oracle: it reads the trigger.
+    #   - "concentration_within_acc_margin": val_adv_concentration (methods/core/blind_signals.py). Blind: the
+    #     share of PGD examples of clean validation images in their most frequent class, which a backdoor raises.
+    #   - "canary_within_acc_margin": val_canary_asr, the ASR of the defender's own canary backdoor. Blind; needs
+    #     canary_rate > 0.
     # - "best_val_acc": the round with the highest val_acc (ties: the later round). Blind: clean validation
     #   accuracy is all it reads. The backdoor's removal itself is not visible to it; it keeps the round that lost
     #   the least clean accuracy to unlearning, which after relearning is usually a late one.
     # - "last": the last round, as a run without model selection would. Blind.
-    # None: asr_within_acc_margin under knowledge oracle, best_val_acc under blind.
+    # None: asr_within_acc_margin under knowledge oracle; under blind canary_within_acc_margin when a canary is
+    # planted, else best_val_acc. Measured on digits (the preset, BadNets/Blend x defense seeds 0/1; test ACC /
+    # ASR of the kept round):
+    #   no canary, best_val_acc:   BadNets 0.978/0.000, 0.994/0.000; Blend 0.978/0.022, 0.972/0.006
+    #   no canary, concentration:  BadNets 0.972/0.000, 0.983/0.072; Blend 0.978/0.761, 0.961/0.000: the lowest
+    #     concentration can come in an early round (6 of 30 for BadNets seed 1 and Blend seed 0), before
+    #     unlearning has removed the backdoor, so it is not the default.
+    #   canary 0.1, best_val_acc:  BadNets 0.975/0.000, 0.989/0.000; Blend 0.983/0.006, 0.978/0.390
+    #   canary 0.1, canary rule:   BadNets 0.972/0.000, 0.981/0.000; Blend 0.983/0.006, 0.939/0.000: the canary's
+    #     ASR falls as unlearning proceeds, so the rule skips the early round best_val_acc kept on Blend seed 1.
     br_select: Optional[str] = choice(None, (None,) + BR_SELECT_RULES,
                                       "which round's model is kept (None: by knowledge)")
     KNOWLEDGE_RULES: ClassVar[tuple[str, ...]] = ("br_select",)
@@ -357,11 +376,16 @@ class DBRConfig(SDConfig):
     def selection_rule(self) -> str:
         if self.br_select is not None:
             return self.br_select
-        return "best_val_acc" if self.knowledge == BLIND else "asr_within_acc_margin"
+        if self.knowledge == ORACLE:
+            return "asr_within_acc_margin"
+        return "canary_within_acc_margin" if self.canary_rate > 0 else "best_val_acc"
 
     def validate(self) -> None:
         super().validate()
         self.refuse_oracle_rule("br_select", ("asr_within_acc_margin",))
+        if self.br_select == "canary_within_acc_margin" and self.canary_rate == 0:
+            raise ValueError("br_select: canary_within_acc_margin reads val_canary_asr, which only a run that plants "
+                             "a canary reports; set canary_rate > 0 or choose another rule")
 
 
 @declare_method("dst", kind="defense", splits_samples=True, from_scratch=True)

@@ -9,8 +9,10 @@ Deviations from the official code:
 - the official code keeps the round with the largest test ACC - test ASR. Here the round is chosen on the
   validation split only, by a bounded rule (`br_select`, see DBRConfig): the lowest val_asr among the rounds whose
   val_acc is within `br_acc_margin` of the best val_acc of any round; under knowledge blind, which may not read
-  val_asr, the round with the best val_acc. ACC - ASR accepts any accuracy loss that
-  buys a larger ASR drop (it prefers ACC 0.85 / ASR 0.00 to ACC 0.98 / ASR 0.14). Every round reports
+  val_asr, the same margin rule on the canary's val ASR when a canary is planted, else the round with the best
+  val_acc (the margin rule on the adversarial concentration, methods/core/blind_signals.py, may be chosen; on
+  digits it kept early rounds the backdoor had survived: numbers in DBRConfig). ACC - ASR accepts any accuracy
+  loss that buys a larger ASR drop (it prefers ACC 0.85 / ASR 0.00 to ACC 0.98 / ASR 0.14). Every round reports
   `br_kept_round` (the choice so far) and `br_acc_floor`; when the kept round is not the last, the returned model
   is reported once more as the final step (methods.defenses.common.final_result);
 - the unlearning phase's lr is br_lr x `br_unlearn_lr_scale` (a fix docs/methods.md#d-br recommends, default 1.0:
@@ -33,7 +35,7 @@ from methods.core.schedules import set_lr
 from methods.core.training import derive_seed, make_generator, sgd, train_epoch
 from methods.data.augment import standard_augment
 from methods.defenses.common import evaluate_with_der, final_result
-from methods.defenses.configs import DBRConfig
+from methods.defenses.configs import BR_MARGIN_METRICS, DBRConfig
 from methods.defenses.sd import pool_indices, sd_stages
 
 
@@ -42,18 +44,19 @@ def _ascent(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def _beats(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Round a is at least as good as b on both val ACC and val ASR (the later round wins a full tie)."""
-    return (a["acc"] >= b["acc"] and a["asr"] <= b["asr"]
-            and (a["acc"], -a["asr"], a["round"]) > (b["acc"], -b["asr"], b["round"]))
+    """Round a is at least as good as b on both val ACC and the minimised metric (the later round wins a tie)."""
+    return (a["acc"] >= b["acc"] and a["risk"] <= b["risk"]
+            and (a["acc"], -a["risk"], a["round"]) > (b["acc"], -b["risk"], b["round"]))
 
 
 def update_candidates(candidates: list[dict[str, Any]], new: dict[str, Any], margin: float,
                       rule: str) -> list[dict[str, Any]]:
-    """The rounds (dicts with round, acc, asr and whatever else the caller keeps) that the kept-round rule may
-    still choose after more rounds. Under the margin rule the final choice is a round within the margin of the
-    final best ACC that no other round beats on both ACC and ASR; both properties only get stricter as rounds
-    are added, so dropping the rounds that fail either now loses nothing, and only these rounds' weights need
-    to be held. Under best_val_acc the only candidate is the best round so far, and last holds the newest."""
+    """The rounds (dicts with round, acc, risk and whatever else the caller keeps) that the kept-round rule may
+    still choose after more rounds; `risk` is the value a margin rule minimises (BR_MARGIN_METRICS). Under a
+    margin rule the final choice is a round within the margin of the final best ACC that no other round beats on
+    both ACC and risk; both properties only get stricter as rounds are added, so dropping the rounds that fail
+    either now loses nothing, and only these rounds' weights need to be held. Under best_val_acc the only
+    candidate is the best round so far, and last holds the newest."""
     if rule == "last":
         return [new]
     if rule == "best_val_acc":
@@ -64,10 +67,10 @@ def update_candidates(candidates: list[dict[str, Any]], new: dict[str, Any], mar
 
 
 def chosen(candidates: list[dict[str, Any]]) -> dict[str, Any]:
-    """The kept round; only the margin rule holds more than one candidate, and only it reads their ASR."""
+    """The kept round; only a margin rule holds more than one candidate, and only it reads their risk."""
     if len(candidates) == 1:
         return candidates[0]
-    return min(candidates, key=lambda c: (c["asr"], -c["acc"], -c["round"]))
+    return min(candidates, key=lambda c: (c["risk"], -c["acc"], -c["round"]))
 
 
 @register_method("dbr")
@@ -93,6 +96,8 @@ def run(ctx: RunContext, cfg: DBRConfig):
     augment = lambda xb: standard_augment(xb, data.info, g)  # noqa: E731
     wrapped = ctx.wrap_model(model)
     rule = cfg.selection_rule()
+    # the metric a margin rule minimises; the other rules read val_acc only, so their candidates carry no risk
+    minimised = BR_MARGIN_METRICS.get(rule)
 
     def br_round(i: int) -> dict[str, float]:
         rnd = i + 1
@@ -106,8 +111,8 @@ def run(ctx: RunContext, cfg: DBRConfig):
         metrics = evaluate_with_der(model, backdoor, cfg.eval_batch_size)
         carried.best_acc = max(carried.best_acc, metrics["val_acc"])
         # the candidate holds this round's report (completed below), which the final report repeats if it is kept
-        entry = {"round": rnd, "step": engine.step, "acc": metrics["val_acc"], "asr": metrics["val_asr"],
-                 "report": metrics}
+        entry = {"round": rnd, "step": engine.step, "acc": metrics["val_acc"],
+                 "risk": metrics[minimised] if minimised else None, "report": metrics}
         carried.candidates = update_candidates(carried.candidates, entry, cfg.br_acc_margin, rule)
         metrics.update({**carried.split, "br_round": float(rnd), "br_unlearn_loss": -unlearn.item(),
                         "br_relearn_loss": relearn.item(), "br_kept_round": float(chosen(carried.candidates)["round"]),
@@ -123,10 +128,10 @@ def run(ctx: RunContext, cfg: DBRConfig):
     best_acc = carried.best_acc
     kept = chosen(carried.candidates)
     model.load_state_dict(kept["weights"])
-    ctx.progress(f"dbr: kept round {kept['round']} of {cfg.br_rounds} ({rule}): val ACC {kept['acc']:.4f}, "
-                 f"val ASR {kept['asr']:.4f}" + ("" if rule != "asr_within_acc_margin" else
-                 f", the lowest ASR among the rounds with val ACC >= {best_acc - cfg.br_acc_margin:.4f} "
-                 f"(best {best_acc:.4f} - margin {cfg.br_acc_margin})"))
+    ctx.progress(f"dbr: kept round {kept['round']} of {cfg.br_rounds} ({rule}): val ACC {kept['acc']:.4f}"
+                 + ("" if minimised is None else
+                    f", the lowest {minimised} ({kept['risk']:.4f}) among the rounds with val ACC >= "
+                    f"{best_acc - cfg.br_acc_margin:.4f} (best {best_acc:.4f} - margin {cfg.br_acc_margin})"))
     return final_result(ctx, model, backdoor, last, {**kept["report"], "br_kept_round": float(kept["round"]),
                                                      "br_acc_floor": best_acc - cfg.br_acc_margin},
                         kept_step=kept["step"], batch_size=cfg.eval_batch_size)

@@ -41,6 +41,10 @@ def test_a_defense_run_records_datasets_a_loadable_model_and_system_metrics(work
     with torch.no_grad():
         acc = accuracy(predict_logits(model, data.x_test).argmax(1), data.y_test)
     assert acc == pytest.approx(defense.data.metrics["test_acc"]), "the MLflow model is the run's final model"
+    # the test split's blind signals, measured only for the returned model, are logged with its last report
+    last_step = max(m.step for m in client.get_metric_history(defense.info.run_id, "test_acc"))
+    for key in ("test_adv_concentration", "test_blind_score"):
+        assert [m.step for m in client.get_metric_history(defense.info.run_id, key)] == [last_step], key
     (logged,) = client.search_logged_models(experiment_ids=[experiment.experiment_id],
                                             filter_string=f"source_run_id = '{defense.info.run_id}'")
     assert logged.name == "model" and str(logged.status).endswith("READY")

@@ -61,8 +61,9 @@ def test_a_repairing_defense_starts_from_the_suspect_model_with_the_canary_plant
     planted = canary_asr(prepared.build_model(), canary, "val", data.x_val, data.y_val)
     before = canary_asr(badnets_backdoor.build_model(), canary, "val", data.x_val, data.y_val)
     assert before < 0.2 < 0.8 < planted, (before, planted)  # measured 0.0 and 1.0
-    ctx, _ = run_ft(badnets_backdoor, canary_rate=0.1)
-    assert all("val_canary_asr" in m and "test_canary_asr" in m for _, m in ctx.reports)
+    ctx, result = run_ft(badnets_backdoor, canary_rate=0.1)
+    assert all("val_canary_asr" in m for _, m in ctx.reports)
+    assert "test_canary_asr" in result.metrics, "the returned model's test split is measured once, at the end"
     plain, _ = run_ft(badnets_backdoor)
     assert not any("val_canary_asr" in m for _, m in plain.reports)
 
@@ -108,3 +109,18 @@ def test_the_dataset_radius_and_the_config_radius(badnets_backdoor):
     cfg = get_method("ft").make_config({"blind_adv_eps": 4 / 255})
     prepared = prepare_backdoor(LocalContext(), badnets_backdoor, get_method("ft"), cfg)
     assert prepared.blind.eps == pytest.approx(4 / 255) and prepared.blind.step_size == pytest.approx(2 / 255)
+
+
+def test_steps_report_the_validation_signals_and_the_result_adds_the_test_split(badnets_backdoor):
+    ctx, result = run_ft(badnets_backdoor, epochs=2)
+    assert [s for s, _ in ctx.reports] == [1, 2], "the test signals alone add no final report"
+    for _, m in ctx.reports:
+        assert m["val_blind_score"] == m["val_acc"] - m["val_adv_concentration"]
+        assert not any(k.startswith("test_") and k.endswith(("_concentration", "_score")) for k in m), m
+    final = result.metrics
+    assert {k: v for k, v in final.items() if k in ctx.reports[-1][1]} == ctx.reports[-1][1]
+    model = badnets_backdoor.build_model()
+    model.load_state_dict(result.model_state)
+    measured = blind_signals(model, badnets_backdoor.data, splits=("test",))
+    assert final["test_adv_concentration"] == measured["test_adv_concentration"]
+    assert final["test_blind_score"] == final["test_acc"] - final["test_adv_concentration"]

@@ -37,8 +37,8 @@ def test_bad_dbr_config_names_the_field(values, message):
 
 
 def brute_force_choice(rounds: list[tuple[float, float]], margin: float) -> int:
-    """The rule stated in DBRConfig, over every round at once: index of the lowest val ASR among the rounds whose
-    val ACC is within `margin` of the best (ties: higher ACC, then later)."""
+    """The margin rule stated in DBRConfig, over every (val ACC, minimised metric) round at once: index of the
+    lowest metric among the rounds whose val ACC is within `margin` of the best (ties: higher ACC, then later)."""
     best = max(acc for acc, _ in rounds)
     eligible = [i for i, (acc, _) in enumerate(rounds) if acc >= best - margin]
     return min(eligible, key=lambda i: (rounds[i][1], -rounds[i][0], -i))
@@ -54,7 +54,7 @@ def test_kept_round_candidates_give_the_rule_over_all_rounds(seed):
     margin = 0.05 * int(torch.randint(0, 4, (1,), generator=g))
     candidates = []
     for i, (acc, asr) in enumerate(values):
-        candidates = update_candidates(candidates, {"round": i + 1, "acc": acc, "asr": asr}, margin,
+        candidates = update_candidates(candidates, {"round": i + 1, "acc": acc, "risk": asr}, margin,
                                        "asr_within_acc_margin")
         assert chosen(candidates)["round"] == brute_force_choice(values[: i + 1], margin) + 1
     assert len(candidates) <= n
@@ -64,14 +64,14 @@ def test_the_margin_rule_never_trades_accuracy_for_asr():
     rounds = [(0.98, 0.14), (0.85, 0.0), (0.975, 0.05), (0.70, 0.0)]
     candidates = []
     for i, (acc, asr) in enumerate(rounds):
-        candidates = update_candidates(candidates, {"round": i + 1, "acc": acc, "asr": asr}, 0.02,
+        candidates = update_candidates(candidates, {"round": i + 1, "acc": acc, "risk": asr}, 0.02,
                                        "asr_within_acc_margin")
     assert chosen(candidates)["round"] == 3, "ACC 0.975 / ASR 0.05, not 0.85 / 0.00"
     # round 2 and 4 fall outside the margin; round 1 stays (the best ACC: a later round could make it the choice)
     assert [c["round"] for c in candidates] == [1, 3]
     last = []
     for i, (acc, asr) in enumerate(rounds):
-        last = update_candidates(last, {"round": i + 1, "acc": acc, "asr": asr}, 0.02, "last")
+        last = update_candidates(last, {"round": i + 1, "acc": acc, "risk": asr}, 0.02, "last")
     assert chosen(last)["round"] == 4
 
 
@@ -107,12 +107,17 @@ def test_best_val_acc_keeps_the_best_round_and_the_later_of_a_tie():
     rounds = [(0.90, 0.0), (0.95, 0.9), (0.95, 1.0), (0.93, 0.0)]
     candidates = []
     for i, (acc, asr) in enumerate(rounds):
-        candidates = update_candidates(candidates, {"round": i + 1, "acc": acc, "asr": asr}, 0.02, "best_val_acc")
+        candidates = update_candidates(candidates, {"round": i + 1, "acc": acc, "risk": asr}, 0.02, "best_val_acc")
     assert [c["round"] for c in candidates] == [3] and chosen(candidates)["round"] == 3
 
 
-@pytest.mark.parametrize("values, rule", [({}, "asr_within_acc_margin"), ({"knowledge": "blind"}, "best_val_acc"),
-                                          ({"knowledge": "blind", "br_select": "last"}, "last")])
+@pytest.mark.parametrize("values, rule", [
+    ({}, "asr_within_acc_margin"),
+    ({"knowledge": "blind"}, "best_val_acc"),
+    ({"knowledge": "blind", "canary_rate": 0.1}, "canary_within_acc_margin"),
+    ({"knowledge": "blind", "br_select": "concentration_within_acc_margin"}, "concentration_within_acc_margin"),
+    ({"knowledge": "blind", "br_select": "last"}, "last"),
+])
 def test_the_kept_round_rule_follows_knowledge_unless_set(values, rule):
     assert DBRConfig.from_dict(values).selection_rule() == rule
 
@@ -122,13 +127,24 @@ def test_an_oracle_rule_under_blind_knowledge_is_refused_naming_both_fields():
         DBRConfig.from_dict({"knowledge": "blind", "br_select": "asr_within_acc_margin"})
 
 
-def test_the_blind_kept_round_never_reads_trigger_or_flag_metrics(badnets_backdoor, oracle_metrics_nan):
+def test_the_canary_rule_without_a_canary_is_refused():
+    with pytest.raises(ValueError, match="br_select: canary_within_acc_margin .* set canary_rate > 0"):
+        DBRConfig.from_dict({"br_select": "canary_within_acc_margin"})
+
+
+@pytest.mark.parametrize("values, minimised", [
+    ({}, None),  # best_val_acc
+    ({"br_select": "concentration_within_acc_margin"}, "val_adv_concentration"),
+    ({"canary_rate": 0.1}, "val_canary_asr"),  # the canary's margin rule
+])
+def test_the_blind_kept_round_never_reads_trigger_or_flag_metrics(badnets_backdoor, oracle_metrics_nan, values,
+                                                                  minimised):
     import methods.defenses.common as common
     import methods.defenses.dbr as dbr
     import methods.defenses.sd as sd
 
     spec = get_method("dbr")
-    cfg = spec.make_config(dict(PRESET, sd_ft_epochs=1, br_rounds=3, knowledge="blind"))
+    cfg = spec.make_config(dict(PRESET, sd_ft_epochs=1, br_rounds=3, knowledge="blind", **values))
 
     def run():
         ctx = LocalContext(backdoor_provider=lambda: badnets_backdoor)
@@ -136,7 +152,9 @@ def test_the_blind_kept_round_never_reads_trigger_or_flag_metrics(badnets_backdo
 
     ctx, plain = run()
     rounds = [m for s, m in ctx.reports if sd_steps(cfg) < s <= sd_steps(cfg) + cfg.br_rounds]
-    best = max(range(len(rounds)), key=lambda i: (rounds[i]["val_acc"], i))
+    # best_val_acc is the margin rule over rounds of equal risk: the best val ACC, the later round on ties
+    best = brute_force_choice([(m["val_acc"], m[minimised] if minimised else 0.0) for m in rounds],
+                              cfg.br_acc_margin)
     assert plain.metrics["br_kept_round"] == best + 1
     # the round's evaluation, SD's split metrics and its FCT AUROC: everything D-BR's choice could see
     oracle_metrics_nan((dbr, "evaluate_with_der"), (common, "split_metrics"), (sd, "_val_fct_auroc"))

@@ -19,6 +19,8 @@ from tests.conftest import train_backdoor
 
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = ("val_acc", "val_asr", "test_acc", "test_asr")
+# measured only for the returned model (methods.defenses.common.final_result); no canary is planted here
+TEST_SIGNALS = {"test_adv_concentration", "test_blind_score"}
 # Fewer epochs than the search spaces' quick blocks, which mostly shrink the data (that a defense on the shared
 # backdoor does not use): a couple of epochs per stage is enough to move the weights.
 SPLIT = {"sd_pretrain_epochs": 1, "sd_ft_epochs": 1, "fct_n_draws": 1}
@@ -66,8 +68,10 @@ def assert_last_report_is_the_returned_model(ctx, result, backdoor):
     for key in KEYS:
         assert last[key] == evaluated[key], f"{key}: last report {last[key]} vs returned weights {evaluated[key]}"
         assert result.metrics[key] == evaluated[key], key
-    assert set(result.metrics) == set(last), "the result's metrics are the last report"
-    assert all(v == last[k] or (math.isnan(v) and math.isnan(last[k])) for k, v in result.metrics.items())
+    # the result's metrics are the last report, plus the test split's blind signals when no final report was due
+    assert set(result.metrics) - set(last) <= TEST_SIGNALS, set(result.metrics) - set(last)
+    assert TEST_SIGNALS <= set(result.metrics)
+    assert all(v == result.metrics[k] or (math.isnan(v) and math.isnan(result.metrics[k])) for k, v in last.items())
 
 
 @pytest.mark.parametrize("name", method_names("defense"))

@@ -14,7 +14,8 @@ def test_metrics_that_read_the_trigger_or_the_flags_are_oracle(metric):
 
 
 @pytest.mark.parametrize("metric", ["val_acc", "test_acc", "train_loss", "lr", "br_kept_round", "kept_step",
-                                    "pool_clean_size", "pool_poison_size"])
+                                    "pool_clean_size", "pool_poison_size", "val_adv_concentration",
+                                    "val_blind_score", "test_canary_asr"])
 def test_metrics_a_defender_can_compute_are_blind(metric):
     assert classified(metric) and knowledge_of(metric) == BLIND
 

@@ -99,8 +99,10 @@ def test_knowledge_comes_from_the_space_and_the_command_line_wins(tmp_path):
 
 def test_a_blind_sweep_may_select_on_the_blind_signals(tmp_path):
     path = tmp_path / "ft.yaml"
-    for metric, fixed in (("val_adv_concentration", ""), ("val_canary_asr", "fixed: {canary_rate: 0.1}\n")):
-        path.write_text(f"method: ft\nknowledge: blind\n{fixed}objective: {{metric: {metric}, mode: min}}\n")
+    for metric, fixed, mode in (("val_adv_concentration", "", "min"),
+                                ("val_canary_asr", "fixed: {canary_rate: 0.1}\n", "min"),
+                                ("val_blind_score", "", "max")):  # val_acc - val_adv_concentration
+        path.write_text(f"method: ft\nknowledge: blind\n{fixed}objective: {{metric: {metric}, mode: {mode}}}\n")
         assert plan_sweep(load_space(path)).knowledge == "blind"
     path.write_text("method: ft\nknowledge: blind\nobjective: {metric: val_canary_asr, mode: min}\n")
     with pytest.raises(BadInput, match="val_canary_asr is reported only by runs that plant a canary"):
