@@ -147,7 +147,7 @@ def collect_comparison(tracker, study_run_id: str) -> dict[str, Any]:
         for variant in tags.get("variants", "").split(","):
             if variant in VARIANTS:
                 cell(tags["attack"], tags["method"])["runs"][variant].append(
-                    (tags.get("split_seed", ""), run.info.run_id,
+                    (run.data.params.get("attack.seed", ""), run.info.run_id,
                      {m: run.data.metrics.get(f"test_{m}", math.nan) for m in ("acc", "asr")}))
     for sweep in tracker.search(f"tags.study_run_id = '{study_run_id}' and tags.role = 'sweep'"):
         tags = sweep.data.tags
