@@ -43,6 +43,7 @@ BLIND_METRICS = frozenset({
     "blind_score",
     "pool_clean_size", "pool_poison_size",  # how many samples the defense put in each pool: its own decision
     "train_loss", "lr", "stage", "adversarial", "asd_stage", "kept_step", "pbe_step", "pbe_attempt",
+    "pbe_step0_canary_failed",  # PBE's step-0 check against the canary's ASR: the defender's own backdoor
     # D-BR's round counters and the accuracy floor of its selection rule, from val ACC
     "br_round", "br_kept_round", "br_acc_floor", "br_unlearn_loss", "br_relearn_loss",
     "sd_loss", "st_supcon_loss", "st_cls_loss", "train_lx", "train_lu", "loss_ce", "loss_at", "loss_vert",

@@ -200,6 +200,10 @@ class AFTConfig(AdversarialFinetuneConfig):
 SIMILARITIES = ("cosine_logits", "kl_softmax", "argmax")
 
 
+# PBE's step-0 checks and the validation ASR each compares with step0_max_val_asr (PBEConfig.step0_rule).
+STEP0_CHECK_METRICS = {"val_asr": "val_asr", "canary": "val_canary_asr"}
+
+
 @declare_method("pbe", kind="defense", splits_samples=True)
 @dataclass
 class PBEConfig(AdversarialFinetuneConfig):
@@ -234,20 +238,25 @@ class PBEConfig(AdversarialFinetuneConfig):
     step0_retries: int = ranged(0, 0, 100, "reruns of a step 0 that failed on validation (0: the paper, none)")
     step0_max_val_asr: float = ranged(0.2, 0.0, 1.0, "step 0 failed when its val ASR is above this")
     retry_eps_scale: float = ranged(1.5, 1.0, 100.0, "radius of a rerun of step 0 / radius of the attempt before")
-    # How step 0 is checked:
+    # How step 0 is checked (STEP0_CHECK_METRICS: the ASR each check compares with step0_max_val_asr):
     # - "val_asr": failed when its val ASR is above step0_max_val_asr. Oracle: it applies the trigger.
-    # - "unchecked": never failed, so never rerun (the paper, which has no check). Blind. A blind check would need
-    #   a trigger-free sign that the backdoor survived step 0; none is computed yet, and guessing one would rerun
-    #   (or keep) step 0 on noise, so under blind the run goes on as the paper's does.
-    # None: val_asr under knowledge oracle, unchecked under blind.
-    step0_rule: Optional[str] = choice(None, (None, "val_asr", "unchecked"),
+    # - "canary": failed when the val ASR of the defender's own canary backdoor (canary_rate > 0) is above
+    #   step0_max_val_asr: a step 0 that left the defender's backdoor in place is taken to have left the
+    #   attacker's. Blind.
+    # - "unchecked": never failed, so never rerun (the paper, which has no check). Blind. The adversarial
+    #   concentration is no substitute: at the end of step 0 it read 0.15-0.27 on digits BadNets both where step 0
+    #   removed the backdoor and where it left val ASR at 1.0 (docs/results/blind-vs-oracle.md).
+    # None: val_asr under knowledge oracle; under blind canary when a canary is planted, else unchecked.
+    step0_rule: Optional[str] = choice(None, (None, *STEP0_CHECK_METRICS, "unchecked"),
                                        "how step 0 is checked (None: by knowledge)")
     KNOWLEDGE_RULES: ClassVar[tuple[str, ...]] = ("step0_rule",)
 
     def step0_check(self) -> str:
         if self.step0_rule is not None:
             return self.step0_rule
-        return "unchecked" if self.knowledge == BLIND else "val_asr"
+        if self.knowledge == ORACLE:
+            return "val_asr"
+        return "canary" if self.canary_rate > 0 else "unchecked"
 
     def step0_config(self, attempt: int) -> "PBEConfig":
         """The PGD settings of step 0's attempt `attempt` (0 = the first): its radius, and the step size scaled
@@ -268,6 +277,9 @@ class PBEConfig(AdversarialFinetuneConfig):
 
     def validate(self) -> None:
         self.refuse_oracle_rule("step0_rule", ("val_asr",))
+        if self.step0_rule == "canary" and self.canary_rate == 0:
+            raise ValueError("step0_rule: canary reads val_canary_asr, which only a run that plants a canary reports; "
+                             "set canary_rate > 0 or choose another rule")
         if self.init_fraction <= 0:
             raise ValueError(f"init_fraction: {self.init_fraction} must be > 0")
         if self.top_rates is None:

@@ -15,8 +15,9 @@ BadNets, seeds 1-5, with a 16/255 radius: 4 of 5 runs kept ASR 1.0; on a CIFAR-s
 held more poison than the training set). So here step 0 can be made stronger (`step0_adv_eps`) and is checked on the
 validation split: when its val ASR is above `step0_max_val_asr`, it is rerun from the infected model on a new
 random draw with a radius `retry_eps_scale` times larger, at most `step0_retries` times. The defaults (no
-rerun, the same radius) are the paper's. The check reads the trigger, so under knowledge blind step 0 is not
-checked (`step0_rule`, PBEConfig).
+rerun, the same radius) are the paper's. The check reads the trigger, so under knowledge blind step 0 is checked
+on the defender's own canary backdoor when one is planted (its val ASR, same threshold), else not at all
+(`step0_rule`, PBEConfig).
 
 Reports: `step` counts epochs across every attempt of step 0 and the later steps (E = epochs_per_step; after a
 failed attempts, step s epoch e is (a + s) * E + e). Every report carries `pbe_step` and `pbe_attempt` and the
@@ -52,7 +53,7 @@ from methods.core.metrics import POOL_CLEAN, POOL_UNCERTAIN, split_metrics
 from methods.core.training import derive_seed, make_generator, predict_logits, sgd
 from methods.defenses.aft import adversarial_finetune_epoch
 from methods.defenses.common import DefenseResult, evaluate_with_der, final_result, hand_off_scores
-from methods.defenses.configs import SIMILARITIES, PBEConfig
+from methods.defenses.configs import SIMILARITIES, STEP0_CHECK_METRICS, PBEConfig
 
 ARGMAX_TIE_WEIGHT = 1e-3
 
@@ -165,13 +166,14 @@ def run(ctx: RunContext, cfg: PBEConfig) -> DefenseResult:
             kept.similarity = prediction_similarity(
                 reference, predict_logits(model, data.x_train, cfg.eval_batch_size), cfg.similarity)
             split = split_metrics(trusted_pools(trained_on), data.poison_flags, 1.0 - kept.similarity)
-            checked = stage == 0 and cfg.step0_check() == "val_asr"
-            failed = checked and metrics["val_asr"] > cfg.step0_max_val_asr
-            if checked:
-                extra["pbe_step0_failed"] = float(failed)
+            checked = STEP0_CHECK_METRICS.get(cfg.step0_check()) if stage == 0 else None
+            failed = checked is not None and metrics[checked] > cfg.step0_max_val_asr
+            if checked is not None:
+                # the flag of the oracle check is oracle; the canary's is the defender's own
+                extra["pbe_step0_failed" if checked == "val_asr" else "pbe_step0_canary_failed"] = float(failed)
             if failed and kept.attempt < cfg.step0_retries:
                 kept.attempt += 1
-                ctx.progress(f"pbe: step 0 failed on validation (val ASR {metrics['val_asr']:.3f} > "
+                ctx.progress(f"pbe: step 0 failed on validation ({checked} {metrics[checked]:.3f} > "
                              f"{cfg.step0_max_val_asr}); rerun {kept.attempt} of {cfg.step0_retries} from the infected "
                              f"model, new draw, PGD radius {cfg.step0_config(kept.attempt).adv_eps:.4f}")
                 model.load_state_dict(backdoor.model_state)
@@ -181,7 +183,7 @@ def run(ctx: RunContext, cfg: PBEConfig) -> DefenseResult:
                 kept.similarity = None
             else:
                 if failed:
-                    ctx.progress(f"pbe: step 0 failed on validation (val ASR {metrics['val_asr']:.3f} > "
+                    ctx.progress(f"pbe: step 0 failed on validation ({checked} {metrics[checked]:.3f} > "
                                  f"{cfg.step0_max_val_asr}) and no rerun is left; continuing")
                 if stage < cfg.n_steps - 1:
                     kept.trusted = top_fraction_mask(kept.similarity, rates[stage],
