@@ -242,11 +242,13 @@ class PBEConfig(AdversarialFinetuneConfig):
     # - "val_asr": failed when its val ASR is above step0_max_val_asr. Oracle: it applies the trigger.
     # - "canary": failed when the val ASR of the defender's own canary backdoor (canary_rate > 0) is above
     #   step0_max_val_asr: a step 0 that left the defender's backdoor in place is taken to have left the
-    #   attacker's. Blind.
+    #   attacker's. Blind. Not the default: on digits (BadNets and Blend, 8 first attempts of step 0 with canary
+    #   rate 0.1) it agreed with the val ASR check on 4; it passed steps 0 that left val ASR at 0.91 and 0.99 and
+    #   failed one at 0.055 (docs/results/blind-vs-oracle.md).
     # - "unchecked": never failed, so never rerun (the paper, which has no check). Blind. The adversarial
-    #   concentration is no substitute: at the end of step 0 it read 0.15-0.27 on digits BadNets both where step 0
-    #   removed the backdoor and where it left val ASR at 1.0 (docs/results/blind-vs-oracle.md).
-    # None: val_asr under knowledge oracle; under blind canary when a canary is planted, else unchecked.
+    #   concentration is no substitute either: at the end of step 0 it read 0.15-0.27 on digits BadNets both where
+    #   step 0 removed the backdoor and where it left val ASR at 1.0.
+    # None: val_asr under knowledge oracle, unchecked under blind.
     step0_rule: Optional[str] = choice(None, (None, *STEP0_CHECK_METRICS, "unchecked"),
                                        "how step 0 is checked (None: by knowledge)")
     KNOWLEDGE_RULES: ClassVar[tuple[str, ...]] = ("step0_rule",)
@@ -254,9 +256,7 @@ class PBEConfig(AdversarialFinetuneConfig):
     def step0_check(self) -> str:
         if self.step0_rule is not None:
             return self.step0_rule
-        if self.knowledge == ORACLE:
-            return "val_asr"
-        return "canary" if self.canary_rate > 0 else "unchecked"
+        return "val_asr" if self.knowledge == ORACLE else "unchecked"
 
     def step0_config(self, attempt: int) -> "PBEConfig":
         """The PGD settings of step 0's attempt `attempt` (0 = the first): its radius, and the step size scaled

@@ -15,9 +15,8 @@ BadNets, seeds 1-5, with a 16/255 radius: 4 of 5 runs kept ASR 1.0; on a CIFAR-s
 held more poison than the training set). So here step 0 can be made stronger (`step0_adv_eps`) and is checked on the
 validation split: when its val ASR is above `step0_max_val_asr`, it is rerun from the infected model on a new
 random draw with a radius `retry_eps_scale` times larger, at most `step0_retries` times. The defaults (no
-rerun, the same radius) are the paper's. The check reads the trigger, so under knowledge blind step 0 is checked
-on the defender's own canary backdoor when one is planted (its val ASR, same threshold), else not at all
-(`step0_rule`, PBEConfig).
+rerun, the same radius) are the paper's. The check reads the trigger, so under knowledge blind step 0 is not
+checked, or, when asked (`step0_rule: canary`, PBEConfig), checked on the val ASR of the defender's own canary.
 
 Reports: `step` counts epochs across every attempt of step 0 and the later steps (E = epochs_per_step; after a
 failed attempts, step s epoch e is (a + s) * E + e). Every report carries `pbe_step` and `pbe_attempt` and the

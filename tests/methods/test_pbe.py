@@ -232,7 +232,9 @@ def test_bad_config_values_name_the_field(values, field):
 
 
 @pytest.mark.parametrize("values, check", [({}, "val_asr"), ({"knowledge": "blind"}, "unchecked"),
-                                           ({"knowledge": "blind", "canary_rate": 0.1}, "canary"),
+                                           ({"knowledge": "blind", "canary_rate": 0.1}, "unchecked"),
+                                           ({"knowledge": "blind", "canary_rate": 0.1, "step0_rule": "canary"},
+                                            "canary"),
                                            ({"knowledge": "blind", "step0_rule": "unchecked"}, "unchecked")])
 def test_the_step0_check_follows_knowledge_unless_set(values, check):
     assert PBEConfig.from_dict(values).step0_check() == check
@@ -248,20 +250,20 @@ def test_the_val_asr_check_under_blind_knowledge_is_refused_naming_both_fields()
         PBEConfig.from_dict({"knowledge": "blind", "step0_rule": "val_asr"})
 
 
-@pytest.mark.parametrize("canary_rate", [0.0, 0.1], ids=["unchecked", "canary"])
-def test_blind_pbe_never_reads_trigger_or_flag_metrics(badnets_backdoor, oracle_metrics_nan, canary_rate):
+@pytest.mark.parametrize("canary", [{}, {"canary_rate": 0.1, "step0_rule": "canary"}], ids=["unchecked", "canary"])
+def test_blind_pbe_never_reads_trigger_or_flag_metrics(badnets_backdoor, oracle_metrics_nan, canary):
     import methods.defenses.common as common
     import methods.defenses.pbe as pbe
 
     # RERUN's threshold of 0 reruns step 0 under oracle knowledge (test above); blind leaves step 0 unchecked, or
     # checks it on the canary, whose val ASR after step 0 is above 0 here: step 0 is rerun once
-    values = dict(RERUN, knowledge="blind", canary_rate=canary_rate)
+    values = dict(RERUN, knowledge="blind", **canary)
     ctx, plain = run_pbe(badnets_backdoor, **values)
     cfg = PBEConfig.from_dict({**PRESET, **values})
-    steps = (cfg.n_steps + (1 if canary_rate else 0)) * cfg.epochs_per_step
+    steps = (cfg.n_steps + (1 if canary else 0)) * cfg.epochs_per_step
     assert [s for s, _ in ctx.reports] == list(range(1, steps + 1))
     assert not any("pbe_step0_failed" in m for _, m in ctx.reports)
-    assert any(m.get("pbe_step0_canary_failed") == 1.0 for _, m in ctx.reports) == bool(canary_rate)
+    assert any(m.get("pbe_step0_canary_failed") == 1.0 for _, m in ctx.reports) == bool(canary)
     oracle_metrics_nan((pbe, "evaluate_with_der"), (pbe, "split_metrics"), (common, "split_metrics"))
     poisoned_ctx, poisoned = run_pbe(badnets_backdoor, **values)
     assert all(math.isnan(m["val_asr"]) for s, m in poisoned_ctx.reports if s <= steps)
