@@ -2,10 +2,11 @@
 per-image DataLoader pipeline of the same model, the fast path (methods.core.fastpath) on against off, and
 several training processes sharing one device against one process.
 
-What is timed is the method's own training epochs: `methods.attacks.base.train_epoch` is wrapped by a timer for
-the duration of the run (the per-epoch evaluation and checkpoint the method does are not training and are
-reported separately as end-to-end throughput). The first `warmup_epochs` epochs are not counted; the figure is
-the median over the remaining epochs.
+What is timed is the method's own training epochs: `train_epoch` as the training engine calls it
+(methods.core.engine, whose epoch stage trains every attack) is wrapped by a timer for the duration of the run
+(the per-epoch evaluation and checkpoint the method does are not training and are reported separately as
+end-to-end throughput). The first `warmup_epochs` epochs are not counted; the figure is the median over the
+remaining epochs.
 """
 from __future__ import annotations
 
@@ -47,9 +48,9 @@ def data_config(train_images: int, test_images: int):
 def timed_epochs(device: Any, on_epoch_end: Callable[[int], None] | None = None) -> Iterator[list[tuple[float, float]]]:
     """Time every training epoch of the attack methods: yields a list that fills with (start, end) wall-clock
     pairs (time.time, comparable across processes), synchronised with the device at both ends."""
-    import methods.attacks.base as attack_base
+    import methods.core.engine as engine  # the attacks train through engine.epochs
 
-    original = attack_base.train_epoch
+    original = engine.train_epoch
     spans: list[tuple[float, float]] = []
 
     def timed(*args, **kwargs):
@@ -62,11 +63,11 @@ def timed_epochs(device: Any, on_epoch_end: Callable[[int], None] | None = None)
             on_epoch_end(len(spans))
         return out
 
-    attack_base.train_epoch = timed
+    engine.train_epoch = timed
     try:
         yield spans
     finally:
-        attack_base.train_epoch = original
+        engine.train_epoch = original
 
 
 def run_method(ctx: BenchContext, model: str, train_images: int, fast: bool = False,
