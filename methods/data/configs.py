@@ -37,6 +37,25 @@ class DatasetInfo:
     # target class, small enough that a clean model's do not all leave their class. 8/255 is the usual radius on
     # CIFAR-like images; coarse low-resolution images need more (digits, below).
     adv_concentration_eps: float = 8 / 255
+    # Image-folder datasets (methods/data/folders.py): train/<class>/ and test/<class>/ under `folder`, or the
+    # same layout inside the tar archive `archive` (read when the folder is absent). `classes` fixes the label
+    # order (default: the sorted folder names); `resize` lets images of another size in, resized bilinearly.
+    image_folder: bool = False
+    archive: str = ""
+    classes: tuple[str, ...] = ()
+    resize: bool = False
+    # Which folder of search_spaces/presets holds this dataset's presets (default: its own name): a copy of a
+    # dataset in another format trains with the same recipes.
+    presets: str = ""
+    description: str = ""
+
+    @property
+    def preset_folder(self) -> str:
+        return self.presets or self.name
+
+    @property
+    def missing_fix(self) -> str:
+        return IMAGE_FOLDER_FIX if self.image_folder else MISSING_FIX
 
 
 def declare_dataset(**fields: Any) -> DatasetInfo:
@@ -51,6 +70,7 @@ def default_data_root() -> Path:
 
 CACHE_DIR = "bdo_cache"  # below the data root: each real dataset converted once into <name>.safetensors
 MISSING_FIX = "pass --download to fetch it or set --data-root / BDO_DATA_ROOT to where it is"
+IMAGE_FOLDER_FIX = "set --data-root / BDO_DATA_ROOT to the folder that holds it (it cannot be downloaded)"
 
 
 def cache_path(data_root: Path, name: str) -> Path:
@@ -60,9 +80,14 @@ def cache_path(data_root: Path, name: str) -> Path:
 def absent_dataset(info: DatasetInfo, data_root: Path) -> str | None:
     """The one-line error for a real dataset with neither its folder nor its converted cache under the data root;
     None when there is something to read (whether it is complete is for the loader to say)."""
-    if not info.folder or cache_path(data_root, info.name).is_file() or (Path(data_root) / info.folder).exists():
+    root = Path(data_root)
+    if not info.folder or cache_path(root, info.name).is_file() or (root / info.folder).exists():
         return None
-    return f"{info.name} not found at {Path(data_root) / info.folder}; {MISSING_FIX}"
+    if info.archive and (root / info.archive).is_file():
+        return None
+    if info.archive:
+        return f"{info.name} not found at {root / info.folder} nor {root / info.archive}; {info.missing_fix}"
+    return f"{info.name} not found at {root / info.folder}; {info.missing_fix}"
 
 
 @dataclass
@@ -104,6 +129,27 @@ CIFAR10_INFO = declare_dataset(
     name="cifar10", folder="cifar-10-batches-py", num_classes=10, channels=3, size=32,
     mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
     crop_pad=4, hflip=True, rotation_deg=0.0, val_fraction=0.05,
+)
+
+
+def declare_image_folder(name: str, folder: str, num_classes: int, size: int, mean: tuple[float, ...],
+                         std: tuple[float, ...], description: str, channels: int = 3, **fields: Any) -> DatasetInfo:
+    """Declare a dataset of train/<class>/ and test/<class>/ image files (methods/data/folders.py reads it). One
+    call here is all a new image-folder dataset needs; its presets go in search_spaces/presets/<name>/ (or name
+    another dataset's with presets=...)."""
+    return declare_dataset(name=name, folder=folder, num_classes=num_classes, channels=channels, size=size,
+                           mean=mean, std=std, image_folder=True, description=description, **fields)
+
+
+# CIFAR-10's 60,000 images saved as JPEG (quality 75, 4:2:0 chroma): the official split and labels, decoded
+# pixels that differ from the official batches, so results on it are reported as this copy, never as CIFAR-10.
+# It trains with CIFAR-10's presets and recipes (one place for both).
+CIFAR10_JPEG_INFO = declare_image_folder(
+    name="cifar10_jpeg", folder="cifar10-jpeg", archive="cifar10-jpeg.tar.gz", num_classes=10, size=32,
+    mean=CIFAR10_INFO.mean, std=CIFAR10_INFO.std, presets="cifar10",
+    classes=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+    description="CIFAR-10 as JPEG files (train/<class>/*.jpg, test/<class>/*.jpg, in the folder cifar10-jpeg or "
+                "the archive cifar10-jpeg.tar.gz): 50,000 / 10,000 3x32x32 images, CIFAR-10's classes and split",
 )
 
 

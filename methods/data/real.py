@@ -32,7 +32,6 @@ from methods.data.configs import (
     CIFAR10_INFO,
     CIFAR100_INFO,
     GTSRB_INFO,
-    MISSING_FIX,
     MNIST_INFO,
     TINY_IMAGENET_INFO,
     DataConfig,
@@ -143,13 +142,17 @@ def _missing_error(source: Source, data_root: Path, missing: list[Path]) -> Miss
             pass
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         detail = f" (missing {first}{more})"
-    return MissingDataError(f"{source.info.name} not found at {where}{detail}; {MISSING_FIX}")
+    if source.info.archive:
+        where = f"{where} nor {Path(data_root) / source.info.archive}"
+    return MissingDataError(f"{source.info.name} not found at {where}{detail}; {source.info.missing_fix}")
 
 
 def _convert(source: Source, data_root: Path) -> Parts:
     where = Path(data_root) / source.info.folder
     try:
         parts = source.convert(Path(data_root))
+    except MissingDataError:  # already one line naming the file and the fix
+        raise
     except (RuntimeError, OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as error:
         raise MissingDataError(
             f"{source.info.name} files at {where} could not be read ({_one_line(error)}); they may be incomplete "
