@@ -38,6 +38,9 @@ def _shared(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (attack.KEY / data.KEY for the attack / dataset); repeatable")
     p.add_argument("--no-preset", action="store_true", help="ignore search_spaces/presets/<dataset>/<method>.yaml")
+    p.add_argument("--recipe", default=None,
+                   help="a named recipe of the dataset's presets, layered over them (for example cpu: minutes on "
+                        "a CPU instead of the papers' GPU schedules; docs/search-spaces.md#recipes)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved configuration, device and resources, then exit without running")
 
@@ -173,7 +176,8 @@ def _print_run_plan(spec) -> int:
 
     print(yaml.safe_dump({"method": spec.method, "kind": spec.kind, "config": spec.config, "attack": spec.attack,
                           "attack_config": spec.attack_config, "data": spec.data_config,
-                          "fast": spec.fast_config or "defaults (on for CUDA, off on CPU)", "presets": spec.presets,
+                          "fast": spec.fast_config or "defaults (on for CUDA, off on CPU)", "recipe": spec.recipe,
+                          "presets": spec.presets,
                           "device": default_device_name()}, sort_keys=False), end="")
     return 0
 
@@ -203,7 +207,7 @@ def cmd_attack(args) -> int:
 
     method_spec(args.name, "attack")
     spec = resolve_run(args.name, args.dataset or "digits", args.model or "small_cnn", args.seed,
-                       sets=parse_set(args.set), use_preset=not args.no_preset)
+                       sets=parse_set(args.set), use_preset=not args.no_preset, recipe=args.recipe)
     session = _session(args)
     check_data(spec, session)
     if args.dry_run:
@@ -243,7 +247,7 @@ def cmd_defend(args) -> int:
     spec = resolve_run(args.name, args.dataset or (attack_base or {}).get("dataset", "digits"),
                        args.model or (attack_base or {}).get("model", "small_cnn"), args.seed, attack, sets=sets,
                        attack_base=attack_base, data_base=data_base,
-                       use_preset=not args.no_preset and not args.attack_run)
+                       use_preset=not args.no_preset and not args.attack_run, recipe=args.recipe)
     check_data(spec, session)
     given = None
     if args.attack_run:
@@ -275,7 +279,7 @@ def _plan(args, space_path: Path, quick: bool = False):
         searcher=args.searcher, scheduler=args.scheduler, objective=args.objective, num_samples=args.num_samples,
         max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
         workers_per_trial=args.workers_per_trial, default_trial=not getattr(args, "no_default_trial", False),
-        knowledge=args.knowledge,
+        knowledge=args.knowledge, recipe=args.recipe,
     )
 
 

@@ -78,9 +78,9 @@ def describe_lines(name: str) -> list[str]:
         text = f"  {f.name}: {f.type if isinstance(f.type, str) else _type_name(f.type)} = {default!r}"
         extra = "; ".join(p for p in (allowed, meta.get("doc", "")) if p)
         lines.append(text + (f"  ({extra})" if extra else ""))
-    presets = sorted(p for p in PRESETS.glob(f"*/{name}.yaml"))
+    presets = sorted(list(PRESETS.glob(f"*/{name}.yaml")) + list(PRESETS.glob(f"*/*/{name}.yaml")))
     lines += ["", "presets (applied automatically for their dataset; --no-preset turns them off):"]
-    lines += [f"  {p.parent.name}: {p.relative_to(ROOT)}" for p in presets] or ["  none"]
+    lines += [f"  {p.parent.relative_to(PRESETS)}: {p.relative_to(ROOT)}" for p in presets] or ["  none"]
     space = SEARCH_SPACES / f"{name}.yaml"
     lines += ["", "search space:"]
     if space.is_file():

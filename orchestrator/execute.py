@@ -232,7 +232,8 @@ def build_attack(spec: RunSpec, tracker: Tracker, storage: Path, data_root: Path
     from orchestrator.cache import AttackCache, cache_key
 
     attack_spec = RunSpec(spec.attack, "attack", spec.attack_config, spec.attack, spec.attack_config,
-                          spec.data_config, [p for p in spec.presets if f"/{spec.attack}.yaml" in p], spec.fast_config)
+                          spec.data_config, [p for p in spec.presets if f"/{spec.attack}.yaml" in p], spec.recipe,
+                          spec.fast_config)
     device = device or pick_device()
     built_with = {"device": device.type, "fast": attack_spec.fast_cfg().resolved(device)}
     key = cache_key(spec.attack, spec.attack_config, spec.data_config, built_with)

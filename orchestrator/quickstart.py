@@ -28,7 +28,7 @@ def run_quickstart(session: Session, args) -> int:
                                 seed=args.seed,
                                 attack="badnets", sets=parse_set(args.set), use_preset=not args.no_preset,
                                 quick=args.quick, num_samples=1 if args.quick else 2, scheduler="fifo",
-                                max_concurrent=2, knowledge=args.knowledge))
+                                max_concurrent=2, knowledge=args.knowledge, recipe=args.recipe))
     check_data(plans[0].base, session)  # --dataset, --data-root and --download apply here as everywhere
     session.start_ray()
     rows, failed = [], 0

@@ -108,18 +108,63 @@ def load_yaml(path: Path, what: str) -> Any:
         raise BadInput(f"{path}: malformed YAML{at}: {problem}") from None
 
 
-def preset_path(dataset: str, method: str) -> Path:
-    return PRESETS / dataset / f"{method}.yaml"
+RECIPE_FILE = "recipe.yaml"  # in a recipe's folder: its description and the dataset options it runs with
 
 
-def load_preset(dataset: str, method: str, use: bool = True) -> tuple[dict[str, Any], Path | None]:
-    path = preset_path(dataset, method)
-    if not use or not path.is_file():
-        return {}, None
+def preset_dir(dataset: str) -> Path:
+    """Where a dataset's presets live: its own folder, or the one it shares (a copy of CIFAR-10 in another
+    format trains with CIFAR-10's presets)."""
+    info = DATASET_INFOS.get(dataset) if dataset in DATASET_INFOS else None
+    return PRESETS / (info.preset_folder if info is not None else dataset)
+
+
+def preset_path(dataset: str, method: str, recipe: str | None = None) -> Path:
+    return preset_dir(dataset) / (recipe or "") / f"{method}.yaml"
+
+
+def recipes(dataset: str) -> list[str]:
+    """The named recipes of a dataset: sub-folders of its presets that hold a recipe.yaml."""
+    folder = preset_dir(dataset)
+    return sorted(p.parent.name for p in folder.glob(f"*/{RECIPE_FILE}")) if folder.is_dir() else []
+
+
+def load_recipe(dataset: str, recipe: str | None) -> dict[str, Any]:
+    """A recipe's dataset options (`data:` of its recipe.yaml); {} without a recipe. An unknown recipe is bad
+    input naming the dataset's recipes."""
+    if not recipe:
+        return {}
+    path = preset_dir(dataset) / recipe / RECIPE_FILE
+    if not path.is_file():
+        known = ", ".join(recipes(dataset)) or "none"
+        raise BadInput(f"--recipe {recipe}: {dataset} has no such recipe (known: {known}); recipes are the "
+                       f"folders of {preset_dir(dataset).relative_to(ROOT)} that hold a {RECIPE_FILE}")
+    values = load_yaml(path, "recipe") or {}
+    if not isinstance(values, dict) or set(values) - {"description", "data"} or not isinstance(
+            values.get("data", {}), dict):
+        raise BadInput(f"{path}: a recipe file holds description: and data: (a mapping of dataset options)")
+    return dict(values.get("data") or {})
+
+
+def _read_preset(path: Path) -> dict[str, Any]:
     values = load_yaml(path, "preset") or {}
     if not isinstance(values, dict):
         raise BadInput(f"{path}: a preset is a flat mapping of config keys to values")
-    return values, path
+    return values
+
+
+def load_preset(dataset: str, method: str, use: bool = True,
+                recipe: str | None = None) -> tuple[dict[str, Any], list[Path]]:
+    """The dataset's preset for the method, with the recipe's preset for it layered on top (a recipe file holds
+    only what it changes). Returns the values and the files read, lowest first."""
+    if not use:
+        return {}, []
+    load_recipe(dataset, recipe)  # an unknown recipe is refused even for a method it has no file for
+    values: dict[str, Any] = {}
+    paths = [p for p in (preset_path(dataset, method), preset_path(dataset, method, recipe) if recipe else None)
+             if p is not None and p.is_file()]
+    for path in paths:
+        values.update(_read_preset(path))
+    return values, paths
 
 
 def build_config(cls: type[Config], values: dict[str, Any], source: str | None) -> Config:
@@ -140,6 +185,7 @@ class RunSpec:
     attack_config: dict[str, Any]
     data_config: dict[str, Any]
     presets: list[str] = field(default_factory=list)
+    recipe: str | None = None  # the named recipe whose presets and dataset options were layered in
     fast_config: dict[str, Any] = field(default_factory=dict)  # speed switches only: never part of the cache key
 
     @property
@@ -168,18 +214,20 @@ class RunSpec:
         params.update({f"data.{k}": v for k, v in self.data_config.items()})
         params.update({f"fast.{k}": v for k, v in self.fast_config.items()})
         params["method"], params["attack"] = self.method, self.attack
+        if self.recipe:
+            params["recipe"] = self.recipe
         return params
 
 
 def resolve_attack_config(
     attack: str, dataset: str, model: str, seed: int | None, overrides: dict[str, Any], use_preset: bool,
-    source: str | None = None, presets: list[str] | None = None,
+    source: str | None = None, presets: list[str] | None = None, recipe: str | None = None,
 ) -> dict[str, Any]:
     spec = method_spec(attack, "attack", source)
     check_dataset_model(dataset, model, source)
-    preset, path = load_preset(dataset, attack, use_preset)
-    if path is not None and presets is not None:
-        presets.append(str(path.relative_to(ROOT)))
+    preset, paths = load_preset(dataset, attack, use_preset, recipe)
+    if presets is not None:
+        presets.extend(str(path.relative_to(ROOT)) for path in paths)
     values = {**preset, **overrides, "dataset": dataset, "model": model}
     if seed is not None:
         values["seed"] = seed
@@ -200,6 +248,7 @@ def resolve_run(
     data_base: dict[str, Any] | None = None,
     use_preset: bool = True,
     source: str | None = None,
+    recipe: str | None = None,
 ) -> RunSpec:
     """Resolve a method run. `base`/`attack_base`/`data_base` come from a search space or study (under --set)."""
     spec = method_spec(method, None, source)
@@ -213,23 +262,24 @@ def resolve_run(
             raise BadInput(where(source, None, f"attack.{next(iter(set_attack))}: "
                                                f"an attack run takes its keys without the 'attack.' prefix"))
         attack_cfg = resolve_attack_config(method, dataset, model, seed, {**(base or {}), **set_method}, use_preset,
-                                           source, presets)
+                                           source, presets, recipe)
         method_cfg = attack_cfg
         attack = method
     else:
         attack = attack or DEFAULT_ATTACK
         attack_cfg = resolve_attack_config(attack, dataset, model, seed, {**(attack_base or {}), **set_attack},
-                                           use_preset, source, presets)
-        preset, path = load_preset(dataset, method, use_preset)
-        if path is not None:
-            presets.append(str(path.relative_to(ROOT)))
+                                           use_preset, source, presets, recipe)
+        preset, paths = load_preset(dataset, method, use_preset, recipe)
+        presets.extend(str(path.relative_to(ROOT)) for path in paths)
         values = {**preset, **(base or {}), **set_method}
         if seed is not None:
             values["seed"] = seed
         method_cfg = build_config(spec.config_cls, values, source or f"defense {method}").to_dict()
-    data_cfg = build_config(DataConfig, {**(data_base or {}), **set_data}, source or "data").to_dict()
+    recipe_data = load_recipe(dataset, recipe) if use_preset else {}
+    data_cfg = build_config(DataConfig, {**recipe_data, **(data_base or {}), **set_data}, source or "data").to_dict()
     fast_cfg = build_config(FastPath, set_fast, source or "fast").to_dict() if set_fast else {}
-    return RunSpec(method, spec.kind, method_cfg, attack, attack_cfg, data_cfg, presets, fast_cfg)
+    return RunSpec(method, spec.kind, method_cfg, attack, attack_cfg, data_cfg, presets, recipe if use_preset else None,
+                   fast_cfg)
 
 
 def config_fields(method: str) -> dict[str, dataclasses.Field]:

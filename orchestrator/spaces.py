@@ -30,7 +30,7 @@ from orchestrator.resolve import (
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint", "grid", "derived")
 TOP_LEVEL = {
     "method", "description", "dataset", "model", "attack", "data", "fixed", "space", "objective", "scheduler",
-    "searcher", "num_samples", "max_concurrent", "resources", "quick", "knowledge",
+    "searcher", "num_samples", "max_concurrent", "resources", "quick", "knowledge", "recipe",
 }
 SEARCHERS = ("random", "grid", "optuna")
 SCHEDULERS = ("fifo", "asha")
@@ -139,6 +139,7 @@ class SearchSpace:
     quick: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     knowledge: str = ORACLE  # what the objective may know (methods/core/knowledge.py); --knowledge overrides
+    recipe: str | None = None  # a named recipe of the dataset's presets (--recipe overrides)
 
     @property
     def tuned(self) -> list[Dimension]:
@@ -262,6 +263,7 @@ def load_space(path: Path) -> SearchSpace:
         searcher=searcher, num_samples=num_samples, max_concurrent=max_conc,
         resources={k: float(v) for k, v in resources.items()}, quick=dict(quick),
         description=str(raw.get("description", "")), knowledge=knowledge,
+        recipe=str(raw["recipe"]) if raw.get("recipe") else None,
     )
 
 
@@ -336,6 +338,7 @@ def plan_sweep(
     workers_per_trial: int | None = None,
     default_trial: bool = True,
     knowledge: str | None = None,
+    recipe: str | None = None,
 ) -> SweepPlan:
     source = str(space.path)
     sets = dict(sets or {})
@@ -356,6 +359,7 @@ def plan_sweep(
         space.method, dataset or space.dataset, model or space.model, seed, attack or space.attack,
         sets=sets, base={**space.fixed, **q_method, **level}, attack_base={**space.attack_values, **q_attack},
         data_base={**space.data_values, **q_data}, use_preset=use_preset, source=source,
+        recipe=recipe or space.recipe,
     )
     if base.kind == "attack":
         base.attack_config.update({k: v for k, v in q_attack.items()})

@@ -27,7 +27,7 @@ from orchestrator.runner import Session, run_single, run_sweep
 from orchestrator.spaces import SweepPlan, load_space, plan_sweep
 
 STUDY_KEYS = {"name", "dataset", "model", "attacks", "defenses", "seeds", "tune", "data", "quick", "clean", "jobs",
-              "blind_vs_oracle"}
+              "blind_vs_oracle", "recipe"}
 TUNE_KEYS = {"num_samples", "searcher", "scheduler", "max_concurrent", "seed"}
 DEFENSE_KEYS = {"name", "space", "tune"}
 DEFAULT_BLIND_OBJECTIVE = ("val_blind_score", "max")
@@ -52,6 +52,7 @@ class StudyPlan:
     # `sweeps` then holds the oracle sweeps
     blind_objective: tuple[str, str] | None = None
     blind_sweeps: dict[tuple[int, int], SweepPlan] = field(default_factory=dict)
+    recipe: str | None = None  # a named recipe of the dataset's presets (--recipe overrides the study's)
 
 
 def _given(flag: Any, from_study: Any) -> Any:
@@ -104,7 +105,8 @@ def load_study(path: Path, args) -> StudyPlan:
         raise BadInput(f"{src}: clean: true or false (a clean-model column trained with nothing poisoned)")
     plan = StudyPlan(path, str(raw.get("name", path.stem)), args.dataset or str(raw.get("dataset", "digits")),
                      args.model or str(raw.get("model", "small_cnn")), attacks, defenses, list(seeds), dict(tune),
-                     clean=raw.get("clean", False), jobs=jobs)
+                     clean=raw.get("clean", False), jobs=jobs,
+                     recipe=getattr(args, "recipe", None) or (str(raw["recipe"]) if raw.get("recipe") else None))
     plan.blind_objective = blind_objective(raw.get("blind_vs_oracle"), src, args)
     quick = bool(raw.get("quick", False)) or bool(getattr(args, "quick", False))
     from orchestrator.resolve import parse_set
@@ -114,7 +116,7 @@ def load_study(path: Path, args) -> StudyPlan:
 
     for attack, attack_values in attacks:  # the study's own attack values are checked against the study file
         resolve_attack_config(attack, plan.dataset, plan.model, seeds[0], attack_values, not args.no_preset,
-                              f"{src}: attacks: {attack}")
+                              f"{src}: attacks: {attack}", recipe=plan.recipe)
     for di, defense_tune in enumerate(defense_tunes):
         if _given(args.num_samples, {**tune, **defense_tune}.get("num_samples")) == 0:
             plan.untuned.add(di)
@@ -143,7 +145,7 @@ def load_study(path: Path, args) -> StudyPlan:
                 max_concurrent=_given(args.max_concurrent, cell_tune.get("max_concurrent")),
                 cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                 workers_per_trial=args.workers_per_trial,
-                default_trial=not getattr(args, "no_default_trial", False),
+                default_trial=not getattr(args, "no_default_trial", False), recipe=plan.recipe,
             )
             if plan.blind_objective is None:
                 plan.sweeps[(ai, di)] = planned(space, knowledge=getattr(args, "knowledge", None))
@@ -280,6 +282,7 @@ def attack_columns(study: StudyPlan, pool: "RunPool", tracker, study_run_id: str
                                    attack_base={**{k: v for k, v in first.base.attack_config.items()
                                                    if k != "seed"}, **({"poison_rate": 0.0} if clean else {})},
                                    data_base=first.base.data_config, use_preset=False)
+                spec.recipe = first.base.recipe
                 label = f"{attack} {'clean model' if clean else 'no defense'} seed {seed}"
                 built.setdefault((attack, column), []).append(
                     pool.submit(label, "attack", spec, tags, device=driver_device(first)))
@@ -308,6 +311,7 @@ def final_spec(study: StudyPlan, plan: SweepPlan, defense: str, attack: str, see
                        attack_base={k: v for k, v in plan.base.attack_config.items() if k != "seed"},
                        data_base=plan.base.data_config, use_preset=False)
     spec.config = _with_derived(plan, spec.config)
+    spec.recipe = plan.base.recipe
     return spec
 
 

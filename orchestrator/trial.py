@@ -40,7 +40,7 @@ def trial_spec(setup: TrialSetup, sampled: dict[str, Any]) -> RunSpec:
     values = trial_values(setup.plan, sampled)
     attack_config = values if base.kind == "attack" else base.attack_config
     return RunSpec(base.method, base.kind, values, base.attack, attack_config, base.data_config, base.presets,
-                   base.fast_config)
+                   base.recipe, base.fast_config)
 
 
 def trial_index(trial_id: str) -> int | None:
