@@ -190,6 +190,10 @@ def _session(args):
     storage = Path(args.storage).expanduser().resolve()
     data_root = Path(args.data_root).expanduser().resolve() if args.data_root else default_data_root()
     address = args.address or os.environ.get("RAY_ADDRESS") or None
+    if address and address.startswith(("http://", "https://")):  # the dashboard's Jobs API, a common mix-up
+        source = "--address" if args.address else "RAY_ADDRESS"
+        raise BadInput(f"{source} {address}: --address wants the GCS address (host:6379, or auto on a cluster "
+                       "node); http://<head>:8265 is the dashboard's address, which is what ray job submit takes")
     return Session(resolve_tracking_uri(args.tracking_uri), args.experiment, storage, data_root, args.download, address,
                    verbose=getattr(args, "verbose", False))
 
@@ -370,6 +374,11 @@ def cmd_ui(args) -> int:
     from orchestrator.ui import start_server, stop_server
 
     uri = resolve_tracking_uri(args.tracking_uri)
+    if uri.startswith(("http://", "https://")):  # a server already runs there (the cluster's): only say where
+        from orchestrator.ui import served_runs_page
+
+        print(f"runs of experiment {args.experiment}: {served_runs_page(uri, args.experiment)}", flush=True)
+        return 0
     if uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///"):]):
         raise BadInput(f"--tracking-uri {uri}: no MLflow store there yet; run bdo quickstart or bdo tune first")
     from mlflow.tracking import MlflowClient

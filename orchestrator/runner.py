@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -55,6 +56,7 @@ class Session:
             for key in ("BDO_DATA_ROOT", "MLFLOW_TRACKING_URI"):
                 if key in os.environ:
                     env[key] = os.environ[key]
+            env = without_job_env_vars(env, job_env_vars())
             if not self.verbose:
                 quiet_libraries()
             kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": self.verbose,
@@ -77,6 +79,22 @@ class Session:
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
         self._started_ray = False
+
+
+def job_env_vars() -> dict[str, str]:
+    """The env vars of the Ray job this driver runs as (`ray job submit --runtime-env-json`), which Ray hands the
+    entrypoint in RAY_JOB_CONFIG_JSON_ENV_VAR and merges with ray.init's runtime env; none outside a job."""
+    config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not config:
+        return {}
+    return (json.loads(config).get("runtime_env") or {}).get("env_vars") or {}
+
+
+def without_job_env_vars(wanted: dict[str, str], job: dict[str, str]) -> dict[str, str]:
+    """The env vars bdo may add to ray.init's runtime env inside a job. Ray refuses to merge a job's runtime env
+    with one that sets any of the same variables, even to the same value; and the job's value is the one its
+    processes, this driver included, already see, so it stays the value for the trials too."""
+    return {key: value for key, value in wanted.items() if key not in job}
 
 
 def quiet_libraries() -> None:

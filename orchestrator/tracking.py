@@ -48,7 +48,12 @@ def code_version() -> dict[str, str]:
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    commit = git("rev-parse", "HEAD") or "unknown"
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        # no checkout here, e.g. a Ray job's working dir (Ray leaves .git out): the submitter may name the commit in
+        # BDO_GIT_COMMIT, but whether the uploaded files match it cannot be told (source_sha256 still shows edits)
+        return {"git_commit": os.environ.get("BDO_GIT_COMMIT") or "unknown", "git_dirty": "unknown",
+                "source_sha256": source_digest()}
     # untracked files count: a new methods/defenses/mydefense.py is exactly how a method is added
     dirty = bool(git("status", "--porcelain", "--untracked-files=normal", "--", *SOURCE_DIRS, "search_spaces"))
     return {"git_commit": commit, "git_dirty": str(dirty).lower(), "source_sha256": source_digest()}

@@ -36,6 +36,22 @@ def runs_page(url: str, experiment_id: str) -> str:
     return f"{url}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
+def served_runs_page(uri: str, experiment: str) -> str:
+    """Where a server that already runs (an http(s) tracking URI, such as the cluster's) shows the experiment's
+    runs: its runs page if the server answers at once and has the experiment, else the server's own address.
+    MLflow's client retries an unreachable server for minutes; a link needs one quick try, so its retries and
+    timeout are lowered here unless the user set them (`bdo ui` ends right after)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    from mlflow.tracking import MlflowClient
+
+    try:
+        found = MlflowClient(uri).get_experiment_by_name(experiment)
+    except Exception:  # not reachable from here (e.g. no port-forward yet) or refused: the address still helps
+        found = None
+    return runs_page(uri.rstrip("/"), found.experiment_id) if found is not None else uri
+
+
 def _url(host: str, port: int) -> str:
     shown = f"[{host}]" if ":" in host else host
     return f"http://{shown}:{port}"

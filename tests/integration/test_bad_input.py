@@ -59,6 +59,8 @@ CASES = {
                                    "--download"),
     "missing real dataset": (["attack", "badnets", "--dataset", "cifar10", "--data-root", "/nonexistent/bdo"],
                              "--download"),
+    "dashboard address as the Ray address": (["tune", str(SPACES / "badnets.yaml"), "--address",
+                                              "http://127.0.0.1:8265"], "--address wants the GCS address (host:6379"),
 }
 
 

@@ -1,7 +1,12 @@
 """Finding out what exists and what a command would do, without running anything."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -88,4 +93,43 @@ def test_every_example_study_validates_without_its_data(study, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     assert main(["study", str(ROOT / "examples" / study), "--dry-run", "--data-root", str(tmp_path / "none")]) == 0
     assert capsys.readouterr().out.startswith("study ")
+    assert os.listdir(tmp_path) == []
+
+
+def _bdo_ui(tracking_uri: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", "ui", "--tracking-uri", tracking_uri],
+                          cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_ui_on_a_server_that_runs_elsewhere_prints_where_to_look_and_starts_nothing(tmp_path):
+    """`bdo ui --tracking-uri http://...` (the cluster's server, through the port-forward) has nothing to start."""
+    from orchestrator.ui import free_port
+
+    class FakeServer(BaseHTTPRequestHandler):  # answers the one call bdo makes: the experiment by name
+        def do_GET(self):
+            body = json.dumps({"experiment": {"experiment_id": "7", "name": "bdo", "lifecycle_stage": "active"}})
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        known = _bdo_ui(url, tmp_path)
+    finally:
+        server.shutdown()
+    assert known.returncode == 0, known.stderr
+    assert known.stdout.splitlines() == [f"runs of experiment bdo: {url}/#/experiments/7/runs?"
+                                         "workflowType=machine_learning"], known.stdout
+    nobody = f"http://127.0.0.1:{free_port()}"  # no server there, e.g. the port-forward is not open yet
+    unknown = _bdo_ui(nobody, tmp_path)
+    assert unknown.returncode == 0, unknown.stderr
+    assert unknown.stdout.splitlines() == [f"runs of experiment bdo: {nobody}"], unknown.stdout
+    assert "Traceback" not in unknown.stderr, unknown.stderr
     assert os.listdir(tmp_path) == []

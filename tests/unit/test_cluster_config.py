@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,36 @@ def test_cluster_yaml_has_what_the_workflow_needs():
     mlflow = " ".join(cfg["head_setup_commands"])
     assert "mlflow server" in mlflow and "0.0.0.0" not in mlflow and "sqlite:////home" in mlflow
     assert "--dashboard-host=127.0.0.1" in " ".join(cfg["head_start_ray_commands"])
+
+
+def test_mlflow_answers_the_workers_and_the_readmes_port_forward():
+    """Workers log to the head's private address; `ray attach -p 5000` forwards to the head's loopback."""
+    commands = yaml.safe_load((ROOT / "cluster.yaml").read_text())["head_setup_commands"]
+    private = "$(hostname -I | awk '{print $1}')"
+    (server,) = [c for c in commands if "mlflow server" in c and "pkill" not in c]
+    assert f"--host {private} --port 5000" in server
+    (relay,) = [c for c in commands if c.startswith("nohup socat")]
+    assert "TCP-LISTEN:5000,bind=127.0.0.1," in relay and f"TCP:{private}:5000" in relay
+    assert "ray attach cluster.yaml -p 8265 -p 5000" in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_pkill_does_not_match_its_own_shell(path):
+    """Ray runs each command as `bash -c '... pkill -f PATTERN ...'`: a plain pattern matches that shell too."""
+    commands = yaml.safe_load(path.read_text())["head_setup_commands"]
+    patterns = re.findall(r'pkill -f "([^"]+)"', " ".join(commands))
+    assert patterns and all(not re.search(p, f'pkill -f "{p}"') for p in patterns), patterns
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_ray_starts_with_the_venv_first_on_path(path):
+    """A job's entrypoint (`ray job submit ... -- bdo tune`) inherits Ray's PATH, so `bdo` must be on it."""
+    cfg = yaml.safe_load(path.read_text())
+    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in cfg[key]
+              if "ray start" in c]
+    assert len(starts) == 2
+    for command in starts:
+        assert re.match(r"export PATH=\$HOME/bdo/\.venv/bin:\$PATH[ ;]", command), command
 
 
 def test_the_token_comes_from_the_users_machine_not_the_repo():

@@ -30,3 +30,30 @@ def test_an_untracked_new_method_makes_the_checkout_dirty_and_changes_the_source
     assert added["source_sha256"] != clean["source_sha256"]
     assert added["git_commit"] == clean["git_commit"]
     tracking.code_version.cache_clear()
+
+
+def _copy_without_git(tmp_path, monkeypatch):
+    """Sources but no checkout, as in a Ray job's working dir (Ray leaves .git out)."""
+    (tmp_path / "methods").mkdir()
+    (tmp_path / "methods" / "__init__.py").write_text("")
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # git must not find a repo above it
+    monkeypatch.setattr(tracking, "ROOT", tmp_path)
+    tracking.code_version.cache_clear()
+
+
+def test_without_a_checkout_the_commit_and_its_cleanliness_are_unknown(tmp_path, monkeypatch):
+    _copy_without_git(tmp_path, monkeypatch)
+    monkeypatch.delenv("BDO_GIT_COMMIT", raising=False)
+    version = tracking.code_version()
+    assert version["git_commit"] == "unknown"
+    assert version["git_dirty"] == "unknown", "an unknown commit cannot be called clean"
+    tracking.code_version.cache_clear()
+
+
+def test_the_submitter_can_name_the_commit(tmp_path, monkeypatch):
+    _copy_without_git(tmp_path, monkeypatch)
+    monkeypatch.setenv("BDO_GIT_COMMIT", "0123456789abcdef0123456789abcdef01234567")
+    version = tracking.code_version()
+    assert version["git_commit"] == "0123456789abcdef0123456789abcdef01234567"
+    assert version["git_dirty"] == "unknown", "the uploaded files may differ from the named commit"
+    tracking.code_version.cache_clear()
