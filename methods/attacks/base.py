@@ -289,6 +289,11 @@ def run_attack(
     model = build_model(cfg.model, data.info).to(ctx.device)
     count = int(data.poison_flags.sum())
     facts = {"poison_count": float(count), **facts}
+    if cfg.label_mode == "cleanLabel":
+        # The papers poison about a tenth of the target class (at most half in their ablations); beyond that the
+        # trigger and the class become one feature, and a defense that removes one removes the other.
+        in_class = int((data.y_train_orig == cfg.target).sum())
+        facts["poison_class_fraction"] = count / max(in_class, 1)
     ctx.progress(f"{name} on {cfg.dataset}: poison_count {count} of {len(data.y_train)} training images "
                  f"({cfg.label_mode}, poison_rate {cfg.poison_rate})"
                  + "".join(f", {k} {v:.4g}" for k, v in facts.items() if k != "poison_count"))

@@ -27,6 +27,7 @@ ORACLE_METRICS = frozenset({
     "pool_clean_poisoned_frac", "pbe_next_poisoned_frac",  # poisoned fractions of a pool, from the flags
     "pbe_step0_failed",  # PBE's step-0 check against val ASR
     "poison_count", "wanet_noise_count",  # the attacker's own counts of the images it altered
+    "poison_class_fraction",  # a clean-label attack's share of the target class it poisoned
     "cl_hardened_clean_acc",  # a clean model on CL's hardened images: the attacker's construction
 })
 
