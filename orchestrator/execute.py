@@ -248,13 +248,9 @@ def build_attack(spec: RunSpec, tracker: Tracker, storage: Path, data_root: Path
                              data_root=data_root, download=download, data_config=attack_spec.data_cfg(),
                              fast=attack_spec.fast_cfg(),
                              on_report=on_report, system_metrics=system_metrics_interval())
-        try:
+        with tracker.ending(run_id):
             backdoor = run_method(attack_spec, ctx)
             log_outputs(tracker, run_id, attack_spec, ctx, backdoor.model_state, backdoor, seeds)
-        except BaseException:
-            tracker.end(run_id, "FAILED")
-            raise
-        tracker.end(run_id, "FINISHED")
         return backdoor.to(torch.device("cpu")), {"attack_run_id": run_id, "built_with": built_with}
 
     backdoor, meta, built = cache.get_or_build(key, build)

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from orchestrator.execute import (
 )
 from orchestrator.plots import pareto_front, pareto_png
 from orchestrator.resolve import RunSpec
+from orchestrator.signals import Interrupted, kept_handlers, winding_down
 from orchestrator.spaces import PARETO_METRICS, SweepPlan, default_point, tune_param_space
 from orchestrator.tracking import Tracker, is_local_store, system_metrics_interval
 
@@ -61,10 +63,11 @@ class Session:
                 quiet_libraries()
             kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": self.verbose,
                                       "logging_level": logging.INFO if self.verbose else logging.WARNING}
-            if self.address:
-                ray.init(address=self.address, **kwargs)
-            else:
-                ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+            with kept_handlers():  # bdo's stop signals end runs KILLED; stop_ray still shuts a local Ray down
+                if self.address:
+                    ray.init(address=self.address, **kwargs)
+                else:
+                    ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
             self._started_ray = True
         alive = [n for n in ray.nodes() if n.get("Alive")]
         if len(alive) > 1 and is_local_store(self.tracking_uri):
@@ -199,12 +202,8 @@ def run_single(session: Session, spec: RunSpec, extra_tags: dict[str, str] | Non
                          backdoor_obj=backdoor.to(device), data_root=session.data_root, download=session.download,
                          data_config=spec.data_cfg(), fast=spec.fast_cfg(),
                          on_report=progress, system_metrics=system_metrics_interval())
-    try:
+    with tracker.ending(run_id):
         metrics, _ = execute_defense(spec, ctx, tracker, run_id, ctx.backdoor_obj)
-    except BaseException:
-        tracker.end(run_id, "FAILED")
-        raise
-    tracker.end(run_id, "FINISHED")
     return run_id, metrics
 
 
@@ -341,41 +340,68 @@ def run_sweep(session: Session, plan: SweepPlan, extra_tags: dict[str, str] | No
     # --resume pointing at checkpoints that still exist). With second-long epochs it warned about that on every
     # snapshot, hundreds of times in one quickstart; the snapshots are cheap next to the checkpoints themselves.
     os.environ["TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"] = "0"
-    try:
-        if resume_run_id:
-            if not tune_path or not tune.Tuner.can_restore(tune_path):
-                raise BadInput(f"--resume {resume_run_id}: its Tune state at {tune_path} is missing; start a new sweep")
-            tuner = tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=True)
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                param_space=tune_param_space(plan),
-                tune_config=tune.TuneConfig(
-                    metric=plan.space.metric if single else None, mode=plan.space.mode if single else None,
-                    search_alg=_search_alg(plan, spec.config.get("seed", 0) or 0), scheduler=_scheduler(plan),
-                    num_samples=plan.num_samples,  # concurrency: set on the search algorithm (_search_alg)
-                    # the next trial runs in a finished trial's process: no new Python importing torch and mlflow
-                    # per trial (on 2 cores that cost ~14 s of trial-slot time per trial; benchmarks sweep.reuse)
-                    reuse_actors=True,
-                ),
-                run_config=tune.RunConfig(
-                    name=Path(tune_path).name, storage_path=str(tune_root), callbacks=callbacks,
-                    verbose=int(session.verbose),
-                    failure_config=tune.FailureConfig(max_failures=max_failures),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                ),
-            )
-        grid = tuner.fit()
-    except BaseException:
-        tracker.end(sweep_run_id, "KILLED" if isinstance(sys.exc_info()[1], KeyboardInterrupt) else "FAILED")
-        raise
-    result = summarize(tracker, plan, sweep_run_id, grid)
-    tracker.end(sweep_run_id, "FINISHED" if result.trials and result.failed < len(result.trials) else "FAILED")
+    # Tune's own SIGINT handler would end the sweep as if it were done; winding_down (with stop_tune) stops it the
+    # same careful way on any stop signal, and the sweep then ends KILLED
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    stale = signal.getsignal(signal.SIGUSR1)  # Tune's handler of an earlier sweep in this process, if any
+
+    def stop_tune(signum: int, frame) -> None:
+        """Asks Tune's loop to end early, as its own SIGINT handler would: it stops the trials and saves its state
+        one last time (what --resume continues from), then fit returns. Tune listens on SIGUSR1 while it loops."""
+        handler = signal.getsignal(signal.SIGUSR1)
+        if handler is stale or not callable(handler):  # the loop has not started: there is nothing to save
+            raise Interrupted(signum)
+        handler(signum, frame)
+
+    with tracker.ending(sweep_run_id) as sweep:
+        try:
+            if resume_run_id:
+                if not tune_path or not tune.Tuner.can_restore(tune_path):
+                    raise BadInput(f"--resume {resume_run_id}: its Tune state at {tune_path} is missing; "
+                                   "start a new sweep")
+                tuner = tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=True)
+            else:
+                tuner = tune.Tuner(
+                    trainable,
+                    param_space=tune_param_space(plan),
+                    tune_config=tune.TuneConfig(
+                        metric=plan.space.metric if single else None, mode=plan.space.mode if single else None,
+                        search_alg=_search_alg(plan, spec.config.get("seed", 0) or 0), scheduler=_scheduler(plan),
+                        num_samples=plan.num_samples,  # concurrency: set on the search algorithm (_search_alg)
+                        # the next trial runs in a finished trial's process: no new Python importing torch and mlflow
+                        # per trial (on 2 cores that cost ~14 s of trial-slot time per trial; benchmarks sweep.reuse)
+                        reuse_actors=True,
+                    ),
+                    run_config=tune.RunConfig(
+                        name=Path(tune_path).name, storage_path=str(tune_root), callbacks=callbacks,
+                        verbose=int(session.verbose),
+                        failure_config=tune.FailureConfig(max_failures=max_failures),
+                        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                    ),
+                )
+            with winding_down(stop_tune) as caught:
+                grid = tuner.fit()
+        except BaseException:
+            _end_cut_trials(tracker, sweep_run_id)
+            raise
+        result = summarize(tracker, plan, sweep_run_id, grid, interrupted=bool(caught))
+        if caught:
+            raise Interrupted(caught[0], result)
+        sweep.status = "FINISHED" if result.trials and result.failed < len(result.trials) else "FAILED"
     return result
 
 
-def summarize(tracker: Tracker, plan: SweepPlan, sweep_run_id: str, grid) -> SweepResult:
-    """Close every child run, pick the best trial on validation metrics (and the Pareto front), log it all."""
+def _end_cut_trials(tracker: Tracker, sweep_run_id: str) -> None:
+    """A trial whose run is still open when its sweep ends was cut off (or orphaned by a kill): KILLED."""
+    for run in tracker.children(sweep_run_id):
+        if run.info.status == "RUNNING":
+            tracker.end(run.info.run_id, "KILLED")
+
+
+def summarize(tracker: Tracker, plan: SweepPlan, sweep_run_id: str, grid, interrupted: bool = False) -> SweepResult:
+    """Close every child run, pick the best trial on validation metrics (and the Pareto front), log it all. An
+    interrupted sweep's trials that Tune had not finished were cut: their runs end KILLED, and nothing is selected
+    or logged on the sweep run (its resume does that, over every trial)."""
     out = SweepResult(sweep_run_id)
     runs = {r.data.tags.get("trial_id"): r for r in tracker.children(sweep_run_id)}
     for result in grid:
@@ -385,20 +411,22 @@ def summarize(tracker: Tracker, plan: SweepPlan, sweep_run_id: str, grid) -> Swe
         # correlate on metrics other than the sweep's own objective (the study's blind-vs-oracle comparison)
         row = {"trial_id": metrics.get("trial_id", trial_id), "config": result.config,
                "error": result.error is not None,
+               # Tune marks a trial's last result done when the trial returned or its scheduler stopped it
+               "cut": interrupted and result.error is None and not metrics.get("done"),
                **{k: v for k, v in metrics.items() if k.startswith(("val_", "test_"))},
                **{k: metrics.get(k, math.nan) for k in (*TRIAL_COLUMNS, plan.space.metric)},
                "step": metrics.get("step")}
         run = runs.get(row["trial_id"])
         row["run_id"] = run.info.run_id if run else None
         if run is not None:
-            status = "FAILED" if row["error"] else "FINISHED"
+            status = "FAILED" if row["error"] else "KILLED" if row["cut"] else "FINISHED"
             if tracker.status(run.info.run_id) != status:
                 tracker.end(run.info.run_id, status)
         out.failed += int(row["error"])
         out.trials.append(row)
-    for run in tracker.children(sweep_run_id):  # anything Tune no longer knows about was orphaned by a kill
-        if run.info.status == "RUNNING":
-            tracker.end(run.info.run_id, "KILLED")
+    _end_cut_trials(tracker, sweep_run_id)  # anything Tune no longer knows about was orphaned by a kill
+    if interrupted:
+        return out
     log_trials_csv(tracker, sweep_run_id, out.trials, plan.space.metric)
     if plan.searcher == "optuna":
         log_search_plots(tracker, sweep_run_id, plan, out.trials)
@@ -533,6 +561,7 @@ def format_trials(result: SweepResult, metric: str) -> str:
     for t in result.trials:
         mark = "*" if result.best is t else " "
         cells = " ".join(f"{_metric(t, c):{w}.3f}" for c, w in zip(columns, widths))
-        lines.append(f"{mark}{t['trial_id']:<21} {'FAILED' if t['error'] else 'done':<8} {cells}")
+        status = "FAILED" if t["error"] else "cut" if t["cut"] else "done"
+        lines.append(f"{mark}{t['trial_id']:<21} {status:<8} {cells}")
     lines.append(f"* selected on {metric} (validation); test columns are reported, never used to choose")
     return "\n".join(lines)

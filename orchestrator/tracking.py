@@ -7,6 +7,7 @@ change) write to the same file.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -14,7 +15,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from orchestrator.errors import BadInput
 
@@ -129,6 +130,13 @@ def model_requirements() -> list[str]:
 def scrub(params: dict[str, Any]) -> dict[str, Any]:
     """Never log a secret: values under keys that look like credentials are dropped."""
     return {k: v for k, v in params.items() if not any(h in k.lower() for h in SECRET_HINTS)}
+
+
+@dataclass
+class RunEnd:
+    """How a run that ends without an exception ends (Tracker.ending)."""
+
+    status: str = "FINISHED"
 
 
 class Tracker:
@@ -280,6 +288,24 @@ class Tracker:
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+    @contextlib.contextmanager
+    def ending(self, run_id: str, leave: tuple[type[BaseException], ...] = ()) -> Iterator[RunEnd]:
+        """Ends the run with the block: KILLED when it is interrupted (Ctrl-C, and under `bdo` every stop signal,
+        raises KeyboardInterrupt: orchestrator.signals), FAILED on any other exception, else FINISHED or the
+        status the block set on what this yields. Exceptions in `leave` end the block but not the run."""
+        end = RunEnd()
+        try:
+            yield end
+        except leave:
+            raise
+        except KeyboardInterrupt:
+            self.end(run_id, "KILLED")
+            raise
+        except BaseException:
+            self.end(run_id, "FAILED")
+            raise
+        self.end(run_id, end.status)
 
     def has_run(self, run_id: str) -> bool:
         """Whether this store holds the run (ids from an attack cache shared with other stores may not be)."""

@@ -99,7 +99,9 @@ def tune_trainable(config: dict[str, Any], setup: TrialSetup) -> None:
     import ray
 
     tracker.set_tags(run_id, {"ray_node_id": ray.get_runtime_context().get_node_id()})
-    try:
+    # Tune ends a stopped trial's thread (ASHA, or its reused actor being reset) with sys.exit at the next report;
+    # that is no failure, and the driver's callback and summary give the run its status.
+    with tracker.ending(run_id, leave=(SystemExit,)):
         if setup.plan.workers_per_trial > 1:
             _drive_train(setup, spec, config, run_id, trial_id)
         else:
@@ -115,14 +117,6 @@ def tune_trainable(config: dict[str, Any], setup: TrialSetup) -> None:
                 execute_attack(spec, ctx, tracker, run_id)
             else:
                 execute_defense(spec, ctx, tracker, run_id, ctx.backdoor_obj)
-    except SystemExit:
-        # Tune ends a stopped trial's thread (ASHA, or its reused actor being reset) with sys.exit at the next
-        # report; that is no failure, and the driver's callback and summary give the run its status.
-        raise
-    except BaseException:
-        tracker.end(run_id, "FAILED")
-        raise
-    tracker.end(run_id, "FINISHED")
 
 
 def _drive_train(setup: TrialSetup, spec: RunSpec, config: dict[str, Any], run_id: str, trial_id: str) -> None:

@@ -1,0 +1,198 @@
+"""Stopping bdo with a signal: SIGINT (Ctrl-C), SIGTERM (`ray job stop`, kill) and SIGHUP (a closed terminal) are an
+interruption, not a success or a failure. Real signals go to real `bdo` subprocesses, each in its own session (so
+the signal reaches its process group as a terminal's would); every test kills what it started.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.ui import free_port
+from tests.integration.test_multinode import (
+    SPACES,
+    bdo_command,
+    child_env,
+    experiment_runs,
+    explain,
+    kill_marked,
+    run_bdo,
+    short_tmp,
+    tail,
+    wait_until,
+)
+
+
+def steps(client, run_id: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, "val_acc"))
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(30)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+# Ctrl-C signals the terminal's whole process group; SIGTERM goes to bdo alone, as `kill`, `timeout` or a container's
+# stop send it (and `ray job stop`, to a job's driver and its children, not to the cluster's Ray). A group-wide SIGTERM
+# would also end the local Ray that bdo started in its group (Ray's processes block only SIGINT): then no sweep can
+# wind down.
+@pytest.mark.parametrize("sig, code, kill", [(signal.SIGINT, 130, os.killpg), (signal.SIGTERM, 143, os.kill)],
+                         ids=["SIGINT", "SIGTERM"])
+def test_interrupted_sweep_ends_killed_and_resumes(tmp_path, mlflow_template, sig, code, kill):
+    from mlflow.tracking import MlflowClient
+
+    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["tune", str(SPACES / "badnets.yaml"), "--num-samples", "3", "--max-concurrent", "1",
+            "--cpus-per-trial", "1", "--set", "epochs=3", "--set", "data.train_limit=200",
+            "--storage", str(tmp_path / "bdo_runs"), "--tracking-uri", uri]
+    ray_tmp = short_tmp()
+    log = tmp_path / "driver.log"
+    # the second trial holds at step 2 until released, so the signal surely lands mid-trial
+    release = tmp_path / "release"
+    client = MlflowClient(uri)
+    driver = None
+    try:
+        with open(log, "w") as out:
+            driver = subprocess.Popen(bdo_command(*args), cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                                      env=child_env(ray_tmp, BDO_FAULT=f"wait:step=2:trial=1:until={release}"),
+                                      start_new_session=True)
+
+        def one_done_one_held():
+            if driver.poll() is not None:
+                raise AssertionError(f"the sweep ended before the signal\n{tail(log)}")
+            exp = client.get_experiment_by_name("bdo")
+            trials = client.search_runs([exp.experiment_id], "tags.role = 'trial'") if exp else []
+            done = [t for t in trials if t.info.status == "FINISHED"]
+            held = [t for t in trials if t.info.status == "RUNNING" and 2 in steps(client, t.info.run_id)]
+            return (done, held) if done and held else None
+
+        (finished,), (held,) = wait_until(one_done_one_held, 400, "one trial done and the next one held",
+                                          poll=1.0, why=lambda: tail(log))
+        kill(driver.pid, sig)
+        driver.wait(180)
+        assert driver.returncode == code, f"exit {driver.returncode}\n{tail(log, 80)}"
+
+        (sweep,) = experiment_runs(client, "tags.role = 'sweep'")
+        assert sweep.info.status == "KILLED"
+        assert not [k for k in sweep.data.metrics if k.startswith("best_")], sweep.data.metrics
+        assert not [k for k in sweep.data.params if k.startswith("best.")] and "best_trial_id" not in sweep.data.tags
+        assert client.get_run(held.info.run_id).info.status == "KILLED", "the cut trial"
+        assert client.get_run(finished.info.run_id).info.status == "FINISHED"
+        printed = log.read_text()
+        assert f"{held.data.tags['trial_id']:<21} cut" in printed, tail(log, 80)
+
+        release.touch()
+        done = run_bdo(args + ["--resume"], tmp_path, child_env(ray_tmp), timeout=400)
+        assert done.returncode == 0, explain(done)
+    finally:
+        if driver is not None:
+            kill_group(driver)
+        kill_marked(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+    (resumed,) = experiment_runs(client, "tags.role = 'sweep'")  # the same sweep, continued
+    assert resumed.info.run_id == sweep.info.run_id and resumed.info.status == "FINISHED"
+    assert any(k.startswith("best_") for k in resumed.data.metrics)
+    children = experiment_runs(client, f"tags.mlflow.parentRunId = '{sweep.info.run_id}'")
+    assert sorted(c.info.status for c in children) == ["FINISHED"] * 3
+    again = client.get_run(finished.info.run_id)  # finished before the signal: not rerun
+    assert again.info.end_time == finished.info.end_time and steps(client, finished.info.run_id) == [1, 2, 3]
+    assert steps(client, held.info.run_id)[-1] == 3, "the cut trial continued to its last step"
+
+
+@pytest.mark.slow
+def test_hung_up_attack_ends_killed_with_exit_129(tmp_path, mlflow_template):
+    from mlflow.tracking import MlflowClient
+
+    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    log = tmp_path / "attack.log"
+    args = ["attack", "badnets", "--set", "epochs=500", "--set", "data.train_limit=200",
+            "--storage", str(tmp_path / "bdo_runs"), "--tracking-uri", uri]
+    with open(log, "w") as out:
+        attack = subprocess.Popen(bdo_command(*args), cwd=tmp_path, env=child_env(tmp_path), stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: attack.poll() is not None or " step 1/500" in log.read_text(), 240, "the first epoch",
+                   why=lambda: tail(log))
+        os.killpg(attack.pid, signal.SIGHUP)
+        attack.wait(60)
+        assert attack.returncode == 129, tail(log)
+    finally:
+        kill_group(attack)
+    (run,) = experiment_runs(MlflowClient(uri), "tags.role = 'attack'")
+    assert run.info.status == "KILLED"
+
+
+def _children(pid: int) -> set[int]:
+    """Every live descendant of pid (zombies, which nobody may reap in a container, do not count)."""
+    found, frontier = set(), [pid]
+    while frontier:
+        parent = frontier.pop()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == parent and stat[0] != "Z":
+                found.add(int(entry))
+                frontier.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_ui_stops_its_server_on_a_stop_signal(tmp_path, mlflow_template, sig):
+    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
+    port = free_port()
+    log = tmp_path / "ui.log"
+    env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+    with open(log, "w") as out:
+        ui = subprocess.Popen(bdo_command("ui", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                          "--port", str(port)), cwd=tmp_path, env=env, stdout=out,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    server: set[int] = set()
+    try:
+        wait_until(lambda: ui.poll() is not None or "MLflow UI on" in log.read_text(), 240, "the UI to answer",
+                   why=lambda: tail(log))
+        assert ui.poll() is None, tail(log)
+        server = _children(ui.pid)
+        assert server and _listening(port), "the server runs as bdo's child and listens"
+        os.killpg(ui.pid, sig)
+        ui.wait(60)
+        assert ui.returncode == 0, tail(log)
+        deadline = time.monotonic() + 10  # the group is ended before bdo exits; allow the kernel to tidy up
+        while time.monotonic() < deadline and (any(_alive(p) for p in server) or _listening(port)):
+            time.sleep(0.2)
+        assert not [p for p in server if _alive(p)], "the server outlived bdo ui"
+        assert not _listening(port)
+    finally:
+        kill_group(ui)
+        for pid in server:  # the server has its own process group
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
