@@ -1,5 +1,6 @@
 """The `bdo` command line. Everything is parsed and validated before Ray starts or any MLflow store or run is
-created; bad input prints one line and exits 2. Exit codes: 0 done, 1 a run failed, 2 bad input."""
+created; bad input prints one line and exits 2. Exit codes: 0 done, 1 a run failed, 2 bad input, 128 + the signal
+when stopped by SIGINT, SIGTERM or SIGHUP (130, 143, 129; its runs end KILLED: orchestrator.signals)."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from orchestrator.errors import BadInput
+from orchestrator.signals import Interrupted, catch_stop_signals
 
 
 def default_experiment() -> str:
@@ -21,11 +23,19 @@ class OneLineParser(argparse.ArgumentParser):
         raise BadInput(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
+def _name(value: str) -> str:
+    """A registry or experiment name: an empty one would fall back to the default silently (or fail mid-run)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("empty; give a name, or leave the flag out for the default")
+    return value
+
+
 def _shared(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default=None, help="dataset registry name (default: digits, or the space's)")
-    p.add_argument("--model", default=None, help="model registry name (default: small_cnn, or the space's)")
+    p.add_argument("--dataset", type=_name, default=None,
+                   help="dataset registry name (default: digits, or the space's)")
+    p.add_argument("--model", type=_name, default=None, help="model registry name (default: small_cnn, or the space's)")
     p.add_argument("--seed", type=int, default=None, help="derives the split, poison, train and clean seeds")
-    p.add_argument("--experiment", default=default_experiment(),
+    p.add_argument("--experiment", type=_name, default=default_experiment(),
                    help="MLflow experiment (default: MLFLOW_EXPERIMENT_NAME, else bdo)")
     p.add_argument("--storage", default=os.environ.get("BDO_STORAGE", "./bdo_runs"),
                    help="run storage: attack cache and Tune state, a local or shared path "
@@ -116,15 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--tracking-uri", default=None)
-    p.add_argument("--experiment", default=default_experiment(),
+    p.add_argument("--experiment", type=_name, default=default_experiment(),
                    help="the experiment whose runs page to print (default: MLFLOW_EXPERIMENT_NAME, else bdo)")
     p = sub.add_parser("report", help="the paper table of a study, from MLflow")
-    p.add_argument("--experiment", default=default_experiment())
+    p.add_argument("--experiment", type=_name, default=default_experiment())
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--study", default=None, metavar="RUN_ID")
     p.add_argument("--format", choices=("md", "csv", "html", "latex", "runs-csv"), default="md",
                    help="md, csv, html or latex table; runs-csv: the per-seed values behind every cell")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="also write the table to FILE (folders created); an existing FILE needs --force")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     p.add_argument("--metrics", default="acc,asr", help="comma list of acc, asr, ra, der")
     return parser
 
@@ -182,19 +194,52 @@ def _print_run_plan(spec) -> int:
     return 0
 
 
+# the schemes MLflow has a tracking store for (mlflow.tracking._tracking_service.utils), with an optional +driver
+TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc",
+                    "uc")
+
+
+def _check_folder(path: Path, what: str) -> None:
+    """A folder bdo creates or writes into: refused now when it cannot be, not when the first run writes to it."""
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise BadInput(f"{what}: {existing} is a file, not a folder; pick another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BadInput(f"{what}: {existing} is not writable; pick a folder you can write to")
+
+
+def _check_tracking_uri(uri: str) -> str:
+    """A store MLflow cannot open, or a SQLite file it cannot create, refused before anything is written."""
+    scheme = uri.partition("://")[0] if "://" in uri else ""
+    if scheme.split("+")[0] not in TRACKING_SCHEMES:
+        raise BadInput(f"--tracking-uri {uri}: unknown scheme {scheme!r}; use sqlite:///PATH (or a bare PATH), "
+                       f"http(s)://HOST:PORT of a tracking server, or a database URI such as postgresql://...")
+    if scheme == "sqlite":  # SQLite creates the file, not its folder
+        db = Path(uri[len("sqlite:///"):])
+        if db.is_dir():
+            raise BadInput(f"--tracking-uri {uri}: {db} is a folder; name the database file, e.g. {db / 'mlflow.db'}")
+        if not db.exists():
+            _check_folder(db.parent, f"--tracking-uri {uri}")
+            if not db.parent.is_dir():
+                raise BadInput(f"--tracking-uri {uri}: the folder {db.parent} does not exist; create it first")
+    return uri
+
+
 def _session(args):
     from methods.data.configs import default_data_root
     from orchestrator.runner import Session
     from orchestrator.tracking import resolve_tracking_uri
 
     storage = Path(args.storage).expanduser().resolve()
+    _check_folder(storage, f"--storage {args.storage}")
+    tracking_uri = _check_tracking_uri(resolve_tracking_uri(args.tracking_uri))
     data_root = Path(args.data_root).expanduser().resolve() if args.data_root else default_data_root()
     address = args.address or os.environ.get("RAY_ADDRESS") or None
     if address and address.startswith(("http://", "https://")):  # the dashboard's Jobs API, a common mix-up
         source = "--address" if args.address else "RAY_ADDRESS"
         raise BadInput(f"{source} {address}: --address wants the GCS address (host:6379, or auto on a cluster "
                        "node); http://<head>:8265 is the dashboard's address, which is what ray job submit takes")
-    return Session(resolve_tracking_uri(args.tracking_uri), args.experiment, storage, data_root, args.download, address,
+    return Session(tracking_uri, args.experiment, storage, data_root, args.download, address,
                    verbose=getattr(args, "verbose", False))
 
 
@@ -228,12 +273,12 @@ def _attack_from_run(args, session) -> tuple[str, dict, dict]:
         run = tracker.client.get_run(args.attack_run)
     except Exception:
         raise BadInput(f"--attack-run {args.attack_run}: no such run in {session.tracking_uri}") from None
-    import yaml
+    from orchestrator.resolve import read_yaml
 
     if run.data.tags.get("role") != "attack":
         raise BadInput(f"--attack-run {args.attack_run}: not an attack run (role={run.data.tags.get('role')})")
     path = tracker.client.download_artifacts(args.attack_run, "config.yaml")
-    resolved = yaml.safe_load(Path(path).read_text())
+    resolved = read_yaml(Path(path).read_text())
     return resolved["method"], resolved["config"], resolved["data"]
 
 
@@ -320,6 +365,11 @@ def cmd_tune(args) -> int:
     session.start_ray()
     try:
         result = run_sweep(session, plan, resume_run_id=resume, max_failures=args.max_failures)
+    except Interrupted as stop:
+        if stop.partial is not None:  # the trials so far, the cut ones marked
+            print(format_trials(stop.partial, plan.space.metric))
+            print(f"sweep run {stop.partial.sweep_run_id} interrupted; the same command with --resume continues it")
+        raise
     finally:
         session.stop_ray()
     print(format_trials(result, plan.space.metric))
@@ -371,7 +421,7 @@ def cmd_quickstart(args) -> int:
 
 def cmd_ui(args) -> int:
     from orchestrator.tracking import resolve_tracking_uri
-    from orchestrator.ui import start_server, stop_server
+    from orchestrator.ui import check_address, start_server, stop_server
 
     uri = resolve_tracking_uri(args.tracking_uri)
     if uri.startswith(("http://", "https://")):  # a server already runs there (the cluster's): only say where
@@ -379,6 +429,8 @@ def cmd_ui(args) -> int:
 
         print(f"runs of experiment {args.experiment}: {served_runs_page(uri, args.experiment)}", flush=True)
         return 0
+    _check_tracking_uri(uri)
+    check_address(args.host, args.port)
     if uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///"):]):
         raise BadInput(f"--tracking-uri {uri}: no MLflow store there yet; run bdo quickstart or bdo tune first")
     from mlflow.tracking import MlflowClient
@@ -387,12 +439,12 @@ def cmd_ui(args) -> int:
 
     experiment = MlflowClient(uri).get_experiment_by_name(args.experiment)
     process, url = start_server(uri, args.host, args.port)
-    print(f"MLflow UI on {url} (store {uri}); Ctrl-C stops it", flush=True)
-    if experiment is not None:
-        print(f"runs of experiment {args.experiment}: {runs_page(url, experiment.experiment_id)}", flush=True)
     try:
+        print(f"MLflow UI on {url} (store {uri}); Ctrl-C stops it", flush=True)
+        if experiment is not None:
+            print(f"runs of experiment {args.experiment}: {runs_page(url, experiment.experiment_id)}", flush=True)
         return process.wait()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM or SIGHUP (orchestrator.signals): the way a UI is meant to end
         return 0
     finally:
         stop_server(process)
@@ -400,7 +452,9 @@ def cmd_ui(args) -> int:
 
 def cmd_report(args) -> int:
     from orchestrator.report import run_report
+    from orchestrator.tracking import resolve_tracking_uri
 
+    _check_tracking_uri(resolve_tracking_uri(args.tracking_uri))
     return run_report(args)
 
 
@@ -420,9 +474,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BadInput as exc:
         print(f"bdo: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("bdo: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # Ctrl-C; under entry, any stop signal (Interrupted)
+        print(f"bdo: interrupted ({stop})" if isinstance(stop, Interrupted) else "bdo: interrupted", file=sys.stderr)
+        return stop.exit_code if isinstance(stop, Interrupted) else 130
     except Exception as exc:  # a run failed: say so in one line, keep the traceback for --debug users
         if os.environ.get("BDO_DEBUG"):
             raise
@@ -431,6 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> None:
+    catch_stop_signals()  # here, not in main: a caller of main (the tests) keeps its own handlers
     sys.exit(main())
 
 

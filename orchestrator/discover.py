@@ -11,7 +11,7 @@ import yaml
 from methods.core.method import METHODS, method_names
 from methods.core.registry import DATASETS, MODELS
 from orchestrator.errors import BadInput
-from orchestrator.resolve import PRESETS, ROOT, SEARCH_SPACES
+from orchestrator.resolve import PRESETS, ROOT, SEARCH_SPACES, read_yaml
 
 KINDS = ("attacks", "defenses", "datasets", "models")
 
@@ -84,7 +84,7 @@ def describe_lines(name: str) -> list[str]:
     space = SEARCH_SPACES / f"{name}.yaml"
     lines += ["", "search space:"]
     if space.is_file():
-        raw = yaml.safe_load(space.read_text()) or {}
+        raw = read_yaml(space.read_text()) or {}
         lines.append(f"  {space.relative_to(ROOT)}: {raw.get('description', '')}")
         for key, dist in (raw.get("space") or {}).items():
             lines.append(f"    {key}: {dist}")

@@ -118,6 +118,16 @@ def run_report(args) -> int:
     bad = [m for m in metrics if m not in METRICS]
     if bad:
         raise BadInput(f"--metrics: unknown {', '.join(bad)}; choose from {', '.join(METRICS)}")
+    out = Path(args.out) if args.out else None
+    if out is not None:  # refused before the store is opened, not after the table is built
+        if out.is_dir():
+            raise BadInput(f"--out {out}: a folder; --out names the report file, "
+                           f"e.g. {out / REPORT_FILES[args.format]}")
+        if out.exists() and not args.force:
+            raise BadInput(f"--out {out}: the file exists; pass --force to overwrite it, or name another file")
+        taken = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+        if taken is not None:
+            raise BadInput(f"--out {out}: {taken} is a file, not a folder")
     uri = resolve_tracking_uri(args.tracking_uri)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         raise BadInput(f"--tracking-uri {uri}: no MLflow store there")
@@ -148,10 +158,9 @@ def run_report(args) -> int:
         attacks, columns, cells = collect(tracker, study_id, metrics)
         content = render(attacks, columns, cells, metrics, args.format)
     name = REPORT_FILES[args.format]
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / name).write_text(content)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(content)
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / name).write_text(content)
         tracker.log_artifact(study_id, Path(d) / name)

@@ -7,6 +7,8 @@ the dataset's. Every value is validated here, so nothing starts with a bad confi
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,43 @@ def check_data(spec, session) -> None:
         raise BadInput(str(exc)) from None
 
 
+class Loader(yaml.SafeLoader):
+    """The one YAML reader of bdo (spaces, studies, presets, recipes, --set values and stored run configs).
+
+    PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent, so 1e-3 and 5E-4 come back as
+    strings and fail config validation; this loader reads numbers by YAML 1.2 rules. It also refuses a key given
+    twice in one mapping, which YAML 1.1 resolves silently to the last value."""
+
+    yaml_implicit_resolvers = {first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
+                               for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)  # merge keys (<<) may repeat what they override
+            seen: set = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, Hashable):
+                    continue  # SafeLoader refuses it with its own message
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (a mapping names each key once)", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"""^(?:
+    [-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
+def read_yaml(text: str):
+    return yaml.load(text, Loader=Loader)  # Loader is a SafeLoader: plain data only, never Python objects
+
+
 def parse_set(items: list[str] | None) -> dict[str, Any]:
     """`--set key=value` pairs, values parsed as YAML scalars (so 0.1 is a float, true a bool, [1,2] a list)."""
     out: dict[str, Any] = {}
@@ -77,7 +116,7 @@ def parse_set(items: list[str] | None) -> dict[str, Any]:
         if not sep or not key.strip():
             raise BadInput(f"--set {item!r}: expected key=value, e.g. --set lr=0.01 or --set attack.poison_rate=0.05")
         try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+            out[key.strip()] = read_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
             raise BadInput(f"--set {item!r}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None
     return out
@@ -100,7 +139,7 @@ def load_yaml(path: Path, what: str) -> Any:
     if not path.is_file():
         raise BadInput(f"{path}: {what} file not found")
     try:
-        return yaml.safe_load(path.read_text())
+        return read_yaml(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -13,7 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from methods.core.knowledge import BLIND, KNOWLEDGE_LEVELS, ORACLE, bare_name, blind_metrics, knowledge_of
+from methods.core.knowledge import (
+    BLIND,
+    KNOWLEDGE_LEVELS,
+    ORACLE,
+    bare_name,
+    blind_metrics,
+    classified,
+    knowledge_of,
+)
 from methods.core.method import METHODS
 from methods.data.configs import DataConfig
 from orchestrator.errors import BadInput
@@ -211,11 +219,19 @@ def load_space(path: Path) -> SearchSpace:
                 f"space/fixed key {key!r} is not a field of {method}; known: {', '.join(fields)}")
     overlap = set(fixed) & {d.key for d in dims}
     _expect(not overlap, source, f"{', '.join(sorted(overlap))} is both fixed and searched")
+    derived = [d.key for d in dims if d.tree is not None]
     for d in dims:
         if d.tree is not None:
-            missing = expression_names(d.tree) - set(fields)
+            names = expression_names(d.tree)
+            missing = names - set(fields)
             _expect(not missing, f"{source}: space.{d.key}",
                     f"derived from unknown key(s) {', '.join(sorted(missing))}")
+            # derived keys are filled in file order (apply_derived): a later one (or itself, or a cycle) would be
+            # read at its underived value
+            later = sorted(names & set(derived[derived.index(d.key):]))
+            _expect(not later, f"{source}: space.{d.key}",
+                    f"derived from {', '.join(later)}, which {'is' if len(later) == 1 else 'are'} derived at or "
+                    f"after {d.key}; a derived key may use only derived keys listed before it (no cycles)")
 
     objective = raw.get("objective") or {"metric": "val_der", "mode": "max"}
     _expect(isinstance(objective, dict), source, "objective: expected {metric: NAME, mode: max|min}")
@@ -224,6 +240,13 @@ def load_space(path: Path) -> SearchSpace:
     _expect(metric in REPORTED or metric.startswith("val_"), source,
             f"objective.metric {metric!r} is not a validation metric; "
             f"e.g. {', '.join(sorted(m for m in REPORTED if m.startswith('val_')))}")
+    # a metric no run reports would have every trial score NaN and the sweep select on nothing: the names a
+    # method can report are those methods/core/knowledge.py classifies; split metrics only from a splitting method
+    _expect(classified(metric), source,
+            f"objective.metric {metric!r}: no method reports it; e.g. "
+            f"{', '.join(sorted(m for m in REPORTED if m.startswith('val_')))} (all: methods/core/knowledge.py)")
+    _expect(not bare_name(metric).startswith("split_") or METHODS.get(method).splits_samples, source,
+            f"objective.metric {metric!r}: {method} does not split the training set, so it reports no split_* metric")
     _expect(mode in ("max", "min"), source, f"objective.mode {mode!r}: use max or min")
 
     sched = raw.get("scheduler") or {}

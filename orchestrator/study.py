@@ -24,6 +24,7 @@ from orchestrator.execute import build_attack
 from orchestrator.report import ATTACK_COLUMNS, mean_std, render
 from orchestrator.resolve import SEARCH_SPACES, load_yaml, method_spec, resolve_run
 from orchestrator.runner import Session, run_single, run_sweep
+from orchestrator.signals import catch_stop_signals
 from orchestrator.spaces import SweepPlan, load_space, plan_sweep
 
 STUDY_KEYS = {"name", "dataset", "model", "attacks", "defenses", "seeds", "tune", "data", "quick", "clean", "jobs",
@@ -97,6 +98,9 @@ def load_study(path: Path, args) -> StudyPlan:
     seeds = raw["seeds"]
     if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
         raise BadInput(f"{src}: seeds: non-negative integers")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:  # a repeated seed reruns the same run and would count as another sample in mean±std
+        raise BadInput(f"{src}: seeds: {', '.join(map(str, repeated))} listed more than once; list each seed once")
     tune = _tune_block(raw.get("tune") or {}, f"{src}: tune")
     jobs = _given(getattr(args, "jobs", None), raw.get("jobs", 1))
     if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
@@ -222,47 +226,47 @@ def run_study(session: Session, study: StudyPlan, args) -> StudyOutcome:
     cells: dict[tuple[str, str], list[dict[str, float]]] = {}
     trials: dict[tuple[str, str], int] = {}
     pool = RunPool(session, study.jobs)
-    try:
-        failed = attack_columns(study, pool, tracker, study_run_id, cells)
-        if study.blind_objective:
-            failed += run_comparison(session, study, pool, study_run_id, args.max_failures)
-            pool.shutdown()
-            tracker.end(study_run_id, "FINISHED" if not failed else "FAILED")
-            return StudyOutcome(study_run_id, comparison_table(tracker, study_run_id, "md"), failed)
-        finals: list[tuple[str, str, Any]] = []
-        for ai, (attack, _) in enumerate(study.attacks):
-            for di, (defense, _) in enumerate(study.defenses):
-                plan = study.sweeps[(ai, di)]
-                chosen: dict[str, Any] = {}
-                final_tags = {**tags, "knowledge": plan.knowledge}
-                if di not in study.untuned:
-                    result = run_sweep(session, plan, extra_tags=tags, parent_id=study_run_id,
-                                       max_failures=args.max_failures)
-                    failed += result.failed
-                    trials[(attack, defense)] = len(result.trials)
-                    if result.best is None:
-                        failed += 1
-                        continue
-                    chosen = dict(result.best["config"])
-                    final_tags.update(sweep_run_id=result.sweep_run_id, selected_trial_id=result.best["trial_id"])
-                for seed in study.seeds:
-                    spec = final_spec(study, plan, defense, attack, seed, chosen)
-                    job = pool.submit(f"{attack} x {defense} seed {seed}", "final", spec, final_tags,
-                                      parent_id=study_run_id, device=driver_device(plan))
-                    finals.append((attack, defense, job))
-        for attack, defense, job in finals:
-            outcome = pool.wait(job)
-            if outcome is None:
-                failed += 1
-                continue
-            cells.setdefault((attack, defense), []).append(outcome[1])
-    except BaseException:
-        pool.shutdown(cancel=True)
-        tracker.end(study_run_id, "FAILED")
-        raise
-    pool.shutdown()
-    table = format_table(study, cells, trials)
-    tracker.end(study_run_id, "FINISHED" if not failed else "FAILED")
+    with tracker.ending(study_run_id) as study_run:
+        try:
+            failed = attack_columns(study, pool, tracker, study_run_id, cells)
+            if study.blind_objective:
+                failed += run_comparison(session, study, pool, study_run_id, args.max_failures)
+                pool.shutdown()
+                study_run.status = "FINISHED" if not failed else "FAILED"
+                return StudyOutcome(study_run_id, comparison_table(tracker, study_run_id, "md"), failed)
+            finals: list[tuple[str, str, Any]] = []
+            for ai, (attack, _) in enumerate(study.attacks):
+                for di, (defense, _) in enumerate(study.defenses):
+                    plan = study.sweeps[(ai, di)]
+                    chosen: dict[str, Any] = {}
+                    final_tags = {**tags, "knowledge": plan.knowledge}
+                    if di not in study.untuned:
+                        result = run_sweep(session, plan, extra_tags=tags, parent_id=study_run_id,
+                                           max_failures=args.max_failures)
+                        failed += result.failed
+                        trials[(attack, defense)] = len(result.trials)
+                        if result.best is None:
+                            failed += 1
+                            continue
+                        chosen = dict(result.best["config"])
+                        final_tags.update(sweep_run_id=result.sweep_run_id, selected_trial_id=result.best["trial_id"])
+                    for seed in study.seeds:
+                        spec = final_spec(study, plan, defense, attack, seed, chosen)
+                        job = pool.submit(f"{attack} x {defense} seed {seed}", "final", spec, final_tags,
+                                          parent_id=study_run_id, device=driver_device(plan))
+                        finals.append((attack, defense, job))
+            for attack, defense, job in finals:
+                outcome = pool.wait(job)
+                if outcome is None:
+                    failed += 1
+                    continue
+                cells.setdefault((attack, defense), []).append(outcome[1])
+        except BaseException:
+            pool.shutdown(cancel=True)
+            raise
+        pool.shutdown()
+        table = format_table(study, cells, trials)
+        study_run.status = "FINISHED" if not failed else "FAILED"
     return StudyOutcome(study_run_id, table, failed)
 
 
@@ -349,7 +353,9 @@ class RunPool:
         self.threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
         self.executor = None
         if jobs > 1:
-            self.executor = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+            # the workers share bdo's process group, so a stop signal reaches them too: their runs end KILLED
+            self.executor = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=catch_stop_signals)
 
     def submit(self, label: str, job: str, spec, tags: dict[str, str], parent_id: str | None = None,
                device=None) -> tuple[str, Any]:

@@ -17,6 +17,8 @@ import urllib.error
 import urllib.request
 from typing import IO
 
+from orchestrator.errors import BadInput
+
 READY_TIMEOUT_S = 180.0  # the server imports all of MLflow before it answers; slow on a loaded 2-core machine
 STOP_TIMEOUT_S = 15.0
 
@@ -26,6 +28,26 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def check_address(host: str, port: int) -> None:
+    """Bad input before a server starts: a port outside 1..65535, a host that does not resolve, or an address this
+    machine cannot listen on (the port taken, the host not one of its own) would otherwise surface as the server's
+    traceback."""
+    if not 1 <= port <= 65535:
+        raise BadInput(f"--port {port}: a port number in 1..65535 (default 5000)")
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise BadInput(f"--host {host}: does not resolve ({getattr(exc, 'strerror', None) or exc}); "
+                       f"give an address of this machine, e.g. 127.0.0.1") from None
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: a closed port is free
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise BadInput(f"--host {host} --port {port}: cannot listen there ({exc.strerror}); "
+                           f"pick another --port, or a --host of this machine") from None
 
 
 def runs_page(url: str, experiment_id: str) -> str:
@@ -90,16 +112,19 @@ def start_server(backend_uri: str, host: str = "127.0.0.1", port: int | None = N
                                    stderr=subprocess.STDOUT if output is not None else None,
                                    start_new_session=True)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                last_error = f"mlflow server exited with status {process.returncode} before answering on {url}"
-                break
-            if _answers(url):
-                return process, url
-            time.sleep(0.5)
-        else:
+        try:
+            while time.monotonic() < deadline:
+                if process.poll() is not None:
+                    last_error = f"mlflow server exited with status {process.returncode} before answering on {url}"
+                    break
+                if _answers(url):
+                    return process, url
+                time.sleep(0.5)
+            else:
+                raise RuntimeError(f"mlflow server did not answer on {url} within {timeout:.0f} s")
+        except BaseException:  # no answer in time, or bdo stopped by a signal while it boots: end the server too
             stop_server(process)
-            raise RuntimeError(f"mlflow server did not answer on {url} within {timeout:.0f} s")
+            raise
         stop_server(process)  # exited early (e.g. the port was taken): make sure nothing of it is left
     raise RuntimeError(last_error)
 

@@ -70,6 +70,8 @@ class BadNetsConfig(AttackConfig):
         super().validate()
         if self.pattern == "file" and not self.patch_file:
             raise ValueError("patch_file: required when pattern is 'file'")
+        if self.patch_file and self.pattern != "file":  # any other pattern never reads it: the file would be ignored
+            raise ValueError(f"patch_file: read only by pattern 'file', not {self.pattern!r}; set pattern=file too")
 
 
 @declare_method("blend", kind="attack")
@@ -84,6 +86,8 @@ class BlendConfig(AttackConfig):
         super().validate()
         if self.pattern == "file" and not self.pattern_file:
             raise ValueError("pattern_file: required when pattern is 'file'")
+        if self.pattern_file and self.pattern != "file":  # any other pattern never reads it: the file would be ignored
+            raise ValueError(f"pattern_file: read only by pattern 'file', not {self.pattern!r}; set pattern=file too")
 
 
 @declare_method("sig", kind="attack")

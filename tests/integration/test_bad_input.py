@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cli import main
+from orchestrator.cli import build_parser, main
 
 SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 EXAMPLES = SPACES.parent / "examples"
@@ -59,6 +59,16 @@ CASES = {
                                    "--download"),
     "missing real dataset": (["attack", "badnets", "--dataset", "cifar10", "--data-root", "/nonexistent/bdo"],
                              "--download"),
+    "patch file without the file pattern": (["attack", "badnets", "--set", "patch_file=x.png"],
+                                            "patch_file: read only by pattern 'file', not 'grid'"),
+    "pattern file without the file pattern": (["attack", "blend", "--set", "pattern_file=x.png"],
+                                              "pattern_file: read only by pattern 'file'"),
+    "empty dataset": (["attack", "badnets", "--dataset", ""], "argument --dataset: empty"),
+    "empty model": (["attack", "badnets", "--model", " "], "argument --model: empty"),
+    "empty experiment": (["attack", "badnets", "--experiment", ""], "argument --experiment: empty"),
+    "port above 65535": (["ui", "--port", "99999"], "--port 99999: a port number in 1..65535"),
+    "negative port": (["ui", "--port", "-1"], "--port -1: a port number in 1..65535"),
+    "host that does not resolve": (["ui", "--host", "no-such-host.invalid"], "--host no-such-host.invalid: does not"),
     "dashboard address as the Ray address": (["tune", str(SPACES / "badnets.yaml"), "--address",
                                               "http://127.0.0.1:8265"], "--address wants the GCS address (host:6379"),
 }
@@ -96,6 +106,17 @@ SPACE_CASES = {
     "blind space selecting on val_asr": ("method: ft\nknowledge: blind\nobjective: {metric: val_asr, mode: min}\n",
                                          "objective.metric val_asr needs the trigger or the poison flags"),
     "unknown knowledge level": ("method: ft\nknowledge: partial\n", "knowledge 'partial': use oracle or blind"),
+    "duplicate key": ("method: badnets\nspace:\n  lr: {uniform: [0.01, 0.1]}\n  lr: {uniform: [0.1, 0.2]}\n",
+                      "line 4, column 3: duplicate key 'lr'"),
+    "derived keys in a cycle": ("method: badnets\nspace:\n  lr: {derived: momentum / 10}\n"
+                                "  momentum: {derived: lr * 10}\n", "space.lr: derived from momentum"),
+    "derived from itself": ("method: badnets\nspace:\n  lr: {derived: lr * 2}\n", "space.lr: derived from lr"),
+    "derived from a later derived key": ("method: badnets\nspace:\n  epochs: {derived: batch_size / 8}\n"
+                                         "  batch_size: {derived: 64}\n", "space.epochs: derived from batch_size"),
+    "objective no method reports": ("method: ft\nobjective: {metric: val_nosuchmetric, mode: max}\n",
+                                    "objective.metric 'val_nosuchmetric': no method reports it"),
+    "split objective of a method that does not split": (
+        "method: ft\nobjective: {metric: split_auroc, mode: max}\n", "ft does not split the training set"),
 }
 
 
@@ -121,6 +142,9 @@ STUDY_CASES = {
                                          "study.yaml: attacks: badnets: poison_rate: 2.0 is outside"),
     "missing space beside the study": ("attacks: [badnets]\ndefenses: [{name: ft, space: nope.yaml}]\nseeds: [0]\n",
                                        "space nope.yaml not found"),
+    "repeated seed": ("attacks: [badnets]\ndefenses: [ft]\nseeds: [0, 1, 0]\n", "seeds: 0 listed more than once"),
+    "duplicate key": ("attacks: [badnets]\ndefenses: [ft]\nseeds: [0]\nseeds: [1]\n",
+                      "line 4, column 1: duplicate key 'seeds'"),
     "zero jobs": ("attacks: [badnets]\ndefenses: [ft]\nseeds: [0]\njobs: 0\n", "jobs: a positive integer"),
     "clean not a bool": ("attacks: [badnets]\ndefenses: [ft]\nseeds: [0]\nclean: maybe\n", "clean: true or false"),
     "negative samples": ("attacks: [badnets]\ndefenses: [ft]\nseeds: [0]\ntune: {num_samples: -1}\n",
@@ -157,6 +181,76 @@ def test_study_bad_input(case, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert_nothing_created(work)
+
+
+def test_exponent_floats_are_numbers(tmp_path):
+    """YAML 1.1 reads 1e-3 as a string; bdo reads numbers by YAML 1.2 rules wherever it reads YAML."""
+    from orchestrator.resolve import parse_set
+    from orchestrator.spaces import load_space
+
+    assert parse_set(["lr=1e-3", "attack.lr=5E-4", "epochs=1.0e+1"]) == {"lr": 1e-3, "attack.lr": 5e-4, "epochs": 10.0}
+    space = load_space(write(tmp_path / "space.yaml", "method: ft\nfixed: {weight_decay: 5e-4}\n"
+                                                      "space:\n  lr: {loguniform: [1e-4, 1e-1]}\n"))
+    assert space.fixed == {"weight_decay": 5e-4} and space.dims[0].args == [1e-4, 1e-1]
+
+
+def test_set_value_with_a_duplicate_key_is_refused():
+    from orchestrator.errors import BadInput
+    from orchestrator.resolve import parse_set
+
+    with pytest.raises(BadInput, match="duplicate key 'a'"):
+        parse_set(["data.x={a: 1, a: 2}"])
+
+
+def test_report_out_is_a_file_that_is_not_overwritten_unasked(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "old.md").write_text("kept")
+    (tmp_path / "folder").mkdir()
+    for out, message in (("old.md", "--out old.md: the file exists; pass --force"),
+                         ("folder", "--out folder: a folder; --out names the report file, e.g. folder/report.md"),
+                         ("old.md/x.md", "old.md is a file, not a folder")):
+        assert main(["report", "--out", out]) == 2, out
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert sorted(os.listdir(tmp_path)) == ["folder", "old.md"] and (tmp_path / "old.md").read_text() == "kept"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["report", "--help"])
+    assert "--out FILE" in capsys.readouterr().out
+
+
+def test_ui_on_a_port_in_use(tmp_path, monkeypatch, capsys):
+    import socket
+
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["ui", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--port {port}: cannot listen there" in err, err
+    assert_nothing_created(tmp_path)
+
+
+def test_unusable_storage_or_store_is_refused_before_it_is_created(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    cases = [(["--storage", "afile"], "--storage afile: "),
+             (["--storage", "afile/runs"], "afile is a file, not a folder"),
+             (["--tracking-uri", "notascheme://x"], "--tracking-uri notascheme://x: unknown scheme 'notascheme'"),
+             (["--tracking-uri", "sqlite:///afile/mlflow.db"], "afile is a file, not a folder"),
+             (["--tracking-uri", "nodir/mlflow.db"], "nodir does not exist; create it first")]
+    if os.geteuid() != 0:  # root writes into a read-only folder
+        (tmp_path / "readonly").mkdir(mode=0o555)
+        cases += [(["--storage", "readonly/runs"], "readonly is not writable"),
+                  (["--tracking-uri", "readonly/mlflow.db"], "readonly is not writable")]
+    for flags, message in cases:
+        assert main(["attack", "badnets", *flags]) == 2, flags
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert main(["report", "--tracking-uri", "notascheme://x"]) == 2
+    assert "unknown scheme" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["afile"] + (["readonly"] if os.geteuid() != 0 else [])
 
 
 def test_unknown_attack_for_a_defense(tmp_path, monkeypatch, capsys):

@@ -185,12 +185,14 @@ def test_study_then_report_in_every_format(ray_session, workdir, capsys, monkeyp
 
     out_dir = workdir / "report"
     # once naming the study, once letting report find the latest study run itself
-    assert main(["report", "--experiment", "bdo", "--study", study_id, "--format", "md", "--out", str(out_dir)]) == 0
+    assert main(["report", "--experiment", "bdo", "--study", study_id, "--format", "md",
+                 "--out", str(out_dir / "report.md")]) == 0
     printed = capsys.readouterr().out
-    assert main(["report", "--format", "csv", "--out", str(out_dir)]) == 0
-    assert main(["report", "--experiment", "bdo", "--study", study_id, "--format", "html", "--out", str(out_dir)]) == 0
-    assert main(["report", "--format", "latex", "--out", str(out_dir)]) == 0
-    assert main(["report", "--format", "runs-csv", "--out", str(out_dir)]) == 0
+    assert main(["report", "--format", "csv", "--out", str(out_dir / "report.csv")]) == 0
+    assert main(["report", "--experiment", "bdo", "--study", study_id, "--format", "html",
+                 "--out", str(out_dir / "report.html")]) == 0
+    assert main(["report", "--format", "latex", "--out", str(out_dir / "report.tex")]) == 0
+    assert main(["report", "--format", "runs-csv", "--out", str(out_dir / "report-runs.csv")]) == 0
     capsys.readouterr()
 
     tex = (out_dir / "report.tex").read_text()
@@ -249,7 +251,8 @@ def test_study_then_report_in_every_format(ray_session, workdir, capsys, monkeyp
     _, studies = runs(workdir, query="tags.role = 'study'")
     (rerun,) = [r for r in studies if r.info.run_id != study_id]
     capsys.readouterr()
-    assert main(["report", "--study", rerun.info.run_id, "--format", "csv", "--out", str(workdir / "rerun")]) == 0
+    assert main(["report", "--study", rerun.info.run_id, "--format", "csv",
+                 "--out", str(workdir / "rerun" / "report.csv")]) == 0
     with open(workdir / "rerun" / "report.csv", newline="") as f:
         header, *rows = list(csv.reader(f))
     assert header == ["attack", "no defense", "ft"] and [r[0] for r in rows] == ["badnets"], (header, rows)
