@@ -7,7 +7,6 @@ progress bar) together, so a retried trial resumes from exactly the step MLflow 
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -216,10 +215,3 @@ class TrackedContext:
         if self.rank == 0:
             print(message, flush=True)
 
-
-def tmp_dir(prefix: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=prefix))
-
-
-def remove(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

@@ -126,7 +126,7 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
-def pareto_png(path: Path, points: Sequence[tuple[float, float]], labels: Sequence[str] | None = None) -> None:
+def pareto_png(path: Path, points: Sequence[tuple[float, float]]) -> None:
     plt = _plt()
     front = set(pareto_front(points))
     fig, ax = plt.subplots(figsize=(5, 4))

@@ -125,8 +125,9 @@ def sig_signal(channels: int, size: int, amplitude: float, frequency: float) -> 
     return row.view(1, 1, size).expand(channels, size, size).contiguous()
 
 
-def wanet_grids(size: int, k: int, s: float, grid_rescale: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """WaNet's identity grid and upsampled noise grid; returns (identity_grid, noise_grid), each (H, W, 2)."""
+def wanet_grids(size: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """WaNet's identity grid and upsampled noise grid; returns (identity_grid, noise_grid), each (H, W, 2). The
+    strength and rescale apply later (wanet_backdoor_grid), so the grids depend on the size, k and seed only."""
     g = torch.Generator().manual_seed(int(seed))
     control = torch.rand(1, 2, k, k, generator=g) * 2 - 1
     control = control / control.abs().mean()

@@ -19,7 +19,7 @@ from methods.data.configs import DatasetInfo
 
 
 def make_wanet_trigger(info: DatasetInfo, cfg: WaNetConfig, seed: int) -> WarpTrigger:
-    identity, noise = wanet_grids(info.size, cfg.k, cfg.s, cfg.grid_rescale, seed)
+    identity, noise = wanet_grids(info.size, cfg.k, seed)
     grid = wanet_backdoor_grid(identity, noise, cfg.s, cfg.grid_rescale)
     return WarpTrigger(
         {"channels": info.channels, "size": info.size, "k": cfg.k, "s": cfg.s, "grid_rescale": cfg.grid_rescale},

@@ -11,7 +11,7 @@ import dataclasses
 import math
 import types
 import typing
-from typing import Any, ClassVar, Mapping
+from typing import Any, Mapping
 
 
 def ranged(default: Any, lo: float | None = None, hi: float | None = None, doc: str = "") -> Any:
@@ -90,8 +90,6 @@ def _type_name(annotation: Any) -> str:
 class Config:
     """Base of every method config. Subclasses add fields with `ranged`/`choice` metadata."""
 
-    _hints: ClassVar[dict[str, Any]] = {}
-
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
@@ -152,9 +150,3 @@ def describe_range(lo: float | None, hi: float | None) -> str:
         return f">= {lo}"
     return f"[{lo}, {hi}]"
 
-
-def field_meta(cls: type[Config], name: str) -> Mapping[str, Any]:
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            return f.metadata
-    raise KeyError(name)

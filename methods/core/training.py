@@ -17,8 +17,6 @@ import torch.nn.functional as F
 
 from methods.core.hardware import default_device_name
 
-SEED_PURPOSES = ("split", "poison", "train", "clean")
-
 
 def derive_seed(seed: int, purpose: str) -> int:
     """A stable 31-bit seed for one purpose, so data split, poison indices, training and clean-subset draws
