@@ -33,12 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
 import methods  # noqa: E402, F401  (declares every method)
 from methods.core.context import LocalContext  # noqa: E402
 from methods.core.fastpath_config import FastPath  # noqa: E402
 from methods.core.method import get_method, method_names  # noqa: E402
+from methods.core.yaml_rules import read_yaml  # noqa: E402  (YAML 1.2 numbers, as bdo reads presets)
 from methods.data.base import load_splits  # noqa: E402
 from methods.data.configs import DATASET_INFOS, DataConfig, absent_dataset  # noqa: E402
 
@@ -112,7 +112,7 @@ def parse_defense_sets(items: list[str], defenses: list[str]) -> dict[str, dict[
             raise SystemExit(f"--defense-set {item!r}: expected NAME.KEY=VALUE, e.g. asd.epochs=10")
         if name not in defenses:
             raise SystemExit(f"--defense-set {item!r}: {name} is not among --defenses ({', '.join(defenses)})")
-        out.setdefault(name, {})[field] = yaml.safe_load(raw)
+        out.setdefault(name, {})[field] = read_yaml(raw)
     return out
 
 
@@ -128,7 +128,7 @@ def preset_name(method: str) -> str | None:
 
 def preset_values(method: str) -> dict[str, Any]:
     path = preset_file(method)
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    return (read_yaml(path.read_text()) or {}) if path.is_file() else {}
 
 
 def method_config(name: str, kind: str, values: dict[str, Any]):
