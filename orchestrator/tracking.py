@@ -223,7 +223,18 @@ class Tracker:
         inputs = [DatasetInput(Dataset(r.name, r.digest, "bdo", json.dumps(r.source, sort_keys=True),
                                        profile=json.dumps(r.profile, sort_keys=True)),
                                [InputTag("mlflow.data.context", r.context)]) for r in records]
-        self.client.log_inputs(run_id, datasets=inputs)
+        # MLflow's SQL store looks a dataset up and inserts it when missing, in one transaction; two runs logging
+        # the same new dataset at once (a study's concurrent trials) both miss it and the second insert breaks the
+        # unique key. The failed transaction is rolled back whole, and a second try finds the other run's row.
+        for attempt in range(3):
+            try:
+                self.client.log_inputs(run_id, datasets=inputs)
+                return
+            except Exception as error:
+                message = str(error).lower()  # sqlite: "UNIQUE constraint failed", postgres: "unique constraint"
+                if attempt == 2 or "unique constraint" not in message or "dataset" not in message:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
 
     def log_pytorch_model(self, run_id: str, model: Any, example: Any, step: int = 0) -> str:
         """The run's final weights as an MLflow model named "model" (PyTorch flavour, pickle format, with a
