@@ -24,7 +24,7 @@ from methods.core.metrics import accuracy
 from methods.core.training import make_generator, predict_logits, sgd, unwrap
 from methods.data.augment import standard_augment
 from methods.data.base import Splits, load_splits
-from methods.data.configs import DatasetInfo
+from methods.data.configs import DATASET_INFOS, DatasetInfo
 from methods.models.base import BackdoorModel, build_model
 
 
@@ -178,6 +178,10 @@ class Backdoor:
         info_fields = dict(meta["info"])
         for key in ("mean", "std"):
             info_fields[key] = tuple(info_fields[key])
+        # The radius of the blind signals is the dataset's setting, not part of what was trained: an artifact
+        # saved before its dataset declared (or changed) one is measured with the declared radius.
+        if info_fields["name"] in DATASET_INFOS:
+            info_fields["adv_concentration_eps"] = DATASET_INFOS.get(info_fields["name"]).adv_concentration_eps
         info = DatasetInfo(**info_fields)
         trigger = trigger_from_state(meta["trigger"]["kind"], meta["trigger"]["params"], part("trigger."))
         data = PoisonedData(info=info, trigger=trigger, label_mode=meta["label_mode"], target=meta["target"],

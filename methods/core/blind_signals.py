@@ -72,12 +72,9 @@ class BlindSignals:
 
 
 def dataset_eps(info: Any) -> float:
-    """The dataset's adversarial-concentration radius. The registry's current value wins over the one stored with
-    a cached backdoor (its DatasetInfo was written when it was trained and may predate the field)."""
-    from methods.data.configs import DATASET_INFOS
-
-    declared = DATASET_INFOS.get(info.name) if info.name in DATASET_INFOS else info
-    return float(getattr(declared, "adv_concentration_eps", DEFAULT_EPS))
+    """The dataset's adversarial-concentration radius (a cached backdoor's is brought up to the declared one when
+    it is loaded: methods.attacks.base.Backdoor.load)."""
+    return float(getattr(info, "adv_concentration_eps", DEFAULT_EPS))
 
 
 def default_signals(info: Any) -> BlindSignals:

@@ -14,22 +14,40 @@ import io
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Optional, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
+from methods.core.blind_signals import BlindSignals
+from methods.core.config import Config
 from methods.core.fastpath import accelerate
 from methods.core.fastpath_config import FastPath
 from methods.core.training import default_device
-from methods.data.configs import DataConfig
-
-if TYPE_CHECKING:  # pragma: no cover
-    from methods.attacks.base import Backdoor
 
 
 class StopRun(Exception):
     """Raised by a context to stop a run early (a test's simulated interruption, a scheduler's stop)."""
+
+
+class BackdoorArtifact(Protocol):
+    """What `ctx.backdoor()` hands a defense: a trained suspect model with the data it was trained on.
+
+    methods.attacks.base.Backdoor is the one implementation. The contract is stated here, at the bottom layer,
+    because the context only carries the artifact and core may not import the attacks that make it."""
+
+    attack: str
+    config: dict[str, Any]
+    data: Any  # methods.attacks.base.PoisonedData
+    model_name: str
+    model_state: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+    seeds: dict[str, int]
+    blind: Optional[BlindSignals]
+
+    def build_model(self, device: torch.device | str = "cpu") -> torch.nn.Module: ...
+
+    def to(self, device: torch.device) -> BackdoorArtifact: ...
 
 
 @runtime_checkable
@@ -39,7 +57,8 @@ class RunContext(Protocol):
     world_size: int
     data_root: Path
     download: bool
-    data_config: "DataConfig"
+    # The dataset's options (methods.data.configs.DataConfig); None: its defaults.
+    data_config: Optional[Config]
 
     def report(self, metrics: dict[str, float], step: int) -> None: ...
 
@@ -51,7 +70,7 @@ class RunContext(Protocol):
 
     def hand_off_series(self, name: str, series: dict[str, list[float]]) -> None: ...
 
-    def backdoor(self) -> "Backdoor": ...
+    def backdoor(self) -> BackdoorArtifact: ...
 
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model to train with: the fast path's wrapper where it applies (methods.core.fastpath), inside
@@ -94,8 +113,8 @@ class LocalContext:
     world_size: int = 1
     data_root: Path = field(default_factory=lambda: Path.home() / ".cache" / "bdo" / "data")
     download: bool = False
-    data_config: Any = None
-    backdoor_provider: Callable[[], "Backdoor"] | None = None
+    data_config: Optional[Config] = None
+    backdoor_provider: Callable[[], BackdoorArtifact] | None = None
     stop_after_step: int | None = None
     checkpoint: bytes | None = None
     reports: list[tuple[int, dict[str, float]]] = field(default_factory=list)
@@ -103,10 +122,6 @@ class LocalContext:
     series: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     verbose: bool = False
     fast: FastPath | None = None  # None: the defaults (on for CUDA, off for CPU)
-
-    def __post_init__(self) -> None:
-        if self.data_config is None:
-            self.data_config = DataConfig()
 
     def report(self, metrics: dict[str, float], step: int) -> None:
         self.reports.append((step, {k: float(v) for k, v in metrics.items()}))
@@ -132,7 +147,7 @@ class LocalContext:
     def hand_off_series(self, name: str, series: dict[str, list[float]]) -> None:
         self.series[name] = copy.deepcopy(series)
 
-    def backdoor(self) -> "Backdoor":
+    def backdoor(self) -> BackdoorArtifact:
         if self.backdoor_provider is None:
             raise RuntimeError("this context has no backdoored model; pass backdoor_provider=")
         return self.backdoor_provider()

@@ -19,6 +19,11 @@ from methods.core.config import Config
 from methods.core.registry import METHODS, Registry
 
 RUNS: Registry[Callable[..., Any]] = Registry("method run")
+# How a kind's runs are called, by kind; a kind without one is called as it is. The kind's package registers it
+# when imported (methods/defenses/__init__.py: every defense gets its blind signals' settings and the canary), so
+# core dispatches to code above it without importing it. `import methods` imports both kinds' packages, so the
+# dispatch is in place before any spec exists.
+DISPATCHES: Registry[Callable[[Callable[..., Any], "MethodSpec"], Callable[..., Any]]] = Registry("method dispatch")
 
 
 @dataclass(frozen=True)
@@ -43,13 +48,7 @@ class MethodSpec:
         if self.name not in RUNS:
             importlib.import_module(self.module)
         run = RUNS.get(self.name)
-        if self.kind != "defense":
-            return run
-        # Every defense is dispatched through here: its context hands out the suspect Backdoor with the blind
-        # signals' settings attached and the canary planted when the config asks for one.
-        from methods.defenses.canary import with_blind_signals
-
-        return with_blind_signals(run, self)
+        return DISPATCHES.get(self.kind)(run, self) if self.kind in DISPATCHES else run
 
     def trains_from_scratch(self, cfg: Config) -> bool:
         return bool(self.from_scratch(cfg) if callable(self.from_scratch) else self.from_scratch)

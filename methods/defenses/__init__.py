@@ -1,1 +1,17 @@
+"""The defenses. Importing the package registers how every defense is run: through methods/defenses/canary.py,
+which hands the defense a context whose backdoor carries the blind signals' settings and, when its config asks,
+the canary. canary.py imports torch, so it is imported at the first dispatch: validation imports this package
+(for configs.py) and must stay torch-free.
+"""
+from __future__ import annotations
 
+from typing import Any, Callable
+
+from methods.core.method import DISPATCHES, MethodSpec
+
+
+@DISPATCHES.register("defense")
+def dispatch_with_blind_signals(run: Callable[..., Any], spec: MethodSpec) -> Callable[..., Any]:
+    from methods.defenses.canary import with_blind_signals
+
+    return with_blind_signals(run, spec)

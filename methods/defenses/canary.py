@@ -13,8 +13,9 @@ Where it is planted depends on what the defense returns (MethodSpec.from_scratch
   canary images into the clean subsets FT and the distillation defenses fine-tune on, which would keep the
   canary alive whatever the defense does.
 
-This module also sets the blind signals' settings from the config (methods/core/blind_signals.py), and is where
-every defense's run is dispatched through (MethodSpec.run), so no defense needs to know about either.
+This module also sets the blind signals' settings from the config (methods/core/blind_signals.py), and every
+defense's run is dispatched through it (registered for MethodSpec.run by methods/defenses/__init__.py), so no
+defense needs to know about either.
 """
 from __future__ import annotations
 
