@@ -2,9 +2,10 @@
 attack lands from one tuned with the attacker's trigger.
 
 Each attack x defense cell is tuned twice on the tuning seed: under knowledge oracle on the space's objective
-(val_der by default: it reads val ASR, i.e. the trigger) and under knowledge blind on a blind objective
-(val_blind_score by default). Three configurations are then rerun on every evaluation seed: the preset (no
-tuning, blind in-method rules, which is what a defender runs), the blind-tuned and the oracle-tuned one. A defense
+(val ASR subject to at most 2 points of val ACC lost by default: it reads the trigger) and under knowledge blind
+on a blind objective (val_blind_score by default, under the space's accuracy constraint, which is blind). Three
+configurations are then rerun on every evaluation seed: the preset (no tuning, blind in-method rules, which is what
+a defender runs), the blind-tuned and the oracle-tuned one. A defense
 whose config has no knowledge-dependent rule (DefenseConfig.KNOWLEDGE_RULES) trains the same under both levels, so
 its cell runs one sweep and selects twice from the same trials; a configuration chosen by more than one variant is
 rerun once and counted for each (the final run's `variants` tag; `selected_trial_id.<variant>` names the trial
@@ -61,7 +62,7 @@ def run_comparison(session, study, pool, study_run_id: str, max_failures: int) -
                 sweeps[level] = result
             picks: dict[str, tuple[Any, dict[str, Any], dict[str, str]]] = {"preset": (blind_plan, {}, {})}
             for level, plan in ((BLIND, blind_plan), (ORACLE, oracle_plan)):
-                best = best_trial(sweeps[level].trials, plan.space.metric, plan.space.mode)
+                best = best_trial(sweeps[level].trials, plan.space.metric, plan.space.mode, plan.constraints)
                 if best is None:
                     print(f"  {attack} x {defense}: no {level} trial reported {plan.space.metric}")
                     failed += 1

@@ -120,6 +120,9 @@ class TrackedContext:
     fast: FastPath = field(default_factory=FastPath)
     on_report: Callable[[int, dict[str, float]], None] | None = None
     system_metrics: float = 0.0  # seconds between MLflow system-metrics samples of this run; 0: none
+    # metrics the orchestrator adds to every report from the reported ones (a sweep trial's val_acc_drop and
+    # val_objective, orchestrator/objective.py); logged and reported with them
+    derive: Callable[[dict[str, float]], dict[str, float]] | None = None
     history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     tables: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     series: dict[str, dict[str, list[float]]] = field(default_factory=dict)
@@ -134,6 +137,8 @@ class TrackedContext:
         self._sync_buffers()
         self.flush()
         clean = {k: float(v) for k, v in metrics.items()}
+        if self.derive is not None:
+            clean.update(self.derive(clean))
         self._pending = (int(step), clean)
 
     def _send(self, checkpoint_dir: Path | None) -> None:

@@ -90,7 +90,10 @@ def describe_lines(name: str) -> list[str]:
             lines.append(f"    {key}: {dist}")
         objective = raw.get("objective") or {}
         if objective:
-            lines.append(f"  objective: {objective.get('mode', 'max')} {objective.get('metric')}")
+            bounds = objective.get("subject_to") or {}
+            subject = (" subject to " + ", ".join(f"{k} <= {v}" for k, v in bounds.items())
+                       if isinstance(bounds, dict) and bounds else "")
+            lines.append(f"  objective: {objective.get('mode', 'max')} {objective.get('metric')}{subject}")
     else:
         lines.append("  none")
     return lines
@@ -109,7 +112,10 @@ def plan_text(plans: list, resources: dict[str, Any]) -> str:
             "tuned": {d.key: {d.kind: d.args} for d in plan.tuned},
             "search": {"searcher": plan.searcher, "scheduler": plan.scheduler, "objective": plan.objective,
                        "knowledge": plan.knowledge,
-                       "metric": f"{plan.space.mode} {plan.space.metric}", "num_samples": plan.num_samples,
+                       "metric": f"{plan.space.mode} {plan.space.metric}",
+                       **({"subject_to": plan.constraints, "tune_metric": f"{plan.tune_mode} {plan.tune_metric}"}
+                          if plan.constraints else {}),
+                       "num_samples": plan.num_samples,
                        "max_concurrent": plan.max_concurrent},
             "resources": {"cpus_per_trial": plan.cpus_per_trial, "gpus_per_trial": plan.gpus_per_trial,
                           "workers_per_trial": plan.workers_per_trial, **resources},

@@ -21,8 +21,9 @@ def run_quickstart(session: Session, args) -> int:
     for name in defenses:
         space = load_space(SEARCH_SPACES / f"{name}.yaml")
         if args.knowledge == BLIND:
-            # the demo's spaces select on val_der, which reads the trigger; val_acc is the blind metric every
-            # defense reports, so a blind demo selects on it rather than refusing every defense
+            # the demo's spaces select on val_asr, which reads the trigger; val_acc is the blind metric every
+            # defense reports, so a blind demo selects on it (under the spaces' accuracy constraint, which is
+            # blind) rather than refusing every defense
             space.metric, space.mode = "val_acc", "max"
         plans.append(plan_sweep(space, dataset=args.dataset or "digits", model=args.model or "small_cnn",
                                 seed=args.seed,

@@ -21,6 +21,7 @@ from orchestrator.execute import (
     build_attack,
     execute_defense,
 )
+from orchestrator.objective import OBJECTIVE_METRIC, select
 from orchestrator.plots import pareto_front, pareto_png
 from orchestrator.resolve import RunSpec
 from orchestrator.signals import Interrupted, kept_handlers, winding_down
@@ -76,12 +77,41 @@ class Session:
                            "nodes cannot write a local sqlite file; point --tracking-uri (or MLFLOW_TRACKING_URI) "
                            "at the head node's MLflow server, e.g. http://<head-ip>:5000")
 
+    def largest_node(self) -> str:
+        """The node a trial's resources are checked against, in words (check_resources)."""
+        return f"the largest node of the Ray cluster at {self.address}" if self.address else \
+            "this machine (a local Ray's only node)"
+
     def stop_ray(self) -> None:
         import ray
 
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
         self._started_ray = False
+
+
+def cpus_named(plan: SweepPlan) -> str:
+    """How the user asked for the plan's CPUs per trial: the flag, or the space's resources block."""
+    if plan.space.resources.get("cpus_per_trial") == plan.cpus_per_trial:
+        return f"{plan.space.path}: resources.cpus_per_trial {plan.cpus_per_trial:g}"
+    return f"--cpus-per-trial {plan.cpus_per_trial:g}"
+
+
+def check_resources(plans: list[SweepPlan], shape: ClusterShape, where: str) -> None:
+    """A trial asks Ray for its CPUs (and GPUs) on one node (a DDP trial: its share per worker): more than the
+    largest node has, and Tune waits for them for ever, after the attack was built. Refused up front instead.
+    `where`: the largest node, in words (Session.largest_node)."""
+    from orchestrator.devices import check_gpu_request
+
+    most = max(shape.node_cpus, default=0.0)
+    for plan in plans:
+        check_gpu_request(plan.gpus_per_trial, list(shape.node_gpus))
+        workers = max(plan.workers_per_trial, 1)
+        need = plan.cpus_per_trial / workers
+        if need > most:
+            per = f" over --workers-per-trial {workers} ({need:g} per worker)" if workers > 1 else ""
+            raise BadInput(f"{cpus_named(plan)}{per}: {where} has {most:g} CPUs, and Ray would wait for ever for "
+                           f"more; ask for at most {most:g} per {'worker' if workers > 1 else 'trial'}")
 
 
 def job_env_vars() -> dict[str, str]:
@@ -218,6 +248,10 @@ class SweepResult:
     best: dict[str, Any] | None = None
     pareto: list[dict[str, Any]] = field(default_factory=list)
     failed: int = 0
+    # the selection rule, for the table (format_trials): its constraints, and whether the best trial meets them
+    constraints: dict[str, float] = field(default_factory=dict)
+    objective_text: str = ""
+    best_feasible: bool = True
 
 
 def _scheduler(plan: SweepPlan):
@@ -249,7 +283,7 @@ def _search_alg(plan: SweepPlan, seed: int):
         alg = OptunaSearch(metric=metric, mode=mode, points_to_evaluate=points,
                            sampler=optuna.samplers.TPESampler(seed=seed))
     else:
-        alg = OptunaSearch(metric=plan.space.metric, mode=plan.space.mode, points_to_evaluate=points,
+        alg = OptunaSearch(metric=plan.tune_metric, mode=plan.tune_mode, points_to_evaluate=points,
                            sampler=optuna.samplers.TPESampler(seed=seed))
     return ConcurrencyLimiter(alg, max_concurrent=plan.max_concurrent or 2)
 
@@ -287,13 +321,19 @@ def run_sweep(session: Session, plan: SweepPlan, extra_tags: dict[str, str] | No
 
     from orchestrator.trial import TrialSetup, tune_trainable
 
-    plan = resolve_gpus(plan, ClusterShape.from_ray())  # before the store is touched: a bad share is bad input
+    shape = ClusterShape.from_ray()
+    check_resources([plan], shape, session.largest_node())  # before the store is touched or the attack is built
+    plan = resolve_gpus(plan, shape)  # before the store is touched: a bad share is bad input
     tracker = session.open_tracker()
     spec = plan.base
-    cache_key = attack_run_id = None
+    cache_key = attack_run_id = reference_acc = None
     if spec.kind == "defense":
-        _, attack_run_id, cache_key = build_attack(spec, tracker, session.storage, session.data_root, session.download,
-                                                   extra_tags=extra_tags, device=driver_device(plan))
+        backdoor, attack_run_id, cache_key = build_attack(spec, tracker, session.storage, session.data_root,
+                                                          session.download, extra_tags=extra_tags,
+                                                          device=driver_device(plan))
+        # the reference of val_acc_drop: the suspect model's validation ACC (orchestrator/objective.py)
+        reference_acc = backdoor.metrics.get("val_acc")
+        del backdoor
     seeds = spec.attack_cfg().seeds()
     tune_root = session.storage / "tune"
     if resume_run_id:
@@ -305,6 +345,7 @@ def run_sweep(session: Session, plan: SweepPlan, extra_tags: dict[str, str] | No
                 "space_sha256": space_fingerprint(plan),
                 "searcher": plan.searcher, "scheduler": plan.scheduler, "objective": plan.objective,
                 "objective_metric": plan.space.metric, "objective_mode": plan.space.mode,
+                "objective_rule": plan.objective_text, "tune_metric": plan.tune_metric,
                 "knowledge": plan.knowledge,
                 "gpus_per_trial": f"{plan.gpus_per_trial:g}",
                 "storage": str(session.storage), **(extra_tags or {})}
@@ -321,7 +362,8 @@ def run_sweep(session: Session, plan: SweepPlan, extra_tags: dict[str, str] | No
                        sweep_run_id=sweep_run_id, storage=str(session.storage), cache_key=cache_key,
                        attack_run_id=attack_run_id, data_root=str(session.data_root), download=session.download,
                        tags={**(extra_tags or {}), "knowledge": plan.knowledge}, max_failures=max_failures,
-                       fault=os.environ.get("BDO_FAULT"), system_metrics=system_metrics_interval())
+                       fault=os.environ.get("BDO_FAULT"), system_metrics=system_metrics_interval(),
+                       reference_acc=reference_acc)
     if plan.workers_per_trial > 1:
         resources: dict[str, float] = {"CPU": 0.01}
     else:
@@ -331,7 +373,7 @@ def run_sweep(session: Session, plan: SweepPlan, extra_tags: dict[str, str] | No
     callbacks = [_StatusCallback(tracker, sweep_run_id)]
     if not session.verbose:
         quiet_libraries()
-        callbacks.append(SweepProgress(spec.method, plan.space.metric, plan.space.mode, plan.num_samples))
+        callbacks.append(SweepProgress(spec.method, plan.tune_metric, plan.tune_mode, plan.num_samples))
     # Some objectives exist only at a run's last step (SD's val_fct_auroc is computed once, on the final split);
     # Tune's strict check would fail such a sweep at its first report. summarize() still refuses to pick a best
     # trial on a metric that no trial reported.
@@ -365,7 +407,7 @@ def run_sweep(session: Session, plan: SweepPlan, extra_tags: dict[str, str] | No
                     trainable,
                     param_space=tune_param_space(plan),
                     tune_config=tune.TuneConfig(
-                        metric=plan.space.metric if single else None, mode=plan.space.mode if single else None,
+                        metric=plan.tune_metric if single else None, mode=plan.tune_mode if single else None,
                         search_alg=_search_alg(plan, spec.config.get("seed", 0) or 0), scheduler=_scheduler(plan),
                         num_samples=plan.num_samples,  # concurrency: set on the search algorithm (_search_alg)
                         # the next trial runs in a finished trial's process: no new Python importing torch and mlflow
@@ -384,7 +426,7 @@ def run_sweep(session: Session, plan: SweepPlan, extra_tags: dict[str, str] | No
         except BaseException:
             _end_cut_trials(tracker, sweep_run_id)
             raise
-        result = summarize(tracker, plan, sweep_run_id, grid, interrupted=bool(caught))
+        result = summarize(tracker, plan, sweep_run_id, grid, interrupted=bool(caught), reference_acc=reference_acc)
         if caught:
             raise Interrupted(caught[0], result)
         sweep.status = "FINISHED" if result.trials and result.failed < len(result.trials) else "FAILED"
@@ -398,11 +440,14 @@ def _end_cut_trials(tracker: Tracker, sweep_run_id: str) -> None:
             tracker.end(run.info.run_id, "KILLED")
 
 
-def summarize(tracker: Tracker, plan: SweepPlan, sweep_run_id: str, grid, interrupted: bool = False) -> SweepResult:
+def summarize(tracker: Tracker, plan: SweepPlan, sweep_run_id: str, grid, interrupted: bool = False,
+              reference_acc: float | None = None) -> SweepResult:
     """Close every child run, pick the best trial on validation metrics (and the Pareto front), log it all. An
     interrupted sweep's trials that Tune had not finished were cut: their runs end KILLED, and nothing is selected
-    or logged on the sweep run (its resume does that, over every trial)."""
-    out = SweepResult(sweep_run_id)
+    or logged on the sweep run (its resume does that, over every trial). Under a constraint the best trial is the
+    best feasible one, else the closest to feasibility, flagged (orchestrator/objective.py)."""
+    out = SweepResult(sweep_run_id, constraints=plan.constraints, objective_text=plan.objective_text)
+    objective_keys = (plan.space.metric, *plan.constraints, *((OBJECTIVE_METRIC,) if plan.constraints else ()))
     runs = {r.data.tags.get("trial_id"): r for r in tracker.children(sweep_run_id)}
     for result in grid:
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
@@ -414,7 +459,7 @@ def summarize(tracker: Tracker, plan: SweepPlan, sweep_run_id: str, grid, interr
                # Tune marks a trial's last result done when the trial returned or its scheduler stopped it
                "cut": interrupted and result.error is None and not metrics.get("done"),
                **{k: v for k, v in metrics.items() if k.startswith(("val_", "test_"))},
-               **{k: metrics.get(k, math.nan) for k in (*TRIAL_COLUMNS, plan.space.metric)},
+               **{k: metrics.get(k, math.nan) for k in (*TRIAL_COLUMNS, *objective_keys)},
                "step": metrics.get("step")}
         run = runs.get(row["trial_id"])
         row["run_id"] = run.info.run_id if run else None
@@ -427,17 +472,29 @@ def summarize(tracker: Tracker, plan: SweepPlan, sweep_run_id: str, grid, interr
     _end_cut_trials(tracker, sweep_run_id)  # anything Tune no longer knows about was orphaned by a kill
     if interrupted:
         return out
-    log_trials_csv(tracker, sweep_run_id, out.trials, plan.space.metric)
+    log_trials_csv(tracker, sweep_run_id, out.trials, plan.space.metric, objective_keys)
     if plan.searcher == "optuna":
         log_search_plots(tracker, sweep_run_id, plan, out.trials)
     ok = [t for t in out.trials if not t["error"]]
-    best = best_trial(out.trials, plan.space.metric, plan.space.mode)
+    best, feasible = select(out.trials, plan.space.metric, plan.space.mode, plan.constraints)
+    if reference_acc is not None and plan.base.kind == "defense":
+        tracker.log_metrics(sweep_run_id, {"reference_val_acc": float(reference_acc)}, 0)
     if best is not None:
         out.best = best
         tags = {"best_trial_id": best["trial_id"], "best_run_id": best["run_id"] or ""}
+        shown = list(dict.fromkeys((*TRIAL_COLUMNS, *objective_keys)))
+        best_metrics = {f"best_{k}": _metric(best, k) for k in shown if not math.isnan(_metric(best, k))}
+        if plan.constraints:
+            out.best_feasible = feasible
+            tags["best_feasible"] = str(feasible).lower()
+            best_metrics["best_feasible"] = float(feasible)
+            if not feasible:
+                bounds = ", ".join(f"{k} <= {v:g}" for k, v in plan.constraints.items())
+                print(f"{plan.base.method}: no trial met {bounds}; selected the one closest to it, "
+                      f"{best['trial_id']} (best_feasible=false on the sweep run)", flush=True)
         tracker.set_tags(sweep_run_id, tags)
         tracker.log_params(sweep_run_id, {f"best.{k}": v for k, v in best["config"].items()})
-        tracker.log_metrics(sweep_run_id, {f"best_{k}": best[k] for k in TRIAL_COLUMNS if not math.isnan(best[k])}, 0)
+        tracker.log_metrics(sweep_run_id, best_metrics, 0)
     points = [(t["val_acc"], t["val_asr"]) for t in ok]
     front = [ok[i] for i in pareto_front(points)] if points else []
     out.pareto = front
@@ -460,13 +517,12 @@ def summarize(tracker: Tracker, plan: SweepPlan, sweep_run_id: str, grid, interr
     return out
 
 
-def best_trial(trials: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
-    """The finished trial with the best `metric` (validation), or None when no trial reported it. Ties go to the
-    earlier trial, which is the default point when the sweep evaluated one."""
-    scored = [t for t in trials if not t["error"] and not math.isnan(_metric(t, metric))]
-    if not scored:
-        return None
-    return (max if mode == "max" else min)(scored, key=lambda t: _metric(t, metric))
+def best_trial(trials: list[dict[str, Any]], metric: str, mode: str,
+               constraints: dict[str, float] | None = None) -> dict[str, Any] | None:
+    """The finished trial with the best `metric` (validation), or None when no trial reported it; under
+    `constraints`, the best feasible one, else the closest to feasibility (orchestrator.objective.select). Ties go
+    to the earlier trial, which is the default point when the sweep evaluated one."""
+    return select(trials, metric, mode, constraints)[0]
 
 
 def parameter_importances(plan: SweepPlan, trials: list[dict[str, Any]]) -> dict[str, float]:
@@ -511,13 +567,14 @@ def log_search_plots(tracker: Tracker, sweep_run_id: str, plan: SweepPlan, trial
         tracker.log_artifact(sweep_run_id, plot_dir, "plots")
 
 
-def log_trials_csv(tracker: Tracker, sweep_run_id: str, trials: list[dict[str, Any]], metric: str) -> None:
+def log_trials_csv(tracker: Tracker, sweep_run_id: str, trials: list[dict[str, Any]], metric: str,
+                   extra: tuple[str, ...] = ()) -> None:
     """trials.csv on the sweep run: a row per trial with its status, sampled values and final metrics, which the
-    terminal table only printed."""
+    terminal table only printed (`extra`: the objective's constraint metrics and val_objective)."""
     import csv
     import tempfile
 
-    columns = list(dict.fromkeys((metric, *TRIAL_COLUMNS)))
+    columns = list(dict.fromkeys((metric, *extra, *TRIAL_COLUMNS)))
     keys = sorted({k for t in trials for k in t["config"]})
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "trials.csv"
@@ -554,7 +611,8 @@ def find_resumable_sweep(tracker: Tracker, plan: SweepPlan, storage: Path, run_i
 
 
 def format_trials(result: SweepResult, metric: str) -> str:
-    columns = TRIAL_COLUMNS if metric in TRIAL_COLUMNS else (metric, *TRIAL_COLUMNS)
+    columns = tuple(dict.fromkeys((metric, *result.constraints, *TRIAL_COLUMNS))) \
+        if metric not in TRIAL_COLUMNS or result.constraints else TRIAL_COLUMNS
     widths = [max(9, len(c)) for c in columns]
     header = f"{'trial':<22} {'status':<8} " + " ".join(f"{c:>{w}}" for c, w in zip(columns, widths))
     lines = [header, "-" * len(header)]
@@ -563,5 +621,8 @@ def format_trials(result: SweepResult, metric: str) -> str:
         cells = " ".join(f"{_metric(t, c):{w}.3f}" for c, w in zip(columns, widths))
         status = "FAILED" if t["error"] else "cut" if t["cut"] else "done"
         lines.append(f"{mark}{t['trial_id']:<21} {status:<8} {cells}")
-    lines.append(f"* selected on {metric} (validation); test columns are reported, never used to choose")
+    rule = result.objective_text if result.constraints else metric
+    lines.append(f"* selected on {rule} (validation); test columns are reported, never used to choose")
+    if result.best is not None and not result.best_feasible:
+        lines.append("  no trial met the constraint: * is the trial closest to it")
     return "\n".join(lines)

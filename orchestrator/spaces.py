@@ -25,6 +25,12 @@ from methods.core.knowledge import (
 from methods.core.method import METHODS
 from methods.data.configs import DataConfig
 from orchestrator.errors import BadInput
+from orchestrator.objective import (
+    CONSTRAINTS,
+    DEFAULT_DEFENSE_OBJECTIVE,
+    OBJECTIVE_METRIC,
+    describe,
+)
 from orchestrator.resolve import (
     RunSpec,
     build_config,
@@ -148,6 +154,8 @@ class SearchSpace:
     description: str = ""
     knowledge: str = ORACLE  # what the objective may know (methods/core/knowledge.py); --knowledge overrides
     recipe: str | None = None  # a named recipe of the dataset's presets (--recipe overrides)
+    # objective.subject_to: constraint metric -> upper bound (orchestrator/objective.py); empty: unconstrained
+    constraints: dict[str, float] = field(default_factory=dict)
 
     @property
     def tuned(self) -> list[Dimension]:
@@ -233,16 +241,23 @@ def load_space(path: Path) -> SearchSpace:
                     f"derived from {', '.join(later)}, which {'is' if len(later) == 1 else 'are'} derived at or "
                     f"after {d.key}; a derived key may use only derived keys listed before it (no cycles)")
 
-    objective = raw.get("objective") or {"metric": "val_der", "mode": "max"}
-    _expect(isinstance(objective, dict), source, "objective: expected {metric: NAME, mode: max|min}")
+    defense = METHODS.get(method).kind == "defense"
+    # a defense space without an objective is held to the bar (orchestrator/objective.py); an attack's stays val_der
+    objective = raw.get("objective") or (DEFAULT_DEFENSE_OBJECTIVE if defense else {"metric": "val_der", "mode": "max"})
+    _expect(isinstance(objective, dict), source,
+            "objective: expected {metric: NAME, mode: max|min} (defenses: optionally subject_to: {val_acc_drop: B})")
+    extra = sorted(set(objective) - {"metric", "mode", "subject_to"})
+    _expect(not extra, source, f"objective: unknown key(s) {', '.join(map(str, extra))}; allowed: metric, mode, "
+                               f"subject_to")
     metric, mode = str(objective.get("metric", "val_der")), str(objective.get("mode", "max"))
+    constraints = parse_constraints(objective.get("subject_to"), "subject_to" in objective, defense, method, source)
     _expect(not metric.startswith("test_"), source, "objective.metric: tuning reads validation metrics only (val_*)")
     _expect(metric in REPORTED or metric.startswith("val_"), source,
             f"objective.metric {metric!r} is not a validation metric; "
             f"e.g. {', '.join(sorted(m for m in REPORTED if m.startswith('val_')))}")
     # a metric no run reports would have every trial score NaN and the sweep select on nothing: the names a
     # method can report are those methods/core/knowledge.py classifies; split metrics only from a splitting method
-    _expect(classified(metric), source,
+    _expect(classified(metric) or metric in CONSTRAINTS, source,
             f"objective.metric {metric!r}: no method reports it; e.g. "
             f"{', '.join(sorted(m for m in REPORTED if m.startswith('val_')))} (all: methods/core/knowledge.py)")
     _expect(not bare_name(metric).startswith("split_") or METHODS.get(method).splits_samples, source,
@@ -286,8 +301,27 @@ def load_space(path: Path) -> SearchSpace:
         searcher=searcher, num_samples=num_samples, max_concurrent=max_conc,
         resources={k: float(v) for k, v in resources.items()}, quick=dict(quick),
         description=str(raw.get("description", "")), knowledge=knowledge,
-        recipe=str(raw["recipe"]) if raw.get("recipe") else None,
+        recipe=str(raw["recipe"]) if raw.get("recipe") else None, constraints=constraints,
     )
+
+
+def parse_constraints(value: Any, given: bool, defense: bool, method: str, source: str) -> dict[str, float]:
+    """objective.subject_to: {NAME: BOUND} with NAME a known constraint and BOUND a fraction in [0, 1]."""
+    if not given:
+        return {}
+    src = f"{source}: objective.subject_to"
+    known = ", ".join(sorted(CONSTRAINTS))
+    _expect(defense, src, f"{method} is an attack; constraints ({known}) measure a defense against the suspect model")
+    _expect(isinstance(value, dict) and len(value) > 0, src, f"expected a mapping {{NAME: BOUND}}, e.g. "
+                                                             f"{{val_acc_drop: 0.02}}; known constraints: {known}")
+    out: dict[str, float] = {}
+    for name, bound in value.items():
+        _expect(name in CONSTRAINTS, src, f"unknown constraint {name!r}; known: {known} "
+                                          f"({'; '.join(f'{k}: {v}' for k, v in CONSTRAINTS.items())})")
+        _expect(_number(bound) and math.isfinite(bound), src, f"{name}: the bound {bound!r} is not a number")
+        _expect(0 <= bound <= 1, src, f"{name}: the bound {bound:g} is outside [0, 1] (a fraction: 0.02 is 2 points)")
+        out[str(name)] = float(bound)
+    return out
 
 
 def apply_derived(space: SearchSpace, values: dict[str, Any]) -> dict[str, Any]:
@@ -325,8 +359,30 @@ class SweepPlan:
 
     @property
     def objective_metrics(self) -> list[str]:
-        """Every metric the sweep selects on."""
-        return [m for m, _ in PARETO_METRICS] if self.objective == "pareto" else [self.space.metric]
+        """Every metric the sweep selects on (constraint metrics included)."""
+        if self.objective == "pareto":
+            return [m for m, _ in PARETO_METRICS]
+        return [self.space.metric, *self.constraints]
+
+    @property
+    def constraints(self) -> dict[str, float]:
+        """The constraints of a single-objective sweep: `--objective pareto` replaces the space's objective, its
+        constraints included (a front over val ACC and val ASR is the trade-off a bound would cut)."""
+        return dict(self.space.constraints) if self.objective == "single" else {}
+
+    @property
+    def tune_metric(self) -> str:
+        """The one metric Tune's scheduler and searcher see: val_objective under a constraint, else the metric."""
+        return OBJECTIVE_METRIC if self.constraints else self.space.metric
+
+    @property
+    def tune_mode(self) -> str:
+        return "min" if self.constraints else self.space.mode
+
+    @property
+    def objective_text(self) -> str:
+        """`min val_asr subject to val_acc_drop <= 0.02`."""
+        return describe(self.space.metric, self.space.mode, self.constraints)
 
 
 def default_point(plan: SweepPlan) -> dict[str, Any] | None:
@@ -431,7 +487,8 @@ def check_knowledge(plan: SweepPlan) -> None:
         return
     for metric in plan.objective_metrics:
         if knowledge_of(metric) != BLIND:
-            what = "the pareto objective" if plan.objective == "pareto" else "objective.metric"
+            what = ("the pareto objective" if plan.objective == "pareto" else
+                    "objective.subject_to" if metric in plan.constraints else "objective.metric")
             raise BadInput(f"{plan.space.path}: {what} {metric} needs the trigger or the poison flags (oracle), "
                            f"which knowledge blind refuses; blind metrics: {', '.join(blind_metrics())}")
 

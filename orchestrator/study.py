@@ -250,6 +250,8 @@ def run_study(session: Session, study: StudyPlan, args) -> StudyOutcome:
                             continue
                         chosen = dict(result.best["config"])
                         final_tags.update(sweep_run_id=result.sweep_run_id, selected_trial_id=result.best["trial_id"])
+                        if result.constraints:  # whether the selected trial met the objective's bound
+                            final_tags["selected_feasible"] = str(result.best_feasible).lower()
                     for seed in study.seeds:
                         spec = final_spec(study, plan, defense, attack, seed, chosen)
                         job = pool.submit(f"{attack} x {defense} seed {seed}", "final", spec, final_tags,

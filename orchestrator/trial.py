@@ -11,6 +11,7 @@ from orchestrator.cache import AttackCache
 from orchestrator.context import TrackedContext, TrainReporter, TuneReporter
 from orchestrator.devices import pick_device
 from orchestrator.execute import execute_attack, execute_defense, fault_hook, weights_digest
+from orchestrator.objective import TrialObjective
 from orchestrator.resolve import RunSpec
 from orchestrator.spaces import SweepPlan, trial_values
 from orchestrator.tracking import Tracker
@@ -33,6 +34,16 @@ class TrialSetup:
     max_failures: int = 1
     fault: str | None = None
     system_metrics: float = 0.0  # read on the driver, so a trial follows the command's setting
+    # the suspect (backdoored) model's validation ACC, the reference of val_acc_drop (orchestrator/objective.py)
+    reference_acc: float | None = None
+
+
+def trial_objective(setup: TrialSetup, spec: RunSpec) -> TrialObjective | None:
+    """What a defense trial adds to each report: val_acc_drop, and val_objective under a constraint."""
+    if spec.kind != "defense":
+        return None
+    plan = setup.plan
+    return TrialObjective(setup.reference_acc, plan.space.metric, plan.space.mode, plan.constraints)
 
 
 def trial_spec(setup: TrialSetup, sampled: dict[str, Any]) -> RunSpec:
@@ -112,7 +123,7 @@ def tune_trainable(config: dict[str, Any], setup: TrialSetup) -> None:
                                  data_root=Path(setup.data_root), download=setup.download,
                                  data_config=spec.data_cfg(), fast=spec.fast_cfg(),
                                  on_report=fault_hook(setup.fault, trial_index(trial_id)),
-                                 system_metrics=setup.system_metrics)
+                                 system_metrics=setup.system_metrics, derive=trial_objective(setup, spec))
             if spec.kind == "attack":
                 execute_attack(spec, ctx, tracker, run_id)
             else:
@@ -162,7 +173,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                          rank=rank, world_size=world, data_root=Path(setup.data_root), download=setup.download,
                          data_config=spec.data_cfg(), fast=spec.fast_cfg(),
                          on_report=fault_hook(setup.fault, trial_index(loop_config["trial_id"])),
-                         system_metrics=setup.system_metrics)
+                         system_metrics=setup.system_metrics, derive=trial_objective(setup, spec))
     if spec.kind == "attack":
         _, state = execute_attack(spec, ctx, tracker, ctx.run_id)
     else:

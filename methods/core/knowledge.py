@@ -42,6 +42,8 @@ BLIND_METRICS = frozenset({
     # acc - adv_concentration (methods/defenses/common.py): blind, as both of its terms are; the blind analogue of
     # ACC - ASR that a blind sweep can maximise
     "blind_score",
+    # the reference val ACC (the suspect model's own) minus a trial's: accuracy only, the tuning constraint
+    "acc_drop",
     "pool_clean_size", "pool_poison_size",  # how many samples the defense put in each pool: its own decision
     "train_loss", "lr", "stage", "adversarial", "asd_stage", "kept_step", "pbe_step", "pbe_attempt",
     "pbe_step0_canary_failed",  # PBE's step-0 check against the canary's ASR: the defender's own backdoor

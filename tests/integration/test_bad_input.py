@@ -46,13 +46,13 @@ CASES = {
     "attack target the dataset lacks": (["defend", "ft", "--attack", "badnets", "--set", "attack.target=15"],
                                         "target: 15 is not a class of digits"),
     "attack run in a missing store": (["defend", "ft", "--attack-run", "doesnotexist"], "no MLflow store"),
-    "blind tune of a val_der space": (["tune", str(SPACES / "ft.yaml"), "--knowledge", "blind"],
-                                      "objective.metric val_der needs the trigger"),
+    "blind tune of a val_asr space": (["tune", str(SPACES / "ft.yaml"), "--knowledge", "blind"],
+                                      "objective.metric val_asr needs the trigger"),
     "blind pareto": (["tune", str(SPACES / "ft.yaml"), "--knowledge", "blind", "--objective", "pareto",
                       "--scheduler", "fifo"],
                      "the pareto objective val_asr needs the trigger"),
-    "blind study of a val_der space": (["study", str(EXAMPLES / "study-digits.yaml"), "--knowledge", "blind"],
-                                       "val_der needs the trigger"),
+    "blind study of a val_asr space": (["study", str(EXAMPLES / "study-digits.yaml"), "--knowledge", "blind"],
+                                       "val_asr needs the trigger"),
     "resume in a missing store": (["tune", str(SPACES / "badnets.yaml"), "--resume", "BADID"], "no MLflow store"),
     "study in a missing store": (["report", "--study", "deadbeef"], "no MLflow store"),
     "quickstart on missing data": (["quickstart", "--dataset", "cifar10", "--data-root", "/nonexistent/bdo"],
@@ -71,6 +71,12 @@ CASES = {
     "host that does not resolve": (["ui", "--host", "no-such-host.invalid"], "--host no-such-host.invalid: does not"),
     "dashboard address as the Ray address": (["tune", str(SPACES / "badnets.yaml"), "--address",
                                               "http://127.0.0.1:8265"], "--address wants the GCS address (host:6379"),
+    "trigger image that does not exist": (["attack", "badnets", "--set", "pattern=file", "--set",
+                                           "patch_file=/nope.png"], "patch_file: /nope.png does not exist"),
+    "more CPUs per trial than a node has": (["tune", str(SPACES / "badnets.yaml"), "--cpus-per-trial", "100000"],
+                                            "--cpus-per-trial 100000: this machine"),
+    "more GPUs per trial than a node has": (["tune", str(SPACES / "badnets.yaml"), "--gpus-per-trial", "1000"],
+                                            "--gpus-per-trial 1000: "),
 }
 
 
@@ -239,7 +245,9 @@ def test_unusable_storage_or_store_is_refused_before_it_is_created(tmp_path, mon
              (["--storage", "afile/runs"], "afile is a file, not a folder"),
              (["--tracking-uri", "notascheme://x"], "--tracking-uri notascheme://x: unknown scheme 'notascheme'"),
              (["--tracking-uri", "sqlite:///afile/mlflow.db"], "afile is a file, not a folder"),
-             (["--tracking-uri", "nodir/mlflow.db"], "nodir does not exist; create it first")]
+             (["--tracking-uri", "nodir/mlflow.db"], "nodir does not exist; create it first"),
+             # nobody, root included, may create a file there (MLflow retried it for about 105 s)
+             (["--tracking-uri", "/proc/mlflow.db"], "cannot write /proc")]
     if os.geteuid() != 0:  # root writes into a read-only folder
         (tmp_path / "readonly").mkdir(mode=0o555)
         cases += [(["--storage", "readonly/runs"], "readonly is not writable"),

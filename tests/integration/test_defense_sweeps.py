@@ -67,3 +67,21 @@ def test_four_trial_defense_sweep(defense, flags, ray_session, workdir, capsys):
         steps = [len(client.get_metric_history(t.info.run_id, "pool_clean_size")) for t in trials]
         assert all(s >= 1 for s in steps), "per-epoch pool metrics reach MLflow"
     assert sweep.info.status == "FINISHED" and sweep.data.tags.get("best_run_id") in {t.info.run_id for t in trials}
+    # the default objective is the bar (docs/search-spaces.md#objective): the lowest val ASR among the trials that
+    # lose at most 2 points of val ACC against the suspect model, which Tune sees as one scalar, val_objective
+    assert sweep.data.tags["objective_rule"] == "min val_asr subject to val_acc_drop <= 0.02"
+    assert sweep.data.tags["tune_metric"] == "val_objective"
+    reference = sweep.data.metrics["reference_val_acc"]
+    assert reference == pytest.approx(attack.data.metrics["val_acc"])
+    for t in trials:
+        assert {"val_acc_drop", "val_objective"} <= set(t.data.metrics), sorted(t.data.metrics)
+        assert t.data.metrics["val_acc_drop"] == pytest.approx(reference - t.data.metrics["val_acc"])
+    best = next(t for t in trials if t.info.run_id == sweep.data.tags["best_run_id"])
+    feasible = [t for t in trials if t.data.metrics["val_acc_drop"] <= 0.02 + 1e-9]
+    assert sweep.data.tags["best_feasible"] == str(bool(feasible)).lower()
+    if feasible:
+        assert best in feasible and best.data.metrics["val_asr"] == min(t.data.metrics["val_asr"] for t in feasible)
+    else:
+        assert "no trial met val_acc_drop <= 0.02" in out
+        closest = min(t.data.metrics["val_acc_drop"] for t in trials)
+        assert best.data.metrics["val_acc_drop"] == pytest.approx(closest)

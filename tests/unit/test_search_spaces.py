@@ -91,7 +91,7 @@ def test_knowledge_comes_from_the_space_and_the_command_line_wins(tmp_path):
     assert yaml.safe_load(plan_text([blind], {}))["search"]["knowledge"] == "blind"  # what --dry-run shows
     assert plan_sweep(load_space(path), knowledge="oracle").knowledge == "oracle"
     assert plan_sweep(load_space(SEARCH_SPACES / "ft.yaml")).knowledge == "oracle"  # today's behaviour
-    with pytest.raises(BadInput, match="val_der needs the trigger or the poison flags"):
+    with pytest.raises(BadInput, match="objective.metric val_asr needs the trigger or the poison flags"):
         plan_sweep(load_space(SEARCH_SPACES / "ft.yaml"), knowledge="blind")
     with pytest.raises(BadInput, match="--set knowledge=oracle: the sweep selects under knowledge blind"):
         plan_sweep(load_space(path), sets={"knowledge": "oracle"})
