@@ -46,18 +46,25 @@ def write_checksums(directory: Path) -> None:
     (directory / CHECKSUM_FILE).write_text("\n".join(lines) + "\n")
 
 
-def verify_checksums(directory: Path) -> bool:
+def checksum_problem(directory: Path) -> str | None:
+    """Which file of an entry fails its checksum, and how, in words; None when every file matches."""
     sums = directory / CHECKSUM_FILE
     if not sums.is_file():
-        return False
+        return f"{CHECKSUM_FILE} is missing"
     try:
         for line in sums.read_text().splitlines():
             digest, name = line.split("  ", 1)
-            if not (directory / name).is_file() or _sha256(directory / name) != digest:
-                return False
-    except (OSError, ValueError):
-        return False
-    return True
+            if not (directory / name).is_file():
+                return f"{name} is missing"
+            if _sha256(directory / name) != digest:
+                return f"{name} does not match its checksum (truncated or changed)"
+    except (OSError, ValueError) as exc:
+        return f"{CHECKSUM_FILE} is unreadable ({exc})"
+    return None
+
+
+def verify_checksums(directory: Path) -> bool:
+    return checksum_problem(directory) is None
 
 
 class ExclusiveLock:
@@ -170,14 +177,19 @@ class AttackCache:
         directory = self.entry(key)
         if not directory.is_dir():
             return None
-        if not verify_checksums(directory):
-            shutil.move(str(directory), str(self.root / f"{key}.corrupt-{uuid.uuid4().hex[:8]}"))
-            return None
-        try:
-            return Backdoor.load(directory)
-        except Exception:  # unreadable despite matching sums (format change): rebuild
-            shutil.move(str(directory), str(self.root / f"{key}.corrupt-{uuid.uuid4().hex[:8]}"))
-            return None
+        problem = checksum_problem(directory)
+        if problem is None:
+            try:
+                return Backdoor.load(directory)
+            except Exception as exc:  # unreadable despite matching sums (format change): rebuild
+                problem = f"it does not load ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        aside = self.root / f"{key}.corrupt-{uuid.uuid4().hex[:8]}"
+        shutil.move(str(directory), str(aside))
+        # not an error: the run goes on with a rebuilt entry, but a silent rebuild of a long attack hides a disk,
+        # copy or sync problem; the entry is kept aside for a look, never deleted
+        print(f"attack cache: entry {directory} is corrupt: {problem}; moved it to {aside} and rebuilding the attack",
+              file=sys.stderr, flush=True)
+        return None
 
     def get_or_build(self, key: str, build: Callable[[], tuple[Backdoor, dict]]) -> tuple[Backdoor, dict, bool]:
         """Return (backdoor, entry meta, built_now). `build` returns the backdoor and meta (e.g. the attack's

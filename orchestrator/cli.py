@@ -208,13 +208,35 @@ def _check_folder(path: Path, what: str) -> None:
         raise BadInput(f"{what}: {existing} is not writable; pick a folder you can write to")
 
 
-def _check_tracking_uri(uri: str) -> str:
-    """A store MLflow cannot open, or a SQLite file it cannot create, refused before anything is written."""
+def _check_writable_store(uri: str, db: Path) -> None:
+    """SQLite writes the database file and, beside it, its journal (and bdo its creation lock): a folder or file
+    it cannot write would otherwise fail only after MLflow retried opening it for about 105 s. Checked by doing:
+    os.access misses a read-only mount for root, and root is refused by a read-only mount all the same."""
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=db.parent, prefix=f".{db.name}.write-check-"):
+            pass
+        if db.exists():
+            with open(db, "r+b"):  # opened for writing, nothing written
+                pass
+    except OSError as exc:
+        what = db if exc.filename == str(db) else db.parent
+        raise BadInput(f"--tracking-uri {uri}: cannot write {what} ({exc.strerror or exc}); SQLite writes the store "
+                       f"and its journal file beside it, so point --tracking-uri at a database in a folder you can "
+                       f"write to") from None
+
+
+def _check_tracking_uri(uri: str, write: bool = True) -> str:
+    """A store MLflow cannot open, a SQLite file it cannot create or write, or one that is damaged, refused before
+    anything is written. `write`: the command writes runs (not bdo ui or bdo report, which only read)."""
     scheme = uri.partition("://")[0] if "://" in uri else ""
     if scheme.split("+")[0] not in TRACKING_SCHEMES:
         raise BadInput(f"--tracking-uri {uri}: unknown scheme {scheme!r}; use sqlite:///PATH (or a bare PATH), "
                        f"http(s)://HOST:PORT of a tracking server, or a database URI such as postgresql://...")
     if scheme == "sqlite":  # SQLite creates the file, not its folder
+        from orchestrator.tracking import damaged_store, sqlite_damage
+
         db = Path(uri[len("sqlite:///"):])
         if db.is_dir():
             raise BadInput(f"--tracking-uri {uri}: {db} is a folder; name the database file, e.g. {db / 'mlflow.db'}")
@@ -222,7 +244,35 @@ def _check_tracking_uri(uri: str) -> str:
             _check_folder(db.parent, f"--tracking-uri {uri}")
             if not db.parent.is_dir():
                 raise BadInput(f"--tracking-uri {uri}: the folder {db.parent} does not exist; create it first")
+        elif problem := sqlite_damage(db):
+            raise damaged_store(uri, db, problem)
+        if write:
+            _check_writable_store(uri, db)
     return uri
+
+
+def _check_device(cpu_only: bool = False) -> None:
+    """BDO_DEVICE names where runs train (methods.core.hardware): a device torch cannot parse, or a GPU this
+    process cannot see, would fail the first run after its store and run were created. `cpu_only`: the command
+    was told to keep everything on the CPU (--gpus-per-trial 0), so only a malformed value is refused."""
+    requested = os.environ.get("BDO_DEVICE", "").strip()
+    if not requested:
+        return
+    kind, colon, index = requested.partition(":")
+    if kind not in ("cpu", "cuda") or (colon and not index.isdigit()):
+        raise BadInput(f"BDO_DEVICE={requested!r}: not a device; use cpu, cuda or cuda:N, or unset it "
+                       "(the first GPU, else the CPU)")
+    if kind != "cuda" or cpu_only:
+        return
+    from methods.core.hardware import visible_gpu_count
+
+    count = visible_gpu_count()
+    if count == 0:
+        raise BadInput(f"BDO_DEVICE={requested!r}: no CUDA device is visible to this process; "
+                       "set BDO_DEVICE=cpu or unset it")
+    if colon and int(index) >= count:
+        raise BadInput(f"BDO_DEVICE={requested!r}: this process sees {count} GPU(s), cuda:0 to cuda:{count - 1}; "
+                       "pick one of those or unset BDO_DEVICE")
 
 
 def _session(args):
@@ -230,6 +280,7 @@ def _session(args):
     from orchestrator.runner import Session
     from orchestrator.tracking import resolve_tracking_uri
 
+    _check_device(cpu_only=getattr(args, "gpus_per_trial", None) == 0)
     storage = Path(args.storage).expanduser().resolve()
     _check_folder(storage, f"--storage {args.storage}")
     tracking_uri = _check_tracking_uri(resolve_tracking_uri(args.tracking_uri))
@@ -296,7 +347,8 @@ def cmd_defend(args) -> int:
     spec = resolve_run(args.name, args.dataset or (attack_base or {}).get("dataset", "digits"),
                        args.model or (attack_base or {}).get("model", "small_cnn"), args.seed, attack, sets=sets,
                        attack_base=attack_base, data_base=data_base,
-                       use_preset=not args.no_preset and not args.attack_run, recipe=args.recipe)
+                       use_preset=not args.no_preset and not args.attack_run, recipe=args.recipe,
+                       check_files=not args.attack_run)  # that run's model is used, its trigger image never read
     check_data(spec, session)
     given = None
     if args.attack_run:
@@ -332,16 +384,19 @@ def _plan(args, space_path: Path, quick: bool = False):
     )
 
 
-def _check_local_gpus(plans, session) -> None:
-    """A local Ray gets this machine's GPUs: a share it cannot give is bad input before Ray starts. On a cluster
-    the same check runs against its nodes once connected, still before any run (orchestrator.devices)."""
+def _check_local_resources(plans, session) -> None:
+    """A local Ray gets this machine's CPUs and GPUs: CPUs or a GPU share per trial that it cannot give are bad
+    input before Ray starts (Ray would wait for them for ever, after the attack was built). On a cluster the same
+    check runs against its nodes once connected, still before the attack is built (runner.check_resources); so
+    does it locally, with the CPUs Ray itself counts (fewer than os.cpu_count() in a CPU-limited container)."""
     if session.address:
         return
-    from methods.core.hardware import visible_gpu_count
-    from orchestrator.devices import check_gpu_request
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():  # a caller's own Ray (tests, benchmarks),
+        return  # whatever CPUs it declared: checked against it once the sweep asks (runner.run_sweep)
+    from orchestrator.devices import ClusterShape
+    from orchestrator.runner import check_resources
 
-    for plan in plans:
-        check_gpu_request(plan.gpus_per_trial, [float(visible_gpu_count())])
+    check_resources(plans, ClusterShape.local(), session.largest_node())
 
 
 def cmd_tune(args) -> int:
@@ -352,7 +407,7 @@ def cmd_tune(args) -> int:
     plan = _plan(args, Path(args.space))
     session = _session(args)
     check_data(plan.base, session)
-    _check_local_gpus([plan], session)
+    _check_local_resources([plan], session)
     if args.dry_run:
         from orchestrator.discover import plan_text
 
@@ -386,7 +441,7 @@ def cmd_study(args) -> int:
     study = load_study(Path(args.study), args)
     session = _session(args)
     plans = list(study.sweeps.values()) + list(study.blind_sweeps.values())
-    _check_local_gpus(plans, session)
+    _check_local_resources(plans, session)
     if args.dry_run:
         from orchestrator.discover import plan_text
 
@@ -400,9 +455,14 @@ def cmd_study(args) -> int:
                   + ", ".join(study.defenses[i][0] for i in sorted(study.untuned)))
         print(plan_text(plans, _dry_run_resources(plans, session)), end="")
         return 0
-    if len(study.untuned) < len(study.defenses):  # a study that runs every defense on its presets needs no Ray
-        session.start_ray()
     try:
+        if len(study.untuned) < len(study.defenses):  # a study that runs every defense on its presets needs no Ray
+            session.start_ray()
+            from orchestrator.devices import ClusterShape
+            from orchestrator.runner import check_resources
+
+            # the nodes of a cluster (--address), or what a local Ray counts: before the study builds its attacks
+            check_resources(plans, ClusterShape.from_ray(), session.largest_node())
         outcome = run_study(session, study, args)
     finally:
         session.stop_ray()
@@ -429,7 +489,7 @@ def cmd_ui(args) -> int:
 
         print(f"runs of experiment {args.experiment}: {served_runs_page(uri, args.experiment)}", flush=True)
         return 0
-    _check_tracking_uri(uri)
+    _check_tracking_uri(uri, write=False)
     check_address(args.host, args.port)
     if uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///"):]):
         raise BadInput(f"--tracking-uri {uri}: no MLflow store there yet; run bdo quickstart or bdo tune first")
@@ -454,7 +514,7 @@ def cmd_report(args) -> int:
     from orchestrator.report import run_report
     from orchestrator.tracking import resolve_tracking_uri
 
-    _check_tracking_uri(resolve_tracking_uri(args.tracking_uri))
+    _check_tracking_uri(resolve_tracking_uri(args.tracking_uri), write=False)
     return run_report(args)
 
 

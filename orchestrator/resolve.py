@@ -101,7 +101,14 @@ def load_yaml(path: Path, what: str) -> Any:
     if not path.is_file():
         raise BadInput(f"{path}: {what} file not found")
     try:
-        return read_yaml(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:  # a binary file, or text in another encoding
+        raise BadInput(f"{path}: not a text file (byte {exc.object[exc.start]:#04x} at offset {exc.start} is not "
+                       f"UTF-8); a {what} file is YAML text, saved as UTF-8") from None
+    except OSError as exc:
+        raise BadInput(f"{path}: cannot read the {what} file ({exc.strerror or exc})") from None
+    try:
+        return read_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -168,6 +175,36 @@ def load_preset(dataset: str, method: str, use: bool = True,
     return values, paths
 
 
+# Attack config fields that name an image file the attack reads when it builds its trigger
+# (methods.attacks.triggers.image_file_pattern)
+TRIGGER_IMAGE_FIELDS = ("patch_file", "pattern_file")
+
+
+def check_trigger_images(values: dict[str, Any], source: str | None) -> None:
+    """A trigger image that is missing or unreadable would fail the attack run after it was created: read it now,
+    as the attack will (PIL: open, convert to L or RGB, resize), so a bad file is one line before anything starts.
+    PIL, not the attack's own loader, which needs torch (about 2 s to import)."""
+    for name in TRIGGER_IMAGE_FIELDS:
+        given = values.get(name)
+        if not isinstance(given, str) or not given:
+            continue
+        path = Path(given).expanduser()
+        if not path.exists():
+            raise BadInput(where(source, name, f"{path} does not exist; give the path of a PNG or JPEG image "
+                                               f"(relative paths are read from {Path.cwd()})"))
+        if not path.is_file():
+            raise BadInput(where(source, name, f"{path} is not a file; give the path of a PNG or JPEG image"))
+        from PIL import Image
+
+        try:
+            with Image.open(path) as img:
+                img.convert("RGB").resize((2, 2))  # decodes every pixel: a truncated file fails here
+        except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, ValueError, SyntaxError...
+            reason = str(exc).replace(str(path), "").strip(" :'") or type(exc).__name__
+            raise BadInput(where(source, name, f"{path} is not a readable image ({reason}); "
+                                               "give a PNG or JPEG image")) from None
+
+
 def build_config(cls: type[Config], values: dict[str, Any], source: str | None) -> Config:
     try:
         return cls.from_dict(values)
@@ -223,7 +260,10 @@ class RunSpec:
 def resolve_attack_config(
     attack: str, dataset: str, model: str, seed: int | None, overrides: dict[str, Any], use_preset: bool,
     source: str | None = None, presets: list[str] | None = None, recipe: str | None = None,
+    check_files: bool = True,
 ) -> dict[str, Any]:
+    """`check_files`: read the trigger image the config names (off where the attack is not built here: a defense
+    on the model of an existing attack run)."""
     spec = method_spec(attack, "attack", source)
     check_dataset_model(dataset, model, source)
     preset, paths = load_preset(dataset, attack, use_preset, recipe)
@@ -234,6 +274,8 @@ def resolve_attack_config(
         values["seed"] = seed
     resolved = build_config(spec.config_cls, values, source or f"attack {attack}").to_dict()
     check_target(resolved, dataset, source or f"attack {attack}")
+    if check_files:
+        check_trigger_images(resolved, source or f"attack {attack}")
     return resolved
 
 
@@ -250,8 +292,10 @@ def resolve_run(
     use_preset: bool = True,
     source: str | None = None,
     recipe: str | None = None,
+    check_files: bool = True,
 ) -> RunSpec:
-    """Resolve a method run. `base`/`attack_base`/`data_base` come from a search space or study (under --set)."""
+    """Resolve a method run. `base`/`attack_base`/`data_base` come from a search space or study (under --set).
+    `check_files`: see resolve_attack_config."""
     spec = method_spec(method, None, source)
     set_method, set_attack, set_data, set_fast = split_keys(sets or {})
     presets: list[str] = []
@@ -263,13 +307,13 @@ def resolve_run(
             raise BadInput(where(source, None, f"attack.{next(iter(set_attack))}: "
                                                f"an attack run takes its keys without the 'attack.' prefix"))
         attack_cfg = resolve_attack_config(method, dataset, model, seed, {**(base or {}), **set_method}, use_preset,
-                                           source, presets, recipe)
+                                           source, presets, recipe, check_files)
         method_cfg = attack_cfg
         attack = method
     else:
         attack = attack or DEFAULT_ATTACK
         attack_cfg = resolve_attack_config(attack, dataset, model, seed, {**(attack_base or {}), **set_attack},
-                                           use_preset, source, presets, recipe)
+                                           use_preset, source, presets, recipe, check_files)
         preset, paths = load_preset(dataset, method, use_preset, recipe)
         presets.extend(str(path.relative_to(ROOT)) for path in paths)
         values = {**preset, **(base or {}), **set_method}

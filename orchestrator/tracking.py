@@ -41,6 +41,73 @@ def is_local_store(uri: str) -> bool:
     return uri.startswith("sqlite:") or uri.startswith("file:")
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI (as resolve_tracking_uri writes it); None for any other store."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def sqlite_damage(db: Path) -> str | None:
+    """What SQLite says is wrong with an existing database file (not a database, truncated, malformed), or None
+    when it reads. Read-only, through SQLite's own locking, so a store another process is writing is never taken
+    for a damaged one; a store that is merely busy or locked counts as readable."""
+    import sqlite3
+
+    if db.stat().st_size == 0:  # SQLite's empty database: MLflow creates its tables in it
+        return None
+    try:
+        connection = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=10)
+    except sqlite3.OperationalError:
+        return None  # cannot be opened read-only here (permissions): not evidence of damage
+    try:
+        # a read transaction: SQLite checks the header, the page count against the file's size and the schema
+        connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.OperationalError:
+        return None  # busy, locked: another process is writing it
+    except sqlite3.DatabaseError as exc:  # "file is not a database", "database disk image is malformed"
+        return str(exc)
+    finally:
+        connection.close()
+    return None
+
+
+def damaged_store(uri: str, db: Path, problem: str) -> BadInput:
+    return BadInput(f"--tracking-uri {uri}: {db} is not a readable SQLite database ({problem}); bdo never deletes "
+                    f"a store: move it aside (mv {db} {db}.damaged) to start a new one there, or pass the "
+                    "--tracking-uri of another store")
+
+
+def open_client(uri: str):
+    """An MlflowClient on the store. The first use of a sqlite store creates MLflow's tables (a dozen migrations,
+    seconds); two processes doing that at once break each other's migrations (`No such constraint`,
+    `_alembic_tmp_* already exists`). So while the file is new, its creation is serialised with the attack cache's
+    lock (orchestrator.cache.ExclusiveLock) in <db>.lock beside it: the second process waits, then opens the
+    created store. The lock is taken before SQLite creates the file, so a process that finds the file but no
+    lock finds it complete."""
+    from mlflow.tracking import MlflowClient
+
+    db = sqlite_path(uri)
+    lock_path = db.with_name(f"{db.name}.lock") if db is not None else None
+    fresh = db is not None and (not db.exists() or db.stat().st_size == 0 or lock_path.exists())
+    try:
+        if not fresh:
+            return MlflowClient(tracking_uri=uri)
+        import sys
+
+        from orchestrator.cache import ExclusiveLock
+
+        def waiting(_: str) -> None:
+            print(f"waiting for {lock.holder()} to create the MLflow store {db}", file=sys.stderr, flush=True)
+
+        lock = ExclusiveLock(lock_path, poll=0.2, on_wait=waiting)
+        with lock:
+            return MlflowClient(tracking_uri=uri)
+    except Exception:
+        problem = db is not None and db.is_file() and sqlite_damage(db)
+        if problem:
+            raise damaged_store(uri, db, problem) from None
+        raise
+
+
 @functools.lru_cache(maxsize=1)
 def code_version() -> dict[str, str]:
     def git(*args: str) -> str:
@@ -144,10 +211,9 @@ class Tracker:
 
     def __init__(self, uri: str, experiment: str | None = None, experiment_id: str | None = None) -> None:
         import mlflow
-        from mlflow.tracking import MlflowClient
 
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = open_client(uri)
         # A run's "model" is both a folder of its artifacts and a logged model; MLflow resolves the logged model
         # through the process-wide tracking URI, not the client's, so reading runs:/ID/model from another store
         # than the global one fails (or opens ./mlflow.db). So MLflow's global URI follows the store in use; but
