@@ -26,15 +26,47 @@ class DefenseResult:
     model_name: str = ""
 
 
+def stratified_quotas(sizes: list[int], total: int) -> list[int]:
+    """How many of each class to take so that `total` are taken in proportion to `sizes` (largest remainders
+    round), with at least one of every non-empty class whenever `total` allows it."""
+    present = [i for i, size in enumerate(sizes) if size > 0]
+    total = min(total, sum(sizes))
+    quotas = [0] * len(sizes)
+    floor = 1 if total >= len(present) else 0
+    for i in present:
+        quotas[i] = floor
+    left = total - floor * len(present)
+    room = [sizes[i] - quotas[i] for i in range(len(sizes))]
+    while left > 0:
+        weight = sum(room)
+        shares = [left * r / weight for r in room]
+        whole = [min(room[i], int(math.floor(shares[i]))) for i in range(len(sizes))]
+        if sum(whole) == 0:  # fewer left than classes with room: the largest remainders take one each
+            for i in sorted(range(len(sizes)), key=lambda i: (-(shares[i] - whole[i]), i))[:left]:
+                whole[i] += 1
+        for i, extra in enumerate(whole):
+            quotas[i] += extra
+            room[i] -= extra
+            left -= extra
+    return quotas
+
+
 def clean_subset(backdoor: Backdoor, clean_ratio: float, clean_seed: int | None = None) -> torch.Tensor:
     """Indices of `clean_ratio` x N genuinely clean training images (the defender's clean extra set), drawn with
-    the recorded clean-subset seed so the same indices serve every defense (and teacher and student)."""
+    the recorded clean-subset seed so the same indices serve every defense (and teacher and student).
+
+    The set is stratified by class, in proportion to the clean images of each class and with every class
+    present: a defender who collects a small clean set collects some of every class, whereas a uniform draw of
+    63 digits can miss one, and a defense then unlearns that class instead of the trigger."""
     data = backdoor.data
     seed = backdoor.seeds["clean_seed"] if clean_seed is None else clean_seed
-    clean = torch.nonzero(~data.poison_flags.cpu()).flatten()
-    count = max(1, min(len(clean), int(round(clean_ratio * len(data.y_train)))))
+    labels, flags = data.y_train.cpu(), data.poison_flags.cpu()
+    count = max(1, int(round(clean_ratio * len(labels))))
+    by_class = [torch.nonzero((labels == k) & ~flags).flatten() for k in range(data.num_classes)]
     g = torch.Generator().manual_seed(int(seed))
-    return clean[torch.randperm(len(clean), generator=g)[:count]].sort().values.to(data.y_train.device)
+    picked = [members[torch.randperm(len(members), generator=g)[:quota]]
+              for members, quota in zip(by_class, stratified_quotas([len(m) for m in by_class], count))]
+    return torch.cat(picked).sort().values.to(data.y_train.device)
 
 
 def split_blind_signals(model: nn.Module, backdoor: Backdoor, metrics: dict[str, float], split: str,
