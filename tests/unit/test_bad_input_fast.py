@@ -7,6 +7,8 @@ import errno
 import multiprocessing
 import os
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -280,9 +282,13 @@ def test_a_damaged_store_is_named_with_the_fix_and_kept(how, says, tmp_path, mon
     db = _damaged(tmp_path, how)
     before = db.read_bytes()
     monkeypatch.chdir(tmp_path)
+    # in a fresh process each: in the full suite this process holds MLflow stores and a Ray from earlier tests
     for argv in (["attack", "badnets", "--set", "epochs=1"], ["tune", str(SPACES / "ft.yaml"), "--quick"],
                  ["report"], ["ui", "--port", "5999"]):
-        err = refused(argv, capsys, says)
+        done = subprocess.run([sys.executable, "-m", "orchestrator.cli", *argv], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        err = done.stderr.strip()
+        assert done.returncode == 2 and len(err.splitlines()) == 1 and says in err, (argv, done.returncode, err)
         assert f"{db} is not a readable SQLite database" in err and f"mv {db} {db}.damaged" in err, err
     assert listing(tmp_path) == ["mlflow.db"] and db.read_bytes() == before
 
