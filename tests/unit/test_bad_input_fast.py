@@ -32,6 +32,16 @@ def refused(argv: list[str], capsys, message: str, limit: float = 5.0) -> str:
     return err
 
 
+def refused_in_a_fresh_process(argv: list[str], cwd: Path, message: str) -> str:
+    """Like refused, in a new process: checks made before Ray starts are skipped where a caller's Ray is already
+    up, as it is in this test process once the suite's session Ray has started, and MLflow caches its stores."""
+    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", *argv], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    err = done.stderr.strip()
+    assert done.returncode == 2 and len(err.splitlines()) == 1 and message in err, (argv, done.returncode, err)
+    return err
+
+
 def listing(folder: Path) -> list[str]:
     return sorted(os.listdir(folder))
 
@@ -195,9 +205,7 @@ def test_reading_commands_do_not_need_a_writable_store(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------- resources per trial
 def test_more_cpus_per_trial_than_this_machine_has_is_refused_before_ray(tmp_path, monkeypatch, capsys):
-    # Far above this machine and above what a Ray the suite already started in this process declares (4 CPUs):
-    # with such a Ray the check runs inside the sweep, against its count, still before the attack is built.
-    monkeypatch.chdir(tmp_path)
+    # Far above this machine and above the suite's session Ray (4 CPUs declared on 2 cores).
     for argv, message in [
         (["tune", str(SPACES / "ft.yaml"), "--quick", "--cpus-per-trial", "1000"],
          "--cpus-per-trial 1000: this machine (a local Ray's only node) has"),
@@ -206,13 +214,12 @@ def test_more_cpus_per_trial_than_this_machine_has_is_refused_before_ray(tmp_pat
          "over --workers-per-trial 2 (1000 per worker)"),
         (["study", str(STUDY), "--cpus-per-trial", "100"], "--cpus-per-trial 100:"),
     ]:
-        refused(argv, capsys, message)
+        refused_in_a_fresh_process(argv, tmp_path, message)
     space = tmp_path / "space.yaml"
     space.write_text("method: ft\nresources: {cpus_per_trial: 1000}\n")
     work = tmp_path / "work"
     work.mkdir()
-    monkeypatch.chdir(work)
-    refused(["tune", str(space)], capsys, f"{space}: resources.cpus_per_trial 1000: this machine")
+    refused_in_a_fresh_process(["tune", str(space)], work, f"{space}: resources.cpus_per_trial 1000: this machine")
     assert listing(work) == []
 
 
@@ -285,10 +292,7 @@ def test_a_damaged_store_is_named_with_the_fix_and_kept(how, says, tmp_path, mon
     # in a fresh process each: in the full suite this process holds MLflow stores and a Ray from earlier tests
     for argv in (["attack", "badnets", "--set", "epochs=1"], ["tune", str(SPACES / "ft.yaml"), "--quick"],
                  ["report"], ["ui", "--port", "5999"]):
-        done = subprocess.run([sys.executable, "-m", "orchestrator.cli", *argv], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        err = done.stderr.strip()
-        assert done.returncode == 2 and len(err.splitlines()) == 1 and says in err, (argv, done.returncode, err)
+        err = refused_in_a_fresh_process(argv, tmp_path, says)
         assert f"{db} is not a readable SQLite database" in err and f"mv {db} {db}.damaged" in err, err
     assert listing(tmp_path) == ["mlflow.db"] and db.read_bytes() == before
 
