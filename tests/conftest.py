@@ -33,6 +33,18 @@ def pytest_configure(config):
     os.environ["BDO_DEVICE"] = config.getoption("--device")
 
 
+@pytest.fixture(autouse=True)
+def _user_store_variable_kept():
+    """bdo reads MLFLOW_TRACKING_URI as the user's default store, and mlflow.set_tracking_uri exports it: a test that
+    leaves it set (to a server it has since stopped) would send every later command in the suite there."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 SLOW_TIMEOUT = 900  # seconds; pyproject's default (300) is for the rest
 
 

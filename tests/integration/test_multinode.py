@@ -230,7 +230,7 @@ def experiment_runs(client, query: str, experiment: str = "bdo") -> list:
     return client.search_runs([exp.experiment_id], filter_string=query, max_results=1000)
 
 
-def test_sweep_spreads_over_two_nodes_and_logs_to_an_mlflow_server(tmp_path, mlflow_template):
+def test_sweep_spreads_over_two_nodes_and_logs_to_an_mlflow_server(tmp_path, mlflow_template, monkeypatch):
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -246,7 +246,10 @@ def test_sweep_spreads_over_two_nodes_and_logs_to_an_mlflow_server(tmp_path, mlf
         assert done.returncode == 0, explain(done)
 
         client = MlflowClient(url)
-        mlflow.set_tracking_uri(url)  # MLflow resolves a run's logged model "model" through the global URI
+        # MLflow resolves a run's logged model "model" through the global URI; set_tracking_uri exports it as
+        # MLFLOW_TRACKING_URI, which monkeypatch takes back, else every later test's bdo reads this dead server
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        mlflow.set_tracking_uri(url)
         (sweep,) = experiment_runs(client, "tags.role = 'sweep'")
         assert sweep.info.status == "FINISHED"
         trials = experiment_runs(client, f"tags.mlflow.parentRunId = '{sweep.info.run_id}'")

@@ -34,9 +34,13 @@ def refused(argv: list[str], capsys, message: str, limit: float = 5.0) -> str:
 
 def refused_in_a_fresh_process(argv: list[str], cwd: Path, message: str) -> str:
     """Like refused, in a new process: checks made before Ray starts are skipped where a caller's Ray is already
-    up, as it is in this test process once the suite's session Ray has started, and MLflow caches its stores."""
+    up, as it is in this test process once the suite's session Ray has started, and MLflow caches its stores.
+    The process gets none of the store or cluster the suite left in the environment (mlflow.set_tracking_uri
+    exports MLFLOW_TRACKING_URI), so it reads the store in cwd as a user's shell would."""
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith("MLFLOW_") and key not in ("RAY_ADDRESS", "BDO_FAULT")}
     done = subprocess.run([sys.executable, "-m", "orchestrator.cli", *argv], cwd=cwd, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          timeout=120, env={**env, "PYTHONPATH": str(ROOT)})
     err = done.stderr.strip()
     assert done.returncode == 2 and len(err.splitlines()) == 1 and message in err, (argv, done.returncode, err)
     return err
