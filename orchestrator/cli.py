@@ -40,6 +40,10 @@ def _shared(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", default=os.environ.get("BDO_STORAGE", "./bdo_runs"),
                    help="run storage: attack cache and Tune state, a local or shared path "
                         "(default: BDO_STORAGE or ./bdo_runs)")
+    p.add_argument("--shared-storage", action="store_true",
+                   default=os.environ.get("BDO_SHARED_STORAGE", "").strip().lower() in ("1", "true", "yes"),
+                   help="--storage is on a filesystem every node of the Ray cluster mounts, though not a network "
+                        "filesystem bdo recognizes (default: BDO_SHARED_STORAGE=1; checked on multi-node clusters)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.add_argument("--data-root", default=None,
                    help="where datasets live (default: BDO_DATA_ROOT or ~/.cache/bdo/data)")
@@ -291,7 +295,7 @@ def _session(args):
         raise BadInput(f"{source} {address}: --address wants the GCS address (host:6379, or auto on a cluster "
                        "node); http://<head>:8265 is the dashboard's address, which is what ray job submit takes")
     return Session(tracking_uri, args.experiment, storage, data_root, args.download, address,
-                   verbose=getattr(args, "verbose", False))
+                   verbose=getattr(args, "verbose", False), shared_storage=args.shared_storage)
 
 
 def _require_store(uri: str, flag: str) -> None:

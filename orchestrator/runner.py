@@ -42,6 +42,8 @@ class Session:
     download: bool = False
     address: str | None = None
     verbose: bool = False  # Ray's, Tune's and the trials' own output; off: one line per trial (SweepProgress)
+    # the user says --storage is on a filesystem every node mounts (--shared-storage, BDO_SHARED_STORAGE=1)
+    shared_storage: bool = False
     tracker: Tracker | None = None
     _started_ray: bool = False
 
@@ -76,6 +78,12 @@ class Session:
             raise BadInput(f"--tracking-uri {self.tracking_uri}: this Ray cluster has {len(alive)} nodes and other "
                            "nodes cannot write a local sqlite file; point --tracking-uri (or MLFLOW_TRACKING_URI) "
                            "at the head node's MLflow server, e.g. http://<head-ip>:5000")
+        if len(alive) > 1 and not self.shared_storage and (fs := local_filesystem(self.storage)) is not None:
+            self.stop_ray()
+            raise BadInput(f"--storage {self.storage}: this Ray cluster has {len(alive)} nodes and {fs}, which other "
+                           "nodes cannot see (their trials' checkpoints and the attack cache would never reach this "
+                           "driver); put --storage (or BDO_STORAGE) on a filesystem every node mounts (NFS, EFS, "
+                           "Lustre), or pass --shared-storage (BDO_SHARED_STORAGE=1) if it already is one")
 
     def largest_node(self) -> str:
         """The node a trial's resources are checked against, in words (check_resources)."""
@@ -88,6 +96,46 @@ class Session:
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
         self._started_ray = False
+
+
+# filesystem types that other machines can mount too: a storage path on one of them is taken as shared
+NETWORK_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "ceph", "glusterfs", "beegfs", "orangefs", "pvfs2",
+    "ocfs2", "gfs2", "afs", "9p", "virtiofs", "panfs", "wekafs", "fuse.glusterfs", "fuse.cephfs", "fuse.s3fs",
+    "fuse.gcsfuse", "fuse.mount-s3", "fuse.juicefs", "fuse.sshfs", "fuse.rclone", "fuse.lustre", "fuse.beegfs",
+})
+
+
+def mount_of(path: Path, mounts: str) -> tuple[str, str] | None:
+    """(mount point, filesystem type) of the mount that holds `path`, from the text of /proc/mounts: the entry
+    with the longest mount point above it (the last one, where a later mount hides an earlier one)."""
+    best: tuple[str, str] | None = None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")  # /proc/mounts escapes a space in a mount point as \040
+        if path == Path(point) or Path(point) in path.parents:
+            if best is None or len(point) >= len(best[0]):
+                best = (point, fields[2])
+    return best
+
+
+def local_filesystem(storage: Path, mounts: str | None = None) -> str | None:
+    """Why `storage` is on this machine only, in words (its mount and filesystem type), or None when it is on a
+    network filesystem (NETWORK_FILESYSTEMS), or when the mount table cannot be read (nothing to go on)."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return None
+    found = mount_of(storage, mounts)
+    if found is None:
+        return None
+    point, fstype = found
+    if fstype in NETWORK_FILESYSTEMS:
+        return None
+    return f"it is on {point} ({fstype}), a local filesystem"
 
 
 def cpus_named(plan: SweepPlan) -> str:
@@ -141,17 +189,65 @@ def quiet_libraries() -> None:
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 
+# the longest a sweep's output goes without a line (SweepProgress's summary), in seconds; BDO_PROGRESS_INTERVAL
+# sets it. Tune is silent while trials train between reports, and a Ray job's log should show the sweep alive.
+PROGRESS_INTERVAL = 60.0
+
+
+def progress_interval() -> float:
+    """BDO_PROGRESS_INTERVAL (seconds, > 0), else PROGRESS_INTERVAL."""
+    try:
+        value = float(os.environ.get("BDO_PROGRESS_INTERVAL", ""))
+    except ValueError:
+        return PROGRESS_INTERVAL
+    return value if value > 0 and math.isfinite(value) else PROGRESS_INTERVAL
+
+
 class SweepProgress:
     """One line per finished trial (and, on a terminal, a status line rewritten in place while trials run): the
-    trial, its state, its last validation metrics and the best objective so far."""
+    trial, its state, its last validation metrics and the best objective so far. And, when nothing was printed for
+    progress_interval() seconds, a summary line: trials running, pending, finished and errored, the best objective
+    reported so far, and the time since the sweep started; checked on every step of Tune's loop, which steps
+    several times a second whether or not a trial reports."""
 
     def __new__(cls, *args, **kwargs):
         from ray.tune import Callback
 
         class Progress(Callback):
-            def __init__(self, label: str, metric: str, mode: str, total: int) -> None:
+            def __init__(self, label: str, metric: str, mode: str, total: int, interval: float | None = None,
+                         clock=time.monotonic) -> None:
                 self.label, self.metric, self.mode, self.total = label, metric, mode, total
                 self.done, self.best, self.tty = 0, None, sys.stdout.isatty()
+                self.interval = progress_interval() if interval is None else interval
+                self.clock = clock
+                self.started = self.printed = clock()
+
+            def _better(self, value) -> bool:
+                if not isinstance(value, (int, float)) or math.isnan(value):
+                    return False
+                return self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+
+            def summary(self, trials) -> str:
+                counts = {"RUNNING": 0, "PENDING": 0, "PAUSED": 0, "TERMINATED": 0, "ERROR": 0}
+                best = self.best
+                for trial in trials:
+                    counts[trial.status] = counts.get(trial.status, 0) + 1
+                    value = (trial.last_result or {}).get(self.metric)
+                    if trial.status != "ERROR" and isinstance(value, (int, float)) and not math.isnan(value):
+                        if best is None or (value > best if self.mode == "max" else value < best):
+                            best = value
+                shown = f"{best:.3f}" if best is not None else "-"
+                elapsed = int(self.clock() - self.started)
+                return (f"{self.label}: progress  running {counts['RUNNING']}  pending "
+                        f"{counts['PENDING'] + counts['PAUSED']}  finished {counts['TERMINATED']}/{self.total}  "
+                        f"errored {counts['ERROR']}  best {self.metric} {shown}  "
+                        f"elapsed {elapsed // 3600}:{elapsed // 60 % 60:02d}:{elapsed % 60:02d}")
+
+            def on_step_end(self, iteration, trials, **info):
+                if self.clock() - self.printed >= self.interval:
+                    prefix = "\r\033[K" if self.tty else ""
+                    print(f"{prefix}{self.summary(trials)}", flush=True)
+                    self.printed = self.clock()
 
             def _shown(self, result: dict) -> str:
                 keys = dict.fromkeys((self.metric, "val_acc", "val_asr"))
@@ -166,13 +262,13 @@ class SweepProgress:
                 self.done += 1
                 result = trial.last_result or {}
                 value = result.get(self.metric)
-                if isinstance(value, (int, float)) and not math.isnan(value):
-                    better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
-                    self.best = value if better else self.best
+                if self._better(value):
+                    self.best = value
                 best = f"  (best {self.metric} {self.best:.3f})" if self.best is not None else ""
                 prefix = "\r\033[K" if self.tty else ""
                 print(f"{prefix}{self.label}: trial {self.done}/{self.total} {trial.trial_id} {state}  "
                       f"{self._shown(result)}{best}", flush=True)
+                self.printed = self.clock()
 
             def on_trial_complete(self, iteration, trials, trial, **info):
                 self._finish(trial, "done")

@@ -59,13 +59,15 @@ def trial_index(trial_id: str) -> int | None:
     return int(tail) if tail.isdigit() else None
 
 
-def child_run(tracker: Tracker, setup: TrialSetup, spec: RunSpec, trial_id: str, trial_name: str) -> str:
-    """The trial's MLflow run: reopened when the trial is retried or resumed, so each trial has one run."""
+def child_run(tracker: Tracker, setup: TrialSetup, spec: RunSpec, trial_id: str,
+              trial_name: str) -> tuple[str, dict[str, str]]:
+    """The trial's MLflow run: reopened when the trial is retried or resumed, so each trial has one run. Returns
+    its id and, for a reopened run, its tags so far (empty for a new run)."""
     existing = tracker.children(setup.sweep_run_id, f"tags.trial_id = '{trial_id}'")
     if existing:
         run_id = existing[0].info.run_id
         tracker.client.update_run(run_id, status="RUNNING")
-        return run_id
+        return run_id, dict(existing[0].data.tags)
     from orchestrator.execute import base_tags
 
     seeds = spec.attack_cfg().seeds()
@@ -76,7 +78,19 @@ def child_run(tracker: Tracker, setup: TrialSetup, spec: RunSpec, trial_id: str,
         tags["attack_cache_key"] = setup.cache_key
     run_id = tracker.start_run(trial_name, tags, parent_id=setup.sweep_run_id)
     tracker.log_params(run_id, spec.flat_params())
-    return run_id
+    return run_id, {}
+
+
+def attempt_tags(previous: dict[str, str], node_id: str, node_ip: str) -> dict[str, str]:
+    """The tags of a trial's attempt, from the tags its reopened run has so far (`previous`: empty for a new run):
+    the attempt number (`attempt`, 1 then one more on each retry or resume), the node it runs on (`node`, Ray's node
+    id, since several nodes may share one host, and `node_ip`), and the same per attempt (`attempt_N_node`,
+    `attempt_N_node_ip`), so the run keeps where every attempt ran. A run that has tags but no `attempt` was
+    opened by a bdo that did not count attempts: its first attempt is taken as attempt 1."""
+    last = previous.get("attempt", "")
+    attempt = int(last) + 1 if last.isdigit() else 2 if previous else 1
+    return {"attempt": str(attempt), "node": node_id, "node_ip": node_ip, "ray_node_id": node_id,
+            f"attempt_{attempt}_node": node_id, f"attempt_{attempt}_node_ip": node_ip}
 
 
 def _backdoor(setup: TrialSetup):
@@ -104,12 +118,13 @@ def tune_trainable(config: dict[str, Any], setup: TrialSetup) -> None:
     trial_id, trial_name = context.get_trial_id(), context.get_trial_name()
     spec = trial_spec(setup, config)
     tracker = Tracker(setup.tracking_uri, experiment_id=setup.experiment_id)
-    run_id = child_run(tracker, setup, spec, trial_id, trial_name)
-    # Set on every attempt, so a trial retried elsewhere after losing its node names the node it finished on;
-    # the node id, not the IP, because several nodes may share one host.
+    run_id, previous = child_run(tracker, setup, spec, trial_id, trial_name)
+    # Set on every attempt (Tune's retry after a lost node or a killed process, or a --resume), so a trial retried
+    # elsewhere names the node it finished on and keeps the node of each earlier attempt (attempt_tags).
     import ray
 
-    tracker.set_tags(run_id, {"ray_node_id": ray.get_runtime_context().get_node_id()})
+    tracker.set_tags(run_id, attempt_tags(previous, ray.get_runtime_context().get_node_id(),
+                                          ray.util.get_node_ip_address()))
     # Tune ends a stopped trial's thread (ASHA, or its reused actor being reset) with sys.exit at the next report;
     # that is no failure, and the driver's callback and summary give the run its status.
     with tracker.ending(run_id, leave=(SystemExit,)):

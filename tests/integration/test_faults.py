@@ -88,6 +88,9 @@ def test_killed_trial_retries_from_its_checkpoint_and_ends_bit_identical(ray_ses
     children = client.search_runs([sweep.info.experiment_id], f"tags.mlflow.parentRunId = '{sweep.info.run_id}'")
     assert [c.info.status for c in children] == ["FINISHED"], "one run per trial, reopened by the retry"
     killed = children[0]
+    # the run counts the retry as its second attempt; both on this machine's one node
+    tags = killed.data.tags
+    assert tags["attempt"] == "2" and tags["attempt_1_node"] == tags["attempt_2_node"] == tags["node"], tags
     # step 2 was logged just before the kill and again by the retry; step 1 only once: the retry started from
     # step 1's checkpoint, not from scratch
     assert steps(client, killed.info.run_id) == [1, 2, 2, 3]
@@ -113,7 +116,7 @@ def test_sweep_survives_losing_a_worker_node(tmp_path, mlflow_template):
         url = server.ready()
         args = ["tune", str(SPACES / "badnets.yaml"), "--num-samples", "2", "--cpus-per-trial", "1",
                 "--set", "epochs=4", "--max-failures", "2", *PINNED, "--address", cluster.address,
-                "--tracking-uri", url, "--storage", str(tmp_path / "shared")]
+                "--tracking-uri", url, "--storage", str(tmp_path / "shared"), "--shared-storage"]
         # both trials hold at step 2 until the worker is gone, so the one on the worker is surely mid-run
         release = tmp_path / "release"
         with open(log, "w") as out:
@@ -152,6 +155,12 @@ def test_sweep_survives_losing_a_worker_node(tmp_path, mlflow_template):
         assert {t.data.tags["ray_node_id"] for t in trials} == {cluster.head}, "both trials end on the surviving node"
         history = steps(client, moved)
         assert history[-1] == 4 and set(history) == set(range(1, 5)), history
+        # the moved trial's run says where each attempt ran: the lost worker first, then the head
+        tags = client.get_run(moved).data.tags
+        attempts = int(tags["attempt"])
+        assert attempts >= 2 and tags["attempt_1_node"] == worker, tags
+        assert tags["node"] == tags[f"attempt_{attempts}_node"] == cluster.head, tags
+        assert all(tags[f"attempt_{n}_node_ip"] == "127.0.0.1" for n in range(1, attempts + 1)), tags
         assert {"config.yaml", "model"} <= {a.path for a in client.list_artifacts(moved)}
 
 

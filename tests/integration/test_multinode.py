@@ -242,7 +242,8 @@ def test_sweep_spreads_over_two_nodes_and_logs_to_an_mlflow_server(tmp_path, mlf
         url = server.ready()
         env = child_env(cluster.ray_tmp)
         done = run_bdo(["tune", str(SPACES / "badnets.yaml"), "--quick", "--num-samples", "2", "--cpus-per-trial", "1",
-                        "--address", cluster.address, "--tracking-uri", url, "--storage", str(storage)], work, env)
+                        "--address", cluster.address, "--tracking-uri", url, "--storage", str(storage),
+                        "--shared-storage"], work, env)  # both nodes are this machine: they do see it
         assert done.returncode == 0, explain(done)
 
         client = MlflowClient(url)
@@ -257,6 +258,10 @@ def test_sweep_spreads_over_two_nodes_and_logs_to_an_mlflow_server(tmp_path, mlf
         nodes = {t.data.tags.get("ray_node_id") for t in trials}
         assert nodes == {cluster.head, *cluster.workers}, (
             f"trials ran on {nodes}, cluster is {cluster.head} + {cluster.workers}")
+        for trial in trials:  # one attempt each, on the node it ran on
+            tags = trial.data.tags
+            assert tags["attempt"] == "1" and tags["node"] == tags["attempt_1_node"] == tags["ray_node_id"], tags
+            assert tags["node_ip"] == tags["attempt_1_node_ip"] == "127.0.0.1", tags
 
         artifacts_root = tmp_path / "mlflow" / "artifacts"
         for trial in trials:
@@ -285,6 +290,21 @@ def test_local_sqlite_store_is_refused_on_a_multi_node_cluster(tmp_path):
         env = child_env(cluster.ray_tmp)
         done = run_bdo(["tune", str(SPACES / "badnets.yaml"), "--quick", "--num-samples", "1",
                         "--address", cluster.address, "--storage", str(tmp_path / "bdo_runs")], work, env)
+        # with a tracking server, the storage: a local folder the other node's trials would write elsewhere.
+        # Refused once connected, before the tracking server is contacted (none listens on this port).
+        from orchestrator.ui import free_port
+
+        url = f"http://127.0.0.1:{free_port()}"
+        storage_refused = run_bdo(["tune", str(SPACES / "badnets.yaml"), "--quick", "--num-samples", "1",
+                                   "--address", cluster.address, "--tracking-uri", url,
+                                   "--storage", str(tmp_path / "bdo_runs")], work, env)
+    assert storage_refused.returncode == 2, explain(storage_refused)
+    errors = [line for line in storage_refused.stderr.splitlines() if line.startswith("bdo:")]
+    assert len(errors) == 1, explain(storage_refused)
+    assert errors[0].startswith(f"bdo: error: --storage {tmp_path / 'bdo_runs'}: this Ray cluster has 2 nodes"), \
+        errors[0]
+    assert "--shared-storage" in errors[0] and "local filesystem" in errors[0], errors[0]
+    assert "Traceback" not in storage_refused.stderr, explain(storage_refused)
     assert done.returncode == 2, explain(done)
     errors = [line for line in done.stderr.splitlines() if line.startswith("bdo:")]
     assert len(errors) == 1, explain(done)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,7 @@ def test_optuna_pareto_sweep_returns_a_front(ray_session, workdir, capsys):
 
 def test_a_failing_trial_ends_failed_and_the_sweep_returns_the_others(ray_session, workdir, monkeypatch, capsys):
     monkeypatch.setenv("BDO_FAULT", "raise:step=1:trial=1")
+    monkeypatch.setenv("BDO_PROGRESS_INTERVAL", "1")  # a summary line each second (a minute for users)
     code = main(["tune", str(SPACES / "badnets.yaml"), "--num-samples", "3", "--quick", "--max-failures", "0"])
     assert code == 1, "a failed run makes the exit code 1"
     _, trials = runs(workdir, query="tags.role = 'trial'")
@@ -94,4 +96,10 @@ def test_a_failing_trial_ends_failed_and_the_sweep_returns_the_others(ray_sessio
     assert statuses == ["FAILED", "FINISHED", "FINISHED"], statuses
     _, sweeps = runs(workdir, query="tags.role = 'sweep'")
     assert sweeps[0].info.status == "FINISHED" and sweeps[0].data.tags.get("best_run_id")
-    assert "FAILED" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "FAILED" in out
+    summaries = [line for line in out.splitlines() if line.startswith("badnets: progress  ")]
+    assert len(summaries) >= 3, out
+    pattern = (r"badnets: progress  running \d+  pending \d+  finished \d/3  errored [01]  "
+               r"best val_\w+ (\d\.\d{3}|-)  elapsed 0:\d\d:\d\d")
+    assert all(re.fullmatch(pattern, line) for line in summaries), summaries
