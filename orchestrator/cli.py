@@ -239,9 +239,9 @@ def _check_tracking_uri(uri: str, write: bool = True) -> str:
         raise BadInput(f"--tracking-uri {uri}: unknown scheme {scheme!r}; use sqlite:///PATH (or a bare PATH), "
                        f"http(s)://HOST:PORT of a tracking server, or a database URI such as postgresql://...")
     if scheme == "sqlite":  # SQLite creates the file, not its folder
-        from orchestrator.tracking import damaged_store, sqlite_damage
+        from orchestrator.tracking import damaged_store, sqlite_damage, sqlite_path
 
-        db = Path(uri[len("sqlite:///"):])
+        db = sqlite_path(uri)
         if db.is_dir():
             raise BadInput(f"--tracking-uri {uri}: {db} is a folder; name the database file, e.g. {db / 'mlflow.db'}")
         if not db.exists():
@@ -300,7 +300,9 @@ def _session(args):
 
 def _require_store(uri: str, flag: str) -> None:
     """A flag that points into an existing store must not create an empty one when the store is missing."""
-    if uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///"):]):
+    from orchestrator.tracking import sqlite_path
+
+    if (db := sqlite_path(uri)) is not None and not db.is_file():
         raise BadInput(f"{flag}: there is no MLflow store at {uri}; "
                        f"pass --tracking-uri of the store that holds the run")
 
@@ -495,7 +497,9 @@ def cmd_ui(args) -> int:
         return 0
     _check_tracking_uri(uri, write=False)
     check_address(args.host, args.port)
-    if uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///"):]):
+    from orchestrator.tracking import sqlite_path
+
+    if (db := sqlite_path(uri)) is not None and not db.is_file():
         raise BadInput(f"--tracking-uri {uri}: no MLflow store there yet; run bdo quickstart or bdo tune first")
     from mlflow.tracking import MlflowClient
 

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from orchestrator.errors import BadInput
-from orchestrator.tracking import Tracker, resolve_tracking_uri
+from orchestrator.tracking import Tracker, resolve_tracking_uri, sqlite_path
 
 METRICS = ("acc", "asr", "ra", "der")
 # the study run's tags that list the attack runs of the columns without a defense
@@ -129,7 +129,7 @@ def run_report(args) -> int:
         if taken is not None:
             raise BadInput(f"--out {out}: {taken} is a file, not a folder")
     uri = resolve_tracking_uri(args.tracking_uri)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+    if (db := sqlite_path(uri)) is not None and not db.is_file():
         raise BadInput(f"--tracking-uri {uri}: no MLflow store there")
     tracker = Tracker(uri)
     experiment = tracker.client.get_experiment_by_name(args.experiment)

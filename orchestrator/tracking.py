@@ -31,7 +31,7 @@ SECRET_HINTS = ("token", "password", "secret", "api_key", "apikey", "credential"
 def resolve_tracking_uri(uri: str | None) -> str:
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str((Path.cwd() / uri[len("sqlite:///"):]).resolve())
+        return "sqlite:///" + str((Path.cwd() / sqlite_path(uri)).resolve())
     if "://" not in uri:  # a bare path means a sqlite file
         return "sqlite:///" + str(Path(uri).expanduser().resolve())
     return uri
@@ -239,8 +239,8 @@ class Tracker:
                     self.client.set_experiment_tag(found.experiment_id, key, value)
             return found.experiment_id
         location = None
-        if self.uri.startswith("sqlite:///"):
-            location = (Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts" / name).resolve().as_uri()
+        if (db := sqlite_path(self.uri)) is not None:
+            location = (db.parent / "mlartifacts" / name).resolve().as_uri()
         try:
             return self.client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
         except Exception:  # created concurrently by another driver
