@@ -22,7 +22,6 @@ import math
 from typing import Any
 
 from methods.core.knowledge import BLIND, ORACLE
-from orchestrator.devices import driver_device
 from orchestrator.report import format_rows, in_order, mean_std
 from orchestrator.resolve import METHODS
 
@@ -76,7 +75,7 @@ def run_comparison(session, study, pool, study_run_id: str, max_failures: int) -
                     finals.append(pool.submit(
                         f"{attack} x {defense} ({'/'.join(variants)}) seed {seed}", "final", spec,
                         {**tags, **chosen_tags, "knowledge": plan.knowledge, "variants": ",".join(variants)},
-                        parent_id=study_run_id, device=driver_device(plan)))
+                        plan, parent_id=study_run_id))
     for job in finals:
         failed += pool.wait(job) is None
     return failed

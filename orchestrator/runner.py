@@ -409,6 +409,26 @@ class _StatusCallback:
         return StatusCallback(*args, **kwargs)
 
 
+def sweep_attack(session: Session, plan: SweepPlan, tracker: Tracker,
+                 extra_tags: dict[str, str] | None) -> tuple[str, str, dict[str, float]]:
+    """The attack a defense sweep's trials start from, built where its trials train (orchestrator/placement.py):
+    (its run id, its cache key, its metrics). A cached one is read, not rebuilt, wherever it is placed."""
+    from orchestrator.placement import get_task, placement, session_fields, submit_task
+
+    where = placement(plan)
+    if not where.in_task:
+        backdoor, run_id, key = build_attack(plan.base, tracker, session.storage, session.data_root,
+                                             session.download, extra_tags=extra_tags, device=driver_device(plan))
+        return run_id, key, backdoor.metrics
+    print(f"attack {plan.base.attack}: building (or reading from the cache) {where.describe()}", flush=True)
+    ref = submit_task(where, session_fields(session), "attack", plan.base, extra_tags or {}, None, where.device,
+                      max(1, int(where.cpus)))
+    run_id, metrics, seconds, key = get_task(ref)
+    print(f"attack {plan.base.attack}: run {run_id}, test_acc={metrics.get('test_acc', math.nan):.3f} "
+          f"test_asr={metrics.get('test_asr', math.nan):.3f} ({seconds:.0f} s)", flush=True)
+    return run_id, key, metrics
+
+
 def run_sweep(session: Session, plan: SweepPlan, extra_tags: dict[str, str] | None = None,
               parent_id: str | None = None, resume_run_id: str | None = None,
               max_failures: int = 1) -> SweepResult:
@@ -424,12 +444,9 @@ def run_sweep(session: Session, plan: SweepPlan, extra_tags: dict[str, str] | No
     spec = plan.base
     cache_key = attack_run_id = reference_acc = None
     if spec.kind == "defense":
-        backdoor, attack_run_id, cache_key = build_attack(spec, tracker, session.storage, session.data_root,
-                                                          session.download, extra_tags=extra_tags,
-                                                          device=driver_device(plan))
+        attack_run_id, cache_key, attack_metrics = sweep_attack(session, plan, tracker, extra_tags)
         # the reference of val_acc_drop: the suspect model's validation ACC (orchestrator/objective.py)
-        reference_acc = backdoor.metrics.get("val_acc")
-        del backdoor
+        reference_acc = attack_metrics.get("val_acc")
     seeds = spec.attack_cfg().seeds()
     tune_root = session.storage / "tune"
     if resume_run_id:

@@ -3,14 +3,8 @@ tuned against each attack on validation metrics (a sweep, child of the study run
 is then rerun on every seed (final runs, each on the attack trained with that seed)."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
-import multiprocessing
-import os
-import time
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -18,13 +12,11 @@ from typing import Any
 
 from methods.core.knowledge import BLIND, ORACLE, blind_metrics, knowledge_of
 from orchestrator.compare import COMPARE_MODE, comparison_table, run_comparison
-from orchestrator.devices import driver_device
 from orchestrator.errors import BadInput
-from orchestrator.execute import build_attack
+from orchestrator.placement import RunPool
 from orchestrator.report import ATTACK_COLUMNS, mean_std, render
 from orchestrator.resolve import SEARCH_SPACES, load_yaml, method_spec, resolve_run
-from orchestrator.runner import Session, run_single, run_sweep
-from orchestrator.signals import catch_stop_signals
+from orchestrator.runner import Session, run_sweep
 from orchestrator.spaces import SweepPlan, load_space, plan_sweep
 
 STUDY_KEYS = {"name", "dataset", "model", "attacks", "defenses", "seeds", "tune", "data", "quick", "clean", "jobs",
@@ -254,8 +246,8 @@ def run_study(session: Session, study: StudyPlan, args) -> StudyOutcome:
                             final_tags["selected_feasible"] = str(result.best_feasible).lower()
                     for seed in study.seeds:
                         spec = final_spec(study, plan, defense, attack, seed, chosen)
-                        job = pool.submit(f"{attack} x {defense} seed {seed}", "final", spec, final_tags,
-                                          parent_id=study_run_id, device=driver_device(plan))
+                        job = pool.submit(f"{attack} x {defense} seed {seed}", "final", spec, final_tags, plan,
+                                          parent_id=study_run_id)
                         finals.append((attack, defense, job))
             for attack, defense, job in finals:
                 outcome = pool.wait(job)
@@ -272,7 +264,7 @@ def run_study(session: Session, study: StudyPlan, args) -> StudyOutcome:
     return StudyOutcome(study_run_id, table, failed)
 
 
-def attack_columns(study: StudyPlan, pool: "RunPool", tracker, study_run_id: str,
+def attack_columns(study: StudyPlan, pool: RunPool, tracker, study_run_id: str,
                    cells: dict[tuple[str, str], list[dict[str, float]]]) -> int:
     """Train the no-defense (and clean-model) column of every attack and seed, record them on the study run;
     returns how many failed. Every final run afterwards trains on one of these models (served by the cache)."""
@@ -291,7 +283,7 @@ def attack_columns(study: StudyPlan, pool: "RunPool", tracker, study_run_id: str
                 spec.recipe = first.base.recipe
                 label = f"{attack} {'clean model' if clean else 'no defense'} seed {seed}"
                 built.setdefault((attack, column), []).append(
-                    pool.submit(label, "attack", spec, tags, device=driver_device(first)))
+                    pool.submit(label, "attack", spec, tags, first))
     # bdo report reads these columns from the recorded ids, not from the study_run_id tag: a cached attack
     # keeps the tags of whichever command built it, and the sweeps' own attacks (tuning seed, a space's data
     # block) carry this study's tag without belonging to the column.
@@ -319,73 +311,6 @@ def final_spec(study: StudyPlan, plan: SweepPlan, defense: str, attack: str, see
     spec.config = _with_derived(plan, spec.config)
     spec.recipe = plan.base.recipe
     return spec
-
-
-def _train(session_fields: dict[str, Any], job: str, spec, tags: dict[str, str], parent_id: str | None,
-           device: str, threads: int | None) -> tuple[str, dict[str, float], float]:
-    """One attack build or final run; in a worker process when the study trains several at once (its own
-    tracker, `threads` torch threads, its progress lines dropped: the study prints one line per run). Returns
-    (run id, metrics, seconds it ran): a queued run's wait for a free worker is not its time."""
-    import torch
-
-    started = time.monotonic()
-    session = Session(**session_fields)
-    quiet = contextlib.redirect_stdout(io.StringIO()) if threads else contextlib.nullcontext()
-    if threads:
-        torch.set_num_threads(threads)
-    with quiet:
-        if job == "attack":
-            backdoor, run_id, _ = build_attack(spec, session.open_tracker(), session.storage, session.data_root,
-                                               session.download, extra_tags=tags, device=torch.device(device))
-            metrics = backdoor.metrics
-        else:
-            run_id, metrics = run_single(session, spec, extra_tags=tags, role="final", parent_id=parent_id,
-                                         device=torch.device(device))
-    return run_id, metrics, time.monotonic() - started
-
-
-class RunPool:
-    """Trains a study's attack builds and final runs, `jobs` at a time in spawned worker processes (each with
-    an equal share of the CPU threads), or one after the other in this process when jobs is 1. A run that
-    fails is reported in one line and counted; the others go on."""
-
-    def __init__(self, session: Session, jobs: int) -> None:
-        self.fields = {"tracking_uri": session.tracking_uri, "experiment": session.experiment,
-                       "storage": session.storage, "data_root": session.data_root, "download": session.download}
-        self.threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
-        self.executor = None
-        if jobs > 1:
-            # the workers share bdo's process group, so a stop signal reaches them too: their runs end KILLED
-            self.executor = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=catch_stop_signals)
-
-    def submit(self, label: str, job: str, spec, tags: dict[str, str], parent_id: str | None = None,
-               device=None) -> tuple[str, Any]:
-        args = (self.fields, job, spec, tags, parent_id, str(device), self.threads)
-        if self.executor is not None:
-            return label, self.executor.submit(_train, *args)
-        future: Future = Future()
-        try:
-            future.set_result(_train(*args))
-        except Exception as exc:  # noqa: BLE001  (reported by wait, like a worker's failure)
-            future.set_exception(exc)
-        return label, future
-
-    def wait(self, job: tuple[str, Any]) -> tuple[str, dict[str, float]] | None:
-        label, future = job
-        try:
-            run_id, metrics, seconds = future.result()
-        except Exception as exc:  # noqa: BLE001
-            print(f"  {label}: FAILED: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-            return None
-        if self.executor is not None:  # in one process the run printed its own progress
-            print(f"  {label}: test_acc={metrics.get('test_acc', math.nan):.3f} "
-                  f"test_asr={metrics.get('test_asr', math.nan):.3f} ({seconds:.0f} s)")
-        return run_id, metrics
-
-    def shutdown(self, cancel: bool = False) -> None:
-        if self.executor is not None:
-            self.executor.shutdown(wait=not cancel, cancel_futures=cancel)
 
 
 def _with_derived(plan: SweepPlan, values: dict[str, Any]) -> dict[str, Any]:

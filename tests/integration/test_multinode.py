@@ -312,3 +312,43 @@ def test_local_sqlite_store_is_refused_on_a_multi_node_cluster(tmp_path):
     assert "Traceback" not in done.stderr, explain(done)
     assert not (work / "mlflow.db").exists() and not (tmp_path / "bdo_runs").exists(), (
         "refused before creating anything")
+
+
+def test_attack_builds_and_final_runs_train_on_a_worker_not_the_driver(tmp_path, mlflow_template):
+    """cluster.yaml's head is a CPU-only instance and the GPUs are on the workers: a sweep's attack build and a
+    study's builds and final runs must be Ray tasks placed like trials, not trained by the driver on the head.
+    Here the head offers no CPU to Ray, so a run that trains anywhere but in the driver lands on the worker, and
+    the run records the node it trained on (a run the driver trained records none)."""
+    from mlflow.tracking import MlflowClient
+
+    storage = tmp_path / "shared" / "bdo_runs"
+    work = tmp_path / "driver"
+    work.mkdir()
+    study = tmp_path / "study.yaml"
+    study.write_text("name: placed\ndataset: digits\nmodel: small_cnn\nattacks: [badnets]\ndefenses: [ft]\n"
+                     "seeds: [1]\nquick: true\ntune: {num_samples: 1, searcher: random, scheduler: fifo, seed: 0}\n")
+    with mlflow_server(tmp_path / "mlflow", mlflow_template) as server, \
+            ray_cluster(tmp_path, head_cpus=0, worker_cpus=(1,)) as cluster:
+        url = server.ready()
+        env = child_env(cluster.ray_tmp)
+        shared = ["--address", cluster.address, "--tracking-uri", url, "--storage", str(storage), "--shared-storage"]
+        swept = run_bdo(["tune", str(SPACES / "ft.yaml"), "--quick", "--num-samples", "1", "--cpus-per-trial", "1",
+                         *shared], work, env)
+        assert swept.returncode == 0, explain(swept)
+        assert "in a Ray task (1 CPU)" in swept.stdout, explain(swept)
+        studied = run_bdo(["study", str(study), "--cpus-per-trial", "1", *shared], work, env, timeout=600)
+        assert studied.returncode == 0, explain(studied)
+
+        client = MlflowClient(url)
+        placed = {"attack": experiment_runs(client, "tags.role = 'attack'"),
+                  "trial": experiment_runs(client, "tags.role = 'trial'"),
+                  "final": experiment_runs(client, "tags.role = 'final'")}
+    # the sweep's attack (tuning seed) and the study's no-defense column (seed 1) are two builds
+    assert len(placed["attack"]) == 2 and placed["trial"] and len(placed["final"]) == 1, \
+        {role: len(runs) for role, runs in placed.items()}
+    for role, runs in placed.items():
+        for run in runs:
+            assert run.info.status == "FINISHED", (role, run.info.status)
+            assert run.data.tags.get("ray_node_id") == cluster.workers[0], (
+                f"{role} run {run.info.run_id} trained on {run.data.tags.get('ray_node_id')!r}, "
+                f"not on the worker {cluster.workers[0]}")

@@ -2,6 +2,7 @@
 MLflow run, and a progress line in the driver's (job's) log at least every interval."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -144,3 +145,44 @@ def test_a_summary_line_when_nothing_was_printed_for_an_interval(capsys):
     progress.on_step_end(iteration=6, trials=[])
     assert capsys.readouterr().out == ("sd: progress  running 0  pending 0  finished 0/4  errored 0  best val_x 0.800"
                                        "  elapsed 1:02:31\n")
+
+
+# --- where attack builds and final runs train ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PlanShape:
+    """What placement() reads of a SweepPlan (resolve_gpus replaces gpus_per_trial on a copy)."""
+
+    gpus_per_trial: float | None
+    cpus_per_trial: float = 2.0
+    max_concurrent: int | None = None
+    num_samples: int = 4
+    workers_per_trial: int = 1
+
+
+@pytest.mark.parametrize("node_gpus, node_cpus, driver_gpus, gpus_per_trial, expected", [
+    ((0.0,), (2.0,), 0, None, (False, "cpu", 0.0)),  # one CPU machine: the driver, as before
+    ((1.0,), (8.0,), 1, None, (False, "cuda", 0.0)),  # one GPU machine: the driver holds the GPU
+    ((0.0, 0.0), (4.0, 4.0), 0, None, (True, "cpu", 0.0)),  # a CPU cluster: a task with a trial's CPUs
+    # CPU-only head, a GPU worker: the task takes a trial's automatic share (4 trials on one GPU)
+    ((0.0, 1.0), (4.0, 8.0), 0, None, (True, "cuda", 0.25)),
+    ((0.0, 1.0), (4.0, 8.0), 0, 0.0, (True, "cpu", 0.0)),  # CPU trials forced: a CPU task, still not the driver
+    ((1.0,), (8.0,), 0, 0.5, (True, "cuda", 0.5)),  # one remote GPU node (--address) the driver cannot see
+])
+def test_runs_train_where_the_trials_train(monkeypatch, node_gpus, node_cpus, driver_gpus, gpus_per_trial,
+                                            expected):
+    import ray
+
+    from methods.core import hardware
+    from orchestrator import devices, placement
+    from orchestrator.devices import ClusterShape
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ClusterShape, "from_ray", staticmethod(lambda: ClusterShape(node_gpus, node_cpus)))
+    monkeypatch.setattr(hardware, "visible_gpu_count", lambda: driver_gpus)
+    monkeypatch.setattr(devices, "default_device_name", lambda: "cuda" if driver_gpus else "cpu")
+    plan = PlanShape(gpus_per_trial=gpus_per_trial)
+    where = placement.placement(plan)
+    assert (where.in_task, where.device, where.gpus if where.in_task else 0.0) == expected
+    if where.in_task:
+        assert where.cpus == 2.0
