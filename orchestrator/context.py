@@ -124,6 +124,11 @@ class TrackedContext:
     # val_objective, orchestrator/objective.py); logged and reported with them
     derive: Callable[[dict[str, float]], dict[str, float]] | None = None
     history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    # steps the run already holds in MLflow: a reopened run (a retried or resumed trial) whose last attempt was cut
+    # after logging a step but before checkpointing it trains that step again and must not log it twice; resume
+    # is bit-identical, so the values logged first stand for it
+    logged_through: int = 0
+    resumed_at: int = 0  # the step of the checkpoint this attempt started from (load_state); 0: from scratch
     tables: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     series: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     _pending: tuple[int, dict[str, float]] | None = None
@@ -147,7 +152,7 @@ class TrackedContext:
         step, metrics = self._pending
         self._pending = None
         self.history.append((step, metrics))
-        if self.logs:
+        if self.logs and step > self.logged_through:
             self.tracker.log_metrics(self.run_id, metrics, step)
         if self.on_report is not None and self.rank == 0:
             self.on_report(step, metrics)
@@ -173,7 +178,13 @@ class TrackedContext:
         from methods.core.context import deserialize_state
 
         blob = self.reporter.get_state()
-        return None if blob is None else deserialize_state(blob)
+        if blob is None:
+            return None
+        state = deserialize_state(blob)
+        self.resumed_at = int(state["step"])
+        if self.logs:  # where this attempt picked up (a retried or resumed trial, a continued plain run)
+            self.tracker.set_tags(self.run_id, {"resumed_at_step": str(int(state["step"]))})
+        return state
 
     def hand_off(self, name: str, table: dict[str, np.ndarray]) -> None:
         self.tables[name] = {k: np.asarray(v) for k, v in table.items()}

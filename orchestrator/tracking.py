@@ -384,6 +384,12 @@ class Tracker:
             raise
         self.end(run_id, end.status)
 
+    def logged_through(self, run_id: str) -> int:
+        """The last step any metric of the run was logged at; 0 for none."""
+        run = self.client.get_run(run_id)
+        return max((m.step for key in run.data.metrics for m in self.client.get_metric_history(run_id, key)),
+                   default=0)
+
     def has_run(self, run_id: str) -> bool:
         """Whether this store holds the run (ids from an attack cache shared with other stores may not be)."""
         if not run_id:

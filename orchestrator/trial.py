@@ -127,9 +127,10 @@ def tune_trainable(config: dict[str, Any], setup: TrialSetup) -> None:
                                           ray.util.get_node_ip_address()))
     # Tune ends a stopped trial's thread (ASHA, or its reused actor being reset) with sys.exit at the next report;
     # that is no failure, and the driver's callback and summary give the run its status.
+    logged = tracker.logged_through(run_id) if previous else 0  # what a cut attempt logged (TrackedContext)
     with tracker.ending(run_id, leave=(SystemExit,)):
         if setup.plan.workers_per_trial > 1:
-            _drive_train(setup, spec, config, run_id, trial_id)
+            _drive_train(setup, spec, config, run_id, trial_id, logged)
         else:
             device = pick_device(setup.plan.gpus_per_trial)
             backdoor = _backdoor(setup)
@@ -138,14 +139,16 @@ def tune_trainable(config: dict[str, Any], setup: TrialSetup) -> None:
                                  data_root=Path(setup.data_root), download=setup.download,
                                  data_config=spec.data_cfg(), fast=spec.fast_cfg(),
                                  on_report=fault_hook(setup.fault, trial_index(trial_id)),
-                                 system_metrics=setup.system_metrics, derive=trial_objective(setup, spec))
+                                 system_metrics=setup.system_metrics, derive=trial_objective(setup, spec),
+                                 logged_through=logged)
             if spec.kind == "attack":
                 execute_attack(spec, ctx, tracker, run_id)
             else:
                 execute_defense(spec, ctx, tracker, run_id, ctx.backdoor_obj)
 
 
-def _drive_train(setup: TrialSetup, spec: RunSpec, config: dict[str, Any], run_id: str, trial_id: str) -> None:
+def _drive_train(setup: TrialSetup, spec: RunSpec, config: dict[str, Any], run_id: str, trial_id: str,
+                 logged_through: int) -> None:
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -157,7 +160,8 @@ def _drive_train(setup: TrialSetup, spec: RunSpec, config: dict[str, Any], run_i
         per_worker["GPU"] = plan.gpus_per_trial / n
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"setup": setup, "config": config, "run_id": run_id, "trial_id": trial_id},
+        train_loop_config={"setup": setup, "config": config, "run_id": run_id, "trial_id": trial_id,
+                           "logged_through": logged_through},
         scaling_config=ray.train.ScalingConfig(num_workers=n, use_gpu=plan.gpus_per_trial > 0,
                                                resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
@@ -188,7 +192,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                          rank=rank, world_size=world, data_root=Path(setup.data_root), download=setup.download,
                          data_config=spec.data_cfg(), fast=spec.fast_cfg(),
                          on_report=fault_hook(setup.fault, trial_index(loop_config["trial_id"])),
-                         system_metrics=setup.system_metrics, derive=trial_objective(setup, spec))
+                         system_metrics=setup.system_metrics, derive=trial_objective(setup, spec),
+                         logged_through=loop_config["logged_through"])
     if spec.kind == "attack":
         _, state = execute_attack(spec, ctx, tracker, ctx.run_id)
     else:

@@ -132,12 +132,14 @@ class Engine:
 
     def run(self, stages: Sequence[Stage]) -> tuple[int, dict[str, float]]:
         """Run (or resume) the stages. Returns (step, metrics) of the last report, for final_result to compare the
-        returned model against: (the checkpoint's step, {}) when a resumed run had nothing left to train, so that
-        its result is reported once more by the run that returns it."""
+        returned model against. A resumed run with nothing left to train returns the report its checkpoint closed:
+        the restored weights are that step's, so final_result finds nothing new to report, and a run retried after
+        its last checkpoint logs no extra step (a checkpoint without one gives {}, and the result is reported once
+        more)."""
         ctx = self.ctx
         state = ctx.load_state()
         start = 0 if state is None else int(state["step"])
-        last: tuple[int, dict[str, float]] = (start, {})
+        last: tuple[int, dict[str, float]] = (start, {} if state is None else dict(state["extra"].get("report", {})))
         if state is not None:
             for name, value in state["extra"]["kept"].items():
                 setattr(self.kept, name, _to_device(value, ctx.device))
@@ -180,7 +182,7 @@ class Engine:
         if stage.after_report is not None:
             stage.after_report()
         ctx.save_state(full_state(step, self.models, self.optimizers, self.schedulers, self.generators,
-                                  extra={"stage": stage.name, "kept": _to_cpu(vars(self.kept))}))
+                                  extra={"stage": stage.name, "kept": _to_cpu(vars(self.kept)), "report": report}))
         return step, report
 
     def _restore(self, state: dict[str, Any]) -> None:

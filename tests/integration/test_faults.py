@@ -91,9 +91,9 @@ def test_killed_trial_retries_from_its_checkpoint_and_ends_bit_identical(ray_ses
     # the run counts the retry as its second attempt; both on this machine's one node
     tags = killed.data.tags
     assert tags["attempt"] == "2" and tags["attempt_1_node"] == tags["attempt_2_node"] == tags["node"], tags
-    # step 2 was logged just before the kill and again by the retry; step 1 only once: the retry started from
-    # step 1's checkpoint, not from scratch
-    assert steps(client, killed.info.run_id) == [1, 2, 2, 3]
+    # the retry started from step 1's checkpoint, not from scratch; step 2, logged just before the kill and trained
+    # again by the retry, is logged once
+    assert tags["resumed_at_step"] == "1" and steps(client, killed.info.run_id) == [1, 2, 3]
     _, (clean,) = runs(workdir, "clean", "tags.role = 'trial'")
     assert clean.info.status == "FINISHED" and steps(client, clean.info.run_id) == [1, 2, 3]
 

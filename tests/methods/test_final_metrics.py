@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from methods.attacks.base import evaluate
-from methods.core.context import LocalContext
+from methods.core.context import LocalContext, deserialize_state, serialize_state
 from methods.core.method import get_method, method_names
 from methods.defenses.sd import sd_steps
 from tests.conftest import train_backdoor
@@ -100,8 +100,10 @@ def test_dbr_reports_an_earlier_kept_round_as_its_final_step():
     assert_last_report_is_the_returned_model(ctx, result, backdoor)
 
 
-def test_a_resumed_run_with_nothing_left_reports_its_returned_model():
-    # A run stopped after its last checkpoint resumes into no training: its result must still be reported.
+def test_a_resumed_run_with_nothing_left_returns_what_its_checkpoint_reported():
+    # A run stopped after its last checkpoint (a trial whose node died before it could end) resumes into no
+    # training. The checkpoint carries the report it closed, which describes the restored weights: nothing new is
+    # reported, so the run's record gets no extra step, and the result is that report.
     backdoor = train_backdoor("badnets")
     spec = get_method("ft")
     cfg = spec.make_config(quick_config("ft"))
@@ -109,7 +111,23 @@ def test_a_resumed_run_with_nothing_left_reports_its_returned_model():
     expected = spec.run(straight, cfg)
     resumed = LocalContext(backdoor_provider=lambda: backdoor, checkpoint=straight.checkpoint)
     result = spec.run(resumed, cfg)
+    assert resumed.reports == []
+    assert_last_report_is_the_returned_model(straight, result, backdoor)
+    assert "kept_step" not in result.metrics
+    assert all(torch.equal(v, result.model_state[k]) for k, v in expected.model_state.items())
+
+
+def test_a_resumed_run_whose_checkpoint_has_no_report_reports_its_returned_model():
+    # A checkpoint written before checkpoints carried their report: the result is reported once more.
+    backdoor = train_backdoor("badnets")
+    spec = get_method("ft")
+    cfg = spec.make_config(quick_config("ft"))
+    straight = LocalContext(backdoor_provider=lambda: backdoor)
+    spec.run(straight, cfg)
+    state = deserialize_state(straight.checkpoint)
+    del state["extra"]["report"]
+    resumed = LocalContext(backdoor_provider=lambda: backdoor, checkpoint=serialize_state(state))
+    result = spec.run(resumed, cfg)
     assert [s for s, _ in resumed.reports] == [straight.reports[-1][0] + 1]
     assert_last_report_is_the_returned_model(resumed, result, backdoor)
     assert result.metrics["kept_step"] == straight.reports[-1][0]
-    assert all(torch.equal(v, result.model_state[k]) for k, v in expected.model_state.items())
