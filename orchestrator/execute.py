@@ -240,17 +240,20 @@ def build_attack(spec: RunSpec, tracker: Tracker, storage: Path, data_root: Path
     cache = AttackCache(storage)
 
     def build() -> tuple[Backdoor, dict]:
+        from orchestrator.resumable import resumable_run
+
         seeds = attack_seeds(attack_spec)
-        run_id = tracker.start_run(f"attack-{spec.attack}", {**base_tags(attack_spec, "attack", seeds),
-                                                               "attack_cache_key": key, **(extra_tags or {})})
-        tracker.log_params(run_id, attack_spec.flat_params())
-        ctx = TrackedContext(device=device, run_id=run_id, tracker=tracker, reporter=Reporter(),
-                             data_root=data_root, download=download, data_config=attack_spec.data_cfg(),
-                             fast=attack_spec.fast_cfg(),
-                             on_report=on_report, system_metrics=system_metrics_interval())
-        with tracker.ending(run_id):
-            backdoor = run_method(attack_spec, ctx)
-            log_outputs(tracker, run_id, attack_spec, ctx, backdoor.model_state, backdoor, seeds)
+        tags = {**base_tags(attack_spec, "attack", seeds), "attack_cache_key": key, **(extra_tags or {})}
+        # a build killed mid-training left its checkpoint under this key: the next build continues it
+        with resumable_run(tracker, storage, "attack", key, f"attack-{spec.attack}", tags,
+                           attack_spec.flat_params()) as (run_id, reporter, history):
+            ctx = TrackedContext(device=device, run_id=run_id, tracker=tracker, reporter=reporter,
+                                 data_root=data_root, download=download, data_config=attack_spec.data_cfg(),
+                                 fast=attack_spec.fast_cfg(), on_report=on_report,
+                                 system_metrics=system_metrics_interval(), history=history)
+            with tracker.ending(run_id):
+                backdoor = run_method(attack_spec, ctx)
+                log_outputs(tracker, run_id, attack_spec, ctx, backdoor.model_state, backdoor, seeds)
         return backdoor.to(torch.device("cpu")), {"attack_run_id": run_id, "built_with": built_with}
 
     backdoor, meta, built = cache.get_or_build(key, build)
@@ -319,7 +322,8 @@ def execute_defense(spec: RunSpec, ctx: TrackedContext, tracker: Tracker | None,
         reported = {k for _, metrics in ctx.history for k in metrics}
         unreported = {k: v for k, v in result.metrics.items() if k not in reported}
         if unreported:
-            tracker.log_metrics(run_id, unreported, ctx.history[-1][0])
+            # at the last report's step; a resumed run that had nothing left to train reported none: its checkpoint's
+            tracker.log_metrics(run_id, unreported, ctx.history[-1][0] if ctx.history else ctx.resumed_at)
         log_outputs(tracker, run_id, spec, ctx, result.model_state, backdoor, backdoor.seeds)
     return result.metrics, result.model_state
 

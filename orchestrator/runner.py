@@ -13,17 +13,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.context import Reporter, TrackedContext
+from orchestrator.context import TrackedContext
 from orchestrator.devices import ClusterShape, driver_device, pick_device, resolve_gpus
 from orchestrator.errors import BadInput
 from orchestrator.execute import (
     base_tags,
     build_attack,
     execute_defense,
+    fault_hook,
 )
 from orchestrator.objective import OBJECTIVE_METRIC, select
 from orchestrator.plots import pareto_front, pareto_png
 from orchestrator.resolve import RunSpec
+from orchestrator.resumable import resumable_run
 from orchestrator.signals import Interrupted, kept_handlers, winding_down
 from orchestrator.spaces import PARETO_METRICS, SweepPlan, default_point, tune_param_space
 from orchestrator.tracking import Tracker, is_local_store, system_metrics_interval
@@ -282,12 +284,15 @@ class SweepProgress:
 class ProgressPrinter:
     """A one-line-per-step progress display for single runs."""
 
-    def __init__(self, label: str, total: int | None) -> None:
+    def __init__(self, label: str, total: int | None, fault=None) -> None:
         self.label, self.total, self.started = label, total, time.perf_counter()
         self.steps = 0
+        self.fault = fault  # BDO_FAULT's hook (execute.fault_hook), for the interruption tests of plain runs
 
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
         self.steps += 1
+        if self.fault is not None:
+            self.fault(step, metrics)
         shown = "  ".join(f"{k}={metrics[k]:.3f}" for k in ("val_acc", "val_asr", "test_acc", "test_asr")
                           if k in metrics)
         total = f"/{self.total}" if self.total else ""
@@ -305,7 +310,7 @@ def run_single(session: Session, spec: RunSpec, extra_tags: dict[str, str] | Non
     tracker = session.open_tracker()
     device = device or pick_device()
     total = spec.config.get("epochs") if isinstance(spec.config.get("epochs"), int) else None
-    progress = ProgressPrinter(spec.method, total)
+    progress = ProgressPrinter(spec.method, total, fault_hook(os.environ.get("BDO_FAULT"), None))
     if spec.kind == "attack":
         # through the attack cache, so a `bdo defend --attack` with the same settings reuses this model
         backdoor, run_id, key = build_attack(spec, tracker, session.storage, session.data_root, session.download,
@@ -322,14 +327,19 @@ def run_single(session: Session, spec: RunSpec, extra_tags: dict[str, str] | Non
     seeds = backdoor.seeds
     tags = {**base_tags(spec, role or "defense", seeds), "attack_run_id": attack_id,
             "attack_cache_key": key, **(extra_tags or {})}
-    run_id = tracker.start_run(f"{spec.method}-on-{spec.attack}", tags, parent_id)
-    tracker.log_params(run_id, spec.flat_params())
-    ctx = TrackedContext(device=device, run_id=run_id, tracker=tracker, reporter=Reporter(),
-                         backdoor_obj=backdoor.to(device), data_root=session.data_root, download=session.download,
-                         data_config=spec.data_cfg(), fast=spec.fast_cfg(),
-                         on_report=progress, system_metrics=system_metrics_interval())
-    with tracker.ending(run_id):
-        metrics, _ = execute_defense(spec, ctx, tracker, run_id, ctx.backdoor_obj)
+    from orchestrator.cache import cache_key
+
+    # everything that decides the defense's weights: a run killed mid-training is continued by the same command
+    run_key = cache_key(spec.method, spec.config, {"data": spec.data_config, "attack_cache_key": key},
+                        {"device": device.type, "fast": spec.fast_cfg().resolved(device)})
+    with resumable_run(tracker, session.storage, "defense", run_key, f"{spec.method}-on-{spec.attack}", tags,
+                       spec.flat_params(), parent_id) as (run_id, reporter, history):
+        ctx = TrackedContext(device=device, run_id=run_id, tracker=tracker, reporter=reporter,
+                             backdoor_obj=backdoor.to(device), data_root=session.data_root,
+                             download=session.download, data_config=spec.data_cfg(), fast=spec.fast_cfg(),
+                             on_report=progress, system_metrics=system_metrics_interval(), history=history)
+        with tracker.ending(run_id):
+            metrics, _ = execute_defense(spec, ctx, tracker, run_id, ctx.backdoor_obj)
     return run_id, metrics
 
 

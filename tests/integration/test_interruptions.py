@@ -107,7 +107,8 @@ def test_interrupted_sweep_ends_killed_and_resumes(tmp_path, mlflow_template, si
     assert sorted(c.info.status for c in children) == ["FINISHED"] * 3
     again = client.get_run(finished.info.run_id)  # finished before the signal: not rerun
     assert again.info.end_time == finished.info.end_time and steps(client, finished.info.run_id) == [1, 2, 3]
-    assert steps(client, held.info.run_id)[-1] == 3, "the cut trial continued to its last step"
+    # the cut trial continued to its last step, and the step it had logged but not checkpointed is not logged twice
+    assert steps(client, held.info.run_id) == [1, 2, 3]
 
 
 @pytest.mark.slow
@@ -132,6 +133,56 @@ def test_hung_up_attack_ends_killed_with_exit_129(tmp_path, mlflow_template):
         kill_group(attack)
     (run,) = experiment_runs(MlflowClient(uri), "tags.role = 'attack'")
     assert run.info.status == "KILLED"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [["attack", "badnets"], ["defend", "ft", "--attack", "badnets"]],
+                         ids=["attack", "defend"])
+def test_a_killed_run_is_continued_by_the_same_command(tmp_path, mlflow_template, command):
+    """kill -9 of `bdo attack` / `bdo defend` mid-training: the same command continues from the last checkpoint
+    to the weights an uninterrupted run gets, in a new run that starts with the killed run's metrics; the killed
+    run, left RUNNING by the kill, is closed KILLED and linked to the one that continued it."""
+    from mlflow.tracking import MlflowClient
+
+    role = "attack" if command[0] == "attack" else "defense"
+    sizes = ["--set", "epochs=4", "--set", "data.train_limit=300"] if role == "attack" else \
+        ["--set", "epochs=4", "--set", "clean_ratio=0.2", "--set", "attack.epochs=2", "--set", "data.train_limit=300"]
+
+    def where(folder: Path) -> tuple[list[str], MlflowClient]:
+        folder.mkdir()
+        shutil.copy(mlflow_template, folder / "mlflow.db")
+        uri = f"sqlite:///{folder / 'mlflow.db'}"
+        return [*command, *sizes, "--storage", str(folder / "bdo_runs"), "--tracking-uri", uri], MlflowClient(uri)
+
+    args, client = where(tmp_path / "killed")
+    # SIGKILLed by itself after step 3 is logged, before its checkpoint: the checkpoint on disk closes step 2
+    killed = run_bdo(args, tmp_path, child_env(tmp_path, BDO_FAULT="kill:step=3"))
+    assert killed.returncode == -signal.SIGKILL, explain(killed)
+    (cut,) = experiment_runs(client, f"tags.role = '{role}'")
+    assert cut.info.status == "RUNNING" and steps(client, cut.info.run_id) == [1, 2, 3]
+
+    again = run_bdo(args, tmp_path, child_env(tmp_path))
+    assert again.returncode == 0, explain(again)
+    assert f"run {cut.info.run_id} was cut off; continuing it from step 2" in again.stdout, explain(again)
+    runs = {r.info.run_id: r for r in experiment_runs(client, f"tags.role = '{role}'")}
+    (continued,) = [r for r in runs.values() if r.info.run_id != cut.info.run_id]
+    assert runs[cut.info.run_id].info.status == "KILLED"
+    assert runs[cut.info.run_id].data.tags["continued_by_run"] == continued.info.run_id
+    assert continued.info.status == "FINISHED" and continued.data.tags["resumed_from_run"] == cut.info.run_id
+    assert continued.data.tags["resumed_at_step"] == "2" and steps(client, continued.info.run_id) == [1, 2, 3, 4]
+    assert not list((tmp_path / "killed" / "bdo_runs" / "partial").glob(f"{role}-*/*")), "the checkpoint is cleared"
+
+    reference_args, reference_client = where(tmp_path / "uninterrupted")
+    reference = run_bdo(reference_args, tmp_path, child_env(tmp_path))
+    assert reference.returncode == 0, explain(reference)
+    (whole,) = experiment_runs(reference_client, f"tags.role = '{role}'")
+
+    def weights(c: MlflowClient, run_id: str) -> bytes:
+        return Path(c.download_artifacts(run_id, "model/model.safetensors", str(tmp_path / run_id))).read_bytes()
+
+    assert weights(client, continued.info.run_id) == weights(reference_client, whole.info.run_id)
+    for key in ("val_acc", "test_acc", "test_asr"):
+        assert continued.data.metrics[key] == whole.data.metrics[key], key
 
 
 def _children(pid: int) -> set[int]:

@@ -253,7 +253,7 @@ def fake_cluster(monkeypatch):
         raise AssertionError("the attack was built before the resources were checked")
 
     monkeypatch.setattr("orchestrator.runner.build_attack", attack_built)
-    monkeypatch.setattr("orchestrator.study.build_attack", attack_built)
+    monkeypatch.setattr("orchestrator.execute.build_attack", attack_built)  # what a study's builds call
     return started
 
 
