@@ -34,6 +34,11 @@ class Placement:
     cpus: float = 1.0
     gpus: float = 0.0
 
+    @property
+    def threads(self) -> int:
+        """The torch threads of a run in a task: its whole CPUs, at least one."""
+        return max(1, int(self.cpus))
+
     def describe(self) -> str:
         if not self.in_task:
             return f"in this process on {self.device}"
@@ -134,7 +139,7 @@ class RunPool:
                parent_id: str | None = None) -> tuple[str, Any]:
         where = placement(plan)
         if where.in_task:
-            ref = submit_task(where, self.fields, job, spec, tags, parent_id, where.device, max(1, int(where.cpus)))
+            ref = submit_task(where, self.fields, job, spec, tags, parent_id, where.device, where.threads)
             self.tasks.append(ref)
             return label, ref
         args = (self.fields, job, spec, tags, parent_id, where.device, self.threads)

@@ -432,7 +432,7 @@ def sweep_attack(session: Session, plan: SweepPlan, tracker: Tracker,
         return run_id, key, backdoor.metrics
     print(f"attack {plan.base.attack}: building (or reading from the cache) {where.describe()}", flush=True)
     ref = submit_task(where, session_fields(session), "attack", plan.base, extra_tags or {}, None, where.device,
-                      max(1, int(where.cpus)))
+                      where.threads)
     run_id, metrics, seconds, key = get_task(ref)
     print(f"attack {plan.base.attack}: run {run_id}, test_acc={metrics.get('test_acc', math.nan):.3f} "
           f"test_asr={metrics.get('test_asr', math.nan):.3f} ({seconds:.0f} s)", flush=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -32,6 +31,7 @@ from tests.integration.test_multinode import (
     child_env,
     experiment_runs,
     kill_marked,
+    kill_with_env,
     mlflow_server,
     short_tmp,
     tail,
@@ -77,20 +77,7 @@ class StartedCluster:
         """The worker machine lost: SIGKILL its raylet and every process of it at once (a machine that goes away
         takes its trials' processes along; killing the raylet alone lets them train on for a moment and log a step
         the retry logs again). Returns how many processes went."""
-        marker = f"{WORKER_MARK}=1".encode()
-        killed = 0
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/environ", "rb") as handle:
-                    if marker not in handle.read().split(b"\0"):
-                        continue
-                os.kill(int(entry), signal.SIGKILL)
-                killed += 1
-            except (OSError, ProcessLookupError):
-                continue
-        return killed
+        return len(kill_with_env(f"{WORKER_MARK}=1"))
 
 
 WORKER_MARK = "BDO_JOURNEY_WORKER_NODE"  # in the environment of the worker's `ray start`, so of all its processes

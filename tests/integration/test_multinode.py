@@ -78,7 +78,12 @@ def short_tmp() -> Path:
 def kill_marked(ray_tmp: Path) -> list[int]:
     """SIGKILL every process whose environment carries our RAY_TMPDIR: Ray workers move to their own session,
     so killing a process group does not reach them, and a SIGKILLed driver leaves agents behind."""
-    marker = f"RAY_TMPDIR={ray_tmp}".encode()
+    return kill_with_env(f"RAY_TMPDIR={ray_tmp}")
+
+
+def kill_with_env(assignment: str) -> list[int]:
+    """SIGKILL every process (but this one) whose environment holds `assignment` (NAME=value); their pids."""
+    marker = assignment.encode()
     killed = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
