@@ -26,7 +26,7 @@ from orchestrator.objective import OBJECTIVE_METRIC, select
 from orchestrator.plots import pareto_front, pareto_png
 from orchestrator.resolve import RunSpec
 from orchestrator.resumable import resumable_run
-from orchestrator.signals import Interrupted, kept_handlers, winding_down
+from orchestrator.signals import Interrupted, kept_handlers, local_ray_in_its_own_session, winding_down
 from orchestrator.spaces import PARETO_METRICS, SweepPlan, default_point, tune_param_space
 from orchestrator.tracking import Tracker, is_local_store, system_metrics_interval
 
@@ -72,7 +72,8 @@ class Session:
                 if self.address:
                     ray.init(address=self.address, **kwargs)
                 else:
-                    ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+                    with local_ray_in_its_own_session():
+                        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
             self._started_ray = True
         alive = [n for n in ray.nodes() if n.get("Alive")]
         if len(alive) > 1 and is_local_store(self.tracking_uri):

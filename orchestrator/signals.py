@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from typing import Any, Callable, Iterator
 
@@ -54,6 +55,34 @@ def kept_handlers() -> Iterator[None]:
             for sig, handler in previous.items():
                 if handler is not None:  # None: set outside Python, nothing to put back
                     signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def local_ray_in_its_own_session() -> Iterator[None]:
+    """A local Ray started inside the block runs its processes in a session of their own, as Ray already does on
+    Windows. Otherwise they share bdo's process group: a closed terminal (SIGHUP to the group) or a group-wide
+    SIGTERM (systemd, a batch scheduler) ended Ray's GCS and raylet at once (they block SIGINT only), and the sweep
+    could not wind down its trials. They still die with bdo: Ray ties each to its parent (PR_SET_PDEATHSIG), which a
+    new session does not undo; without that kernel support they stay in bdo's group so that Ray's reaper finds them."""
+    import ray._private.services as services
+    import ray._private.utils as ray_utils
+
+    if not hasattr(services, "ConsolePopen") or not ray_utils.detect_fate_sharing_support() \
+            or not sys.platform.startswith("linux"):
+        yield
+        return
+    shared = services.ConsolePopen
+
+    class OwnSessionPopen(shared):
+        def __init__(self, *args, **kwargs):
+            kwargs["start_new_session"] = True
+            super().__init__(*args, **kwargs)
+
+    services.ConsolePopen = OwnSessionPopen
+    try:
+        yield
+    finally:
+        services.ConsolePopen = shared
 
 
 @contextlib.contextmanager

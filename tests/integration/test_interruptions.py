@@ -22,6 +22,7 @@ from tests.integration.test_multinode import (
     experiment_runs,
     explain,
     kill_marked,
+    processes_with_env,
     run_bdo,
     short_tmp,
     tail,
@@ -33,6 +34,18 @@ def steps(client, run_id: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, "val_acc"))
 
 
+def command_line(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return f"{pid}: " + handle.read().replace(b"\0", b" ").decode(errors="replace")[:200]
+    except OSError:
+        return f"{pid}: (gone)"
+
+
+def is_ray_agent(pid: int) -> bool:
+    return command_line(pid).split(": ", 1)[-1].startswith(("ray::DashboardAgent", "ray::RuntimeEnvAgent"))
+
+
 def kill_group(process: subprocess.Popen) -> None:
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGKILL)
@@ -41,12 +54,13 @@ def kill_group(process: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-# Ctrl-C signals the terminal's whole process group; SIGTERM goes to bdo alone, as `kill`, `timeout` or a container's
-# stop send it (and `ray job stop`, to a job's driver and its children, not to the cluster's Ray). A group-wide SIGTERM
-# would also end the local Ray that bdo started in its group (Ray's processes block only SIGINT): then no sweep can
-# wind down.
-@pytest.mark.parametrize("sig, code, kill", [(signal.SIGINT, 130, os.killpg), (signal.SIGTERM, 143, os.kill)],
-                         ids=["SIGINT", "SIGTERM"])
+# Ctrl-C signals the terminal's whole process group, and so does a closed terminal (SIGHUP); SIGTERM goes to bdo alone
+# as `kill`, `timeout`, a container's stop or `ray job stop` send it, and to the whole group from systemd or a batch
+# scheduler. The local Ray that bdo starts has a session of its own, so a group-wide signal reaches bdo only and the
+# sweep winds down (before, SIGHUP and a group SIGTERM ended Ray's GCS and raylet at once).
+@pytest.mark.parametrize("sig, code, kill", [(signal.SIGINT, 130, os.killpg), (signal.SIGTERM, 143, os.kill),
+                                             (signal.SIGTERM, 143, os.killpg), (signal.SIGHUP, 129, os.killpg)],
+                         ids=["SIGINT", "SIGTERM", "SIGTERM-group", "SIGHUP-group"])
 def test_interrupted_sweep_ends_killed_and_resumes(tmp_path, mlflow_template, sig, code, kill):
     from mlflow.tracking import MlflowClient
 
@@ -109,6 +123,41 @@ def test_interrupted_sweep_ends_killed_and_resumes(tmp_path, mlflow_template, si
     assert again.info.end_time == finished.info.end_time and steps(client, finished.info.run_id) == [1, 2, 3]
     # the cut trial continued to its last step, and the step it had logged but not checkpointed is not logged twice
     assert steps(client, held.info.run_id) == [1, 2, 3]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill", [os.kill, os.killpg], ids=["bdo", "group"])
+def test_a_killed_sweep_leaves_no_ray_process(tmp_path, mlflow_template, kill):
+    """kill -9 of a `bdo tune` that started its own Ray, which runs in a session of its own: Ray's GCS, raylet and
+    workers still go with bdo (Ray ties them to it), whether bdo alone or its whole process group is killed."""
+    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
+    args = ["tune", str(SPACES / "badnets.yaml"), "--num-samples", "3", "--max-concurrent", "1",
+            "--cpus-per-trial", "1", "--set", "epochs=3", "--set", "data.train_limit=200",
+            "--storage", str(tmp_path / "bdo_runs"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    ray_tmp = short_tmp()
+    log = tmp_path / "driver.log"
+    driver = None
+    try:
+        with open(log, "w") as out:
+            driver = subprocess.Popen(bdo_command(*args), cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                                      env=child_env(ray_tmp), start_new_session=True)
+        wait_until(lambda: driver.poll() is not None or "trial 1/3" in log.read_text(), 300, "the first trial",
+                   why=lambda: tail(log))
+        assert driver.poll() is None, tail(log)
+        ours = f"RAY_TMPDIR={ray_tmp}"  # child_env's marker: bdo and every Ray process it started carry it
+        assert len(processes_with_env(ours)) > 3, "Ray's processes carry the marker"
+        kill(driver.pid, signal.SIGKILL)
+        driver.wait(30)
+        # Ray's two agents may stay a minute more: when their raylet dies they report it to the GCS, which died
+        # too, with a fixed 60 s timeout (ray/_private/process_watcher.py), and only then exit on their own.
+        wait_until(lambda: not [pid for pid in processes_with_env(ours) if not is_ray_agent(pid)], 30,
+                   "every Ray process but the agents to end",
+                   why=lambda: "still running:\n" + "\n".join(map(command_line, processes_with_env(ours))))
+    finally:
+        if driver is not None:
+            kill_group(driver)
+        kill_marked(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.mark.slow

@@ -81,20 +81,29 @@ def kill_marked(ray_tmp: Path) -> list[int]:
     return kill_with_env(f"RAY_TMPDIR={ray_tmp}")
 
 
+def processes_with_env(assignment: str) -> list[int]:
+    """The pids of every process (but this one) whose environment holds `assignment` (NAME=value)."""
+    marker = assignment.encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as handle:
+                    if marker in handle.read().split(b"\0"):
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
 def kill_with_env(assignment: str) -> list[int]:
     """SIGKILL every process (but this one) whose environment holds `assignment` (NAME=value); their pids."""
-    marker = assignment.encode()
     killed = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
+    for pid in processes_with_env(assignment):
         try:
-            with open(f"/proc/{entry}/environ", "rb") as handle:
-                if marker not in handle.read().split(b"\0"):
-                    continue
-            os.kill(int(entry), signal.SIGKILL)
-            killed.append(int(entry))
-        except (OSError, ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        except ProcessLookupError:
             continue
     return killed
 
