@@ -35,15 +35,16 @@ def steps(client, run_id: str) -> list[int]:
 
 
 def command_line(pid: int) -> str:
+    """The process's command line, "" once it is gone."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return f"{pid}: " + handle.read().replace(b"\0", b" ").decode(errors="replace")[:200]
+            return handle.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
-        return f"{pid}: (gone)"
+        return ""
 
 
 def is_ray_agent(pid: int) -> bool:
-    return command_line(pid).split(": ", 1)[-1].startswith(("ray::DashboardAgent", "ray::RuntimeEnvAgent"))
+    return command_line(pid).startswith(("ray::DashboardAgent", "ray::RuntimeEnvAgent"))
 
 
 def kill_group(process: subprocess.Popen) -> None:
@@ -152,7 +153,8 @@ def test_a_killed_sweep_leaves_no_ray_process(tmp_path, mlflow_template, kill):
         # too, with a fixed 60 s timeout (ray/_private/process_watcher.py), and only then exit on their own.
         wait_until(lambda: not [pid for pid in processes_with_env(ours) if not is_ray_agent(pid)], 30,
                    "every Ray process but the agents to end",
-                   why=lambda: "still running:\n" + "\n".join(map(command_line, processes_with_env(ours))))
+                   why=lambda: "still running:\n" + "\n".join(f"{pid}: {command_line(pid)[:200]}"
+                                                                for pid in processes_with_env(ours)))
     finally:
         if driver is not None:
             kill_group(driver)
