@@ -64,12 +64,76 @@ def random_rotation(x: torch.Tensor, degrees: float, g: torch.Generator, p: floa
     return affine(x, angle, torch.zeros(b, 2, device=x.device))
 
 
-def random_rotate_translate(x: torch.Tensor, degrees: float, translate: float, g: torch.Generator) -> torch.Tensor:
-    """FCT's transform: a rotation uniform in [-degrees, degrees], then a shift up to `translate` of the size."""
-    b = x.shape[0]
-    angle = _uniform((b,), g, x.device, -degrees, degrees) * (math.pi / 180.0)
-    shift = _uniform((b, 2), g, x.device, -translate, translate)
-    return affine(x, angle, shift)
+def _torchvision_nearest_warp(x: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """Nearest resample of every image through its own inverse affine map `inverse` (B, 2, 3), which takes output
+    pixel coordinates centred on the image centre to input ones, with zero fill.
+
+    The grid is built exactly as torchvision's tensor `rotate`/`affine` build it (_gen_affine_grid: pixel-centre
+    coordinates, the map, then a division by half the size, all in the images' dtype): F.affine_grid rounds
+    differently and picks the other pixel at exact half-pixel ties (odd sizes at 30, 60, 120 degrees...)."""
+    b, _, h, w = x.shape
+    base = torch.ones(1, h, w, 3, device=x.device, dtype=x.dtype)
+    base[..., 0] = torch.linspace(-w * 0.5 + 0.5, w * 0.5 - 0.5, steps=w, device=x.device, dtype=x.dtype)
+    base[..., 1] = torch.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, steps=h, device=x.device,
+                                  dtype=x.dtype).unsqueeze(-1)
+    half_size = torch.tensor([0.5 * w, 0.5 * h], device=x.device, dtype=x.dtype)
+    grid = base.view(1, h * w, 3).expand(b, h * w, 3).bmm(inverse.to(x.dtype).transpose(1, 2) / half_size)
+    return F.grid_sample(x, grid.view(b, h, w, 2), mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+def rotate_nearest(x: torch.Tensor, angle_deg: torch.Tensor) -> torch.Tensor:
+    """torchvision's `rotate(img, angle, NEAREST, fill=0)` (about the centre, counter-clockwise, same size) with a
+    per-image angle (B,) in degrees."""
+    # The matrix is computed in float64 and then cast, as torchvision computes it with Python floats.
+    rad = angle_deg.to(torch.float64) * (math.pi / 180.0)
+    cos, sin = torch.cos(rad), torch.sin(rad)
+    inverse = torch.zeros(len(rad), 2, 3, device=x.device, dtype=torch.float64)
+    inverse[:, 0, 0], inverse[:, 0, 1] = cos, -sin
+    inverse[:, 1, 0], inverse[:, 1, 1] = sin, cos
+    return _torchvision_nearest_warp(x, inverse)
+
+
+def translate_nearest(x: torch.Tensor, shift_px: torch.Tensor) -> torch.Tensor:
+    """torchvision's `affine(img, angle=0, translate=[tx, ty], scale=1, shear=0, NEAREST, fill=0)` with a per-image
+    shift (B, 2) = (tx right, ty down) in pixels."""
+    inverse = torch.zeros(len(shift_px), 2, 3, device=x.device, dtype=torch.float64)
+    inverse[:, 0, 0] = inverse[:, 1, 1] = 1.0
+    inverse[:, :, 2] = -shift_px.to(torch.float64)
+    return _torchvision_nearest_warp(x, inverse)
+
+
+def draw_rotate_translate(b: int, h: int, w: int, degrees: float, translate: float, g: torch.Generator,
+                          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image parameters as torchvision's RandomRotation(degrees) and RandomAffine(0, (translate, translate))
+    draw them: an angle uniform in [-degrees, degrees] and whole-pixel shifts round(U(-m, m)) with m = translate x
+    the width (tx) or height (ty), so the outermost shifts come up less often than the others."""
+    angle = _uniform((b,), g, device, -degrees, degrees)
+    max_shift = torch.tensor([translate * w, translate * h], device=device)
+    shift = (_uniform((b, 2), g, device, -1.0, 1.0) * max_shift).round()
+    return angle, shift
+
+
+def random_rotate_translate(x: torch.Tensor, degrees: float, translate: float, g: torch.Generator,
+                            resample: str = "nearest") -> torch.Tensor:
+    """FCT's transformation. With `resample` "nearest", as the official D-BR/D-ST code draws it:
+    RandomRotation(degrees) then RandomAffine(degrees=0, translate=(translate, translate)), both nearest with zero
+    fill. The two resamples are kept apart, as there: the shift also moves the zero corners of the rotated frame
+    into view, which one composed resample would fill with image content. A range of 0 skips its step (an identity
+    there).
+
+    "bilinear" is bdo's earlier transformation, kept as an option because it separates some triggers better on
+    tiny images: fractional shifts and one composed bilinear resample, which also smooths the image."""
+    b, _, h, w = x.shape
+    if resample == "bilinear":
+        angle = _uniform((b,), g, x.device, -degrees, degrees) * (math.pi / 180.0)
+        shift = _uniform((b, 2), g, x.device, -translate, translate)
+        return affine(x, angle, shift)
+    angle, shift = draw_rotate_translate(b, h, w, degrees, translate, g, x.device)
+    if degrees > 0:
+        x = rotate_nearest(x, angle)
+    if translate > 0:
+        x = translate_nearest(x, shift)
+    return x
 
 
 def brightness_contrast(x: torch.Tensor, strength: float, g: torch.Generator, p: float = 0.8) -> torch.Tensor:

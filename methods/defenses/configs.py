@@ -295,6 +295,7 @@ class PBEConfig(AdversarialFinetuneConfig):
 
 
 FCT_TRANSFORMS = ("rotate_affine", "rotate", "affine", "flip", "crop", "blur", "erase")
+FCT_RESAMPLES = ("nearest", "bilinear")
 
 
 FCT_MODELS = ("short", "backdoored")
@@ -316,6 +317,9 @@ class SDConfig(DefenseConfig):
     fct_transform: str = choice("rotate_affine", FCT_TRANSFORMS, "tau of the FCT score")
     fct_rotation_deg: float = ranged(180.0, 0.0, 180.0, "rotation range of rotate / rotate_affine")
     fct_translate: float = ranged(0.2, 0.0, 0.5, "translation range (fraction of the size) of affine / rotate_affine")
+    fct_resample: str = choice("nearest", FCT_RESAMPLES,
+                               "resampling of rotate / affine / rotate_affine: nearest with whole-pixel shifts as "
+                               "the official code, or bdo's earlier bilinear with fractional shifts")
     fct_crop_pad: Optional[int] = ranged(None, 0, 64, "padding of the crop transform (default: the dataset's)")
     fct_blur_kernel: int = ranged(15, 1, 63, "odd kernel size of the blur transform")
     fct_blur_sigma_min: float = ranged(0.1, 0.01, 10.0)

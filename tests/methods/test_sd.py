@@ -14,7 +14,7 @@ from methods.core.context import LocalContext
 from methods.core.method import get_method
 from methods.core.metrics import POOL_CLEAN, POOL_POISON, POOL_UNCERTAIN
 from methods.data.embedded import DIGITS_INFO
-from methods.defenses.configs import FCT_TRANSFORMS
+from methods.defenses.configs import FCT_RESAMPLES, FCT_TRANSFORMS
 from methods.defenses.sd import (
     SDConfig,
     centroid_separation_loss,
@@ -67,9 +67,10 @@ def test_fct_of_a_feature_constant_model_is_zero():
     assert scores.shape == (7,) and torch.all(scores == 0)
 
 
+@pytest.mark.parametrize("resample", FCT_RESAMPLES)
 @pytest.mark.parametrize("name", FCT_TRANSFORMS)
-def test_fct_scores_are_per_sample_non_negative_and_see_change(name):
-    cfg = SDConfig(fct_transform=name, fct_n_draws=3)
+def test_fct_scores_are_per_sample_non_negative_and_see_change(name, resample):
+    cfg = SDConfig(fct_transform=name, fct_resample=resample, fct_n_draws=3)
     x = torch.zeros(6, 1, 16, 16, dtype=torch.uint8)
     x[1:, :, 2:9, 3:7] = 255  # an off-centre bar that every transform moves, blurs, flips or may erase
     transform = fct_transform(cfg, DIGITS_INFO)
@@ -104,6 +105,7 @@ def test_threshold_split_applies_the_reference_thresholds_to_new_scores():
     ({"alpha_p": -0.1}, "alpha_p"),
     ({"fct_model": "teacher"}, "fct_model"),
     ({"fct_transform": "jpeg"}, "fct_transform"),
+    ({"fct_resample": "bicubic"}, "fct_resample"),
     ({"fct_n_draws": 0}, "fct_n_draws"),
     ({"fct_blur_kernel": 4}, "fct_blur_kernel"),
     ({"sd_ft_epochs": -1}, "sd_ft_epochs"),
