@@ -281,7 +281,7 @@ def _check_device(cpu_only: bool = False) -> None:
 
 def _session(args):
     from methods.data.configs import default_data_root
-    from orchestrator.runner import Session
+    from orchestrator.session import Session
     from orchestrator.tracking import resolve_tracking_uri
 
     _check_device(cpu_only=getattr(args, "gpus_per_trial", None) == 0)
@@ -308,8 +308,8 @@ def _require_store(uri: str, flag: str) -> None:
 
 
 def cmd_attack(args) -> int:
+    from orchestrator.execute import run_single
     from orchestrator.resolve import check_data, method_spec, parse_set, resolve_run
-    from orchestrator.runner import run_single
 
     method_spec(args.name, "attack")
     spec = resolve_run(args.name, args.dataset or "digits", args.model or "small_cnn", args.seed,
@@ -340,8 +340,8 @@ def _attack_from_run(args, session) -> tuple[str, dict, dict]:
 
 
 def cmd_defend(args) -> int:
+    from orchestrator.execute import run_single
     from orchestrator.resolve import check_data, method_spec, parse_set, resolve_run
-    from orchestrator.runner import run_single
 
     method_spec(args.name, "defense")
     sets = parse_set(args.set)
@@ -393,14 +393,14 @@ def _plan(args, space_path: Path, quick: bool = False):
 def _check_local_resources(plans, session) -> None:
     """A local Ray gets this machine's CPUs and GPUs: CPUs or a GPU share per trial that it cannot give are bad
     input before Ray starts (Ray would wait for them for ever, after the attack was built). On a cluster the same
-    check runs against its nodes once connected, still before the attack is built (runner.check_resources); so
+    check runs against its nodes once connected, still before the attack is built (session.check_resources); so
     does it locally, with the CPUs Ray itself counts (fewer than os.cpu_count() in a CPU-limited container)."""
     if session.address:
         return
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():  # a caller's own Ray (tests, benchmarks),
         return  # whatever CPUs it declared: checked against it once the sweep asks (runner.run_sweep)
     from orchestrator.devices import ClusterShape
-    from orchestrator.runner import check_resources
+    from orchestrator.session import check_resources
 
     check_resources(plans, ClusterShape.local(), session.largest_node())
 
@@ -465,7 +465,7 @@ def cmd_study(args) -> int:
         if len(study.untuned) < len(study.defenses):  # a study that runs every defense on its presets needs no Ray
             session.start_ray()
             from orchestrator.devices import ClusterShape
-            from orchestrator.runner import check_resources
+            from orchestrator.session import check_resources
 
             # the nodes of a cluster (--address), or what a local Ray counts: before the study builds its attacks
             check_resources(plans, ClusterShape.from_ray(), session.largest_node())

@@ -22,8 +22,9 @@ import math
 from typing import Any
 
 from methods.core.knowledge import BLIND, ORACLE
-from orchestrator.report import format_rows, in_order, mean_std
 from orchestrator.resolve import METHODS
+from orchestrator.spaces import final_spec
+from orchestrator.tables import format_rows, in_order, mean_std
 
 COMPARE_MODE = "blind-vs-oracle"  # the study run's `mode` tag, by which bdo report renders this table
 VARIANTS = ("preset", "blind", "oracle")
@@ -40,7 +41,6 @@ ASR_SLACK, ACC_SLACK = 0.05, 0.02
 def run_comparison(session, study, pool, study_run_id: str, max_failures: int) -> int:
     """Tune and rerun every cell (module docstring); returns how many runs failed."""
     from orchestrator.runner import best_trial, run_sweep
-    from orchestrator.study import final_spec
 
     tags = {"study_run_id": study_run_id}
     failed = 0
@@ -71,7 +71,7 @@ def run_comparison(session, study, pool, study_run_id: str, max_failures: int) -
                                                              f"selected_trial_id.{level}": best["trial_id"]})
             for variants, (plan, chosen, chosen_tags) in distinct_configs(study, picks, attack, defense, shared):
                 for seed in study.seeds:
-                    spec = final_spec(study, plan, defense, attack, seed, chosen)
+                    spec = final_spec(plan, study.dataset, study.model, defense, attack, seed, chosen)
                     finals.append(pool.submit(
                         f"{attack} x {defense} ({'/'.join(variants)}) seed {seed}", "final", spec,
                         {**tags, **chosen_tags, "knowledge": plan.knowledge, "variants": ",".join(variants)},
@@ -86,14 +86,12 @@ def distinct_configs(study, picks: dict[str, tuple[Any, dict[str, Any], dict[str
     """The variants grouped by the run they stand for: the same resolved config (and, for a defense with
     knowledge rules, the same level) is one run counted for every variant that chose it, tagged with the sweep
     and trial of each tuned variant among them."""
-    from orchestrator.study import final_spec
-
     groups: dict[str, tuple[list[str], tuple[Any, dict[str, Any], dict[str, str]]]] = {}
     for variant in VARIANTS:
         if variant not in picks:
             continue
         plan, chosen, chosen_tags = picks[variant]
-        config = dict(final_spec(study, plan, defense, attack, study.seeds[0], chosen).config)
+        config = dict(final_spec(plan, study.dataset, study.model, defense, attack, study.seeds[0], chosen).config)
         if shared:
             config.pop("knowledge", None)
         key = json.dumps(config, sort_keys=True, default=str)

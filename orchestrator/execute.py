@@ -17,9 +17,11 @@ import yaml
 
 from methods.core.method import METHODS
 from orchestrator import plots
+from orchestrator.console import ProgressPrinter
 from orchestrator.context import Reporter, TrackedContext, write_parquet_atomic
 from orchestrator.devices import pick_device
 from orchestrator.resolve import RunSpec
+from orchestrator.resumable import resumable_run
 from orchestrator.tracking import DatasetRecord, Tracker, system_metrics_interval
 
 # torch (and the attack cache, which holds Backdoors) is imported in the functions that run or log a method: the
@@ -29,6 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from methods.attacks.base import Backdoor
     from methods.defenses.common import DefenseResult
+    from orchestrator.session import Session
 
 
 def base_tags(spec: RunSpec, role: str, seeds: dict[str, int]) -> dict[str, str]:
@@ -344,3 +347,43 @@ def weights_digest(state: dict) -> str:
         h.update(key.encode())
         h.update(state[key].detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def run_single(session: Session, spec: RunSpec, extra_tags: dict[str, str] | None = None,
+               given_attack: tuple | None = None, role: str | None = None, parent_id: str | None = None,
+               device=None) -> tuple[str, dict[str, float]]:
+    """`bdo attack` / `bdo defend`: one top-level run, trained in this process (on `device`, else the default)."""
+    tracker = session.open_tracker()
+    device = device or pick_device()
+    total = spec.config.get("epochs") if isinstance(spec.config.get("epochs"), int) else None
+    progress = ProgressPrinter(spec.method, total, fault_hook(os.environ.get("BDO_FAULT"), None))
+    if spec.kind == "attack":
+        # through the attack cache, so a `bdo defend --attack` with the same settings reuses this model
+        backdoor, run_id, key = build_attack(spec, tracker, session.storage, session.data_root, session.download,
+                                             extra_tags=extra_tags, device=device, on_report=progress)
+        if progress.steps == 0:  # nothing trained: the same settings were built before
+            print(f"{spec.method}: the same attack is in the cache ({key}); its run is {run_id}")
+        return run_id, backdoor.metrics
+    if given_attack is not None:  # --attack-run: exactly that run's model (checked by attack_of_run)
+        backdoor, key, attack_id = given_attack
+    else:
+        backdoor, attack_id, key = build_attack(spec, tracker, session.storage, session.data_root, session.download,
+                                                device=device, on_report=ProgressPrinter(f"{spec.attack} (attack)",
+                                                                                         spec.attack_config.get("epochs")))
+    seeds = backdoor.seeds
+    tags = {**base_tags(spec, role or "defense", seeds), "attack_run_id": attack_id,
+            "attack_cache_key": key, **(extra_tags or {})}
+    from orchestrator.cache import cache_key
+
+    # everything that decides the defense's weights: a run killed mid-training is continued by the same command
+    run_key = cache_key(spec.method, spec.config, {"data": spec.data_config, "attack_cache_key": key},
+                        {"device": device.type, "fast": spec.fast_cfg().resolved(device)})
+    with resumable_run(tracker, session.storage, "defense", run_key, f"{spec.method}-on-{spec.attack}", tags,
+                       spec.flat_params(), parent_id) as (run_id, reporter, history):
+        ctx = TrackedContext(device=device, run_id=run_id, tracker=tracker, reporter=reporter,
+                             backdoor_obj=backdoor.to(device), data_root=session.data_root,
+                             download=session.download, data_config=spec.data_cfg(), fast=spec.fast_cfg(),
+                             on_report=progress, system_metrics=system_metrics_interval(), history=history)
+        with tracker.ending(run_id):
+            metrics, _ = execute_defense(spec, ctx, tracker, run_id, ctx.backdoor_obj)
+    return run_id, metrics

@@ -68,8 +68,8 @@ def train_run(session_fields: dict[str, Any], job: str, spec, tags: dict[str, st
     cache key or None): a queued run's wait for a free worker is not its time."""
     import torch
 
-    from orchestrator.execute import build_attack
-    from orchestrator.runner import Session, run_single
+    from orchestrator.execute import build_attack, run_single
+    from orchestrator.session import Session
 
     started = time.monotonic()
     session = Session(**session_fields)

@@ -8,7 +8,8 @@ import time
 from methods.core.knowledge import BLIND
 from methods.core.method import method_names
 from orchestrator.resolve import SEARCH_SPACES
-from orchestrator.runner import Session, run_sweep
+from orchestrator.runner import run_sweep
+from orchestrator.session import Session
 from orchestrator.spaces import load_space, plan_sweep
 
 

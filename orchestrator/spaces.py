@@ -549,3 +549,15 @@ def trial_values(plan: SweepPlan, sampled: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, float) and math.isnan(value):
             raise ValueError(f"{key}: NaN sampled")
     return values
+
+
+def final_spec(plan: SweepPlan, dataset: str, model: str, defense: str, attack: str, seed: int,
+               chosen: dict[str, Any]):
+    """The run of a study cell's configuration (the sweep's base with the chosen values) on one evaluation seed."""
+    spec = resolve_run(defense, dataset, model, seed, attack,
+                       base={**{k: v for k, v in plan.base.config.items() if k != "seed"}, **chosen},
+                       attack_base={k: v for k, v in plan.base.attack_config.items() if k != "seed"},
+                       data_base=plan.base.data_config, use_preset=False)
+    spec.config = apply_derived(plan.space, spec.config)
+    spec.recipe = plan.base.recipe
+    return spec

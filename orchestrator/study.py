@@ -14,10 +14,11 @@ from methods.core.knowledge import BLIND, ORACLE, blind_metrics, knowledge_of
 from orchestrator.compare import COMPARE_MODE, comparison_table, run_comparison
 from orchestrator.errors import BadInput
 from orchestrator.placement import RunPool
-from orchestrator.report import ATTACK_COLUMNS, mean_std, render
 from orchestrator.resolve import SEARCH_SPACES, load_yaml, method_spec, resolve_run
-from orchestrator.runner import Session, run_sweep
-from orchestrator.spaces import SweepPlan, load_space, plan_sweep
+from orchestrator.runner import run_sweep
+from orchestrator.session import Session
+from orchestrator.spaces import SweepPlan, final_spec, load_space, plan_sweep
+from orchestrator.tables import ATTACK_COLUMNS, mean_std, render
 
 STUDY_KEYS = {"name", "dataset", "model", "attacks", "defenses", "seeds", "tune", "data", "quick", "clean", "jobs",
               "blind_vs_oracle", "recipe"}
@@ -245,7 +246,7 @@ def run_study(session: Session, study: StudyPlan, args) -> StudyOutcome:
                         if result.constraints:  # whether the selected trial met the objective's bound
                             final_tags["selected_feasible"] = str(result.best_feasible).lower()
                     for seed in study.seeds:
-                        spec = final_spec(study, plan, defense, attack, seed, chosen)
+                        spec = final_spec(plan, study.dataset, study.model, defense, attack, seed, chosen)
                         job = pool.submit(f"{attack} x {defense} seed {seed}", "final", spec, final_tags, plan,
                                           parent_id=study_run_id)
                         finals.append((attack, defense, job))
@@ -300,23 +301,6 @@ def attack_columns(study: StudyPlan, pool: RunPool, tracker, study_run_id: str,
     tracker.set_tags(study_run_id, {"no_defense_run_ids": json.dumps(recorded["none"]),
                                     "clean_run_ids": json.dumps(recorded["clean"])})
     return failed
-
-
-def final_spec(study: StudyPlan, plan: SweepPlan, defense: str, attack: str, seed: int, chosen: dict[str, Any]):
-    """The run of a cell's configuration (the sweep's base with the chosen values) on one evaluation seed."""
-    spec = resolve_run(defense, study.dataset, study.model, seed, attack,
-                       base={**{k: v for k, v in plan.base.config.items() if k != "seed"}, **chosen},
-                       attack_base={k: v for k, v in plan.base.attack_config.items() if k != "seed"},
-                       data_base=plan.base.data_config, use_preset=False)
-    spec.config = _with_derived(plan, spec.config)
-    spec.recipe = plan.base.recipe
-    return spec
-
-
-def _with_derived(plan: SweepPlan, values: dict[str, Any]) -> dict[str, Any]:
-    from orchestrator.spaces import apply_derived
-
-    return apply_derived(plan.space, values)
 
 
 def format_table(study: StudyPlan, cells: dict[tuple[str, str], list[dict[str, float]]],

@@ -242,7 +242,7 @@ def test_more_gpus_per_trial_than_this_machine_has_is_refused(tmp_path, monkeypa
 def fake_cluster(monkeypatch):
     """`--address`: Ray is not started; the cluster's nodes are what ClusterShape.from_ray reports."""
     from orchestrator.devices import ClusterShape
-    from orchestrator.runner import Session
+    from orchestrator.session import Session
 
     started = []
     monkeypatch.setattr(Session, "start_ray", lambda self, num_cpus=None: started.append(self.address))

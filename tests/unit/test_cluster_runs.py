@@ -8,7 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from orchestrator import runner
+from orchestrator import console
+from orchestrator import session as session_module
 from orchestrator.errors import BadInput
 from orchestrator.trial import attempt_tags
 
@@ -28,7 +29,7 @@ server:/export /mnt/my\\040lab nfs rw 0 0
     ("/shared/scratch/runs", "/shared/scratch (xfs)"), ("/mnt/my lab/runs", None), ("/sharedx", "/ (ext4)"),
 ])
 def test_local_filesystem_reads_the_mount_that_holds_the_path(path, local):
-    found = runner.local_filesystem(Path(path), MOUNTS)
+    found = session_module.local_filesystem(Path(path), MOUNTS)
     if local is None:
         assert found is None
     else:
@@ -36,7 +37,7 @@ def test_local_filesystem_reads_the_mount_that_holds_the_path(path, local):
 
 
 def test_an_unreadable_mount_table_refuses_nothing():
-    assert runner.local_filesystem(Path("/anywhere"), "") is None
+    assert session_module.local_filesystem(Path("/anywhere"), "") is None
 
 
 def _session(monkeypatch, tmp_path, nodes: int, shared: bool = False, mounts: str = MOUNTS,
@@ -46,9 +47,9 @@ def _session(monkeypatch, tmp_path, nodes: int, shared: bool = False, mounts: st
     monkeypatch.setattr(ray, "init", lambda **kwargs: None)
     monkeypatch.setattr(ray, "shutdown", lambda: None)
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}] * nodes + [{"Alive": False}])
-    monkeypatch.setattr(runner, "local_filesystem",
-                        lambda path, table=None, real=runner.local_filesystem: real(path, mounts))
-    return runner.Session("http://10.0.0.2:5000", "bdo", Path(storage), tmp_path, address="auto",
+    monkeypatch.setattr(session_module, "local_filesystem",
+                        lambda path, table=None, real=session_module.local_filesystem: real(path, mounts))
+    return session_module.Session("http://10.0.0.2:5000", "bdo", Path(storage), tmp_path, address="auto",
                           verbose=True, shared_storage=shared)
 
 
@@ -116,13 +117,13 @@ def _trial(status: str, value=None, trial_id: str = "t"):
                                              ("nan", 60.0)])
 def test_progress_interval_comes_from_the_env(monkeypatch, value, expected):
     monkeypatch.setenv("BDO_PROGRESS_INTERVAL", value)
-    assert runner.progress_interval() == expected
+    assert console.progress_interval() == expected
 
 
 def test_a_summary_line_when_nothing_was_printed_for_an_interval(capsys):
     pytest.importorskip("ray")
     clock = Clock()
-    progress = runner.SweepProgress("sd", "val_x", "max", 4, interval=60, clock=clock)
+    progress = console.SweepProgress("sd", "val_x", "max", 4, interval=60, clock=clock)
     progress.tty = False
     trials = [_trial("RUNNING", 0.4), _trial("RUNNING"), _trial("PENDING"), _trial("TERMINATED", 0.7),
               _trial("ERROR", 0.9)]

@@ -60,16 +60,16 @@ def test_table_shows_each_variant_and_holds_the_goal_one_sided():
 
 def test_variants_that_chose_the_same_run_share_it(monkeypatch):
     """The preset and a tuned choice equal to it are one run; under knowledge rules the level tells runs apart."""
-    import orchestrator.study as study_module
+    import orchestrator.compare as compare_module
 
-    def fake_spec(study, plan, defense, attack, seed, chosen):
+    def fake_spec(plan, dataset, model, defense, attack, seed, chosen):
         return SimpleNamespace(config={"lr": 0.01, **chosen, "knowledge": plan.knowledge})
 
-    monkeypatch.setattr(study_module, "final_spec", fake_spec)
+    monkeypatch.setattr(compare_module, "final_spec", fake_spec)
     blind, oracle = SimpleNamespace(knowledge="blind"), SimpleNamespace(knowledge="oracle")
     picks = {"preset": (blind, {}, {}), "blind": (blind, {"lr": 0.1}, {"selected_trial_id.blind": "b"}),
              "oracle": (oracle, {}, {"selected_trial_id.oracle": "o"})}
-    study = SimpleNamespace(seeds=[0])
+    study = SimpleNamespace(seeds=[0], dataset="digits", model="small_cnn")
     shared = distinct_configs(study, picks, "badnets", "ft", shared=True)
     assert [variants for variants, _ in shared] == [["preset", "oracle"], ["blind"]]
     assert shared[0][1][2] == {"selected_trial_id.oracle": "o"}  # the merged run names the oracle's selected trial

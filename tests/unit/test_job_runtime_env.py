@@ -5,14 +5,14 @@ import json
 
 import pytest
 
-from orchestrator import runner
+from orchestrator import session as session_module
 
 
 def test_a_variable_the_job_sets_is_left_to_the_job():
     wanted = {"MLFLOW_TRACKING_URI": "http://10.0.0.1:5000", "PYTHONPATH": "/bdo", "RAY_CHDIR_TO_TRIAL_DIR": "0"}
     job = {"MLFLOW_TRACKING_URI": "http://10.0.0.2:5000", "BDO_GIT_COMMIT": "abc"}
-    assert runner.without_job_env_vars(wanted, job) == {"PYTHONPATH": "/bdo", "RAY_CHDIR_TO_TRIAL_DIR": "0"}
-    assert runner.without_job_env_vars(wanted, {}) == wanted
+    assert session_module.without_job_env_vars(wanted, job) == {"PYTHONPATH": "/bdo", "RAY_CHDIR_TO_TRIAL_DIR": "0"}
+    assert session_module.without_job_env_vars(wanted, {}) == wanted
 
 
 def test_start_ray_inside_a_job_passes_a_runtime_env_ray_can_merge(monkeypatch, tmp_path):
@@ -30,7 +30,7 @@ def test_start_ray_inside_a_job_passes_a_runtime_env_ray_can_merge(monkeypatch, 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
     monkeypatch.setattr(ray, "nodes", lambda: [])
-    session = runner.Session("http://10.0.0.2:5000", "bdo", tmp_path, tmp_path, address="auto", verbose=True)
+    session = session_module.Session("http://10.0.0.2:5000", "bdo", tmp_path, tmp_path, address="auto", verbose=True)
     session.start_ray()
     (kwargs,) = calls
     merged = _merge_runtime_env(job_env, kwargs["runtime_env"])

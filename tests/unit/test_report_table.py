@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from orchestrator.report import in_order, mean_std, render
+from orchestrator.tables import in_order, mean_std, render
 
 
 def test_the_studys_order_wins_and_unknown_names_follow_alphabetically():
