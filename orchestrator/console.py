@@ -98,8 +98,9 @@ class SweepProgress:
 class ProgressPrinter:
     """A one-line-per-step progress display for single runs."""
 
-    def __init__(self, label: str, total: int | None, fault=None) -> None:
-        self.label, self.total, self.started = label, total, time.perf_counter()
+    def __init__(self, label: str, fault=None) -> None:
+        # the run's engine says how many steps there are before the first (expect_steps)
+        self.label, self.total, self.started = label, None, time.perf_counter()
         self.steps = 0
         self.fault = fault  # BDO_FAULT's hook (execute.fault_hook), for the interruption tests of plain runs
 
@@ -114,4 +115,11 @@ class ProgressPrinter:
         if self.total:
             filled = int(20 * min(step, self.total) / self.total)
             bar = "[" + "#" * filled + "." * (20 - filled) + "] "
+            if step > self.total:  # the model a defense returns, reported after its last step (final_result)
+                total = " (the returned model)"
         print(f"{self.label} {bar}step {step}{total}  {shown}  ({time.perf_counter() - self.started:.0f}s)", flush=True)
+
+    def expect_steps(self, total: int) -> None:
+        """The run's own count of steps (RunContext.expect_steps): a defense with several stages (ARGD's teacher
+        and student, SD before D-BR's rounds) reports more steps than its config's `epochs`."""
+        self.total = total

@@ -231,3 +231,9 @@ class TrackedContext:
         if self.rank == 0:
             print(message, flush=True)
 
+    def expect_steps(self, total: int) -> None:
+        # a single run's progress printer shows it (orchestrator.console.ProgressPrinter); a trial's hook has none
+        expect = getattr(self.on_report, "expect_steps", None)
+        if expect is not None and self.rank == 0:
+            expect(total)
+

@@ -355,8 +355,7 @@ def run_single(session: Session, spec: RunSpec, extra_tags: dict[str, str] | Non
     """`bdo attack` / `bdo defend`: one top-level run, trained in this process (on `device`, else the default)."""
     tracker = session.open_tracker()
     device = device or pick_device()
-    total = spec.config.get("epochs") if isinstance(spec.config.get("epochs"), int) else None
-    progress = ProgressPrinter(spec.method, total, fault_hook(os.environ.get("BDO_FAULT"), None))
+    progress = ProgressPrinter(spec.method, fault_hook(os.environ.get("BDO_FAULT"), None))
     if spec.kind == "attack":
         # through the attack cache, so a `bdo defend --attack` with the same settings reuses this model
         backdoor, run_id, key = build_attack(spec, tracker, session.storage, session.data_root, session.download,
@@ -368,8 +367,7 @@ def run_single(session: Session, spec: RunSpec, extra_tags: dict[str, str] | Non
         backdoor, key, attack_id = given_attack
     else:
         backdoor, attack_id, key = build_attack(spec, tracker, session.storage, session.data_root, session.download,
-                                                device=device, on_report=ProgressPrinter(f"{spec.attack} (attack)",
-                                                                                         spec.attack_config.get("epochs")))
+                                                device=device, on_report=ProgressPrinter(f"{spec.attack} (attack)"))
     seeds = backdoor.seeds
     tags = {**base_tags(spec, role or "defense", seeds), "attack_run_id": attack_id,
             "attack_cache_key": key, **(extra_tags or {})}

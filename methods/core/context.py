@@ -78,6 +78,11 @@ class RunContext(Protocol):
 
     def progress(self, message: str) -> None: ...
 
+    def expect_steps(self, total: int) -> None:
+        """The number of steps the run's stages report in all, for progress displays (the engine calls it before
+        the first step, and again when a stage's length changes, as a rerun of PBE's step 0 lengthens its run); a
+        method's final report may follow at total + 1 (methods.defenses.common.final_result)."""
+
 
 def serialize_state(state: dict[str, Any]) -> bytes:
     """Full-state checkpoint to bytes. Loads back with weights_only=True: no code runs on load."""
@@ -122,6 +127,7 @@ class LocalContext:
     series: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     verbose: bool = False
     fast: FastPath | None = None  # None: the defaults (on for CUDA, off for CPU)
+    expected_steps: int | None = None
 
     def report(self, metrics: dict[str, float], step: int) -> None:
         self.reports.append((step, {k: float(v) for k, v in metrics.items()}))
@@ -158,6 +164,9 @@ class LocalContext:
     def progress(self, message: str) -> None:
         if self.verbose:
             print(message, flush=True)
+
+    def expect_steps(self, total: int) -> None:
+        self.expected_steps = total
 
     def last(self, key: str) -> float:
         """The last reported value of a metric."""

@@ -145,6 +145,11 @@ class Engine:
                 setattr(self.kept, name, _to_device(value, ctx.device))
         pending = state  # restored at the first point the interrupted run had reached
 
+        def total() -> int:
+            return sum(stage.length() for stage in stages)
+
+        expected = total()
+        ctx.expect_steps(expected)
         first = 1
         for stage in stages:
             if stage.length() == 0:
@@ -165,6 +170,9 @@ class Engine:
                 step = first + i
                 if step > start:
                     last = self._step(stage, i, step)
+                    if total() != expected:  # a stage grew or shrank (PBE's reruns of step 0)
+                        expected = total()
+                        ctx.expect_steps(expected)
                 i += 1
             first += stage.length()
         if pending is not None:  # the checkpoint closed the last stage

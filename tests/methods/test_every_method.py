@@ -40,6 +40,12 @@ def test_every_method_trains_on_the_fast_and_the_plain_path(name, path, tiny_bac
                           backdoor_provider=None if spec.kind == "attack" else (lambda: tiny_backdoor))
     result = spec.run(ctx, tiny_config(name))
     assert ctx.reports, f"{name} reported nothing"
+    # the engine says how many steps its stages report (a single run's progress line shows step n/total) and keeps
+    # to it; only the returned model's own report may follow (methods.defenses.common.final_result)
+    steps = [step for step, _ in ctx.reports]
+    assert ctx.expected_steps in steps and max(steps[:-1], default=0) <= ctx.expected_steps, \
+        (name, ctx.expected_steps, steps)
+    assert steps[-1] <= ctx.expected_steps + 1, (name, ctx.expected_steps, steps)
     final = ctx.reports[-1][1]
     # split statistics may be undefined on a tiny run (an AUROC over a pool with one class); these may not
     for key in ("val_acc", "val_asr", "test_acc", "test_asr"):
