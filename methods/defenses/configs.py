@@ -251,6 +251,11 @@ class PBEConfig(AdversarialFinetuneConfig):
     # None: val_asr under knowledge oracle, unchecked under blind.
     step0_rule: Optional[str] = choice(None, (None, *STEP0_CHECK_METRICS, "unchecked"),
                                        "how step 0 is checked (None: by knowledge)")
+    # The official code's data for WaNet (its data builder relabels clean images and never applies the warp), so
+    # its trusted subsets never held a warped image: PBE reads the clean originals of the training images under
+    # the labels the attack gave them, while the model it repairs was trained on the warped ones. For parity runs
+    # with the official code only: a defender never has the originals, so knowledge blind refuses it.
+    clean_originals: bool = False
     KNOWLEDGE_RULES: ClassVar[tuple[str, ...]] = ("step0_rule",)
 
     def step0_check(self) -> str:
@@ -277,6 +282,9 @@ class PBEConfig(AdversarialFinetuneConfig):
 
     def validate(self) -> None:
         self.refuse_oracle_rule("step0_rule", ("val_asr",))
+        if self.clean_originals and self.knowledge == BLIND:
+            raise ValueError("clean_originals: reads the clean images before the attack, which knowledge: blind "
+                             "refuses; it is for parity runs with the official code under knowledge oracle")
         if self.step0_rule == "canary" and self.canary_rate == 0:
             raise ValueError("step0_rule: canary reads val_canary_asr, which only a run that plants a canary reports; "
                              "set canary_rate > 0 or choose another rule")

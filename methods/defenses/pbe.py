@@ -35,6 +35,9 @@ Deviations from the official code (github.com/John-niu-07/BPE), as docs/methods.
   default.
 - The optimizer and its momentum carry across steps as in the code; `reset_optimizer_each_step` resets them. A
   rerun of step 0 always starts afresh (infected weights, no momentum).
+- Against WaNet the official code hands PBE clean images under the attack's labels (its data builder never applies
+  the warp); here PBE reads the training set the attack produced, and `clean_originals` reproduces the official
+  data for parity runs (docs/methods.md#pbe has both, measured).
 - The step-0 check and reruns above, and the other similarity measures of docs/methods.md#pbe (KL of the softmax, argmax
   agreement) as `similarity` choices.
 """
@@ -45,11 +48,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from methods.attacks.base import Backdoor
 from methods.core.context import RunContext
 from methods.core.engine import Engine, Stage
 from methods.core.method import register_method
 from methods.core.metrics import POOL_CLEAN, POOL_UNCERTAIN, split_metrics
 from methods.core.training import derive_seed, make_generator, predict_logits, sgd
+from methods.data.base import load_splits
 from methods.defenses.aft import adversarial_finetune_epoch
 from methods.defenses.common import DefenseResult, evaluate_with_der, final_result, hand_off_scores
 from methods.defenses.configs import SIMILARITIES, STEP0_CHECK_METRICS, PBEConfig
@@ -119,14 +124,24 @@ def poisoned_fraction(mask: torch.Tensor, flags: torch.Tensor) -> float:
     return flags[mask].float().mean().item() if bool(mask.any()) else float("nan")
 
 
+def clean_originals(ctx: RunContext, backdoor: Backdoor) -> torch.Tensor:
+    """The training images as they were before the attack, in the training set's order (`clean_originals`)."""
+    splits = load_splits(backdoor.data.info.name, backdoor.seeds["split_seed"], ctx.data_root, ctx.download,
+                         ctx.data_config)
+    originals = splits.x_train.to(backdoor.data.x_train.device)
+    assert originals.shape == backdoor.data.x_train.shape, "the attack's training set is the split's"
+    return originals
+
+
 @register_method("pbe")
 def run(ctx: RunContext, cfg: PBEConfig) -> DefenseResult:
     backdoor = ctx.backdoor().to(ctx.device)
     data = backdoor.data
     model = backdoor.build_model(ctx.device)
     n = len(data.y_train)
+    x_train = clean_originals(ctx, backdoor) if cfg.clean_originals else data.x_train
     # Recomputed on resume rather than checkpointed: eval-mode logits of the untouched infected model.
-    reference = predict_logits(model, data.x_train, cfg.eval_batch_size)
+    reference = predict_logits(model, x_train, cfg.eval_batch_size)
     rates = cfg.rates()
 
     optimizer = sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
@@ -154,7 +169,7 @@ def run(ctx: RunContext, cfg: PBEConfig) -> DefenseResult:
         else:
             adv_batches = 0
         idx = torch.nonzero(kept.trusted).flatten()
-        loss = adversarial_finetune_epoch(wrapped, optimizer, data.x_train[idx], data.y_train[idx],
+        loss = adversarial_finetune_epoch(wrapped, optimizer, x_train[idx], data.y_train[idx],
                                           cfg.step0_config(kept.attempt) if stage == 0 else cfg, data.info,
                                           g_train, g_pgd, adv_batches, ctx.rank, ctx.world_size)
         trained_on = kept.trusted
@@ -163,7 +178,7 @@ def run(ctx: RunContext, cfg: PBEConfig) -> DefenseResult:
                                    "pbe_attempt": float(kept.attempt)}
         if epoch == per:
             kept.similarity = prediction_similarity(
-                reference, predict_logits(model, data.x_train, cfg.eval_batch_size), cfg.similarity)
+                reference, predict_logits(model, x_train, cfg.eval_batch_size), cfg.similarity)
             split = split_metrics(trusted_pools(trained_on), data.poison_flags, 1.0 - kept.similarity)
             checked = STEP0_CHECK_METRICS.get(cfg.step0_check()) if stage == 0 else None
             failed = checked is not None and metrics[checked] > cfg.step0_max_val_asr

@@ -15,6 +15,7 @@ from methods.core.metrics import POOL_CLEAN, POOL_UNCERTAIN
 from methods.core.training import derive_seed
 from methods.defenses.pbe import (
     PBEConfig,
+    clean_originals,
     label_quotas,
     logit_similarity,
     prediction_similarity,
@@ -224,6 +225,7 @@ def test_resetting_the_optimizer_between_steps_changes_training(badnets_backdoor
         ({"step0_retries": -1}, "step0_retries"),
         ({"step0_max_val_asr": 1.1}, "step0_max_val_asr"),
         ({"retry_eps_scale": 0.5}, "retry_eps_scale"),
+        ({"clean_originals": True, "knowledge": "blind"}, "clean_originals"),
     ],
 )
 def test_bad_config_values_name_the_field(values, field):
@@ -269,3 +271,20 @@ def test_blind_pbe_never_reads_trigger_or_flag_metrics(badnets_backdoor, oracle_
     assert all(math.isnan(m["val_asr"]) for s, m in poisoned_ctx.reports if s <= steps)
     for key, value in plain.model_state.items():
         assert torch.equal(value, poisoned.model_state[key]), key
+
+
+def test_clean_originals_are_the_training_images_before_the_attack():
+    """The official code's WaNet data (PBEConfig.clean_originals): every training image as it was before the attack,
+    in the training set's order: the poisoned ones and the noise-mode ones without their warps, the rest as they are."""
+    backdoor = train_backdoor("wanet", epochs=1)
+    data = backdoor.data
+    originals = clean_originals(LocalContext(), backdoor)
+    changed = (originals != data.x_train).flatten(1).any(1)
+    flags = data.poison_flags
+    assert flags.any() and changed[flags].all(), "every warped (poisoned) image is given back unwarped"
+    noise_mode = int(backdoor.metrics["wanet_noise_count"])
+    assert noise_mode > 0 and int(changed[~flags].sum()) == noise_mode, "and so is every noise-mode image"
+    ctx, result = run_pbe(backdoor, clean_originals=True, **TINY)
+    # a step's subset is the most similar fraction of the training images it read: the originals, not the warped
+    assert ctx.reports and all(torch.isfinite(v).all() for v in result.model_state.values() if v.is_floating_point())
+
