@@ -285,6 +285,6 @@ def test_clean_originals_are_the_training_images_before_the_attack():
     noise_mode = int(backdoor.metrics["wanet_noise_count"])
     assert noise_mode > 0 and int(changed[~flags].sum()) == noise_mode, "and so is every noise-mode image"
     ctx, result = run_pbe(backdoor, clean_originals=True, **TINY)
-    # a step's subset is the most similar fraction of the training images it read: the originals, not the warped
+    # and PBE runs end to end on them
     assert ctx.reports and all(torch.isfinite(v).all() for v in result.model_state.values() if v.is_floating_point())
 
