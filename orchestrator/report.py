@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from orchestrator.errors import BadInput
-from orchestrator.tables import ATTACK_COLUMNS, METRICS, in_order, mean_std, render
+from orchestrator.tables import ATTACK_COLUMNS, METRICS, PAPERS_REGIME, in_order, mean_std, outside_papers, render
 from orchestrator.tracking import Tracker, resolve_tracking_uri, sqlite_path
 
 REPORT_FILES = {"md": "report.md", "csv": "report.csv", "html": "report.html", "latex": "report.tex",
@@ -41,6 +41,7 @@ def collect(tracker: Tracker, study_run_id: str, metrics: list[str]) -> tuple[li
         cell = {"seeds": len(runs), "runs": [
             (r.data.params.get("attack.seed", r.data.params.get("seed", "")), r.info.run_id,
              {m: r.data.metrics.get(f"test_{m}", math.nan) for m in metrics}) for r in runs]}
+        cell["outside_papers"] = outside_papers([r.data.metrics.get(PAPERS_REGIME) for r in runs])
         for m in metrics:
             cell[m] = mean_std([r.data.metrics.get(f"test_{m}", math.nan) for r in runs])
         sweep_ids = {r.data.tags.get("sweep_run_id") for r in runs} - {None}

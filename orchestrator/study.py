@@ -18,7 +18,7 @@ from orchestrator.resolve import SEARCH_SPACES, load_yaml, method_spec, resolve_
 from orchestrator.runner import run_sweep
 from orchestrator.session import Session
 from orchestrator.spaces import SweepPlan, final_spec, load_space, plan_sweep
-from orchestrator.tables import ATTACK_COLUMNS, mean_std, render
+from orchestrator.tables import ATTACK_COLUMNS, PAPERS_REGIME, mean_std, outside_papers, render
 
 STUDY_KEYS = {"name", "dataset", "model", "attacks", "defenses", "seeds", "tune", "data", "quick", "clean", "jobs",
               "blind_vs_oracle", "recipe"}
@@ -313,6 +313,7 @@ def format_table(study: StudyPlan, cells: dict[tuple[str, str], list[dict[str, f
     for (attack, column), runs in cells.items():
         name = {"none": no_defense, "clean": clean_model}.get(column, column)
         summary[(attack, name)] = {"seeds": len(runs), "trials": trials.get((attack, column), 0),
+                                   "outside_papers": outside_papers([r.get(PAPERS_REGIME) for r in runs]),
                                    **{m: mean_std([r.get(f"test_{m}", math.nan) for r in runs])
                                       for m in ("acc", "asr")}}
     return render([a for a, _ in study.attacks], columns, summary, ["acc", "asr"], "md")

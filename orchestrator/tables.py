@@ -12,6 +12,19 @@ METRICS = ("acc", "asr", "ra", "der")
 ATTACK_COLUMNS = {"no_defense_run_ids": "no defense", "clean_run_ids": "clean model"}
 
 
+# An attack run reports papers_regime 0 when its configuration lies outside the range its papers evaluated
+# (methods/attacks/configs.py); its row is marked so that nobody reads the cell as that paper's attack.
+PAPERS_REGIME = "papers_regime"
+OUTSIDE_PAPERS_MARK = "*"
+OUTSIDE_PAPERS_NOTE = ("* not the papers' attack: its configuration lies outside the range its papers evaluated "
+                       "(see the runs' papers_regime and their log)")
+
+
+def outside_papers(regimes: list) -> bool:
+    """Whether any of the attack runs behind a cell reported a configuration outside its papers' range."""
+    return any(value == 0.0 for value in regimes)
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (n - 1) of the finite values; the one rule for study and report."""
     vals = [v for v in values if v is not None and not math.isnan(v)]
@@ -35,9 +48,13 @@ def render(attacks: list[str], columns: list[str], cells: dict, metrics: list[st
         extra = f" (seeds {cell['seeds']}" + (f", trials {cell['trials']})" if cell["trials"] else ")")
         return " / ".join(parts) + extra
 
+    marked = {a for a in attacks if any((cells.get((a, c)) or {}).get("outside_papers") for c in columns)}
     header = ["attack"] + columns
-    rows = [[a] + [text(cells.get((a, c))) for c in columns] for a in attacks]
+    rows = [[a + (OUTSIDE_PAPERS_MARK if a in marked else "")] + [text(cells.get((a, c))) for c in columns]
+            for a in attacks]
     caption = "cells: test " + " / ".join(m.upper() for m in metrics) + " in %, mean±std over seeds"
+    if marked:
+        caption += "; " + OUTSIDE_PAPERS_NOTE
     if fmt == "runs-csv":  # the raw values behind every mean: one row per run
         raw = [[a, c, seed, run_id, *(values[m] for m in metrics)] for a in attacks for c in columns
                for seed, run_id, values in (cells.get((a, c)) or {}).get("runs", [])]

@@ -298,6 +298,11 @@ def run_attack(
         # trigger and the class become one feature, and a defense that removes one removes the other.
         in_class = int((data.y_train_orig == cfg.target).sum())
         facts["poison_class_fraction"] = count / max(in_class, 1)
+    departures = cfg.departures_from_papers()
+    if departures is not None:
+        facts["papers_regime"] = float(not departures)
+        for departure in departures:
+            ctx.progress(f"{name}: not the papers' attack ({departure})")
     ctx.progress(f"{name} on {cfg.dataset}: poison_count {count} of {len(data.y_train)} training images "
                  f"({cfg.label_mode}, poison_rate {cfg.poison_rate})"
                  + "".join(f", {k} {v:.4g}" for k, v in facts.items() if k != "poison_count"))

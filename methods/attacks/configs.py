@@ -49,6 +49,12 @@ class AttackConfig(Config):
             "clean_seed": resolve_seed(self.seed, "clean", self.clean_seed),
         }
 
+    def departures_from_papers(self) -> Optional[list[str]]:
+        """Where this configuration leaves the range its papers evaluated, one phrase each ([] when inside it);
+        None for an attack without a declared range. A run outside it is reported (`papers_regime` 0) and its
+        table row marked, because results there describe another attack than the one the papers measured."""
+        return None
+
     def validate(self) -> None:
         from methods.data.configs import DATASET_INFOS
         from methods.models.names import MODEL_NAMES
@@ -57,6 +63,21 @@ class AttackConfig(Config):
             raise ValueError(f"dataset: unknown {self.dataset!r}; known: {', '.join(DATASET_INFOS.names())}")
         if self.model not in MODEL_NAMES:
             raise ValueError(f"model: unknown {self.model!r}; known: {', '.join(MODEL_NAMES)}")
+
+
+# The clean-label attacks' papers' range: at most half the target class poisoned, a test trigger at most 1.5x
+# the training one (SIG's 60 against 40), CL's PGD radius at most 16/255.
+MAX_CLASS_FRACTION, MAX_TEST_STRENGTH, MAX_CL_PGD_EPS = 0.5, 1.5, 16 / 255
+
+
+def clean_label_departures(cfg: AttackConfig) -> list[str]:
+    departures = []
+    if cfg.label_mode != "cleanLabel":
+        departures.append(f"label_mode {cfg.label_mode}: the papers' attack keeps the poisoned images' labels")
+    elif cfg.poison_rate > MAX_CLASS_FRACTION:
+        departures.append(f"poisons {cfg.poison_rate:.0%} of the target class (papers: 10%, at most "
+                          f"{MAX_CLASS_FRACTION:.0%})")
+    return departures
 
 
 @declare_method("badnets", kind="attack")
@@ -98,6 +119,15 @@ class SIGConfig(AttackConfig):
     amplitude_test: float = ranged(60.0, 0.0, 255.0, "D on evaluation images")
     frequency: float = ranged(6.0, 0.0, 64.0)
 
+    def departures_from_papers(self) -> list[str]:
+        # Barni et al. and the D-BR code poison 10% of the target class, keep labels, and test at 60 against 40;
+        # the tuning ranges reach half the class.
+        departures = clean_label_departures(self)
+        if self.amplitude_test > MAX_TEST_STRENGTH * self.amplitude:
+            departures.append(f"test amplitude {self.amplitude_test:g} is more than {MAX_TEST_STRENGTH:g}x the "
+                              f"training amplitude {self.amplitude:g} (papers: 60 against 40)")
+        return departures
+
 
 @declare_method("trojan", kind="attack")
 @dataclass
@@ -127,6 +157,17 @@ class CLConfig(AttackConfig):
         1.0, 0.0, 1.0,
         "share of the trigger's contrast stamped on poisoned training images; evaluation always stamps the full "
         "trigger (Turner et al.'s reduced-amplitude variant, BackdoorBench's reduced_amplitude)")
+
+    def departures_from_papers(self) -> list[str]:
+        # Turner et al. and the D-BR code: 10% of the target class, PGD 8/255 (16/255 in the ablations), the full
+        # trigger; the reduced-amplitude variant is a stronger test trigger than the training one.
+        departures = clean_label_departures(self)
+        if 255 * self.pgd_eps > 255 * MAX_CL_PGD_EPS + 1e-3:  # YAML files write 16/255 to a few digits
+            departures.append(f"PGD radius {255 * self.pgd_eps:.0f}/255 is above the papers' 16/255")
+        if self.trigger_amplitude * MAX_TEST_STRENGTH < 1.0:
+            departures.append(f"training triggers at {self.trigger_amplitude:g} of the test trigger's contrast: "
+                              f"the test trigger is more than {MAX_TEST_STRENGTH:g}x stronger")
+        return departures
 
     def validate(self) -> None:
         super().validate()

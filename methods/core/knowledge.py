@@ -28,6 +28,7 @@ ORACLE_METRICS = frozenset({
     "pbe_step0_failed",  # PBE's step-0 check against val ASR
     "poison_count", "wanet_noise_count",  # the attacker's own counts of the images it altered
     "poison_class_fraction",  # a clean-label attack's share of the target class it poisoned
+    "papers_regime",  # 1 when the attack's configuration lies in the range its papers evaluated
     "cl_hardened_clean_acc",  # a clean model on CL's hardened images: the attacker's construction
 })
 

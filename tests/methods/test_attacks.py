@@ -4,9 +4,11 @@ work, the synthetic set is calibrated, and runs resume bit-identically."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from methods.attacks.base import Backdoor, evaluate
 from methods.core.context import LocalContext
@@ -15,6 +17,7 @@ from methods.core.registry import MODELS
 from methods.data.base import DataConfig, load_splits
 from tests.conftest import DIGITS_ATTACK, train_backdoor
 
+ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(dataset="digits", model="small_cnn", epochs=1, batch_size=64)
 
 
@@ -90,6 +93,18 @@ TUNED_SEED, UNSEEN_SEED = 0, 3
 MIN_ASR, MAX_ACC_DROP = 0.90, 0.02
 
 
+def matrix_attack_values(study: Path) -> dict[str, dict]:
+    """The attack values a study file sets beside an attack's name (the digits matrix's stronger clean-label
+    attacks), so this test trains exactly what the matrix trains."""
+    listed = yaml.safe_load(study.read_text())["attacks"]
+    return {item.pop("name"): item for item in (dict(entry) for entry in listed if isinstance(entry, dict))}
+
+
+# SIG and CL do not implant on digits in their papers' range (at most half the target class, test trigger at
+# most 1.5x the training one); the digits matrix runs them with stronger values and marks their rows.
+BEYOND_PAPERS_ON_DIGITS = matrix_attack_values(ROOT / "examples" / "study-matrix-digits.yaml")
+
+
 def preset_settings(name: str, seed: int, dataset: str = "digits", model: str = "small_cnn", **overrides) -> dict:
     """The attack config `bdo attack NAME --seed SEED` would run (defaults, then the dataset's preset, then
     `overrides`), reduced to the values that differ from the defaults plus the keys conftest's cache always
@@ -123,7 +138,15 @@ def test_every_attack_implants_with_its_digits_preset(name, seed):
     # Clean training is the same recipe (augmentation included) with nothing poisoned.
     clean = train_backdoor(name, **{**settings, "poison_rate": 0.0})
     assert clean.metrics["poison_count"] == 0
-    assert_implants(name, backdoor.metrics, clean.metrics)
+    if name not in BEYOND_PAPERS_ON_DIGITS:
+        assert_implants(name, backdoor.metrics, clean.metrics)
+        return
+    # In its papers' range the attack stays below the bar on digits, as docs/results/digits.md says; the digits
+    # matrix runs it with its study's stronger values instead, which must implant and be reported as outside.
+    assert backdoor.metrics["papers_regime"] == 1.0 and backdoor.metrics["test_asr"] < MIN_ASR, backdoor.metrics
+    stronger = train_backdoor(name, **preset_settings(name, seed, **BEYOND_PAPERS_ON_DIGITS[name]))
+    assert stronger.metrics["papers_regime"] == 0.0
+    assert_implants(f"{name} (not the papers' attack)", stronger.metrics, clean.metrics)
 
 
 def test_badnets_all2all_on_digits():
@@ -162,9 +185,14 @@ def test_blend_with_a_user_trigger_file(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["badnets", "blend", "sig", "wanet"])
 def test_attack_implants_on_synthetic_with_small_cnn(name):
-    settings = {**preset_settings(name, TUNED_SEED, dataset="synthetic"), **SYNTHETIC_SCHEDULE}
+    # SIG's synthetic preset (half the class, the papers' test amplitude 60) reaches val ASR 0.73 in this short
+    # schedule; the implant check uses the stronger test signal (100) and expects it reported as outside.
+    stronger = {"amplitude_test": 100.0} if name == "sig" else {}
+    settings = {**preset_settings(name, TUNED_SEED, dataset="synthetic", **stronger), **SYNTHETIC_SCHEDULE}
     backdoor = train_synthetic(name, **settings)
     clean = train_synthetic(name, **{**settings, "poison_rate": 0.0})
+    if stronger:
+        assert backdoor.metrics["papers_regime"] == 0.0
     assert_implants(f"{name} synthetic", backdoor.metrics, clean.metrics)
 
 
