@@ -8,7 +8,7 @@ same weights, bit for bit on CPU.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -179,6 +179,29 @@ def sgd(params, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
 
 
+# a batch -> its loss, or (loss, {name: term reported beside it})
+BatchLoss = Callable[[Any], torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def descend(optimizer: torch.optim.Optimizer, batches: Iterable[Any], batch_loss: BatchLoss) -> dict[str, torch.Tensor]:
+    """The inner loop every trainer shares. For each batch, `batch_loss(batch)` gives the loss to minimise, or
+    (loss, {name: term}) with terms to report beside it; the gradients are zeroed, the loss backpropagated, the
+    optimizer stepped. Returns the epoch means, the loss's as `train_loss`, as device tensors, so the caller
+    decides when to synchronise with the host (no .item() per step); {} when there was no batch."""
+    totals: dict[str, torch.Tensor] = {}
+    steps = 0
+    for batch in batches:
+        out = batch_loss(batch)
+        loss, terms = out if isinstance(out, tuple) else (out, {})
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for name, value in {"train_loss": loss, **terms}.items():
+            totals[name] = totals[name] + value.detach() if name in totals else value.detach()
+        steps += 1
+    return {name: total / steps for name, total in totals.items()}
+
+
 def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -194,16 +217,11 @@ def train_epoch(
     """One supervised epoch over device-resident uint8 images. Returns the mean loss as a tensor, so the caller
     decides when to synchronise with the host (no .item() per step)."""
     model.train()
-    total = torch.zeros((), device=x_uint8.device)
-    steps = 0
-    for idx in minibatches(len(y), batch_size, generator, x_uint8.device, rank=rank, world_size=world_size):
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         xb = to_float(x_uint8[idx])
-        if augment is not None:
-            xb = augment(xb)
-        loss = loss_fn(model(xb), y[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.detach()
-        steps += 1
-    return total / max(steps, 1)
+        return loss_fn(model(augment(xb) if augment is not None else xb), y[idx])
+
+    batches = minibatches(len(y), batch_size, generator, x_uint8.device, rank=rank, world_size=world_size)
+    means = descend(optimizer, batches, batch_loss)
+    return means.get("train_loss", torch.zeros((), device=x_uint8.device))

@@ -7,15 +7,13 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from methods.attacks.base import Backdoor
-from methods.core.context import RunContext
-from methods.core.engine import Engine, Stage
+from methods.core.engine import Stage
 from methods.core.schedules import set_lr
-from methods.core.training import derive_seed, make_generator, minibatches, sgd, to_float
+from methods.core.training import descend, sgd, to_float
 from methods.data.augment import standard_augment
 from methods.data.configs import DatasetInfo
 from methods.defenses.attention import attention_map, cutout
-from methods.defenses.common import evaluation
+from methods.defenses.common import DefenseRun
 from methods.defenses.configs import DistillConfig
 
 
@@ -24,24 +22,23 @@ def clean_augment(info: DatasetInfo, cutout_length: int) -> Callable[[torch.Tens
     return lambda x, g: cutout(standard_augment(x, info, g), cutout_length, g)
 
 
-def finetune_stage(engine: Engine, backdoor: Backdoor, name: str, index: int, model: nn.Module,
-                   optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, g: torch.Generator,
-                   epochs: int, batch_size: int, cutout_length: int, lr_at: Callable[[int], float],
-                   eval_batch_size: int) -> Stage:
-    """CE fine-tuning of `model` on (x, y) with the clean pipeline, one epoch a step, reported with the stage's
-    `index`: FT itself, NAD's and ARGD's fine-tuned teacher, ARGD's scratch teacher."""
-    return engine.epochs(name, epochs, model, x, y, batch_size, optimizer=optimizer, generator=g, lr_at=lr_at,
-                         augment=clean_augment(backdoor.data.info, cutout_length),
-                         evaluate=evaluation(model, backdoor, eval_batch_size), extra={"stage": float(index)})
+def finetune_stage(defense: DefenseRun, name: str, index: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   x: torch.Tensor, y: torch.Tensor, g: torch.Generator, epochs: int, batch_size: int,
+                   lr_at: Callable[[int], float]) -> Stage:
+    """CE fine-tuning of `model` on (x, y) with the clean pipeline (the run's Cutout length), one epoch a step,
+    reported with the stage's `index`: FT itself, NAD's and ARGD's fine-tuned teacher, ARGD's scratch teacher."""
+    return defense.engine.epochs(name, epochs, model, x, y, batch_size, optimizer=optimizer, generator=g, lr_at=lr_at,
+                                 augment=clean_augment(defense.data.info, defense.cfg.cutout_length),
+                                 evaluate=defense.evaluation(model), extra={"stage": float(index)})
 
 
-def teacher_stage(engine: Engine, cfg: DistillConfig, backdoor: Backdoor, teacher: nn.Module, x: torch.Tensor,
-                  y: torch.Tensor, lr_at: Callable[[int], float]) -> Stage:
+def teacher_stage(defense: DefenseRun, teacher: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  lr_at: Callable[[int], float]) -> Stage:
     """The teacher of NAD and ARGD (stage 0): CE on the clean subset for teacher_epochs, lr per epoch from `lr_at`."""
+    cfg: DistillConfig = defense.cfg
     optimizer = sgd(teacher.parameters(), lr_at(0), cfg.momentum, cfg.weight_decay, cfg.nesterov)
-    g = make_generator(derive_seed(cfg.seed, "teacher"), engine.ctx.device)
-    return finetune_stage(engine, backdoor, "teacher", 0, teacher, optimizer, x, y, g, cfg.teacher_epochs,
-                          cfg.batch_size, cfg.cutout_length, lr_at, cfg.eval_batch_size)
+    return finetune_stage(defense, "teacher", 0, teacher, optimizer, x, y, defense.generator("teacher"),
+                          cfg.teacher_epochs, cfg.batch_size, lr_at)
 
 
 class StudentForward(nn.Module):
@@ -64,38 +61,33 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Te
                   dict[str, torch.Tensor]]
 
 
-def distill_stage(ctx: RunContext, cfg: DistillConfig, backdoor: Backdoor, student: nn.Module, teacher: nn.Module,
-                  optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, g: torch.Generator,
-                  loss_terms: LossFn, head: nn.Module | None = None) -> Stage:
+def distill_stage(defense: DefenseRun, student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer,
+                  x: torch.Tensor, y: torch.Tensor, g: torch.Generator, loss_terms: LossFn,
+                  head: nn.Module | None = None) -> Stage:
     """The student stage (stage 1): per batch, the frozen teacher's attention maps under no_grad, then the sum of
     the method's `loss_terms` on the student. Reports each term's epoch mean."""
-    forward = ctx.wrap_model(StudentForward(student, head))
-    augment = clean_augment(backdoor.data.info, cfg.cutout_length)
+    cfg: DistillConfig = defense.cfg
+    forward = defense.ctx.wrap_model(StudentForward(student, head))
+    augment = clean_augment(defense.data.info, cfg.cutout_length)
     n = len(y)
     # BatchNorm (ARGD's heads) cannot normalise a one-sample batch on any rank, so such a remainder is dropped.
-    drop_last = n > cfg.batch_size and 0 < (n % cfg.batch_size) < 2 * ctx.world_size
+    drop_last = n > cfg.batch_size and 0 < (n % cfg.batch_size) < 2 * defense.ctx.world_size
 
     def run_epoch(epoch: int) -> dict[str, torch.Tensor]:
         lr = cfg.student_lr(epoch)
         set_lr(optimizer, lr)
         forward.train()
         teacher.eval()
-        totals: dict[str, torch.Tensor] = {}
-        batches = 0
-        for idx in minibatches(n, cfg.batch_size, g, x.device, drop_last=drop_last,
-                               rank=ctx.rank, world_size=ctx.world_size):
+
+        def batch_loss(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             xb = augment(to_float(x[idx]), g)
             with torch.no_grad():
                 teacher_maps = [attention_map(s, cfg.p) for s in teacher.forward_features(xb).stages]
             logits, student_maps, head_loss = forward(xb, teacher_maps, cfg.p)
             terms = loss_terms(logits, y[idx], student_maps, teacher_maps, head_loss)
-            loss = sum(terms.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            for k, v in {"train_loss": loss, **terms}.items():
-                totals[k] = totals.get(k, 0.0) + v.detach()
-            batches += 1
-        return {**{k: v / max(batches, 1) for k, v in totals.items()}, "lr": torch.tensor(lr), "stage": 1.0}
+            return sum(terms.values()), terms
 
-    return Stage("distill", cfg.epochs, run_epoch, evaluation(student, backdoor, cfg.eval_batch_size))
+        means = descend(optimizer, defense.batches(n, cfg.batch_size, g, drop_last=drop_last), batch_loss)
+        return {**means, "lr": torch.tensor(lr), "stage": 1.0}
+
+    return Stage("distill", cfg.epochs, run_epoch, defense.evaluation(student))

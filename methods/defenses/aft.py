@@ -26,13 +26,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from methods.core.context import RunContext
-from methods.core.engine import Engine, Stage
+from methods.core.engine import Stage
 from methods.core.method import register_method
 from methods.core.pgd import pgd_untargeted
-from methods.core.training import derive_seed, make_generator, minibatches, sgd, to_float, unwrap
+from methods.core.training import descend, minibatches, sgd, to_float, unwrap
 from methods.data.augment import backdoor_pipeline_augment
 from methods.data.configs import DatasetInfo
-from methods.defenses.common import DefenseResult, clean_subset, evaluation, final_result
+from methods.defenses.common import DefenseResult, DefenseRun
 from methods.defenses.configs import AdversarialFinetuneConfig, AFTConfig
 
 
@@ -61,38 +61,32 @@ def adversarial_finetune_epoch(
 ) -> torch.Tensor:
     """One fine-tuning epoch with the PBE/WaNet batch augmentation; the first `adv_batches` batches (None: all)
     are replaced by their PGD examples, keeping their labels. Returns the mean loss as a device tensor."""
-    total = torch.zeros((), device=x_uint8.device)
-    steps = 0
-    batches = minibatches(len(y), cfg.batch_size, g_train, x_uint8.device, rank=rank, world_size=world_size)
-    for i, idx in enumerate(batches):
+    def batch_loss(numbered: tuple[int, torch.Tensor]) -> torch.Tensor:
+        i, idx = numbered
         xb, yb = backdoor_pipeline_augment(to_float(x_uint8[idx]), info, g_train), y[idx]
         if adv_batches is None or i < adv_batches:
             xb = adversarial_batch(wrapped, xb, yb, cfg, g_pgd)
         wrapped.train()
-        loss = F.cross_entropy(wrapped(xb), yb)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.detach()
-        steps += 1
-    return total / max(steps, 1)
+        return F.cross_entropy(wrapped(xb), yb)
+
+    batches = minibatches(len(y), cfg.batch_size, g_train, x_uint8.device, rank=rank, world_size=world_size)
+    means = descend(optimizer, enumerate(batches), batch_loss)
+    return means.get("train_loss", torch.zeros((), device=x_uint8.device))
 
 
 @register_method("aft")
 def run(ctx: RunContext, cfg: AFTConfig) -> DefenseResult:
-    backdoor = ctx.backdoor().to(ctx.device)
-    data = backdoor.data
-    model = backdoor.build_model(ctx.device)
-    idx = clean_subset(backdoor, cfg.clean_ratio, cfg.clean_seed)
+    defense = DefenseRun(ctx, cfg)
+    data = defense.data
+    model = defense.backdoor.build_model(ctx.device)
+    idx = defense.clean_subset()
     x_clean, y_clean = data.x_train[idx], data.y_train[idx]
     ctx.progress(f"aft: {len(idx)} clean images, {cfg.adv_epochs if cfg.adv_epochs is not None else cfg.epochs} "
                  f"adversarial epochs of {cfg.epochs}")
 
     optimizer = sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
-    g_train = make_generator(derive_seed(cfg.seed, "train"), ctx.device)
-    g_pgd = make_generator(derive_seed(cfg.seed, "pgd"), ctx.device)
-    engine = Engine(ctx)
-    engine.track({"model": model}, {"opt": optimizer}, generators={"train": g_train, "pgd": g_pgd})
+    g_train, g_pgd = defense.generator("train"), defense.generator("pgd")
+    defense.engine.track({"model": model}, {"opt": optimizer}, generators={"train": g_train, "pgd": g_pgd})
     wrapped = ctx.wrap_model(model)
     adv_epochs = cfg.epochs if cfg.adv_epochs is None else cfg.adv_epochs
 
@@ -102,5 +96,5 @@ def run(ctx: RunContext, cfg: AFTConfig) -> DefenseResult:
                                           None if adversarial else 0, ctx.rank, ctx.world_size)
         return {"train_loss": loss, "adversarial": float(adversarial)}
 
-    last = engine.run([Stage("finetune", cfg.epochs, run_epoch, evaluation(model, backdoor, cfg.eval_batch_size))])
-    return final_result(ctx, model, backdoor, last, batch_size=cfg.eval_batch_size)
+    return defense.finish(model, defense.engine.run([Stage("finetune", cfg.epochs, run_epoch,
+                                                           defense.evaluation(model))]))

@@ -29,12 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from methods.core.context import RunContext
-from methods.core.engine import Engine
 from methods.core.method import register_method
-from methods.core.training import derive_seed, make_generator, sgd
+from methods.core.training import derive_seed, sgd
 from methods.defenses._distill import distill_stage, teacher_stage
 from methods.defenses.attention import TransferHeads, edge_loss, weighted_at_loss
-from methods.defenses.common import clean_subset, final_result
+from methods.defenses.common import DefenseRun
 from methods.defenses.configs import ARGDConfig
 from methods.models.base import build_model
 
@@ -48,18 +47,17 @@ def seeded_module(seed: int, build):
 
 @register_method("argd")
 def run(ctx: RunContext, cfg: ARGDConfig):
-    backdoor = ctx.backdoor().to(ctx.device)
-    data = backdoor.data
-    idx = clean_subset(backdoor, cfg.clean_ratio, cfg.clean_seed)
-    x, y = data.x_train[idx], data.y_train[idx]
-    student = backdoor.build_model(ctx.device)
+    defense = DefenseRun(ctx, cfg)
+    idx = defense.clean_subset()
+    x, y = defense.data.x_train[idx], defense.data.y_train[idx]
+    student = defense.backdoor.build_model(ctx.device)
     if cfg.teacher_mode == "finetune_student":
-        teacher = backdoor.build_model(ctx.device)
+        teacher = defense.backdoor.build_model(ctx.device)
     else:
-        teacher = seeded_module(derive_seed(cfg.seed, "teacher_init"), lambda: build_model("wrn40_2", data.info))
+        info = defense.data.info
+        teacher = seeded_module(derive_seed(cfg.seed, "teacher_init"), lambda: build_model("wrn40_2", info))
         teacher = teacher.to(ctx.device)
-    engine = Engine(ctx)
-    first = teacher_stage(engine, cfg, backdoor, teacher, x, y, cfg.teacher_lr_at)
+    first = teacher_stage(defense, teacher, x, y, cfg.teacher_lr_at)
 
     heads = seeded_module(derive_seed(cfg.seed, "heads"), lambda: TransferHeads(3, 3, cfg.qk_dim)).to(ctx.device)
     params = list(student.parameters())
@@ -68,7 +66,7 @@ def run(ctx: RunContext, cfg: ARGDConfig):
     else:
         heads.requires_grad_(False)
     optimizer = sgd(params, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
-    g = make_generator(derive_seed(cfg.seed, "train"), ctx.device)
+    g = defense.generator("train")
 
     def loss_terms(logits, labels, student_maps, teacher_maps, transfer):
         return {"loss_ce": F.cross_entropy(logits, labels),
@@ -76,6 +74,6 @@ def run(ctx: RunContext, cfg: ARGDConfig):
                 "loss_edge": cfg.w_edge * edge_loss(student_maps, teacher_maps),
                 "loss_trans": cfg.w_trans * transfer}
 
-    stage = distill_stage(ctx, cfg, backdoor, student, teacher, optimizer, x, y, g, loss_terms, head=heads)
-    engine.track({"student": student, "heads": heads}, {"student": optimizer}, generators={"train": g})
-    return final_result(ctx, student, backdoor, engine.run([first, stage]), batch_size=cfg.eval_batch_size)
+    stage = distill_stage(defense, student, teacher, optimizer, x, y, g, loss_terms, head=heads)
+    defense.engine.track({"student": student, "heads": heads}, {"student": optimizer}, generators={"train": g})
+    return defense.finish(student, defense.engine.run([first, stage]))

@@ -40,13 +40,13 @@ import torch.nn.functional as F
 
 from methods.attacks.base import Backdoor
 from methods.core.context import RunContext
-from methods.core.engine import Engine, Stage
+from methods.core.engine import Stage
 from methods.core.method import register_method
 from methods.core.metrics import POOL_CLEAN, POOL_POISON, split_metrics
-from methods.core.training import derive_seed, make_generator, to_float, train_epoch
+from methods.core.training import derive_seed, descend, to_float, train_epoch
 from methods.data.augment import standard_augment
 from methods.data.configs import DatasetInfo
-from methods.defenses.common import evaluation, final_result, hand_off_scores
+from methods.defenses.common import DefenseRun, hand_off_scores
 from methods.defenses.configs import ASDConfig
 from methods.defenses.mixmatch import (
     interleave,
@@ -164,8 +164,8 @@ def mixmatch_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.
     unlabeled = index_stream(polluted_idx, iters * bs, g) if len(polluted_idx) else None
     lambdas = mixup_lambdas(cfg.mixup_alpha, iters, g)
     model.train()
-    totals = torch.zeros(3, device=x.device)
-    for it in range(iters):
+
+    def batch_loss(it: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         li = labeled[it * bs:(it + 1) * bs][rank::world_size]
         x_l = standard_augment(to_float(x[li]), info, g)
         inputs, targets = [x_l], [F.one_hot(y[li], num_classes).float()]
@@ -184,30 +184,25 @@ def mixmatch_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.
             lu = squared_error(torch.cat(logits[1:]), mixed_t[n_l:])
         else:
             lu = torch.zeros((), device=x.device)
-        loss = lx + ramp_weight(cfg.lambda_u, epoch + it / iters, rampup) * lu
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        totals += torch.stack([loss.detach(), lx.detach(), lu.detach()])
-    totals /= iters
-    return {"train_loss": totals[0], "train_lx": totals[1], "train_lu": totals[2]}
+        return lx + ramp_weight(cfg.lambda_u, epoch + it / iters, rampup) * lu, {"train_lx": lx, "train_lu": lu}
+
+    return descend(optimizer, range(iters), batch_loss)
 
 
 @register_method("asd")
 def run(ctx: RunContext, cfg: ASDConfig):
-    backdoor = ctx.backdoor().to(ctx.device)
-    data, info = backdoor.data, backdoor.data.info
+    defense = DefenseRun(ctx, cfg)
+    backdoor, data, info = defense.backdoor, defense.data, defense.data.info
     x, y, flags = data.x_train, data.y_train, data.poison_flags
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, "asd-init"))
         model = build_model(backdoor.model_name, info).to(ctx.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gens = {name: make_generator(derive_seed(cfg.seed, f"asd-{name}"), ctx.device)
-            for name in ("train", "record", "meta")}
+    gens = {name: defense.generator(f"asd-{name}") for name in ("train", "record", "meta")}
     seeds = clean_seed_indices(backdoor, cfg.seed_num,
                                backdoor.seeds["clean_seed"] if cfg.clean_seed is None else cfg.clean_seed)
 
-    engine = Engine(ctx)
+    engine = defense.engine
     engine.track({"model": model}, {"opt": optimizer}, generators=gens)
     # the last split: what the final model was trained with, handed over as the run's scores
     kept = engine.keep(series={"epoch": [], "clean_pool_size": [], "clean_pool_poisoned": [], "stage": []},
@@ -239,7 +234,7 @@ def run(ctx: RunContext, cfg: ASDConfig):
                      f"({series['clean_pool_poisoned'][-1]} poisoned)")
         return {**split_metrics(kept.pools, flags, kept.scores), **losses, "asd_stage": float(stage)}
 
-    last = engine.run([Stage("mixmatch", cfg.epochs, run_epoch, evaluation(model, backdoor, cfg.eval_batch_size))])
+    last = engine.run([Stage("mixmatch", cfg.epochs, run_epoch, defense.evaluation(model))])
     ctx.hand_off_series("asd_pools", kept.series)
     final_split = hand_off_scores(ctx, backdoor, kept.scores, kept.pools)
-    return final_result(ctx, model, backdoor, last, final_split, batch_size=cfg.eval_batch_size)
+    return defense.finish(model, last, final_split)

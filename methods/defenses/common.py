@@ -13,8 +13,9 @@ import torch.nn as nn
 from methods.attacks.base import Backdoor, evaluate
 from methods.core.blind_signals import blind_signals
 from methods.core.context import RunContext
+from methods.core.engine import Engine
 from methods.core.metrics import POOL_NAMES, der, split_metrics
-from methods.core.training import unwrap
+from methods.core.training import derive_seed, make_generator, minibatches, train_epoch, unwrap
 
 
 @dataclass
@@ -128,6 +129,53 @@ def final_result(ctx: RunContext, model: nn.Module, backdoor: Backdoor, last: tu
         ctx.progress(f"final report at step {step + 1}: the returned model, kept from step {int(metrics['kept_step'])}")
     state = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
     return DefenseResult(state, metrics, backdoor.model_name)
+
+
+class DefenseRun:
+    """The plumbing every defense's run(ctx, cfg) shares, so that its file holds only its algorithm: the suspect
+    model's artifact and data on the training device, the engine that steps, reports, checkpoints and resumes the
+    run, one generator per random purpose drawn from the defense seed, batches split across the context's ranks,
+    evaluation with DER at the configured batch size, and the returned model's final result."""
+
+    def __init__(self, ctx: RunContext, cfg) -> None:
+        self.ctx, self.cfg, self.device = ctx, cfg, ctx.device
+        self.backdoor: Backdoor = ctx.backdoor().to(ctx.device)
+        self.data = self.backdoor.data
+        self.engine = Engine(ctx)
+
+    def generator(self, purpose: str) -> torch.Generator:
+        """A generator of its own for `purpose`, so that each random stream resumes and reproduces alone."""
+        return make_generator(derive_seed(self.cfg.seed, purpose), self.device)
+
+    def clean_subset(self) -> torch.Tensor:
+        """The defender's clean extra set (its `clean_ratio`), the same images for every defense of the attack."""
+        return clean_subset(self.backdoor, self.cfg.clean_ratio, self.cfg.clean_seed)
+
+    def batches(self, n: int, batch_size: int, generator: torch.Generator | None,
+                drop_last: bool = False):
+        """Index batches over n samples, this rank's share of each under a multi-worker context."""
+        return minibatches(n, batch_size, generator, self.device, drop_last, self.ctx.rank, self.ctx.world_size)
+
+    def train_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, x_uint8: torch.Tensor,
+                    y: torch.Tensor, batch_size: int, generator: torch.Generator,
+                    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """methods.core.training.train_epoch on this context's ranks."""
+        extra = {} if loss_fn is None else {"loss_fn": loss_fn}
+        return train_epoch(model, optimizer, x_uint8, y, batch_size, generator, augment, **extra,
+                           rank=self.ctx.rank, world_size=self.ctx.world_size)
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        return evaluate_with_der(model, self.backdoor, self.cfg.eval_batch_size)
+
+    def evaluation(self, model: nn.Module) -> Callable[[], dict[str, float]]:
+        """A stage's `evaluate`: `model` evaluated with DER after every step."""
+        return evaluation(model, self.backdoor, self.cfg.eval_batch_size)
+
+    def finish(self, model: nn.Module, last: tuple[int, dict[str, float]], extra: dict[str, float] | None = None,
+               kept_step: int | None = None) -> DefenseResult:
+        """The run's result: `model` (the weights of `kept_step`, or of the last step), see final_result."""
+        return final_result(self.ctx, model, self.backdoor, last, extra, kept_step, self.cfg.eval_batch_size)
 
 
 def hand_off_scores(ctx: RunContext, backdoor: Backdoor, scores: torch.Tensor | np.ndarray,

@@ -28,13 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from methods.core.context import RunContext
-from methods.core.engine import Engine, Stage
+from methods.core.engine import Stage
 from methods.core.method import register_method
 from methods.core.metrics import POOL_CLEAN, POOL_POISON
 from methods.core.schedules import set_lr
-from methods.core.training import derive_seed, make_generator, sgd, train_epoch
+from methods.core.training import sgd
 from methods.data.augment import standard_augment
-from methods.defenses.common import evaluate_with_der, final_result
+from methods.defenses.common import DefenseRun
 from methods.defenses.configs import BR_MARGIN_METRICS, DBRConfig
 from methods.defenses.sd import pool_indices, sd_stages
 
@@ -75,14 +75,13 @@ def chosen(candidates: list[dict[str, Any]]) -> dict[str, Any]:
 
 @register_method("dbr")
 def run(ctx: RunContext, cfg: DBRConfig):
-    backdoor = ctx.backdoor().to(ctx.device)
-    data = backdoor.data
-    engine = Engine(ctx)
-    sd_run, _ = sd_stages(ctx, cfg, backdoor, engine)
+    defense = DefenseRun(ctx, cfg)
+    data, engine = defense.data, defense.engine
+    sd_run, _, sd_split = sd_stages(defense)
 
-    model = backdoor.build_model(ctx.device)
+    model = defense.backdoor.build_model(ctx.device)
     optimizer = sgd(model.parameters(), cfg.br_lr, cfg.momentum, cfg.weight_decay)
-    g = make_generator(derive_seed(cfg.seed, "br"), ctx.device)
+    g = defense.generator("br")
     engine.track({"br": model}, {"br": optimizer}, generators={"br": g})
     carried = engine.keep(candidates=[], best_acc=float("-inf"))
     pools: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -90,7 +89,7 @@ def run(ctx: RunContext, cfg: DBRConfig):
 
     def split_pools() -> None:
         for name, code in (("clean", POOL_CLEAN), ("poison", POOL_POISON)):
-            idx = pool_indices(carried.pools, code)
+            idx = pool_indices(sd_split.pools, code)
             pools[name] = data.x_train[idx], data.y_train[idx]
 
     augment = lambda xb: standard_augment(xb, data.info, g)  # noqa: E731
@@ -102,19 +101,17 @@ def run(ctx: RunContext, cfg: DBRConfig):
     def br_round(i: int) -> dict[str, float]:
         rnd = i + 1
         set_lr(optimizer, cfg.br_lr * cfg.br_unlearn_lr_scale)
-        unlearn = train_epoch(wrapped, optimizer, *pools["poison"], cfg.br_batch_size, g, augment, _ascent,
-                              rank=ctx.rank, world_size=ctx.world_size)
+        unlearn = defense.train_epoch(wrapped, optimizer, *pools["poison"], cfg.br_batch_size, g, augment, _ascent)
         set_lr(optimizer, cfg.br_lr)
         for _ in range(cfg.br_relearn_epochs):
-            relearn = train_epoch(wrapped, optimizer, *pools["clean"], cfg.br_batch_size, g, augment,
-                                  rank=ctx.rank, world_size=ctx.world_size)
-        metrics = evaluate_with_der(model, backdoor, cfg.eval_batch_size)
+            relearn = defense.train_epoch(wrapped, optimizer, *pools["clean"], cfg.br_batch_size, g, augment)
+        metrics = defense.evaluate(model)
         carried.best_acc = max(carried.best_acc, metrics["val_acc"])
         # the candidate holds this round's report (completed below), which the final report repeats if it is kept
         entry = {"round": rnd, "step": engine.step, "acc": metrics["val_acc"],
                  "risk": metrics[minimised] if minimised else None, "report": metrics}
         carried.candidates = update_candidates(carried.candidates, entry, cfg.br_acc_margin, rule)
-        metrics.update({**carried.split, "br_round": float(rnd), "br_unlearn_loss": -unlearn.item(),
+        metrics.update({**sd_split.metrics, "br_round": float(rnd), "br_unlearn_loss": -unlearn.item(),
                         "br_relearn_loss": relearn.item(), "br_kept_round": float(chosen(carried.candidates)["round"]),
                         "br_acc_floor": carried.best_acc - cfg.br_acc_margin})
         newest["entry"] = entry
@@ -132,6 +129,5 @@ def run(ctx: RunContext, cfg: DBRConfig):
                  + ("" if minimised is None else
                     f", the lowest {minimised} ({kept['risk']:.4f}) among the rounds with val ACC >= "
                     f"{best_acc - cfg.br_acc_margin:.4f} (best {best_acc:.4f} - margin {cfg.br_acc_margin})"))
-    return final_result(ctx, model, backdoor, last, {**kept["report"], "br_kept_round": float(kept["round"]),
-                                                     "br_acc_floor": best_acc - cfg.br_acc_margin},
-                        kept_step=kept["step"], batch_size=cfg.eval_batch_size)
+    return defense.finish(model, last, {**kept["report"], "br_kept_round": float(kept["round"]),
+                                        "br_acc_floor": best_acc - cfg.br_acc_margin}, kept_step=kept["step"])

@@ -32,13 +32,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from methods.core.context import RunContext
-from methods.core.engine import Engine, Stage
+from methods.core.engine import Stage
 from methods.core.method import register_method
 from methods.core.metrics import POOL_CLEAN, POOL_POISON
 from methods.core.schedules import set_lr
-from methods.core.training import derive_seed, make_generator, minibatches, predict_features, to_float
+from methods.core.training import derive_seed, descend, predict_features, to_float
 from methods.data.augment import strong_augment
-from methods.defenses.common import evaluate_with_der, final_result
+from methods.defenses.common import DefenseRun
 from methods.defenses.configs import DSTConfig
 from methods.defenses.sd import pool_indices, sd_stages
 from methods.models.base import BackdoorModel, build_model
@@ -134,11 +134,9 @@ def _fresh_head(head: nn.Linear, g: torch.Generator) -> None:
 
 @register_method("dst")
 def run(ctx: RunContext, cfg: DSTConfig):
-    backdoor = ctx.backdoor().to(ctx.device)
-    data, device = backdoor.data, ctx.device
-    engine = Engine(ctx)
-    sd_run, _ = sd_stages(ctx, cfg, backdoor, engine)
-    kept = engine.kept  # SD's pools and split metrics
+    defense = DefenseRun(ctx, cfg)
+    backdoor, data, device, engine = defense.backdoor, defense.data, ctx.device, defense.engine
+    sd_run, _, sd_split = sd_stages(defense)
     n = len(data.y_train)
     st = SimpleNamespace()  # what the two stages build when they begin
 
@@ -148,10 +146,10 @@ def run(ctx: RunContext, cfg: DSTConfig):
         width = model.feature_dim
         st.projector = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True),
                                      nn.Linear(width, cfg.st_proj_dim)).to(device)
-        st.g = make_generator(derive_seed(cfg.seed, "st"), device)
-        clean_pool = pool_indices(kept.pools, POOL_CLEAN)
+        st.g = defense.generator("st")
+        clean_pool = pool_indices(sd_split.pools, POOL_CLEAN)
         st.x_clean, st.y_clean = data.x_train[clean_pool], data.y_train[clean_pool]
-        st.is_clean = kept.pools == POOL_CLEAN
+        st.is_clean = sd_split.pools == POOL_CLEAN
         st.augment = lambda xb: strong_augment(xb, data.info, st.g)
         # The classifier is not part of SupCon (frozen, so DDP does not wait on its gradient).
         model.classifier.requires_grad_(False)
@@ -166,57 +164,50 @@ def run(ctx: RunContext, cfg: DSTConfig):
     def supcon_epoch(i: int) -> dict[str, Any]:
         epoch = i + 1
         st.net.train()
-        total = torch.zeros((), device=device)
-        for batch, idx in enumerate(minibatches(n, cfg.st_batch_size, st.g, device, rank=ctx.rank,
-                                                world_size=ctx.world_size)):
+
+        def batch_loss(numbered: tuple[int, torch.Tensor]) -> torch.Tensor:
+            batch, idx = numbered
             set_lr(st.optimizer, supcon_lr(cfg, epoch, batch, n_batches))
             x = to_float(data.x_train[idx])
             z = st.net(torch.cat([st.augment(x), st.augment(x)]))
-            loss = supcon_loss(z[: len(idx)], z[len(idx) :], data.y_train[idx], st.is_clean[idx],
+            return supcon_loss(z[: len(idx)], z[len(idx) :], data.y_train[idx], st.is_clean[idx],
                                cfg.st_supcon_temperature, cfg.st_base_temperature, cfg.st_positive_pool == "clean")
-            st.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            st.optimizer.step()
-            total += loss.detach()
+
+        means = descend(st.optimizer, enumerate(defense.batches(n, cfg.st_batch_size, st.g)), batch_loss)
         _nearest_mean_probe(st.model, st.x_clean, st.y_clean, cfg.eval_batch_size)
-        return {**kept.split, "st_supcon_loss": total / n_batches}
+        return {**sd_split.metrics, "st_supcon_loss": means.get("train_loss", torch.zeros((), device=device))}
 
     def begin_cls() -> None:
         # A fresh linear head on the frozen encoder, mixed CE over the clean and poisoned pools.
         st.model.requires_grad_(False)
         st.head = head = st.model.classifier
         head.requires_grad_(True)
-        _fresh_head(head, make_generator(derive_seed(cfg.seed, "st_head"), device))
+        _fresh_head(head, defense.generator("st_head"))
         st.head_opt = torch.optim.SGD(head.parameters(), lr=cfg.st_cls_lr, momentum=cfg.momentum,
                                       weight_decay=cfg.st_cls_weight_decay)
         st.head_sched = torch.optim.lr_scheduler.MultiStepLR(st.head_opt, milestones=[60, 75, 90], gamma=0.2)
         engine.track(optimizers={"cls": st.head_opt}, schedulers={"cls": st.head_sched})
-        train_idx = pool_indices(kept.pools, POOL_CLEAN, POOL_POISON)
+        train_idx = pool_indices(sd_split.pools, POOL_CLEAN, POOL_POISON)
         st.x_train, st.y_train = data.x_train[train_idx], data.y_train[train_idx]
-        st.poisoned = kept.pools[train_idx] == POOL_POISON
+        st.poisoned = sd_split.pools[train_idx] == POOL_POISON
         st.wrapped_head = ctx.wrap_model(head)
 
     def cls_epoch(i: int) -> dict[str, Any]:
         st.model.eval()  # frozen encoder, BN statistics included
         st.head.train()
-        total = torch.zeros((), device=device)
-        steps = 0
-        for idx in minibatches(len(st.y_train), cfg.st_cls_batch_size, st.g, device, rank=ctx.rank,
-                               world_size=ctx.world_size):
+
+        def batch_loss(idx: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 features = st.model.features(st.augment(to_float(st.x_train[idx])))
-            loss = mixed_cross_entropy(st.wrapped_head(features), st.y_train[idx], st.poisoned[idx], cfg.st_lambda_p)
-            st.head_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            st.head_opt.step()
-            total += loss.detach()
-            steps += 1
+            return mixed_cross_entropy(st.wrapped_head(features), st.y_train[idx], st.poisoned[idx], cfg.st_lambda_p)
+
+        means = descend(st.head_opt, defense.batches(len(st.y_train), cfg.st_cls_batch_size, st.g), batch_loss)
         st.head_sched.step()
-        return {**kept.split, "st_cls_loss": total / max(steps, 1)}
+        return {**sd_split.metrics, "st_cls_loss": means.get("train_loss", torch.zeros((), device=device))}
 
     def evaluate() -> dict[str, float]:
-        return evaluate_with_der(st.model, backdoor, cfg.eval_batch_size)
+        return defense.evaluate(st.model)
 
     last = engine.run([*sd_run, Stage("st_supcon", cfg.st_epochs, supcon_epoch, evaluate, begin=begin_supcon),
                        Stage("st_cls", cfg.st_cls_epochs, cls_epoch, evaluate, begin=begin_cls)])
-    return final_result(ctx, st.model, backdoor, last, batch_size=cfg.eval_batch_size)
+    return defense.finish(st.model, last)

@@ -16,23 +16,20 @@ The fine-tuning stage itself lives in methods/defenses/_distill.py, where NAD an
 from __future__ import annotations
 
 from methods.core.context import RunContext
-from methods.core.engine import Engine
 from methods.core.method import register_method
-from methods.core.training import derive_seed, make_generator, sgd
+from methods.core.training import sgd
 from methods.defenses._distill import finetune_stage
-from methods.defenses.common import clean_subset, final_result
+from methods.defenses.common import DefenseRun
 from methods.defenses.configs import FTConfig
 
 
 @register_method("ft")
 def run(ctx: RunContext, cfg: FTConfig):
-    backdoor = ctx.backdoor().to(ctx.device)
-    data = backdoor.data
-    idx = clean_subset(backdoor, cfg.clean_ratio, cfg.clean_seed)
-    model = backdoor.build_model(ctx.device)
+    defense = DefenseRun(ctx, cfg)
+    idx = defense.clean_subset()
+    model = defense.backdoor.build_model(ctx.device)
     optimizer = sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
-    g = make_generator(derive_seed(cfg.seed, "train"), ctx.device)
-    engine = Engine(ctx)
-    stage = finetune_stage(engine, backdoor, "finetune", 0, model, optimizer, data.x_train[idx], data.y_train[idx], g,
-                           cfg.epochs, cfg.batch_size, cfg.cutout_length, lambda epoch: cfg.lr, cfg.eval_batch_size)
-    return final_result(ctx, model, backdoor, engine.run([stage]), batch_size=cfg.eval_batch_size)
+    x, y = defense.data.x_train[idx], defense.data.y_train[idx]
+    stage = finetune_stage(defense, "finetune", 0, model, optimizer, x, y, defense.generator("train"), cfg.epochs,
+                           cfg.batch_size, lambda epoch: cfg.lr)
+    return defense.finish(model, defense.engine.run([stage]))

@@ -17,32 +17,29 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from methods.core.context import RunContext
-from methods.core.engine import Engine
 from methods.core.method import register_method
-from methods.core.training import derive_seed, make_generator, sgd
+from methods.core.training import sgd
 from methods.defenses._distill import distill_stage, teacher_stage
 from methods.defenses.attention import weighted_at_loss
-from methods.defenses.common import clean_subset, final_result
+from methods.defenses.common import DefenseRun
 from methods.defenses.configs import NADConfig
 
 
 @register_method("nad")
 def run(ctx: RunContext, cfg: NADConfig):
-    backdoor = ctx.backdoor().to(ctx.device)
-    data = backdoor.data
-    idx = clean_subset(backdoor, cfg.clean_ratio, cfg.clean_seed)
-    x, y = data.x_train[idx], data.y_train[idx]
-    student, teacher = backdoor.build_model(ctx.device), backdoor.build_model(ctx.device)
-    engine = Engine(ctx)
-    first = teacher_stage(engine, cfg, backdoor, teacher, x, y, lambda epoch: cfg.teacher_lr)
+    defense = DefenseRun(ctx, cfg)
+    idx = defense.clean_subset()
+    x, y = defense.data.x_train[idx], defense.data.y_train[idx]
+    student, teacher = defense.backdoor.build_model(ctx.device), defense.backdoor.build_model(ctx.device)
+    first = teacher_stage(defense, teacher, x, y, lambda epoch: cfg.teacher_lr)
     optimizer = sgd(student.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
-    g = make_generator(derive_seed(cfg.seed, "train"), ctx.device)
+    g = defense.generator("train")
     betas = (cfg.beta1, cfg.beta2, cfg.beta3)
 
     def loss_terms(logits, labels, student_maps, teacher_maps, _):
         return {"loss_ce": F.cross_entropy(logits, labels),
                 "loss_at": weighted_at_loss(student_maps, teacher_maps, betas)}
 
-    stage = distill_stage(ctx, cfg, backdoor, student, teacher, optimizer, x, y, g, loss_terms)
-    engine.track({"student": student}, {"student": optimizer}, generators={"train": g})
-    return final_result(ctx, student, backdoor, engine.run([first, stage]), batch_size=cfg.eval_batch_size)
+    stage = distill_stage(defense, student, teacher, optimizer, x, y, g, loss_terms)
+    defense.engine.track({"student": student}, {"student": optimizer}, generators={"train": g})
+    return defense.finish(student, defense.engine.run([first, stage]))

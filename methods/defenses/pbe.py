@@ -50,13 +50,13 @@ import torch.nn.functional as F
 
 from methods.attacks.base import Backdoor
 from methods.core.context import RunContext
-from methods.core.engine import Engine, Stage
+from methods.core.engine import Stage
 from methods.core.method import register_method
 from methods.core.metrics import POOL_CLEAN, POOL_UNCERTAIN, split_metrics
-from methods.core.training import derive_seed, make_generator, predict_logits, sgd
+from methods.core.training import derive_seed, predict_logits, sgd
 from methods.data.base import load_splits
 from methods.defenses.aft import adversarial_finetune_epoch
-from methods.defenses.common import DefenseResult, evaluate_with_der, final_result, hand_off_scores
+from methods.defenses.common import DefenseResult, DefenseRun, hand_off_scores
 from methods.defenses.configs import SIMILARITIES, STEP0_CHECK_METRICS, PBEConfig
 
 ARGMAX_TIE_WEIGHT = 1e-3
@@ -135,8 +135,8 @@ def clean_originals(ctx: RunContext, backdoor: Backdoor) -> torch.Tensor:
 
 @register_method("pbe")
 def run(ctx: RunContext, cfg: PBEConfig) -> DefenseResult:
-    backdoor = ctx.backdoor().to(ctx.device)
-    data = backdoor.data
+    defense = DefenseRun(ctx, cfg)
+    backdoor, data = defense.backdoor, defense.data
     model = backdoor.build_model(ctx.device)
     n = len(data.y_train)
     x_train = clean_originals(ctx, backdoor) if cfg.clean_originals else data.x_train
@@ -145,9 +145,8 @@ def run(ctx: RunContext, cfg: PBEConfig) -> DefenseResult:
     rates = cfg.rates()
 
     optimizer = sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
-    g_train = make_generator(derive_seed(cfg.seed, "train"), ctx.device)
-    g_pgd = make_generator(derive_seed(cfg.seed, "pgd"), ctx.device)
-    engine = Engine(ctx)
+    g_train, g_pgd = defense.generator("train"), defense.generator("pgd")
+    engine = defense.engine
     engine.track({"model": model}, {"opt": optimizer}, generators={"train": g_train, "pgd": g_pgd})
     # attempt: how many times step 0 failed and was rerun so far
     kept = engine.keep(trusted=random_mask(n, cfg.init_fraction, derive_seed(cfg.seed, "pbe_init"), ctx.device),
@@ -173,7 +172,7 @@ def run(ctx: RunContext, cfg: PBEConfig) -> DefenseResult:
                                           cfg.step0_config(kept.attempt) if stage == 0 else cfg, data.info,
                                           g_train, g_pgd, adv_batches, ctx.rank, ctx.world_size)
         trained_on = kept.trusted
-        metrics = evaluate_with_der(model, backdoor, cfg.eval_batch_size)
+        metrics = defense.evaluate(model)
         extra: dict[str, float] = {"train_loss": loss.item(), "pbe_step": float(stage),
                                    "pbe_attempt": float(kept.attempt)}
         if epoch == per:
@@ -212,4 +211,4 @@ def run(ctx: RunContext, cfg: PBEConfig) -> DefenseResult:
     last = engine.run([Stage("progressive", lambda: (cfg.n_steps + kept.attempt) * per, run_epoch)])
     assert kept.similarity is not None, "the last epoch of every step re-scores"
     final_split = hand_off_scores(ctx, backdoor, 1.0 - kept.similarity, trusted_pools(kept.trusted))
-    return final_result(ctx, model, backdoor, last, final_split, batch_size=cfg.eval_batch_size)
+    return defense.finish(model, last, final_split)

@@ -39,13 +39,13 @@ import torch.nn.functional as F
 
 from methods.attacks.base import Backdoor
 from methods.core.context import RunContext
-from methods.core.engine import Engine, Stage
+from methods.core.engine import Stage
 from methods.core.method import register_method
 from methods.core.metrics import POOL_CLEAN, POOL_POISON, POOL_UNCERTAIN, auroc
-from methods.core.training import derive_seed, make_generator, sgd, to_float, train_epoch, unwrap
+from methods.core.training import derive_seed, sgd, to_float, unwrap
 from methods.data.augment import horizontal_flip, random_crop, random_rotate_translate
 from methods.data.configs import DatasetInfo
-from methods.defenses.common import evaluation, final_result, hand_off_scores
+from methods.defenses.common import DefenseRun, hand_off_scores
 from methods.defenses.configs import SDConfig
 from methods.models.base import BackdoorModel, build_model
 
@@ -189,11 +189,33 @@ def _val_fct_auroc(model: nn.Module, backdoor: Backdoor, transform: Transform, g
     return auroc(torch.cat([clean, triggered]), flags)
 
 
-def sd_stages(ctx: RunContext, cfg: SDConfig, backdoor: Backdoor, engine: Engine) -> tuple[list[Stage], BackdoorModel]:
+class SDSplit:
+    """What SD's split hands the module after it (D-BR's unlearning, D-ST's training): every training sample's
+    score and pool (POOL_CLEAN, POOL_POISON, POOL_UNCERTAIN) and the split's metrics (split_* and
+    val_fct_auroc, which D-BR and D-ST report with every later step). Held among the engine's checkpointed values,
+    so a run resumed past the split reads them back; None (metrics: {}) until the split step has run."""
+
+    def __init__(self, kept) -> None:
+        self._kept = kept
+
+    @property
+    def scores(self) -> torch.Tensor | None:
+        return self._kept.scores
+
+    @property
+    def pools(self) -> torch.Tensor | None:
+        return self._kept.pools
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self._kept.split
+
+
+def sd_stages(defense: DefenseRun) -> tuple[list[Stage], BackdoorModel, SDSplit]:
     """SD's stages (steps 1..sd_steps(cfg)): pre-training (short model only), centroid fine-tuning, the split.
-    Returns them with the FCT model. The split keeps `scores` and `pools` of every training sample and `split` (its
-    split metrics and val_fct_auroc, which `dbr` and `dst` report with every later step) in engine.kept, and hands
-    the scores over, again after a resume past it."""
+    Returns them with the FCT model and the split they will produce. The split hands the scores over, again after
+    a resume past it."""
+    ctx, cfg, backdoor, engine = defense.ctx, defense.cfg, defense.backdoor, defense.engine
     data = backdoor.data
     device = ctx.device
     if cfg.fct_model == "short":
@@ -203,8 +225,7 @@ def sd_stages(ctx: RunContext, cfg: SDConfig, backdoor: Backdoor, engine: Engine
         model = backdoor.build_model(device)
     optimizer = sgd(model.parameters(), cfg.sd_pretrain_lr, cfg.momentum, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.sd_cosine_t_max)
-    g_train = make_generator(derive_seed(cfg.seed, "sd_train"), device)
-    g_fct = make_generator(derive_seed(cfg.seed, "sd_fct"), device)
+    g_train, g_fct = defense.generator("sd_train"), defense.generator("sd_fct")
     engine.track({"fct": model}, {"sd": optimizer}, {"sd": scheduler}, {"sd": g_train, "fct": g_fct})
     kept = engine.keep(scores=None, pools=None, split={})
     engine.on_resume(lambda: None if kept.scores is None else hand_off_scores(ctx, backdoor, kept.scores, kept.pools))
@@ -216,8 +237,7 @@ def sd_stages(ctx: RunContext, cfg: SDConfig, backdoor: Backdoor, engine: Engine
         trainer["net"] = ctx.wrap_model(model)
 
     def pretrain(epoch: int) -> dict[str, torch.Tensor]:
-        loss = train_epoch(trainer["net"], optimizer, data.x_train, data.y_train, cfg.sd_batch_size, g_train, None,
-                           rank=ctx.rank, world_size=ctx.world_size)
+        loss = defense.train_epoch(trainer["net"], optimizer, data.x_train, data.y_train, cfg.sd_batch_size, g_train)
         scheduler.step()
         return {"sd_loss": loss}
 
@@ -227,9 +247,8 @@ def sd_stages(ctx: RunContext, cfg: SDConfig, backdoor: Backdoor, engine: Engine
         trainer["net"] = ctx.wrap_model(_Penultimate(model))
 
     def centroid(epoch: int) -> dict[str, torch.Tensor]:
-        loss = train_epoch(trainer["net"], optimizer, data.x_train, data.y_train, cfg.sd_batch_size, g_train, None,
-                           loss_fn=lambda f, y: centroid_separation_loss(f, y, num_classes),
-                           rank=ctx.rank, world_size=ctx.world_size)
+        loss = defense.train_epoch(trainer["net"], optimizer, data.x_train, data.y_train, cfg.sd_batch_size, g_train,
+                                   loss_fn=lambda f, y: centroid_separation_loss(f, y, num_classes))
         scheduler.step()
         return {"sd_loss": loss}
 
@@ -246,11 +265,12 @@ def sd_stages(ctx: RunContext, cfg: SDConfig, backdoor: Backdoor, engine: Engine
                       "val_fct_auroc": _val_fct_auroc(model, backdoor, transform, g_fct, cfg)}
         return kept.split
 
-    evaluate = evaluation(model, backdoor, cfg.eval_batch_size)
+    evaluate = defense.evaluation(model)
     pretrain_epochs = cfg.sd_pretrain_epochs if cfg.fct_model == "short" else 0
-    return [Stage("sd_pretrain", pretrain_epochs, pretrain, evaluate, begin=begin_pretrain),
-            Stage("sd_centroid", cfg.sd_ft_epochs, centroid, evaluate, begin=begin_centroid),
-            Stage("sd_split", 1, split, evaluate, begin=lambda: model.classifier.requires_grad_(True))], model
+    stages = [Stage("sd_pretrain", pretrain_epochs, pretrain, evaluate, begin=begin_pretrain),
+              Stage("sd_centroid", cfg.sd_ft_epochs, centroid, evaluate, begin=begin_centroid),
+              Stage("sd_split", 1, split, evaluate, begin=lambda: model.classifier.requires_grad_(True))]
+    return stages, model, SDSplit(kept)
 
 
 def pool_indices(pools: torch.Tensor, *codes: int) -> torch.Tensor:
@@ -263,7 +283,6 @@ def pool_indices(pools: torch.Tensor, *codes: int) -> torch.Tensor:
 
 @register_method("sd")
 def run(ctx: RunContext, cfg: SDConfig):
-    backdoor = ctx.backdoor().to(ctx.device)
-    engine = Engine(ctx)
-    stages, model = sd_stages(ctx, cfg, backdoor, engine)
-    return final_result(ctx, model, backdoor, engine.run(stages), batch_size=cfg.eval_batch_size)
+    defense = DefenseRun(ctx, cfg)
+    stages, model, _ = sd_stages(defense)
+    return defense.finish(model, defense.engine.run(stages))
