@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from methods.attacks.base import Backdoor
-    from methods.defenses.common import DefenseResult
+    from methods.defenses.shared.common import DefenseResult
     from orchestrator.session import Session
 
 
@@ -321,7 +321,7 @@ def execute_defense(spec: RunSpec, ctx: TrackedContext, tracker: Tracker | None,
     result = run_method(spec, ctx)
     if ctx.logs:
         # the result's metrics that no report carried (the test split's blind signals, measured only for the
-        # returned model: methods.defenses.common.final_result), logged with the last report, which describes it
+        # returned model: methods.defenses.shared.common.final_result), logged with the last report, which describes it
         reported = {k for _, metrics in ctx.history for k in metrics}
         unreported = {k: v for k, v in result.metrics.items() if k not in reported}
         if unreported:

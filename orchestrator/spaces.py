@@ -494,7 +494,7 @@ def check_knowledge(plan: SweepPlan) -> None:
 
 
 def check_canary_objective(plan: SweepPlan) -> None:
-    """The canary ASR is reported only by runs that plant a canary (canary_rate > 0, methods/defenses/canary.py):
+    """The canary ASR is reported only by runs that plant a canary (canary_rate > 0, methods/defenses/shared/canary.py):
     selecting on it without one would fail in every trial, so it is refused before anything starts."""
     if not any(bare_name(m) == "canary_asr" for m in plan.objective_metrics):
         return

@@ -6,14 +6,14 @@ a defender can compute, so that a `knowledge: blind` sweep has more to select on
   connecting Backdoor and Adversarial Attacks", CVPR 2023) observe that in a backdoored model adversarial
   perturbations behave like the trigger and pile up in the target class, while a clean model spreads them over
   many classes. Lower is better for a defense.
-- `canary_asr`: the defender's own backdoor (methods/defenses/canary.py), planted before the defense; its ASR
+- `canary_asr`: the defender's own backdoor (methods/defenses/shared/canary.py), planted before the defense; its ASR
   after the defense, measured with the canary trigger the defender knows. Lower is better.
-- `blind_score`: acc - adv_concentration (methods/defenses/common.py, which has the accuracy), the blind analogue
+- `blind_score`: acc - adv_concentration (methods/defenses/shared/common.py, which has the accuracy), the blind analogue
   of ACC - ASR: a repaired model keeps its clean accuracy and spreads adversarial examples over the classes.
   Higher is better.
 
 A defense's step reports carry the validation split's signals only (sweeps select on validation); the test
-split's are measured once, for the model the defense returns (methods.defenses.common.final_result).
+split's are measured once, for the model the defense returns (methods.defenses.shared.common.final_result).
 
 Computing them may change no number a method computes: they draw from their own generators (never the global RNG
 nor a method's), run on the bare model in fp32 eval mode and restore its mode, and take gradients with respect to

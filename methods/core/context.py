@@ -81,7 +81,7 @@ class RunContext(Protocol):
     def expect_steps(self, total: int) -> None:
         """The number of steps the run's stages report in all, for progress displays (the engine calls it before
         the first step, and again when a stage's length changes, as a rerun of PBE's step 0 lengthens its run); a
-        method's final report may follow at total + 1 (methods.defenses.common.final_result)."""
+        method's final report may follow at total + 1 (methods.defenses.shared.common.final_result)."""
 
 
 def serialize_state(state: dict[str, Any]) -> bytes:

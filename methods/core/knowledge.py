@@ -40,8 +40,8 @@ BLIND_METRICS = frozenset({
     # methods/core/blind_signals.py: PGD examples of clean held-out images, and the ASR of the defender's own
     # canary backdoor, measured with the canary trigger the defender chose (never the attacker's)
     "adv_concentration", "canary_asr",
-    # acc - adv_concentration (methods/defenses/common.py): blind, as both of its terms are; the blind analogue of
-    # ACC - ASR that a blind sweep can maximise
+    # acc - adv_concentration (methods/defenses/shared/common.py): blind, as both of its terms are; the blind
+    # analogue of ACC - ASR that a blind sweep can maximise
     "blind_score",
     # the reference val ACC (the suspect model's own) minus a trial's: accuracy only, the tuning constraint
     "acc_drop",
@@ -50,6 +50,8 @@ BLIND_METRICS = frozenset({
     "pbe_step0_canary_failed",  # PBE's step-0 check against the canary's ASR: the defender's own backdoor
     # D-BR's round counters and the accuracy floor of its selection rule, from val ACC
     "br_round", "br_kept_round", "br_acc_floor", "br_unlearn_loss", "br_relearn_loss",
+    # the share of D-BR's own suspected-poisoned pool still predicted as its training label
+    "br_poison_pool_fit",
     "sd_loss", "st_supcon_loss", "st_cls_loss", "train_lx", "train_lu", "loss_ce", "loss_at", "loss_vert",
     "loss_edge", "loss_trans",
 })

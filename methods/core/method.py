@@ -35,7 +35,7 @@ class MethodSpec:
     splits_samples: bool = False
     # Defenses only: whether the returned model is trained from scratch on the suspect training set (True) or
     # repairs the suspect model (False); a function of the config where a setting decides. It says where a canary
-    # is planted (methods/defenses/canary.py): into the training set, or into the suspect model.
+    # is planted (methods/defenses/shared/canary.py): into the training set, or into the suspect model.
     from_scratch: bool | Callable[[Config], bool] = False
 
     @property

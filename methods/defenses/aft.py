@@ -32,8 +32,8 @@ from methods.core.pgd import pgd_untargeted
 from methods.core.training import descend, minibatches, sgd, to_float, unwrap
 from methods.data.augment import backdoor_pipeline_augment
 from methods.data.configs import DatasetInfo
-from methods.defenses.common import DefenseResult, DefenseRun
 from methods.defenses.configs import AdversarialFinetuneConfig, AFTConfig
+from methods.defenses.shared.common import DefenseResult, DefenseRun
 
 
 def adversarial_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AdversarialFinetuneConfig,

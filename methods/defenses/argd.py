@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from methods.core.context import RunContext
 from methods.core.method import register_method
 from methods.core.training import derive_seed, sgd
-from methods.defenses._distill import distill_stage, teacher_stage
-from methods.defenses.attention import TransferHeads, edge_loss, weighted_at_loss
-from methods.defenses.common import DefenseRun
 from methods.defenses.configs import ARGDConfig
+from methods.defenses.shared.attention import TransferHeads, edge_loss, weighted_at_loss
+from methods.defenses.shared.common import DefenseRun
+from methods.defenses.shared.distill import distill_stage, teacher_stage
 from methods.models.base import build_model
 
 

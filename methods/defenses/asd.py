@@ -22,7 +22,7 @@ Deviations, all for reasons of scale or bookkeeping:
 - The labeled and unlabeled batches come from streams of fresh permutations of each pool, drawn once per epoch:
   a batch may straddle two passes instead of dropping the last partial batch, so pools smaller than one batch
   (few seeds on a small dataset) still train.
-- MixUp coefficients come from a generator-driven Beta sampler (see methods.defenses.mixmatch), so a resumed run
+- MixUp coefficients come from a generator-driven Beta sampler (see methods.defenses.shared.mixmatch), so a resumed run
   repeats them.
 - The final per-sample scores and pools handed over for scores.parquet are those of the last epoch's split (the
   one the final model was trained with): the SCE loss in stages 1-2, the loss drop of the meta split in stage 3,
@@ -46,9 +46,9 @@ from methods.core.metrics import POOL_CLEAN, POOL_POISON, split_metrics
 from methods.core.training import derive_seed, descend, to_float, train_epoch
 from methods.data.augment import standard_augment
 from methods.data.configs import DatasetInfo
-from methods.defenses.common import DefenseRun, hand_off_scores
 from methods.defenses.configs import ASDConfig
-from methods.defenses.mixmatch import (
+from methods.defenses.shared.common import DefenseRun, hand_off_scores
+from methods.defenses.shared.mixmatch import (
     interleave,
     mixup,
     mixup_lambdas,

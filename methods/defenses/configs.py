@@ -13,7 +13,7 @@ from methods.core.knowledge import BLIND, KNOWLEDGE_LEVELS, ORACLE
 from methods.core.method import declare_method
 from methods.core.schedules import scaled_steps, stepped_lr
 
-# The canary's trigger patterns (methods/defenses/canary.py): `cross` sits where no attack of this project puts
+# The canary's trigger patterns (methods/defenses/shared/canary.py): `cross` sits where no attack of this project puts
 # its trigger; `grid` is BadNets' own corner patch, which a run against BadNets refuses.
 CANARY_TRIGGERS = ("cross", "grid")
 
@@ -38,7 +38,7 @@ class DefenseConfig(Config):
     blind_adv_step_size: Optional[float] = ranged(None, 0.0, 1.0, "its PGD step (None: radius / 2)")
     blind_adv_images: int = ranged(128, 1, 1_000_000, "clean images attacked per split (a fixed subsample)")
     blind_adv_seed: int = ranged(0, 0, None, "seed of that subsample and of the PGD random start")
-    # The canary (methods/defenses/canary.py): the defender's own backdoor, planted before the defense, whose
+    # The canary (methods/defenses/shared/canary.py): the defender's own backdoor, planted before the defense, whose
     # ASR after it (val/test_canary_asr) is a blind sign of how well the defense removes a backdoor. Opt-in: it
     # changes what the defense starts from. A defense that trains from scratch gets canary_rate of the training
     # set stamped and relabelled; one that repairs the suspect model gets that model fine-tuned first on its
@@ -355,6 +355,7 @@ BR_MARGIN_METRICS = {
     "asr_within_acc_margin": "val_asr",
     "concentration_within_acc_margin": "val_adv_concentration",
     "canary_within_acc_margin": "val_canary_asr",
+    "pool_fit_within_acc_margin": "br_poison_pool_fit",
 }
 BR_SELECT_RULES = (*BR_MARGIN_METRICS, "best_val_acc", "last")
 

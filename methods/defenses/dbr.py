@@ -14,7 +14,7 @@ Deviations from the official code:
   digits it kept early rounds the backdoor had survived: numbers in DBRConfig). ACC - ASR accepts any accuracy
   loss that buys a larger ASR drop (it prefers ACC 0.85 / ASR 0.00 to ACC 0.98 / ASR 0.14). Every round reports
   `br_kept_round` (the choice so far) and `br_acc_floor`; when the kept round is not the last, the returned model
-  is reported once more as the final step (methods.defenses.common.final_result);
+  is reported once more as the final step (methods.defenses.shared.common.final_result);
 - the unlearning phase's lr is br_lr x `br_unlearn_lr_scale` (a fix docs/methods.md#d-br recommends, default 1.0:
   the code's single lr) and `br_relearn_epochs` (default 1, as the code) sets the relearning per round, so the
   balance of the two phases can be tuned: unbounded ascent wrecks a model once its lr is a little too large;
@@ -32,11 +32,11 @@ from methods.core.engine import Stage
 from methods.core.method import register_method
 from methods.core.metrics import POOL_CLEAN, POOL_POISON
 from methods.core.schedules import set_lr
-from methods.core.training import sgd
+from methods.core.training import predict_logits, sgd
 from methods.data.augment import standard_augment
-from methods.defenses.common import DefenseRun
 from methods.defenses.configs import BR_MARGIN_METRICS, DBRConfig
 from methods.defenses.sd import pool_indices, sd_stages
+from methods.defenses.shared.common import DefenseRun
 
 
 def _ascent(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -92,6 +92,15 @@ def run(ctx: RunContext, cfg: DBRConfig):
             idx = pool_indices(sd_split.pools, code)
             pools[name] = data.x_train[idx], data.y_train[idx]
 
+    def poison_pool_fit(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+        """The share of the suspected-poisoned pool the model still predicts as its training label: a backdoor
+        that survives keeps its poisoned images on their (target) labels after relearning, while unlearned ones
+        fall to their own class. Blind: it reads the defender's own pool and the labels it was given (an empty
+        pool, where nothing is unlearned, reads 0 in every round)."""
+        if not len(y):
+            return 0.0
+        return (predict_logits(net, x, cfg.eval_batch_size).argmax(1) == y).float().mean().item()
+
     augment = lambda xb: standard_augment(xb, data.info, g)  # noqa: E731
     wrapped = ctx.wrap_model(model)
     rule = cfg.selection_rule()
@@ -105,7 +114,7 @@ def run(ctx: RunContext, cfg: DBRConfig):
         set_lr(optimizer, cfg.br_lr)
         for _ in range(cfg.br_relearn_epochs):
             relearn = defense.train_epoch(wrapped, optimizer, *pools["clean"], cfg.br_batch_size, g, augment)
-        metrics = defense.evaluate(model)
+        metrics = {**defense.evaluate(model), "br_poison_pool_fit": poison_pool_fit(model, *pools["poison"])}
         carried.best_acc = max(carried.best_acc, metrics["val_acc"])
         # the candidate holds this round's report (completed below), which the final report repeats if it is kept
         entry = {"round": rnd, "step": engine.step, "acc": metrics["val_acc"],

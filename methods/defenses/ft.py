@@ -11,16 +11,17 @@ Deviations from the official code: the clean subset is drawn with the attack's r
 unseeded random_split, so teacher and student (and every defense) see the same images; the crop padding and
 flip follow the dataset (digits are padded by 2 and never flipped) instead of CIFAR's fixed 4 px and flip.
 
-The fine-tuning stage itself lives in methods/defenses/_distill.py, where NAD and ARGD build their teachers from it.
+The fine-tuning stage itself lives in methods/defenses/shared/distill.py, where NAD and ARGD build their teachers
+from it.
 """
 from __future__ import annotations
 
 from methods.core.context import RunContext
 from methods.core.method import register_method
 from methods.core.training import sgd
-from methods.defenses._distill import finetune_stage
-from methods.defenses.common import DefenseRun
 from methods.defenses.configs import FTConfig
+from methods.defenses.shared.common import DefenseRun
+from methods.defenses.shared.distill import finetune_stage
 
 
 @register_method("ft")

@@ -10,7 +10,7 @@ to 0.01 after epoch 2, betas 500 / 1000 / 1000 and attention power 2, as in the 
 Deviations from the official code: the clean subset is drawn with the recorded clean seed and the same indices
 serve teacher and student (the official split is unseeded); the lr step epochs are scaled with `epochs` (given
 for the 20-epoch schedule), so shortened or lengthened schedules keep the same shape; the last epoch's model is
-kept. The teacher and student stages, which ARGD shares, live in methods/defenses/_distill.py.
+kept. The teacher and student stages, which ARGD shares, live in methods/defenses/shared/distill.py.
 """
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from methods.core.context import RunContext
 from methods.core.method import register_method
 from methods.core.training import sgd
-from methods.defenses._distill import distill_stage, teacher_stage
-from methods.defenses.attention import weighted_at_loss
-from methods.defenses.common import DefenseRun
 from methods.defenses.configs import NADConfig
+from methods.defenses.shared.attention import weighted_at_loss
+from methods.defenses.shared.common import DefenseRun
+from methods.defenses.shared.distill import distill_stage, teacher_stage
 
 
 @register_method("nad")

@@ -13,7 +13,7 @@ from methods.core.context import LocalContext, StopRun, deserialize_state
 from methods.core.method import get_method
 from methods.data.embedded import DIGITS_INFO
 from methods.defenses.argd import ARGDConfig
-from methods.defenses.attention import TransferHeads, attention_map, edge_loss, weighted_at_loss
+from methods.defenses.shared.attention import TransferHeads, attention_map, edge_loss, weighted_at_loss
 from methods.models.base import build_model
 
 PRESETS = Path(__file__).resolve().parents[2] / "search_spaces" / "presets" / "digits"

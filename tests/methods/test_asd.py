@@ -15,7 +15,7 @@ from methods.core.context import LocalContext
 from methods.core.method import get_method
 from methods.defenses import asd
 from methods.defenses.asd import ASDConfig
-from methods.defenses.mixmatch import (
+from methods.defenses.shared.mixmatch import (
     interleave,
     mixup,
     mixup_lambdas,

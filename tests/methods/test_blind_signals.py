@@ -1,4 +1,4 @@
-"""The blind signals every defense reports (methods/core/blind_signals.py, methods/defenses/canary.py): the
+"""The blind signals every defense reports (methods/core/blind_signals.py, methods/defenses/shared/canary.py): the
 adversarial concentration separates a backdoored digits model from a clean one without disturbing anything a
 method computes, and the canary is planted where the defense will meet it and refused when it is the attacker's."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 from methods.core.blind_signals import blind_signals, canary_asr, default_signals
 from methods.core.context import LocalContext
 from methods.core.method import get_method
-from methods.defenses.canary import prepare_backdoor
+from methods.defenses.shared.canary import prepare_backdoor
 from tests.methods.test_final_metrics import quick_config
 
 

@@ -139,9 +139,9 @@ def test_the_canary_rule_without_a_canary_is_refused():
 ])
 def test_the_blind_kept_round_never_reads_trigger_or_flag_metrics(badnets_backdoor, oracle_metrics_nan, values,
                                                                   minimised):
-    import methods.defenses.common as common
     import methods.defenses.dbr as dbr
     import methods.defenses.sd as sd
+    import methods.defenses.shared.common as common
 
     spec = get_method("dbr")
     cfg = spec.make_config(dict(PRESET, sd_ft_epochs=1, br_rounds=3, knowledge="blind", **values))

@@ -41,7 +41,7 @@ def test_every_method_trains_on_the_fast_and_the_plain_path(name, path, tiny_bac
     result = spec.run(ctx, tiny_config(name))
     assert ctx.reports, f"{name} reported nothing"
     # the engine says how many steps its stages report (a single run's progress line shows step n/total) and keeps
-    # to it; only the returned model's own report may follow (methods.defenses.common.final_result)
+    # to it; only the returned model's own report may follow (methods.defenses.shared.common.final_result)
     steps = [step for step, _ in ctx.reports]
     assert ctx.expected_steps in steps and max(steps[:-1], default=0) <= ctx.expected_steps, \
         (name, ctx.expected_steps, steps)

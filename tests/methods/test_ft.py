@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from methods.core.schedules import scaled_steps, stepped_lr
-from methods.defenses.attention import cutout
-from methods.defenses.common import clean_subset, stratified_quotas
 from methods.defenses.configs import FTConfig
+from methods.defenses.shared.attention import cutout
+from methods.defenses.shared.common import clean_subset, stratified_quotas
 
 
 def test_cutout_zeroes_one_floored_square_per_image():

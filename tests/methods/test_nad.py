@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from methods.defenses.attention import at_loss, attention_map, weighted_at_loss
 from methods.defenses.nad import NADConfig
+from methods.defenses.shared.attention import at_loss, attention_map, weighted_at_loss
 
 
 def test_attention_power_and_normalisation():

@@ -254,8 +254,8 @@ def test_the_val_asr_check_under_blind_knowledge_is_refused_naming_both_fields()
 
 @pytest.mark.parametrize("canary", [{}, {"canary_rate": 0.1, "step0_rule": "canary"}], ids=["unchecked", "canary"])
 def test_blind_pbe_never_reads_trigger_or_flag_metrics(badnets_backdoor, oracle_metrics_nan, canary):
-    import methods.defenses.common as common
     import methods.defenses.pbe as pbe
+    import methods.defenses.shared.common as common
 
     # RERUN's threshold of 0 reruns step 0 under oracle knowledge (test above); blind leaves step 0 unchecked, or
     # checks it on the canary, whose val ASR after step 0 is above 0 here: step 0 is rerun once

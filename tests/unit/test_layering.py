@@ -114,12 +114,12 @@ def cycle_through(start: str, component: set[str], edges: dict[str, set[str]]) -
 def test_the_walker_sees_lazy_type_checking_and_relative_imports():
     source = ("from typing import TYPE_CHECKING\nfrom . import engine, accuracy\nfrom ..data import configs\n"
               "if TYPE_CHECKING:\n    from methods.attacks.base import Backdoor\n"
-              "def run():\n    import methods.defenses.canary\n")
-    known = {"methods.core.engine", "methods.data.configs", "methods.attacks.base", "methods.defenses.canary"}
+              "def run():\n    import methods.defenses.shared.canary\n")
+    known = {"methods.core.engine", "methods.data.configs", "methods.attacks.base", "methods.defenses.shared.canary"}
     found = imports_of(source, "methods.core.method", False, "method.py", known)
     assert sorted((imp.line, imp.target) for imp in found if in_methods(imp.target)) == [
         (2, "methods.core"), (2, "methods.core.engine"), (3, "methods.data.configs"), (5, "methods.attacks.base"),
-        (7, "methods.defenses.canary")]
+        (7, "methods.defenses.shared.canary")]
     assert [imp.target for imp in imports_of("from . import x\n", "methods.core", True, "", set())] == ["methods.core"]
 
 

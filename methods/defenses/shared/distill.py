@@ -12,9 +12,9 @@ from methods.core.schedules import set_lr
 from methods.core.training import descend, sgd, to_float
 from methods.data.augment import standard_augment
 from methods.data.configs import DatasetInfo
-from methods.defenses.attention import attention_map, cutout
-from methods.defenses.common import DefenseRun
 from methods.defenses.configs import DistillConfig
+from methods.defenses.shared.attention import attention_map, cutout
+from methods.defenses.shared.common import DefenseRun
 
 
 def clean_augment(info: DatasetInfo, cutout_length: int) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
