@@ -139,7 +139,6 @@ def test_the_canary_rule_without_a_canary_is_refused():
 ])
 def test_the_blind_kept_round_never_reads_trigger_or_flag_metrics(badnets_backdoor, oracle_metrics_nan, values,
                                                                   minimised):
-    import methods.defenses.dbr as dbr
     import methods.defenses.sd as sd
     import methods.defenses.shared.common as common
 
@@ -157,7 +156,7 @@ def test_the_blind_kept_round_never_reads_trigger_or_flag_metrics(badnets_backdo
                               cfg.br_acc_margin)
     assert plain.metrics["br_kept_round"] == best + 1
     # the round's evaluation, SD's split metrics and its FCT AUROC: everything D-BR's choice could see
-    oracle_metrics_nan((dbr, "evaluate_with_der"), (common, "split_metrics"), (sd, "_val_fct_auroc"))
+    oracle_metrics_nan((common, "evaluate_with_der"), (common, "split_metrics"), (sd, "_val_fct_auroc"))
     poisoned_ctx, poisoned = run()
     seen = [m for s, m in poisoned_ctx.reports if sd_steps(cfg) < s <= sd_steps(cfg) + cfg.br_rounds]
     assert all(math.isnan(m["val_asr"]) and math.isnan(m["split_poison_precision"]) for m in seen)

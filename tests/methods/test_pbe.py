@@ -266,7 +266,7 @@ def test_blind_pbe_never_reads_trigger_or_flag_metrics(badnets_backdoor, oracle_
     assert [s for s, _ in ctx.reports] == list(range(1, steps + 1))
     assert not any("pbe_step0_failed" in m for _, m in ctx.reports)
     assert any(m.get("pbe_step0_canary_failed") == 1.0 for _, m in ctx.reports) == bool(canary)
-    oracle_metrics_nan((pbe, "evaluate_with_der"), (pbe, "split_metrics"), (common, "split_metrics"))
+    oracle_metrics_nan((common, "evaluate_with_der"), (pbe, "split_metrics"), (common, "split_metrics"))
     poisoned_ctx, poisoned = run_pbe(badnets_backdoor, **values)
     assert all(math.isnan(m["val_asr"]) for s, m in poisoned_ctx.reports if s <= steps)
     for key, value in plain.model_state.items():
