@@ -379,20 +379,18 @@ class DBRConfig(SDConfig):
     #     share of PGD examples of clean validation images in their most frequent class, which a backdoor raises.
     #   - "canary_within_acc_margin": val_canary_asr, the ASR of the defender's own canary backdoor. Blind; needs
     #     canary_rate > 0.
+    #   - "pool_fit_within_acc_margin": br_poison_pool_fit, the share of the suspected-poisoned pool the model
+    #     still predicts as its training label. Blind: the defender's own pool and labels. A surviving backdoor
+    #     keeps poisoned images on their target labels; once unlearned they fall to their own class. (Under a
+    #     clean-label attack the pool's labels are its images' own, so the signal does not see the trigger.)
     # - "best_val_acc": the round with the highest val_acc (ties: the later round). Blind: clean validation
     #   accuracy is all it reads. The backdoor's removal itself is not visible to it; it keeps the round that lost
     #   the least clean accuracy to unlearning, which after relearning is usually a late one.
     # - "last": the last round, as a run without model selection would. Blind.
     # None: asr_within_acc_margin under knowledge oracle; under blind canary_within_acc_margin when a canary is
-    # planted, else best_val_acc. Measured on digits (the preset, BadNets/Blend x defense seeds 0/1; test ACC /
-    # ASR of the kept round):
-    #   no canary, best_val_acc:   BadNets 0.978/0.000, 0.994/0.000; Blend 0.978/0.022, 0.972/0.006
-    #   no canary, concentration:  BadNets 0.972/0.000, 0.983/0.072; Blend 0.978/0.761, 0.961/0.000: the lowest
-    #     concentration can come in an early round (6 of 30 for BadNets seed 1 and Blend seed 0), before
-    #     unlearning has removed the backdoor, so it is not the default.
-    #   canary 0.1, best_val_acc:  BadNets 0.975/0.000, 0.989/0.000; Blend 0.983/0.006, 0.978/0.390
-    #   canary 0.1, canary rule:   BadNets 0.972/0.000, 0.981/0.000; Blend 0.983/0.006, 0.939/0.000: the canary's
-    #     ASR falls as unlearning proceeds, so the rule skips the early round best_val_acc kept on Blend seed 1.
+    # planted, else pool_fit_within_acc_margin: of the blind rules measured on digits it alone kept a round within
+    # the goal of the oracle's choice on all 18 runs of BadNets, Blend and Trojan x seeds 0-5 (docs/methods.md#d-br
+    # has the table).
     br_select: Optional[str] = choice(None, (None,) + BR_SELECT_RULES,
                                       "which round's model is kept (None: by knowledge)")
     KNOWLEDGE_RULES: ClassVar[tuple[str, ...]] = ("br_select",)
@@ -403,7 +401,7 @@ class DBRConfig(SDConfig):
             return self.br_select
         if self.knowledge == ORACLE:
             return "asr_within_acc_margin"
-        return "canary_within_acc_margin" if self.canary_rate > 0 else "best_val_acc"
+        return "canary_within_acc_margin" if self.canary_rate > 0 else "pool_fit_within_acc_margin"
 
     def validate(self) -> None:
         super().validate()

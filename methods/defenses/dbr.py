@@ -9,12 +9,13 @@ Deviations from the official code:
 - the official code keeps the round with the largest test ACC - test ASR. Here the round is chosen on the
   validation split only, by a bounded rule (`br_select`, see DBRConfig): the lowest val_asr among the rounds whose
   val_acc is within `br_acc_margin` of the best val_acc of any round; under knowledge blind, which may not read
-  val_asr, the same margin rule on the canary's val ASR when a canary is planted, else the round with the best
-  val_acc (the margin rule on the adversarial concentration, methods/core/blind_signals.py, may be chosen; on
-  digits it kept early rounds the backdoor had survived: numbers in DBRConfig). ACC - ASR accepts any accuracy
-  loss that buys a larger ASR drop (it prefers ACC 0.85 / ASR 0.00 to ACC 0.98 / ASR 0.14). Every round reports
-  `br_kept_round` (the choice so far) and `br_acc_floor`; when the kept round is not the last, the returned model
-  is reported once more as the final step (methods.defenses.shared.common.final_result);
+  val_asr, the same margin rule on the canary's val ASR when a canary is planted, else on the share of the
+  suspected-poisoned pool the model still fits (`br_poison_pool_fit`, reported every round: a surviving backdoor
+  keeps its images on the target label); best_val_acc and the adversarial concentration (methods/core/
+  blind_signals.py) may be chosen instead, and kept rounds the backdoor had survived on digits. ACC - ASR
+  accepts any accuracy loss that buys a larger ASR drop (it prefers ACC 0.85 / ASR 0.00 to ACC 0.98 / ASR 0.14).
+  Every round reports `br_kept_round` (the choice so far) and `br_acc_floor`; when the kept round is not the
+  last, the returned model is reported once more as the final step (methods.defenses.shared.common.final_result);
 - the unlearning phase's lr is br_lr x `br_unlearn_lr_scale` (a fix docs/methods.md#d-br recommends, default 1.0:
   the code's single lr) and `br_relearn_epochs` (default 1, as the code) sets the relearning per round, so the
   balance of the two phases can be tuned: unbounded ascent wrecks a model once its lr is a little too large;

@@ -113,7 +113,8 @@ def test_best_val_acc_keeps_the_best_round_and_the_later_of_a_tie():
 
 @pytest.mark.parametrize("values, rule", [
     ({}, "asr_within_acc_margin"),
-    ({"knowledge": "blind"}, "best_val_acc"),
+    ({"knowledge": "blind"}, "pool_fit_within_acc_margin"),
+    ({"knowledge": "blind", "br_select": "best_val_acc"}, "best_val_acc"),
     ({"knowledge": "blind", "canary_rate": 0.1}, "canary_within_acc_margin"),
     ({"knowledge": "blind", "br_select": "concentration_within_acc_margin"}, "concentration_within_acc_margin"),
     ({"knowledge": "blind", "br_select": "last"}, "last"),
@@ -133,7 +134,8 @@ def test_the_canary_rule_without_a_canary_is_refused():
 
 
 @pytest.mark.parametrize("values, minimised", [
-    ({}, None),  # best_val_acc
+    ({}, "br_poison_pool_fit"),  # the blind default without a canary
+    ({"br_select": "best_val_acc"}, None),
     ({"br_select": "concentration_within_acc_margin"}, "val_adv_concentration"),
     ({"canary_rate": 0.1}, "val_canary_asr"),  # the canary's margin rule
 ])
