@@ -48,6 +48,9 @@ BLIND_METRICS = frozenset({
     "pool_clean_size", "pool_poison_size",  # how many samples the defense put in each pool: its own decision
     "train_loss", "lr", "stage", "adversarial", "asd_stage", "kept_step", "pbe_step", "pbe_attempt",
     "pbe_step0_canary_failed",  # PBE's step-0 check against the canary's ASR: the defender's own backdoor
+    # PBE's step-0 label excess (training labels the model stopped predicting, beyond the clean val error) and
+    # the check on it
+    "pbe_step0_label_excess", "pbe_step0_label_excess_failed",
     # D-BR's round counters and the accuracy floor of its selection rule, from val ACC
     "br_round", "br_kept_round", "br_acc_floor", "br_unlearn_loss", "br_relearn_loss",
     # the share of D-BR's own suspected-poisoned pool still predicted as its training label

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 from methods.core.config import Config, choice, listed, ranged
 from methods.core.knowledge import BLIND, KNOWLEDGE_LEVELS, ORACLE
@@ -21,7 +21,7 @@ CANARY_TRIGGERS = ("cross", "grid")
 @dataclass
 class DefenseConfig(Config):
     seed: int = ranged(0, 0, None, "training seed of the defense")
-    clean_seed: Optional[int] = ranged(None, 0, None, "clean-subset seed (default: the attack's recorded clean_seed)")
+    clean_seed: int | None = ranged(None, 0, None, "clean-subset seed (default: the attack's recorded clean_seed)")
     eval_batch_size: int = ranged(1024, 1, 1_000_000)
     # What the defense's own choices may read (methods/core/knowledge.py): under blind, a choice made inside the
     # method (which round to keep, whether a step failed) reads neither the trigger nor the poison flags. The
@@ -30,12 +30,12 @@ class DefenseConfig(Config):
     knowledge: str = choice(ORACLE, KNOWLEDGE_LEVELS, "what in-method choices may know: oracle or blind")
     # The blind adversarial-concentration signal every defense reports (methods/core/blind_signals.py). It reads
     # the weights only, so these settings change no other number a run reports.
-    blind_adv_eps: Optional[float] = ranged(None, 0.0, 1.0,
+    blind_adv_eps: float | None = ranged(None, 0.0, 1.0,
                                             "PGD radius of val/test_adv_concentration (None: the dataset's)")
     # 3 steps of radius / 2 on 128 images: on digits the separation of a backdoored from a clean model is the
     # same as with 5 or 10 steps and 256 images (docs/methods.md#blind-signals), at a third of the cost
     blind_adv_steps: int = ranged(3, 1, 1000, "PGD iterations of the adversarial concentration")
-    blind_adv_step_size: Optional[float] = ranged(None, 0.0, 1.0, "its PGD step (None: radius / 2)")
+    blind_adv_step_size: float | None = ranged(None, 0.0, 1.0, "its PGD step (None: radius / 2)")
     blind_adv_images: int = ranged(128, 1, 1_000_000, "clean images attacked per split (a fixed subsample)")
     blind_adv_seed: int = ranged(0, 0, None, "seed of that subsample and of the PGD random start")
     # The canary (methods/defenses/shared/canary.py): the defender's own backdoor, planted before the defense, whose
@@ -44,7 +44,7 @@ class DefenseConfig(Config):
     # set stamped and relabelled; one that repairs the suspect model gets that model fine-tuned first on its
     # clean extra set with canary_rate of it stamped.
     canary_rate: float = ranged(0.0, 0.0, 1.0, "fraction of the images trained on that carry the canary (0: off)")
-    canary_target: Optional[int] = ranged(None, 0, None, "the canary's class (None: the attack's target + 1)")
+    canary_target: int | None = ranged(None, 0, None, "the canary's class (None: the attack's target + 1)")
     canary_trigger: str = choice("cross", CANARY_TRIGGERS, "the canary's trigger pattern")
     # The planting fine-tune is gentle: on digits (rate 0.1 of 10% clean images) 20 epochs at lr 0.003 plant the
     # canary (val canary ASR 1.0) and keep the suspect model (val ACC 0.98, ASR 0.98); lr 0.01 already plays FT's
@@ -149,7 +149,7 @@ class ARGDConfig(DistillConfig):
     qk_dim: int = ranged(128, 1, 4096, "query/key width of the transfer heads")
     trans_head_trainable: bool = False
     teacher_mode: str = choice("finetune_student", TEACHER_MODES)
-    teacher_lr: Optional[float] = ranged(None, 0.0, 10.0, "teacher lr (default 0.01 fine-tuning, 0.1 from scratch)")
+    teacher_lr: float | None = ranged(None, 0.0, 10.0, "teacher lr (default 0.01 fine-tuning, 0.1 from scratch)")
 
     def validate(self) -> None:
         super().validate()
@@ -170,7 +170,7 @@ class AdversarialFinetuneConfig(DefenseConfig):
 
     adv_eps: float = ranged(6 / 255, 0.0, 1.0, "L-inf radius of the PGD examples, in [0, 1] pixel units")
     adv_steps: int = ranged(7, 1, 1000, "PGD iterations")
-    adv_step_size: Optional[float] = ranged(None, 0.0, 1.0,
+    adv_step_size: float | None = ranged(None, 0.0, 1.0,
                                             "PGD step in pixel units (default adv_eps / 5, as the code)")
     adv_random_start: bool = True
     adv_clamp: bool = True
@@ -188,7 +188,7 @@ class AdversarialFinetuneConfig(DefenseConfig):
 class AFTConfig(AdversarialFinetuneConfig):
     clean_ratio: float = ranged(0.05, 0.0, 1.0, "clean extra set as a fraction of the training set")
     epochs: int = ranged(20, 1, 100_000, "fine-tuning epochs in total")
-    adv_epochs: Optional[int] = ranged(3, 0, None, "leading epochs trained on PGD examples (None: every epoch)")
+    adv_epochs: int | None = ranged(3, 0, None, "leading epochs trained on PGD examples (None: every epoch)")
 
     def validate(self) -> None:
         if self.clean_ratio <= 0:
@@ -200,8 +200,10 @@ class AFTConfig(AdversarialFinetuneConfig):
 SIMILARITIES = ("cosine_logits", "kl_softmax", "argmax")
 
 
-# PBE's step-0 checks and the validation ASR each compares with step0_max_val_asr (PBEConfig.step0_rule).
-STEP0_CHECK_METRICS = {"val_asr": "val_asr", "canary": "val_canary_asr"}
+# PBE's step-0 checks (PBEConfig.step0_rule): the metric each reads, and the flag it reports.
+STEP0_CHECK_METRICS = {"val_asr": "val_asr", "canary": "val_canary_asr", "label_excess": "pbe_step0_label_excess"}
+STEP0_FAILED_FLAGS = {"val_asr": "pbe_step0_failed", "canary": "pbe_step0_canary_failed",
+                      "label_excess": "pbe_step0_label_excess_failed"}
 
 
 @declare_method("pbe", kind="defense", splits_samples=True)
@@ -210,11 +212,11 @@ class PBEConfig(AdversarialFinetuneConfig):
     init_fraction: float = ranged(0.05, 0.0, 1.0, "random initial trusted subset, as a fraction of the training set")
     n_steps: int = ranged(4, 1, 1000, "progressive steps (step 0 plus refinements)")
     epochs_per_step: int = ranged(10, 1, 100_000)
-    top_rates: Optional[list[float]] = listed([0.2, 0.5, 0.7], 0.0, 1.0,
+    top_rates: list[float] | None = listed([0.2, 0.5, 0.7], 0.0, 1.0,
                                               "trusted fraction after steps 0 .. n_steps - 2 (None: the ramp below)")
     top_rate_first: float = ranged(0.2, 0.0, 1.0, "when top_rates is None: the rate after step 0 ...")
     top_rate_last: float = ranged(0.7, 0.0, 1.0, "... rising linearly to this rate after step n_steps - 2")
-    later_adv_batches: Optional[int] = ranged(31, 0, None,
+    later_adv_batches: int | None = ranged(31, 0, None,
                                               "adversarial batches of the first epoch of steps >= 1 (None: all)")
     reset_optimizer_each_step: bool = False
     # How unchanged a training image's prediction is after a step, in [0, 1] (1 = unchanged); the most unchanged
@@ -234,12 +236,25 @@ class PBEConfig(AdversarialFinetuneConfig):
     # checked on the validation split: failed = val ASR above step0_max_val_asr after it. A failed step 0 is
     # rerun (at most step0_retries times) from the infected model on a new random draw, each rerun's radius
     # retry_eps_scale times the previous one. Without reruns left the run continues from the failed step.
-    step0_adv_eps: Optional[float] = ranged(None, 0.0, 1.0, "PGD radius of step 0 (None: adv_eps)")
+    step0_adv_eps: float | None = ranged(None, 0.0, 1.0, "PGD radius of step 0 (None: adv_eps)")
     step0_retries: int = ranged(0, 0, 100, "reruns of a step 0 that failed on validation (0: the paper, none)")
     step0_max_val_asr: float = ranged(0.2, 0.0, 1.0, "step 0 failed when its val ASR is above this")
+    step0_min_label_excess: float = ranged(0.3, 0.0, 1.0,
+                                           "label_excess rule: step 0 failed when no label's excess flip rate "
+                                           "reaches this")
     retry_eps_scale: float = ranged(1.5, 1.0, 100.0, "radius of a rerun of step 0 / radius of the attempt before")
-    # How step 0 is checked (STEP0_CHECK_METRICS: the ASR each check compares with step0_max_val_asr):
+    # How step 0 is checked (STEP0_CHECK_METRICS: the metric each check reads):
     # - "val_asr": failed when its val ASR is above step0_max_val_asr. Oracle: it applies the trigger.
+    # - "label_excess": failed when `pbe_step0_label_excess` is below step0_min_label_excess. Per training label,
+    #   the share of the images carrying it that the model no longer predicts as it, minus the validation error
+    #   of that class; the largest over the labels. A step 0 that erased a dirty-label trigger lets the poisoned
+    #   images fall back to their own classes, so their (target) label loses far more of its images than the
+    #   class's clean error explains; one that left the trigger keeps them on it. Blind: training labels and
+    #   the clean validation split. The default under blind knowledge: on digits it agrees with the val_asr
+    #   check on 91 of 96 first attempts of step 0 (docs/methods.md#pbe has the measurements). The threshold
+    #   is a share of the target label: at 10% all-to-one poisoning half the label is poisoned (excess ~0.5 once
+    #   erased); lower poison rates need a lower threshold. It does not see clean-label attacks (their
+    #   poisoned images keep their own labels).
     # - "canary": failed when the val ASR of the defender's own canary backdoor (canary_rate > 0) is above
     #   step0_max_val_asr: a step 0 that left the defender's backdoor in place is taken to have left the
     #   attacker's. Blind. Not the default: on digits (BadNets and Blend, 8 first attempts of step 0 with canary
@@ -248,8 +263,8 @@ class PBEConfig(AdversarialFinetuneConfig):
     # - "unchecked": never failed, so never rerun (the paper, which has no check). Blind. The adversarial
     #   concentration is no substitute either: at the end of step 0 it read 0.15-0.27 on digits BadNets both where
     #   step 0 removed the backdoor and where it left val ASR at 1.0.
-    # None: val_asr under knowledge oracle, unchecked under blind.
-    step0_rule: Optional[str] = choice(None, (None, *STEP0_CHECK_METRICS, "unchecked"),
+    # None: val_asr under knowledge oracle, label_excess under blind.
+    step0_rule: str | None = choice(None, (None, *STEP0_CHECK_METRICS, "unchecked"),
                                        "how step 0 is checked (None: by knowledge)")
     # The official code's data for WaNet (its data builder relabels clean images and never applies the warp), so
     # its trusted subsets never held a warped image: PBE reads the clean originals of the training images under
@@ -261,9 +276,9 @@ class PBEConfig(AdversarialFinetuneConfig):
     def step0_check(self) -> str:
         if self.step0_rule is not None:
             return self.step0_rule
-        return "val_asr" if self.knowledge == ORACLE else "unchecked"
+        return "val_asr" if self.knowledge == ORACLE else "label_excess"
 
-    def step0_config(self, attempt: int) -> "PBEConfig":
+    def step0_config(self, attempt: int) -> PBEConfig:
         """The PGD settings of step 0's attempt `attempt` (0 = the first): its radius, and the step size scaled
         with it so that the PGD iterations still cover the ball."""
         eps = min(1.0, (self.adv_eps if self.step0_adv_eps is None else self.step0_adv_eps)
@@ -328,7 +343,7 @@ class SDConfig(DefenseConfig):
     fct_resample: str = choice("nearest", FCT_RESAMPLES,
                                "resampling of rotate / affine / rotate_affine: nearest with whole-pixel shifts as "
                                "the official code, or bdo's earlier bilinear with fractional shifts")
-    fct_crop_pad: Optional[int] = ranged(None, 0, 64, "padding of the crop transform (default: the dataset's)")
+    fct_crop_pad: int | None = ranged(None, 0, 64, "padding of the crop transform (default: the dataset's)")
     fct_blur_kernel: int = ranged(15, 1, 63, "odd kernel size of the blur transform")
     fct_blur_sigma_min: float = ranged(0.1, 0.01, 10.0)
     fct_blur_sigma_max: float = ranged(2.0, 0.01, 10.0)
@@ -391,7 +406,7 @@ class DBRConfig(SDConfig):
     # planted, else pool_fit_within_acc_margin: of the blind rules measured on digits it alone kept a round within
     # the goal of the oracle's choice on all 18 runs of BadNets, Blend and Trojan x seeds 0-5 (docs/methods.md#d-br
     # has the table).
-    br_select: Optional[str] = choice(None, (None,) + BR_SELECT_RULES,
+    br_select: str | None = choice(None, (None,) + BR_SELECT_RULES,
                                       "which round's model is kept (None: by knowledge)")
     KNOWLEDGE_RULES: ClassVar[tuple[str, ...]] = ("br_select",)
     br_acc_margin: float = ranged(0.02, 0.0, 1.0, "val_acc a kept round may lose against the best round")
@@ -460,7 +475,7 @@ class ASDConfig(DefenseConfig):
     temperature: float = ranged(0.5, 0.01, 10.0, "MixMatch sharpening temperature T")
     mixup_alpha: float = ranged(0.75, 0.01, 100.0, "MixUp Beta(alpha, alpha)")
     lambda_u: float = ranged(15.0, 0.0, 10_000.0, "weight of the unlabeled loss after the ramp")
-    rampup: Optional[float] = ranged(None, 0.0, 100_000.0, "epochs of the linear lambda_u ramp (default: epochs)")
+    rampup: float | None = ranged(None, 0.0, 100_000.0, "epochs of the linear lambda_u ramp (default: epochs)")
     record_with_aug: bool = True
 
     def validate(self) -> None:

@@ -15,16 +15,19 @@ BadNets, seeds 1-5, with a 16/255 radius: 4 of 5 runs kept ASR 1.0; on a CIFAR-s
 held more poison than the training set). So here step 0 can be made stronger (`step0_adv_eps`) and is checked on the
 validation split: when its val ASR is above `step0_max_val_asr`, it is rerun from the infected model on a new
 random draw with a radius `retry_eps_scale` times larger, at most `step0_retries` times. The defaults (no
-rerun, the same radius) are the paper's. The check reads the trigger, so under knowledge blind step 0 is not
-checked, or, when asked (`step0_rule: canary`, PBEConfig), checked on the val ASR of the defender's own canary.
+rerun, the same radius) are the paper's. That check reads the trigger, so under knowledge blind step 0 is checked
+on what an erased dirty-label trigger leaves in the training set instead (`pbe_step0_label_excess`: the poisoned
+images fall back to their own classes, so their label loses more of its images than its class's validation error
+explains), or, when asked (`step0_rule`, PBEConfig), on the val ASR of the defender's own canary or not at all.
 
 Reports: `step` counts epochs across every attempt of step 0 and the later steps (E = epochs_per_step; after a
 failed attempts, step s epoch e is (a + s) * E + e). Every report carries `pbe_step` and `pbe_attempt` and the
 split metrics of the subset being trained on (trusted = clean pool, the rest = uncertain pool, so
 pool_clean_poisoned_frac is the true poisoned fraction of the subset trained on) and, once a re-scoring exists, the
 AUROC of its scores; the last epoch of a step adds `pbe_next_poisoned_frac`, the true poisoned fraction of the
-subset it selects (or draws anew after a failed step 0), and step 0 adds `pbe_step0_failed`. The true flags are
-only reported, never used. The hand-off score is 1 - similarity, so higher means more suspicious.
+subset it selects (or draws anew after a failed step 0), and step 0 adds `pbe_step0_label_excess` and the flag of
+its check (`pbe_step0_failed` for val ASR, `pbe_step0_label_excess_failed`, `pbe_step0_canary_failed`). The
+true flags are only reported, never used. The hand-off score is 1 - similarity, so higher means more suspicious.
 
 Deviations from the official code (github.com/John-niu-07/BPE), as docs/methods.md#pbe describes:
 - PGD with random start and [0, 1] clamping (REC), as in AFT; the flags restore the original loop.
@@ -43,8 +46,6 @@ Deviations from the official code (github.com/John-niu-07/BPE), as docs/methods.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -56,7 +57,7 @@ from methods.core.metrics import POOL_CLEAN, POOL_UNCERTAIN, split_metrics
 from methods.core.training import derive_seed, predict_logits, sgd
 from methods.data.base import load_splits
 from methods.defenses.aft import adversarial_finetune_epoch
-from methods.defenses.configs import SIMILARITIES, STEP0_CHECK_METRICS, PBEConfig
+from methods.defenses.configs import SIMILARITIES, STEP0_CHECK_METRICS, STEP0_FAILED_FLAGS, PBEConfig
 from methods.defenses.shared.common import DefenseResult, DefenseRun, hand_off_scores
 
 ARGMAX_TIE_WEIGHT = 1e-3
@@ -92,7 +93,7 @@ def label_quotas(sizes: list[int], total: int) -> list[int]:
     return quotas
 
 
-def top_fraction_mask(similarity: torch.Tensor, rate: float, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+def top_fraction_mask(similarity: torch.Tensor, rate: float, labels: torch.Tensor | None = None) -> torch.Tensor:
     """The trusted subset: the round(rate x N) most similar samples (at least one); ties keep the lower index.
     With `labels`, as many from every label as label_quotas gives, each label's most similar ones."""
     count = max(1, int(round(rate * len(similarity))))
@@ -117,6 +118,29 @@ def random_mask(n: int, fraction: float, seed: int, device: torch.device) -> tor
 
 def trusted_pools(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, POOL_CLEAN, POOL_UNCERTAIN)
+
+
+def label_excess(train_predicted: torch.Tensor, train_labels: torch.Tensor, val_predicted: torch.Tensor,
+                 val_labels: torch.Tensor, num_classes: int) -> float:
+    """The largest, over the labels, of the share of the training images carrying a label that the model no longer
+    predicts as it, minus the validation error of that class (`pbe_step0_label_excess`, PBEConfig.step0_rule).
+    A label no validation image has counts its whole flip share."""
+    excess = []
+    for label in range(num_classes):
+        carried = train_labels == label
+        if not bool(carried.any()):
+            continue
+        flipped = (train_predicted[carried] != label).float().mean()
+        in_class = val_labels == label
+        val_error = (val_predicted[in_class] != label).float().mean() if bool(in_class.any()) else 0.0
+        excess.append(float(flipped - val_error))
+    return max(excess)
+
+
+def step0_failed(rule: str, metrics: dict[str, float], cfg: PBEConfig) -> bool:
+    if rule == "label_excess":
+        return metrics[STEP0_CHECK_METRICS[rule]] < cfg.step0_min_label_excess
+    return metrics[STEP0_CHECK_METRICS[rule]] > cfg.step0_max_val_asr
 
 
 def poisoned_fraction(mask: torch.Tensor, flags: torch.Tensor) -> float:
@@ -162,7 +186,7 @@ def run(ctx: RunContext, cfg: PBEConfig) -> DefenseResult:
         if epoch == 1 and stage > 0 and cfg.reset_optimizer_each_step:
             optimizer.state.clear()
         if stage == 0:
-            adv_batches: Optional[int] = None
+            adv_batches: int | None = None
         elif epoch == 1:
             adv_batches = cfg.later_adv_batches
         else:
@@ -176,18 +200,22 @@ def run(ctx: RunContext, cfg: PBEConfig) -> DefenseResult:
         extra: dict[str, float] = {"train_loss": loss.item(), "pbe_step": float(stage),
                                    "pbe_attempt": float(kept.attempt)}
         if epoch == per:
-            kept.similarity = prediction_similarity(
-                reference, predict_logits(model, x_train, cfg.eval_batch_size), cfg.similarity)
+            current = predict_logits(model, x_train, cfg.eval_batch_size)
+            kept.similarity = prediction_similarity(reference, current, cfg.similarity)
             split = split_metrics(trusted_pools(trained_on), data.poison_flags, 1.0 - kept.similarity)
-            checked = STEP0_CHECK_METRICS.get(cfg.step0_check()) if stage == 0 else None
-            failed = checked is not None and metrics[checked] > cfg.step0_max_val_asr
-            if checked is not None:
-                # the flag of the oracle check is oracle; the canary's is the defender's own
-                extra["pbe_step0_failed" if checked == "val_asr" else "pbe_step0_canary_failed"] = float(failed)
+            rule = cfg.step0_check() if stage == 0 else "unchecked"
+            if stage == 0:
+                val_predicted = predict_logits(model, data.x_val, cfg.eval_batch_size).argmax(dim=1)
+                extra["pbe_step0_label_excess"] = label_excess(current.argmax(dim=1), data.y_train, val_predicted,
+                                                               data.y_val, data.info.num_classes)
+            failed = rule != "unchecked" and step0_failed(rule, {**metrics, **extra}, cfg)
+            if rule != "unchecked":
+                extra[STEP0_FAILED_FLAGS[rule]] = float(failed)
             if failed and kept.attempt < cfg.step0_retries:
                 kept.attempt += 1
-                ctx.progress(f"pbe: step 0 failed on validation ({checked} {metrics[checked]:.3f} > "
-                             f"{cfg.step0_max_val_asr}); rerun {kept.attempt} of {cfg.step0_retries} from the infected "
+                checked = STEP0_CHECK_METRICS[rule]
+                ctx.progress(f"pbe: step 0 failed its {rule} check ({checked} {({**metrics, **extra})[checked]:.3f}); "
+                             f"rerun {kept.attempt} of {cfg.step0_retries} from the infected "
                              f"model, new draw, PGD radius {cfg.step0_config(kept.attempt).adv_eps:.4f}")
                 model.load_state_dict(backdoor.model_state)
                 optimizer.state.clear()
@@ -196,8 +224,7 @@ def run(ctx: RunContext, cfg: PBEConfig) -> DefenseResult:
                 kept.similarity = None
             else:
                 if failed:
-                    ctx.progress(f"pbe: step 0 failed on validation ({checked} {metrics[checked]:.3f} > "
-                                 f"{cfg.step0_max_val_asr}) and no rerun is left; continuing")
+                    ctx.progress(f"pbe: step 0 failed its {rule} check and no rerun is left; continuing")
                 if stage < cfg.n_steps - 1:
                     kept.trusted = top_fraction_mask(kept.similarity, rates[stage],
                                                      data.y_train if cfg.select_per_label else None)

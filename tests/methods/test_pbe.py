@@ -16,6 +16,7 @@ from methods.core.training import derive_seed
 from methods.defenses.pbe import (
     PBEConfig,
     clean_originals,
+    label_excess,
     label_quotas,
     logit_similarity,
     prediction_similarity,
@@ -149,6 +150,38 @@ def test_pbe_keeps_accuracy_on_a_seed_no_preset_uses(attack):
     assert passed, (before, after)
 
 
+@pytest.mark.slow
+def test_the_blind_label_excess_check_fails_the_step0_that_left_the_backdoor():
+    # Step 0 alone, unchecked by val ASR. On this seed a 16/255 step 0 leaves the digits BadNets backdoor in place
+    # and a 24/255 one erases it (a seed the threshold was measured on, docs/methods.md#pbe); the blind check must
+    # tell the two apart from training labels and validation accuracy alone.
+    backdoor = train_backdoor("badnets", seed=3)
+    outcomes = {}
+    for radius in (16, 24):
+        ctx, result = run_pbe(backdoor, seed=3, n_steps=1, top_rates=[], step0_retries=0, knowledge="blind",
+                              step0_adv_eps=radius / 255)
+        step0 = ctx.reports[-1][1]
+        outcomes[radius] = (result.metrics["val_asr"], step0["pbe_step0_label_excess"],
+                            step0["pbe_step0_label_excess_failed"])
+    print(f"\nstep 0 on badnets seed 3 (val ASR, label excess, failed): {outcomes}")
+    assert outcomes[16][0] >= 0.9 and outcomes[16][2] == 1.0
+    assert outcomes[24][0] <= 0.1 and outcomes[24][2] == 0.0
+    assert outcomes[24][1] > outcomes[16][1] + 0.3
+
+
+def test_label_excess_is_the_largest_flip_share_beyond_the_class_val_error():
+    train_labels = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
+    # label 0 loses 3 of 4 images, label 1 one of 2, label 2 none
+    train_predicted = torch.tensor([1, 2, 1, 0, 1, 0, 2, 2])
+    val_labels = torch.tensor([0, 0, 1, 1, 2])
+    val_predicted = torch.tensor([0, 0, 0, 0, 2])  # class 1 is always wrong on validation
+    assert label_excess(train_predicted, train_labels, val_predicted, val_labels, 3) == pytest.approx(0.75)
+    assert label_excess(train_predicted, train_labels, val_labels, val_labels, 3) == pytest.approx(0.75)
+    # a label without validation images counts its whole flip share; labels nobody carries are skipped
+    only_class_0_wrong = (torch.tensor([1, 1]), torch.tensor([0, 0]))
+    assert label_excess(train_predicted, train_labels, *only_class_0_wrong, 5) == pytest.approx(0.5)
+
+
 def test_similarity_is_half_plus_half_cosine_of_raw_logits():
     ref = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [2.0, 1.0]])
     cur = torch.tensor([[3.0, 0.0], [-1.0, 0.0], [0.0, 5.0], [2.0, 1.0]])
@@ -233,8 +266,8 @@ def test_bad_config_values_name_the_field(values, field):
         PBEConfig.from_dict(values)
 
 
-@pytest.mark.parametrize("values, check", [({}, "val_asr"), ({"knowledge": "blind"}, "unchecked"),
-                                           ({"knowledge": "blind", "canary_rate": 0.1}, "unchecked"),
+@pytest.mark.parametrize("values, check", [({}, "val_asr"), ({"knowledge": "blind"}, "label_excess"),
+                                           ({"knowledge": "blind", "canary_rate": 0.1}, "label_excess"),
                                            ({"knowledge": "blind", "canary_rate": 0.1, "step0_rule": "canary"},
                                             "canary"),
                                            ({"knowledge": "blind", "step0_rule": "unchecked"}, "unchecked")])
@@ -252,20 +285,26 @@ def test_the_val_asr_check_under_blind_knowledge_is_refused_naming_both_fields()
         PBEConfig.from_dict({"knowledge": "blind", "step0_rule": "val_asr"})
 
 
-@pytest.mark.parametrize("canary", [{}, {"canary_rate": 0.1, "step0_rule": "canary"}], ids=["unchecked", "canary"])
-def test_blind_pbe_never_reads_trigger_or_flag_metrics(badnets_backdoor, oracle_metrics_nan, canary):
+@pytest.mark.parametrize("rule, flag", [({"step0_rule": "unchecked"}, None),
+                                        # no label loses all its images beyond its val error: always failed
+                                        ({"step0_min_label_excess": 1.0}, "pbe_step0_label_excess_failed"),
+                                        ({"canary_rate": 0.1, "step0_rule": "canary"}, "pbe_step0_canary_failed")],
+                         ids=["unchecked", "label_excess", "canary"])
+def test_blind_pbe_never_reads_trigger_or_flag_metrics(badnets_backdoor, oracle_metrics_nan, rule, flag):
     import methods.defenses.pbe as pbe
     import methods.defenses.shared.common as common
 
     # RERUN's threshold of 0 reruns step 0 under oracle knowledge (test above); blind leaves step 0 unchecked, or
-    # checks it on the canary, whose val ASR after step 0 is above 0 here: step 0 is rerun once
-    values = dict(RERUN, knowledge="blind", **canary)
+    # checks it on its label excess or on the canary, each failing this tiny step 0: step 0 is rerun once
+    values = dict(RERUN, knowledge="blind", **rule)
     ctx, plain = run_pbe(badnets_backdoor, **values)
     cfg = PBEConfig.from_dict({**PRESET, **values})
-    steps = (cfg.n_steps + (1 if canary else 0)) * cfg.epochs_per_step
+    steps = (cfg.n_steps + (1 if flag else 0)) * cfg.epochs_per_step
     assert [s for s, _ in ctx.reports] == list(range(1, steps + 1))
     assert not any("pbe_step0_failed" in m for _, m in ctx.reports)
-    assert any(m.get("pbe_step0_canary_failed") == 1.0 for _, m in ctx.reports) == bool(canary)
+    if flag:
+        checked = [m[flag] for _, m in ctx.reports if flag in m]
+        assert len(checked) == 2 and checked[0] == 1.0, "the first attempt failed, its rerun was checked too"
     oracle_metrics_nan((common, "evaluate_with_der"), (pbe, "split_metrics"), (common, "split_metrics"))
     poisoned_ctx, poisoned = run_pbe(badnets_backdoor, **values)
     assert all(math.isnan(m["val_asr"]) for s, m in poisoned_ctx.reports if s <= steps)
