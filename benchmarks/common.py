@@ -12,9 +12,10 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,7 +47,7 @@ class Goal:
     op: str
     value: float
 
-    def met(self, row: "Row") -> bool | None:
+    def met(self, row: Row) -> bool | None:
         figure = row.ratio if self.target == "ratio" else row.measured
         if figure is None or not math.isfinite(figure):
             return None
@@ -89,7 +90,7 @@ class Row:
         return out
 
     @staticmethod
-    def from_dict(data: dict[str, Any]) -> "Row":
+    def from_dict(data: dict[str, Any]) -> Row:
         values = {k: v for k, v in data.items() if k not in ("ratio", "goal_met", "goal")}
         goal = data.get("goal")
         values["goal"] = None if goal is None else Goal(goal["target"], goal["op"], float(goal["value"]))

@@ -20,8 +20,9 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from benchmarks.common import ROOT, BenchContext, Goal, Row, last_line, median, synthetic_train_for
 

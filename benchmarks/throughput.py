@@ -17,8 +17,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from benchmarks.common import ROOT, BenchContext, Goal, Row, median, synchronize, synthetic_train_for
 

@@ -16,8 +16,8 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from methods.attacks.base import Backdoor
 
@@ -101,7 +101,7 @@ class ExclusiveLock:
                     told = True
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"cache lock {self.path} held by {self.holder()} for too long; delete it if "
-                                       "no build is running")
+                                       "no build is running") from None
                 time.sleep(self.poll)
 
     def holder(self) -> str:
@@ -150,7 +150,7 @@ class ExclusiveLock:
             self._beating = None
         self.path.unlink(missing_ok=True)
 
-    def __enter__(self) -> "ExclusiveLock":
+    def __enter__(self) -> ExclusiveLock:
         self.acquire()
         return self
 

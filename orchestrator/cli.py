@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from orchestrator.errors import BadInput
 from orchestrator.signals import Interrupted, catch_stop_signals

@@ -19,6 +19,13 @@ def progress_interval() -> float:
     return value if value > 0 and math.isfinite(value) else PROGRESS_INTERVAL
 
 
+def improves(value, best: float | None, mode: str) -> bool:
+    """Whether a reported objective value is a number that beats the best so far (None: nothing yet)."""
+    if not isinstance(value, (int, float)) or math.isnan(value):
+        return False
+    return best is None or (value > best if mode == "max" else value < best)
+
+
 class SweepProgress:
     """One line per finished trial (and, on a terminal, a status line rewritten in place while trials run): the
     trial, its state, its last validation metrics and the best objective so far. And, when nothing was printed for
@@ -39,9 +46,7 @@ class SweepProgress:
                 self.started = self.printed = clock()
 
             def _better(self, value) -> bool:
-                if not isinstance(value, (int, float)) or math.isnan(value):
-                    return False
-                return self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+                return improves(value, self.best, self.mode)
 
             def summary(self, trials) -> str:
                 counts = {"RUNNING": 0, "PENDING": 0, "PAUSED": 0, "TERMINATED": 0, "ERROR": 0}
@@ -49,9 +54,8 @@ class SweepProgress:
                 for trial in trials:
                     counts[trial.status] = counts.get(trial.status, 0) + 1
                     value = (trial.last_result or {}).get(self.metric)
-                    if trial.status != "ERROR" and isinstance(value, (int, float)) and not math.isnan(value):
-                        if best is None or (value > best if self.mode == "max" else value < best):
-                            best = value
+                    if trial.status != "ERROR" and improves(value, best, self.mode):
+                        best = value
                 shown = f"{best:.3f}" if best is not None else "-"
                 elapsed = int(self.clock() - self.started)
                 return (f"{self.label}: progress  running {counts['RUNNING']}  pending "

@@ -60,13 +60,13 @@ class ClusterShape:
     node_cpus: tuple[float, ...]
 
     @staticmethod
-    def local(num_cpus: float | None = None) -> "ClusterShape":
+    def local(num_cpus: float | None = None) -> ClusterShape:
         import os
 
         return ClusterShape((float(visible_gpu_count()),), (float(num_cpus or os.cpu_count() or 1),))
 
     @staticmethod
-    def from_ray() -> "ClusterShape":
+    def from_ray() -> ClusterShape:
         import ray
 
         alive = [n for n in ray.nodes() if n.get("Alive")]

@@ -2,8 +2,9 @@
 composition, a sweep's Pareto front. methods/ hands over arrays; only this module draws."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

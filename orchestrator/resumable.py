@@ -16,8 +16,8 @@ import contextlib
 import json
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from orchestrator.context import STATE_FILE, Reporter, atomic_write_bytes
 

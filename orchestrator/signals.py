@@ -8,7 +8,8 @@ import contextlib
 import signal
 import sys
 import threading
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -29,7 +30,7 @@ class Interrupted(KeyboardInterrupt):
         return Interrupted, (self.signum,)
 
 
-def _raise(signum: int, frame) -> None:
+def _raise(signum: int, _frame) -> None:
     raise Interrupted(signum)
 
 

@@ -54,7 +54,48 @@ def _given(flag: Any, from_study: Any) -> Any:
     return flag if flag is not None else from_study
 
 
-def load_study(path: Path, args) -> StudyPlan:
+def _study_attacks(items: list, src: str) -> list[tuple[str, dict[str, Any]]]:
+    attacks = []
+    for item in items:
+        values = {"name": item} if isinstance(item, str) else dict(item)
+        name = str(values.pop("name", ""))
+        method_spec(name, "attack", f"{src}: attacks")
+        attacks.append((name, values))
+    return attacks
+
+
+def _study_defenses(items: list, src: str, path: Path) -> tuple[list[tuple[str, Path]], list[dict[str, Any]]]:
+    """Each defense with its space file, and its own tune block."""
+    defenses, tunes = [], []
+    for item in items:
+        values = {"name": item} if isinstance(item, str) else dict(item)
+        name = str(values.get("name", ""))
+        method_spec(name, "defense", f"{src}: defenses")
+        if set(values) - DEFENSE_KEYS:
+            raise BadInput(f"{src}: defenses: {name}: unknown key(s) {', '.join(sorted(set(values) - DEFENSE_KEYS))}; "
+                           f"allowed: {', '.join(sorted(DEFENSE_KEYS))}")
+        tunes.append(_tune_block(values.get("tune") or {}, f"{src}: defenses: {name}: tune"))
+        given = values.get("space")
+        # a study's own space path is relative to the study file, so a study folder works from anywhere
+        space = ((path.parent / given).resolve() if given and not Path(given).is_absolute()
+                 else Path(given or SEARCH_SPACES / f"{name}.yaml"))
+        if not space.is_file():
+            raise BadInput(f"{src}: defenses: {name}: space {given} not found (paths are relative to the study file)")
+        defenses.append((name, space))
+    return defenses, tunes
+
+
+def _study_seeds(seeds: list, src: str) -> list[int]:
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise BadInput(f"{src}: seeds: non-negative integers")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:  # a repeated seed reruns the same run and would count as another sample in mean±std
+        raise BadInput(f"{src}: seeds: {', '.join(map(str, repeated))} listed more than once; list each seed once")
+    return seeds
+
+
+def _study_mapping(path: Path) -> dict[str, Any]:
+    """The study file's top level: known keys, and the three lists every study needs."""
     raw = load_yaml(path, "study")
     src = str(path)
     if not isinstance(raw, dict):
@@ -65,35 +106,15 @@ def load_study(path: Path, args) -> StudyPlan:
     for key in ("attacks", "defenses", "seeds"):
         if not isinstance(raw.get(key), list) or not raw[key]:
             raise BadInput(f"{src}: {key}: a non-empty list is required")
-    attacks = []
-    for item in raw["attacks"]:
-        values = {"name": item} if isinstance(item, str) else dict(item)
-        name = str(values.pop("name", ""))
-        method_spec(name, "attack", f"{src}: attacks")
-        attacks.append((name, values))
-    defenses = []
-    defense_tunes = []
-    for item in raw["defenses"]:
-        values = {"name": item} if isinstance(item, str) else dict(item)
-        name = str(values.get("name", ""))
-        method_spec(name, "defense", f"{src}: defenses")
-        if set(values) - DEFENSE_KEYS:
-            raise BadInput(f"{src}: defenses: {name}: unknown key(s) {', '.join(sorted(set(values) - DEFENSE_KEYS))}; "
-                           f"allowed: {', '.join(sorted(DEFENSE_KEYS))}")
-        defense_tunes.append(_tune_block(values.get("tune") or {}, f"{src}: defenses: {name}: tune"))
-        given = values.get("space")
-        # a study's own space path is relative to the study file, so a study folder works from anywhere
-        space = ((path.parent / given).resolve() if given and not Path(given).is_absolute()
-                 else Path(given or SEARCH_SPACES / f"{name}.yaml"))
-        if not space.is_file():
-            raise BadInput(f"{src}: defenses: {name}: space {given} not found (paths are relative to the study file)")
-        defenses.append((name, space))
-    seeds = raw["seeds"]
-    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
-        raise BadInput(f"{src}: seeds: non-negative integers")
-    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
-    if repeated:  # a repeated seed reruns the same run and would count as another sample in mean±std
-        raise BadInput(f"{src}: seeds: {', '.join(map(str, repeated))} listed more than once; list each seed once")
+    return raw
+
+
+def load_study(path: Path, args) -> StudyPlan:
+    raw = _study_mapping(path)
+    src = str(path)
+    attacks = _study_attacks(raw["attacks"], src)
+    defenses, defense_tunes = _study_defenses(raw["defenses"], src, path)
+    seeds = _study_seeds(raw["seeds"], src)
     tune = _tune_block(raw.get("tune") or {}, f"{src}: tune")
     jobs = _given(getattr(args, "jobs", None), raw.get("jobs", 1))
     if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:

@@ -13,9 +13,10 @@ import json
 import os
 import subprocess
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from orchestrator.errors import BadInput
 

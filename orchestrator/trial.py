@@ -130,7 +130,7 @@ def tune_trainable(config: dict[str, Any], setup: TrialSetup) -> None:
     logged = tracker.logged_through(run_id) if previous else 0  # what a cut attempt logged (TrackedContext)
     with tracker.ending(run_id, leave=(SystemExit,)):
         if setup.plan.workers_per_trial > 1:
-            _drive_train(setup, spec, config, run_id, trial_id, logged)
+            _drive_train(setup, config, run_id, trial_id, logged)
         else:
             device = pick_device(setup.plan.gpus_per_trial)
             backdoor = _backdoor(setup)
@@ -147,7 +147,7 @@ def tune_trainable(config: dict[str, Any], setup: TrialSetup) -> None:
                 execute_defense(spec, ctx, tracker, run_id, ctx.backdoor_obj)
 
 
-def _drive_train(setup: TrialSetup, spec: RunSpec, config: dict[str, Any], run_id: str, trial_id: str,
+def _drive_train(setup: TrialSetup, config: dict[str, Any], run_id: str, trial_id: str,
                  logged_through: int) -> None:
     import ray.train
     from ray.train.torch import TorchTrainer

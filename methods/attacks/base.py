@@ -8,9 +8,10 @@ images are kept clean and get the trigger only at evaluation time.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -78,7 +79,7 @@ class PoisonedData:
     def num_classes(self) -> int:
         return self.info.num_classes
 
-    def to(self, device: torch.device) -> "PoisonedData":
+    def to(self, device: torch.device) -> PoisonedData:
         tensors = {k: v.to(device) for k, v in self.__dict__.items() if isinstance(v, torch.Tensor)}
         others = {k: v for k, v in self.__dict__.items() if not isinstance(v, torch.Tensor) and k != "_backdoor_sets"}
         return PoisonedData(**others, **tensors)
@@ -131,14 +132,14 @@ class Backdoor:
     seeds: dict[str, int]
     # How a defense run computes its blind signals, and the canary it planted (methods/core/blind_signals.py);
     # set by the method dispatch from the defense's config, never saved with the artifact (None: the defaults).
-    blind: Optional[BlindSignals] = None
+    blind: BlindSignals | None = None
 
     def build_model(self, device: torch.device | str = "cpu") -> BackdoorModel:
         model = build_model(self.model_name, self.data.info)
         model.load_state_dict(self.model_state)
         return model.to(device)
 
-    def to(self, device: torch.device) -> "Backdoor":
+    def to(self, device: torch.device) -> Backdoor:
         return Backdoor(self.attack, self.config, self.data.to(device), self.model_name, self.model_state, self.metrics,
                         self.seeds, self.blind)
 
@@ -169,7 +170,7 @@ class Backdoor:
         (directory / "backdoor.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
 
     @staticmethod
-    def load(directory: Path) -> "Backdoor":
+    def load(directory: Path) -> Backdoor:
         from safetensors.torch import load_file
 
         meta = json.loads((directory / "backdoor.json").read_text())
@@ -199,7 +200,7 @@ def build_poisoned_data(
     cfg: AttackConfig,
     trigger: Trigger,
     poison_seed: int,
-    poison_images: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]] = None,
+    poison_images: Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor] | None = None,
 ) -> PoisonedData:
     """Select the poison indices, apply the trigger (or the attack's own `poison_images`) and relabel."""
     info = splits.info
@@ -236,9 +237,9 @@ def train_classifier(
     data: PoisonedData,
     cfg: AttackConfig,
     train_seed: int,
-    augment: Optional[Callable[[torch.Tensor, DatasetInfo, torch.Generator], torch.Tensor]] = standard_augment,
+    augment: Callable[[torch.Tensor, DatasetInfo, torch.Generator], torch.Tensor] | None = standard_augment,
     report: bool = True,
-    constants: Optional[dict[str, float]] = None,
+    constants: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """The standard recipe (SGD with momentum, cosine schedule) on the poisoned set, one epoch a step. Reports
     val/test ACC, ASR, RA and implant each epoch, plus `constants` (facts fixed before training, such as the poison
@@ -271,9 +272,9 @@ def run_attack(
     name: str,
     cfg: AttackConfig,
     make_trigger: TriggerFactory,
-    poison_images_factory: Optional[Callable[..., Any]] = None,
+    poison_images_factory: Callable[..., Any] | None = None,
     augment=standard_augment,
-    postprocess: Optional[Callable[[PoisonedData, dict[str, int]], None]] = None,
+    postprocess: Callable[[PoisonedData, dict[str, int]], None] | None = None,
 ) -> Backdoor:
     """Load the data, poison it, train the backdoored model, and return the Backdoor artifact.
     `poison_images_factory` replaces plain trigger stamping (CL); `postprocess` edits the poisoned set before

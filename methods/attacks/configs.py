@@ -5,7 +5,6 @@ The config of an attack lives here, its run in methods/attacks/<name>.py (docs/a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from methods.core.config import Config, choice, ranged
 from methods.core.method import declare_method
@@ -27,10 +26,10 @@ class AttackConfig(Config):
     poison_rate: float = ranged(0.1, 0.0, 1.0, "fraction of candidates poisoned (see poison_index_mode)")
     poison_index_mode: str = choice("default", POISON_INDEX_MODES)
     seed: int = ranged(0, 0, None, "derives the split, poison, train and clean seeds unless those are set")
-    split_seed: Optional[int] = ranged(None, 0, None)
-    poison_seed: Optional[int] = ranged(None, 0, None)
-    train_seed: Optional[int] = ranged(None, 0, None)
-    clean_seed: Optional[int] = ranged(None, 0, None, "clean-subset draws of defenses built on this attack")
+    split_seed: int | None = ranged(None, 0, None)
+    poison_seed: int | None = ranged(None, 0, None)
+    train_seed: int | None = ranged(None, 0, None)
+    clean_seed: int | None = ranged(None, 0, None, "clean-subset draws of defenses built on this attack")
     epochs: int = ranged(100, 1, 10_000)
     batch_size: int = ranged(128, 1, 65_536)
     lr: float = ranged(0.01, 0.0, 10.0)
@@ -49,7 +48,7 @@ class AttackConfig(Config):
             "clean_seed": resolve_seed(self.seed, "clean", self.clean_seed),
         }
 
-    def departures_from_papers(self) -> Optional[list[str]]:
+    def departures_from_papers(self) -> list[str] | None:
         """Where this configuration leaves the range its papers evaluated, one phrase each ([] when inside it);
         None for an attack without a declared range. A run outside it is reported (`papers_regime` 0) and its
         table row marked, because results there describe another attack than the one the papers measured."""
@@ -84,7 +83,7 @@ def clean_label_departures(cfg: AttackConfig) -> list[str]:
 @dataclass
 class BadNetsConfig(AttackConfig):
     pattern: str = choice("grid", ("grid", "square", "four_corner", "file"))
-    patch_file: Optional[str] = None
+    patch_file: str | None = None
     patch_size: int = ranged(3, 1, 64, "side of the `file` patch in pixels")
 
     def validate(self) -> None:
@@ -99,9 +98,9 @@ class BadNetsConfig(AttackConfig):
 @dataclass
 class BlendConfig(AttackConfig):
     pattern: str = choice("random", ("random", "stripe", "noise", "file"))
-    pattern_file: Optional[str] = None
+    pattern_file: str | None = None
     alpha: float = ranged(0.2, 0.0, 1.0, "blend weight of the pattern in poisoned training images")
-    alpha_test: Optional[float] = ranged(None, 0.0, 1.0, "blend weight at evaluation (default: alpha)")
+    alpha_test: float | None = ranged(None, 0.0, 1.0, "blend weight at evaluation (default: alpha)")
 
     def validate(self) -> None:
         super().validate()
@@ -152,7 +151,7 @@ class CLConfig(AttackConfig):
     pgd_eps: float = ranged(8 / 255, 0.0, 1.0)
     pgd_step_size: float = ranged(2 / 255, 0.0, 1.0)
     pgd_steps: int = ranged(4, 0, 1000)
-    clean_epochs: Optional[int] = ranged(None, 1, 10_000, "epochs of the clean model (default: epochs)")
+    clean_epochs: int | None = ranged(None, 1, 10_000, "epochs of the clean model (default: epochs)")
     trigger_amplitude: float = ranged(
         1.0, 0.0, 1.0,
         "share of the trigger's contrast stamped on poisoned training images; evaluation always stamps the full "

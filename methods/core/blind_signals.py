@@ -23,7 +23,7 @@ the same PGD random start at every report, so the final evaluation of unchanged 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -63,7 +63,7 @@ class BlindSignals:
     step_size: float
     images: int
     seed: int
-    canary: Optional[Canary] = None
+    canary: Canary | None = None
     # The weights last evaluated and their signals, per split. The final evaluation of a defense re-evaluates the
     # weights of its last report, and PGD's input gradients need not be bit-reproducible on a GPU: handing back
     # the memo for equal weights keeps final_result from seeing a difference that is not there (and saves one
@@ -135,7 +135,7 @@ def _split_signals(model: nn.Module, data: Any, signals: BlindSignals, split: st
     return out
 
 
-def blind_signals(model: nn.Module, data: Any, signals: Optional[BlindSignals] = None,
+def blind_signals(model: nn.Module, data: Any, signals: BlindSignals | None = None,
                   batch_size: int = 1024, splits: tuple[str, ...] = SPLITS) -> dict[str, float]:
     """`<split>_adv_concentration` for each of `splits`, and `<split>_canary_asr` when a canary was planted."""
     signals = signals or default_signals(data.info)

@@ -11,7 +11,8 @@ import dataclasses
 import math
 import types
 import typing
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 
 def ranged(default: Any, lo: float | None = None, hi: float | None = None, doc: str = "") -> Any:
@@ -33,42 +34,48 @@ def _type_ok(value: Any, annotation: Any) -> tuple[bool, Any]:
     """Check (and lightly coerce) a value against a simple annotation: int, float, bool, str, Optional, list."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(annotation)
-        if value is None and type(None) in args:
-            return True, None
-        for arg in args:
-            if arg is type(None):
-                continue
-            ok, coerced = _type_ok(value, arg)
-            if ok:
-                return True, coerced
-        return False, value
+        return _union_ok(value, typing.get_args(annotation))
     if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
+        return _sequence_ok(value, (typing.get_args(annotation) or (Any,))[0])
+    return _scalar_ok(value, annotation)
+
+
+def _union_ok(value: Any, members: tuple[Any, ...]) -> tuple[bool, Any]:
+    if value is None and type(None) in members:
+        return True, None
+    for member in members:
+        if member is type(None):
+            continue
+        ok, coerced = _type_ok(value, member)
+        if ok:
+            return True, coerced
+    return False, value
+
+
+def _sequence_ok(value: Any, inner: Any) -> tuple[bool, Any]:
+    if not isinstance(value, (list, tuple)):
+        return False, value
+    out = []
+    for item in value:
+        ok, coerced = _type_ok(item, inner)
+        if not ok:
             return False, value
-        (inner,) = typing.get_args(annotation)[:1] or (Any,)
-        out = []
-        for item in value:
-            ok, coerced = _type_ok(item, inner)
-            if not ok:
-                return False, value
-            out.append(coerced)
-        return True, out
+        out.append(coerced)
+    return True, out
+
+
+def _scalar_ok(value: Any, annotation: Any) -> tuple[bool, Any]:
     if annotation is Any:
         return True, value
     if annotation is bool:
         return isinstance(value, bool), value
+    if isinstance(value, bool) and annotation in (int, float):
+        return False, value
     if annotation is int:
-        if isinstance(value, bool):
-            return False, value
-        if isinstance(value, int):
-            return True, value
         if isinstance(value, float) and value.is_integer():
             return True, int(value)
-        return False, value
+        return isinstance(value, int), value
     if annotation is float:
-        if isinstance(value, bool):
-            return False, value
         if isinstance(value, (int, float)):
             return True, float(value)
         return False, value
@@ -125,7 +132,7 @@ class Config:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "Config":
+    def from_dict(cls, values: Mapping[str, Any]) -> Config:
         known = set(cls.field_names())
         unknown = sorted(set(values) - known)
         if unknown:
@@ -137,7 +144,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes: Any) -> "Config":
+    def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
 
 

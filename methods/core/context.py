@@ -12,9 +12,10 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ class BackdoorArtifact(Protocol):
     model_state: dict[str, torch.Tensor]
     metrics: dict[str, float]
     seeds: dict[str, int]
-    blind: Optional[BlindSignals]
+    blind: BlindSignals | None
 
     def build_model(self, device: torch.device | str = "cpu") -> torch.nn.Module: ...
 
@@ -58,7 +59,7 @@ class RunContext(Protocol):
     data_root: Path
     download: bool
     # The dataset's options (methods.data.configs.DataConfig); None: its defaults.
-    data_config: Optional[Config]
+    data_config: Config | None
 
     def report(self, metrics: dict[str, float], step: int) -> None: ...
 
@@ -118,7 +119,7 @@ class LocalContext:
     world_size: int = 1
     data_root: Path = field(default_factory=lambda: Path.home() / ".cache" / "bdo" / "data")
     download: bool = False
-    data_config: Optional[Config] = None
+    data_config: Config | None = None
     backdoor_provider: Callable[[], BackdoorArtifact] | None = None
     stop_after_step: int | None = None
     checkpoint: bytes | None = None

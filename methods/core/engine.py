@@ -18,9 +18,10 @@ where BatchNorm statistics are averaged, so a stage that must read synchronised 
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn

@@ -3,7 +3,7 @@ torch; methods.core.fastpath applies them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from methods.core.config import Config, choice
 
@@ -17,9 +17,9 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 class FastPath(Config):
     """Each switch: true, false, or null (the default) for on where the device is CUDA and off elsewhere."""
 
-    bf16: Optional[bool] = None  # bf16 autocast of the training forward pass
-    channels_last: Optional[bool] = None  # channels_last memory format for 4-d weights and inputs
-    cudnn_benchmark: Optional[bool] = None  # let cuDNN pick the fastest convolution algorithms
+    bf16: bool | None = None  # bf16 autocast of the training forward pass
+    channels_last: bool | None = None  # channels_last memory format for 4-d weights and inputs
+    cudnn_benchmark: bool | None = None  # let cuDNN pick the fastest convolution algorithms
     compile: bool = False  # torch.compile the training forward (and so its backward)
     compile_mode: str = choice("default", COMPILE_MODES,
                                "torch.compile mode; reduce-overhead captures CUDA graphs (CUDA only)")

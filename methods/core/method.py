@@ -11,9 +11,10 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from methods.core.config import Config
 from methods.core.registry import METHODS, Registry
@@ -23,7 +24,7 @@ RUNS: Registry[Callable[..., Any]] = Registry("method run")
 # when imported (methods/defenses/__init__.py: every defense gets its blind signals' settings and the canary), so
 # core dispatches to code above it without importing it. `import methods` imports both kinds' packages, so the
 # dispatch is in place before any spec exists.
-DISPATCHES: Registry[Callable[[Callable[..., Any], "MethodSpec"], Callable[..., Any]]] = Registry("method dispatch")
+DISPATCHES: Registry[Callable[[Callable[..., Any], MethodSpec], Callable[..., Any]]] = Registry("method dispatch")
 
 
 @dataclass(frozen=True)

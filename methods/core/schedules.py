@@ -2,7 +2,8 @@
 compute their schedules with the same functions the methods train with."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 def scaled_steps(step_epochs: Sequence[int], reference_epochs: int, epochs: int) -> list[int]:

@@ -8,7 +8,8 @@ same weights, bit for bit on CPU.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch

@@ -6,9 +6,9 @@ which normalises inside itself, so pixel-space epsilons and triggers mean what t
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -37,7 +37,7 @@ class Splits:
     train_index: torch.Tensor  # positions of the training images in the builder's training part
     split_seed: int = 0
 
-    def to(self, device: torch.device) -> "Splits":
+    def to(self, device: torch.device) -> Splits:
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
         return Splits(**moved)
 

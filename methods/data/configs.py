@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from methods.core.config import Config, ranged
 from methods.core.registry import Registry
@@ -94,9 +94,9 @@ def absent_dataset(info: DatasetInfo, data_root: Path) -> str | None:
 class DataConfig(Config):
     """Options of the dataset (the `data.KEY` of `--set`)."""
 
-    val_fraction: Optional[float] = ranged(None, 0.0, 0.5, "fraction of the training part held out for validation")
-    train_limit: Optional[int] = ranged(None, 10, None, "keep at most this many training images (quick runs)")
-    test_limit: Optional[int] = ranged(None, 10, None, "keep at most this many test images (quick runs)")
+    val_fraction: float | None = ranged(None, 0.0, 0.5, "fraction of the training part held out for validation")
+    train_limit: int | None = ranged(None, 10, None, "keep at most this many training images (quick runs)")
+    test_limit: int | None = ranged(None, 10, None, "keep at most this many test images (quick runs)")
     synthetic_train: int = ranged(10000, 100, 10_000_000, "training images of the synthetic dataset")
     synthetic_test: int = ranged(2000, 100, 1_000_000, "test images of the synthetic dataset")
     # Calibrated on small_cnn, 8 epochs at lr 0.05 on 4,000 images (seed 0, CPU): test ACC 1.000 at 0,

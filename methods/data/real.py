@@ -16,10 +16,10 @@ import logging
 import os
 import pickle
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -63,13 +63,13 @@ class Source:
     fetch: Callable[[Path], None]  # download into data_root (only with download=True)
     convert: Callable[[Path], Parts]
     recipe: str  # describes the conversion; a cache made by another recipe is rebuilt
-    prepare: Optional[Callable[[Path], None]] = None  # local fix-ups before converting (no network)
+    prepare: Callable[[Path], None] | None = None  # local fix-ups before converting (no network)
 
 
 # --------------------------------------------------------------------------------------------- cache handling
 
 
-def _cache_problem(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: Source) -> Optional[str]:
+def _cache_problem(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: Source) -> str | None:
     info = source.info
     if metadata.get("bdo_format") != CACHE_FORMAT or metadata.get("dataset") != info.name:
         return "it was written by another version"
@@ -88,7 +88,7 @@ def _cache_problem(tensors: dict[str, torch.Tensor], metadata: dict[str, str], s
     return None
 
 
-def read_cache(path: Path, source: Source) -> Optional[Parts]:
+def read_cache(path: Path, source: Source) -> Parts | None:
     """The cached tensors, or None when the file is absent, unreadable or not what `source` would write."""
     if not path.is_file():
         return None
@@ -171,7 +171,7 @@ def _metadata(source: Source) -> dict[str, str]:
     return {"bdo_format": CACHE_FORMAT, "dataset": source.info.name, "recipe": source.recipe}
 
 
-def _build_locked(source: Source, data_root: Path, download: bool, cache: Optional[Path]) -> Parts:
+def _build_locked(source: Source, data_root: Path, download: bool, cache: Path | None) -> Parts:
     """Fetch (if asked), check and convert; the caller holds the lock when `cache` is set."""
     if cache is not None:
         parts = read_cache(cache, source)  # another process may have finished while we waited for the lock
@@ -213,7 +213,7 @@ def load_cached(source: Source, data_root: Path, download: bool) -> RawDataset:
                 raise _missing_error(source, data_root, missing)
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            lock: Optional[FileLock] = FileLock(str(cache.with_suffix(".lock")))
+            lock: FileLock | None = FileLock(str(cache.with_suffix(".lock")))
             lock.acquire()
         except OSError as error:  # read-only data root: convert in memory every time
             log.warning("cannot write the cache in %s (%s); converting without caching", cache.parent, error)

@@ -5,7 +5,8 @@ the canary. canary.py imports torch, so it is imported at the first dispatch: va
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from methods.core.method import DISPATCHES, MethodSpec
 

@@ -19,8 +19,6 @@ Deviations from the official code (github.com/John-niu-07/BPE), all as docs/meth
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -55,7 +53,7 @@ def adversarial_finetune_epoch(
     info: DatasetInfo,
     g_train: torch.Generator,
     g_pgd: torch.Generator,
-    adv_batches: Optional[int],
+    adv_batches: int | None,
     rank: int = 0,
     world_size: int = 1,
 ) -> torch.Tensor:

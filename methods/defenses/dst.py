@@ -192,7 +192,7 @@ def run(ctx: RunContext, cfg: DSTConfig):
         st.poisoned = sd_split.pools[train_idx] == POOL_POISON
         st.wrapped_head = ctx.wrap_model(head)
 
-    def cls_epoch(i: int) -> dict[str, Any]:
+    def cls_epoch(_epoch: int) -> dict[str, Any]:
         st.model.eval()  # frozen encoder, BN statistics included
         st.head.train()
 

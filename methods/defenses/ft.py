@@ -32,5 +32,5 @@ def run(ctx: RunContext, cfg: FTConfig):
     optimizer = sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
     x, y = defense.data.x_train[idx], defense.data.y_train[idx]
     stage = finetune_stage(defense, "finetune", 0, model, optimizer, x, y, defense.generator("train"), cfg.epochs,
-                           cfg.batch_size, lambda epoch: cfg.lr)
+                           cfg.batch_size, lambda _epoch: cfg.lr)
     return defense.finish(model, defense.engine.run([stage]))

@@ -31,7 +31,7 @@ def run(ctx: RunContext, cfg: NADConfig):
     idx = defense.clean_subset()
     x, y = defense.data.x_train[idx], defense.data.y_train[idx]
     student, teacher = defense.backdoor.build_model(ctx.device), defense.backdoor.build_model(ctx.device)
-    first = teacher_stage(defense, teacher, x, y, lambda epoch: cfg.teacher_lr)
+    first = teacher_stage(defense, teacher, x, y, lambda _epoch: cfg.teacher_lr)
     optimizer = sgd(student.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
     g = defense.generator("train")
     betas = (cfg.beta1, cfg.beta2, cfg.beta3)

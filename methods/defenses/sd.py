@@ -31,7 +31,7 @@ Deviations from the official code:
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -236,7 +236,7 @@ def sd_stages(defense: DefenseRun) -> tuple[list[Stage], BackdoorModel, SDSplit]
     def begin_pretrain() -> None:
         trainer["net"] = ctx.wrap_model(model)
 
-    def pretrain(epoch: int) -> dict[str, torch.Tensor]:
+    def pretrain(_epoch: int) -> dict[str, torch.Tensor]:
         loss = defense.train_epoch(trainer["net"], optimizer, data.x_train, data.y_train, cfg.sd_batch_size, g_train)
         scheduler.step()
         return {"sd_loss": loss}
@@ -246,7 +246,7 @@ def sd_stages(defense: DefenseRun) -> tuple[list[Stage], BackdoorModel, SDSplit]
         model.classifier.requires_grad_(False)
         trainer["net"] = ctx.wrap_model(_Penultimate(model))
 
-    def centroid(epoch: int) -> dict[str, torch.Tensor]:
+    def centroid(_epoch: int) -> dict[str, torch.Tensor]:
         loss = defense.train_epoch(trainer["net"], optimizer, data.x_train, data.y_train, cfg.sd_batch_size, g_train,
                                    loss_fn=lambda f, y: centroid_separation_loss(f, y, num_classes))
         scheduler.step()

@@ -208,7 +208,7 @@ def test_mlflow_ui_shows_sweep_trials_metrics_and_artifacts(browser_binaries, ra
             expected = list(_png_size(trial, path))
             # The viewer reuses its <img> while the next file loads: wait for the file's own pixel size.
             try:
-                wait.until(lambda d, path=path: _rendered_size(d, path) == expected)
+                wait.until(lambda d, path=path, expected=expected: _rendered_size(d, path) == expected)
             except TimeoutException:
                 shown = _rendered_size(driver, path)
                 raise AssertionError(f"{path} is not shown at its size {expected}; the page shows {shown}") from None

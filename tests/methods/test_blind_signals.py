@@ -73,7 +73,7 @@ def test_a_defense_from_scratch_finds_the_canary_in_the_training_set(badnets_bac
     cfg = spec.make_config({"canary_rate": 0.05, "canary_target": 3})
     prepared = prepare_backdoor(LocalContext(), badnets_backdoor, spec, cfg)
     before, after = badnets_backdoor.data, prepared.data
-    changed = torch.nonzero((after.y_train != before.y_train)).flatten()
+    changed = torch.nonzero(after.y_train != before.y_train).flatten()
     assert len(changed) == round(0.05 * len(before.y_train))
     assert (after.y_train[changed] == 3).all() and not before.poison_flags[changed].any()
     assert torch.equal(after.poison_flags, before.poison_flags), "poison_flags stay the attacker's poison"

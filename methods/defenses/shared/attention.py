@@ -15,7 +15,7 @@ resolutions, so on those it is unchanged.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn

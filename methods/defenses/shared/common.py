@@ -3,8 +3,8 @@ hand-off of per-sample scores and pools (written by the orchestrator as scores.p
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch

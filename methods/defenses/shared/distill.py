@@ -2,7 +2,7 @@
 code (FT itself and the teachers), and attention distillation into the student."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
