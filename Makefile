@@ -25,6 +25,7 @@ demo: env
 
 lint: env
 	$(VENV)/bin/ruff check methods orchestrator benchmarks tests
+	$(VENV)/bin/ruff format --check methods orchestrator benchmarks tests
 
 test: env lint
 	@sh scripts/browser-deps.sh

@@ -4,6 +4,7 @@ Runs every benchmark that fits the device (each in a fresh process; the Ray/MLfl
 prints a table of measured figure, baseline, ratio and goal with peak host and GPU memory. Never fails on
 timing: the exit code is 1 only when a benchmark crashed, 2 on bad arguments.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,21 +25,40 @@ from benchmarks.suite import all_cases, batches, select
 def parse(argv: list[str] | None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[1])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (CI): every row, well under 2 minutes")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="default: cuda when available, else cpu")
-    parser.add_argument("--only", default=None, metavar="NAME,...",
-                        help="benchmarks to run: names or prefixes (train, train.small_cnn, pgd, sweep, ...)")
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda when available, else cpu"
+    )
+    parser.add_argument(
+        "--only",
+        default=None,
+        metavar="NAME,...",
+        help="benchmarks to run: names or prefixes (train, train.small_cnn, pgd, sweep, ...)",
+    )
     parser.add_argument("--json", default=None, metavar="PATH", help="also write rows and metadata as JSON")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown (for RESULTS.md)")
-    parser.add_argument("--compile", nargs="?", const="default", default="", metavar="MODE",
-                        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-                        help="torch.compile the model in the fast-path rows (MODE: default, or reduce-overhead for "
-                             "CUDA graphs)")
-    parser.add_argument("--timeout", type=float, default=None, metavar="S",
-                        help="seconds per benchmark process (default 900 quick, 7200 full)")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default="",
+        metavar="MODE",
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        help="torch.compile the model in the fast-path rows (MODE: default, or reduce-overhead for CUDA graphs)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds per benchmark process (default 900 quick, 7200 full)",
+    )
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
-    parser.add_argument("--from-json", default=None, metavar="PATH",
-                        help="print the table of a saved --json run instead of running anything")
+    parser.add_argument(
+        "--from-json",
+        default=None,
+        metavar="PATH",
+        help="print the table of a saved --json run instead of running anything",
+    )
     parser.add_argument("--verbose", action="store_true", help="show the benchmark processes' progress and logs")
     return parser.parse_args(argv)
 
@@ -57,8 +77,17 @@ def run_batch(names: list[str], expected: list[str], device: str, args, log_dir:
     """Run one benchmark process; rows it did not produce come back as errors naming the cause."""
     out = log_dir / f"{names[0]}.json"
     log_path = log_dir / f"{names[0]}.log"
-    command = [sys.executable, "-m", "benchmarks.worker", "--cases", ",".join(names), "--device", device,
-               "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.worker",
+        "--cases",
+        ",".join(names),
+        "--device",
+        device,
+        "--out",
+        str(out),
+    ]
     command += [flag for flag, on in (("--quick", args.quick), ("--verbose", args.verbose)) if on]
     command += [f"--compile={args.compile}"] if args.compile else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -66,9 +95,14 @@ def run_batch(names: list[str], expected: list[str], device: str, args, log_dir:
     reason = ""
     with open(log_path, "w") as log:
         try:
-            code = subprocess.run(command, cwd=str(ROOT), env=env, timeout=timeout,
-                                  stdout=None if args.verbose else log,
-                                  stderr=subprocess.STDOUT if not args.verbose else None).returncode
+            code = subprocess.run(
+                command,
+                cwd=str(ROOT),
+                env=env,
+                timeout=timeout,
+                stdout=None if args.verbose else log,
+                stderr=subprocess.STDOUT if not args.verbose else None,
+            ).returncode
             if code not in (0, 1):
                 reason = f"benchmark process exited {code}"
         except subprocess.TimeoutExpired:
@@ -115,8 +149,14 @@ def main(argv: list[str] | None = None) -> int:
         if case.gpu_only and device != "cuda":
             slots.extend(skipped(r, "GPU only (run with --device cuda on a machine with a GPU)") for r in case.rows)
         elif missing:
-            slots.extend(skipped(r, f"{' and '.join(missing)} not installed: this row needs the orchestrator "
-                                    f"stack (the pure-torch rows ran)") for r in case.rows)
+            slots.extend(
+                skipped(
+                    r,
+                    f"{' and '.join(missing)} not installed: this row needs the orchestrator "
+                    f"stack (the pure-torch rows ran)",
+                )
+                for r in case.rows
+            )
         else:
             runnable.append(case)
             slots.append((case.name, list(case.rows)))
@@ -136,11 +176,17 @@ def main(argv: list[str] | None = None) -> int:
     for slot in slots:
         rows.extend(produced[slot[0]] if isinstance(slot, tuple) else [slot])
 
-    meta = {"machine": machine_info(device), "command": command_line(argv), "quick": args.quick,
-            "compile": args.compile, "load_start": load_start, "load_end": load_average(),
-            "wall_s": time.perf_counter() - started,
-            "floor_mb": median([r.details["process_floor_mb"] for r in rows if "process_floor_mb" in r.details]),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    meta = {
+        "machine": machine_info(device),
+        "command": command_line(argv),
+        "quick": args.quick,
+        "compile": args.compile,
+        "load_start": load_start,
+        "load_end": load_average(),
+        "wall_s": time.perf_counter() - started,
+        "floor_mb": median([r.details["process_floor_mb"] for r in rows if "process_floor_mb" in r.details]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+    }
     print(render(rows, meta, markdown=args.markdown), flush=True)
     if args.json:
         payload = _finite({**meta, "rows": [r.to_dict() for r in rows]})

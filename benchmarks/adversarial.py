@@ -8,6 +8,7 @@ model on the same images:
 
 Weights are freshly initialised: the cost does not depend on what the model learned.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,14 +62,22 @@ def bench_pgd(ctx: BenchContext, model_name: str) -> list[Row]:
     ctx.probe.reset()
     ctx.log(f"pgd.{model_name}: PGD-{steps} over {len(y)} images x {sizes.adv_reps}")
     pgd_rate, pgd_rates = repeat_rate(attack, len(y), warmup=1, reps=sizes.adv_reps, device=device)
-    row = ctx.probe.fill(Row(name=f"pgd.{model_name}", measured=pgd_rate, unit="img/s", baseline_unit="img/s",
-                             what=f"PGD-{steps} adversarial images/s vs SGD training images/s, "
-                                  f"{model_name}, bs {BATCH}"))
+    row = ctx.probe.fill(
+        Row(
+            name=f"pgd.{model_name}",
+            measured=pgd_rate,
+            unit="img/s",
+            baseline_unit="img/s",
+            what=f"PGD-{steps} adversarial images/s vs SGD training images/s, {model_name}, bs {BATCH}",
+        )
+    )
     ctx.log(f"pgd.{model_name}: training steps")
     train_rate, train_rates = repeat_rate(train, len(y), warmup=1, reps=sizes.adv_reps, device=device)
     row.baseline = train_rate
-    row.note = (f"one PGD-{steps} image costs {train_rate / pgd_rate:.1f} training images "
-                f"(~{steps} forward+backward passes vs 1 plus an SGD step)")
+    row.note = (
+        f"one PGD-{steps} image costs {train_rate / pgd_rate:.1f} training images "
+        f"(~{steps} forward+backward passes vs 1 plus an SGD step)"
+    )
     row.details = {"pgd_rates": pgd_rates, "train_rates": train_rates, "images": len(y), "steps": steps}
     return [row]
 
@@ -111,12 +120,21 @@ def bench_fct(ctx: BenchContext, model_name: str) -> list[Row]:
 
     ctx.probe.reset()
     ctx.log(f"fct.{model_name}: FCT over {len(y)} images x {sizes.adv_reps}")
-    fct_rate, fct_rates = repeat_rate(lambda: scorer(model, x, transform, g, 1, EVAL_BATCH), len(y), warmup=1,
-                                      reps=sizes.adv_reps, device=device)
-    row = ctx.probe.fill(Row(name=f"fct.{model_name}", measured=fct_rate, unit="img/s", baseline_unit="img/s",
-                             what=f"FCT scores/s vs plain evaluation images/s, {model_name}, batch {EVAL_BATCH}"))
-    eval_rate, eval_rates = repeat_rate(lambda: predict_logits(model, x, EVAL_BATCH), len(y), warmup=1,
-                                        reps=sizes.adv_reps, device=device)
+    fct_rate, fct_rates = repeat_rate(
+        lambda: scorer(model, x, transform, g, 1, EVAL_BATCH), len(y), warmup=1, reps=sizes.adv_reps, device=device
+    )
+    row = ctx.probe.fill(
+        Row(
+            name=f"fct.{model_name}",
+            measured=fct_rate,
+            unit="img/s",
+            baseline_unit="img/s",
+            what=f"FCT scores/s vs plain evaluation images/s, {model_name}, batch {EVAL_BATCH}",
+        )
+    )
+    eval_rate, eval_rates = repeat_rate(
+        lambda: predict_logits(model, x, EVAL_BATCH), len(y), warmup=1, reps=sizes.adv_reps, device=device
+    )
     row.baseline = eval_rate
     row.note = f"scorer: {source}; two feature passes plus a warp per image, so ~0.5 is the expectation"
     row.details = {"fct_rates": fct_rates, "eval_rates": eval_rates, "images": len(y)}

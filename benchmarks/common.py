@@ -3,6 +3,7 @@
 Nothing here imports ray or mlflow; torch is imported only inside the functions that need it, so the suite's
 driver and its pure-torch benchmarks run on a machine with torch and torchvision alone.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -154,19 +155,67 @@ class Sizes:
 
 def sizes_for(quick: bool, device: str) -> Sizes:
     if quick:
-        return Sizes(train_images=512, test_images=100, warmup_epochs=1, measured_epochs=1, loader_epochs=1,
-                     adv_images=128, adv_reps=2, pgd_steps=10, share_images=256, share_epochs=1,
-                     orch_images=512, orch_epochs=3, sweep_trials=2, sweep_concurrency=2, sweep_attack_epochs=1,
-                     sweep_defense_epochs=1, trivial_trials=4, trivial_seconds=0.2)
+        return Sizes(
+            train_images=512,
+            test_images=100,
+            warmup_epochs=1,
+            measured_epochs=1,
+            loader_epochs=1,
+            adv_images=128,
+            adv_reps=2,
+            pgd_steps=10,
+            share_images=256,
+            share_epochs=1,
+            orch_images=512,
+            orch_epochs=3,
+            sweep_trials=2,
+            sweep_concurrency=2,
+            sweep_attack_epochs=1,
+            sweep_defense_epochs=1,
+            trivial_trials=4,
+            trivial_seconds=0.2,
+        )
     if device == "cuda":
-        return Sizes(train_images=50_000, test_images=2_000, warmup_epochs=1, measured_epochs=3, loader_epochs=2,
-                     adv_images=8_192, adv_reps=5, pgd_steps=10, share_images=50_000, share_epochs=3,
-                     orch_images=50_000, orch_epochs=5, sweep_trials=8, sweep_concurrency=4, sweep_attack_epochs=5,
-                     sweep_defense_epochs=5, trivial_trials=40, trivial_seconds=1.0)
-    return Sizes(train_images=10_000, test_images=500, warmup_epochs=1, measured_epochs=3, loader_epochs=2,
-                 adv_images=1_024, adv_reps=3, pgd_steps=10, share_images=2_000, share_epochs=2,
-                 orch_images=10_000, orch_epochs=4, sweep_trials=8, sweep_concurrency=2, sweep_attack_epochs=2,
-                 sweep_defense_epochs=3, trivial_trials=20, trivial_seconds=1.0)
+        return Sizes(
+            train_images=50_000,
+            test_images=2_000,
+            warmup_epochs=1,
+            measured_epochs=3,
+            loader_epochs=2,
+            adv_images=8_192,
+            adv_reps=5,
+            pgd_steps=10,
+            share_images=50_000,
+            share_epochs=3,
+            orch_images=50_000,
+            orch_epochs=5,
+            sweep_trials=8,
+            sweep_concurrency=4,
+            sweep_attack_epochs=5,
+            sweep_defense_epochs=5,
+            trivial_trials=40,
+            trivial_seconds=1.0,
+        )
+    return Sizes(
+        train_images=10_000,
+        test_images=500,
+        warmup_epochs=1,
+        measured_epochs=3,
+        loader_epochs=2,
+        adv_images=1_024,
+        adv_reps=3,
+        pgd_steps=10,
+        share_images=2_000,
+        share_epochs=2,
+        orch_images=10_000,
+        orch_epochs=4,
+        sweep_trials=8,
+        sweep_concurrency=2,
+        sweep_attack_epochs=2,
+        sweep_defense_epochs=3,
+        trivial_trials=20,
+        trivial_seconds=1.0,
+    )
 
 
 def synthetic_train_for(train_images: int, val_fraction: float = 0.05) -> int:

@@ -13,6 +13,7 @@
 All four share one Ray instance and one pre-migrated MLflow sqlite store, started once for the group (Ray
 start-up is reported in the notes, not in any figure). ray and mlflow are imported only in here, lazily.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,8 +27,16 @@ from typing import Any
 
 from benchmarks.common import ROOT, BenchContext, Goal, Row, last_line, median, synthetic_train_for
 
-ATTACK = dict(dataset="synthetic", model="small_cnn", batch_size=128, lr=0.01, poison_rate=0.1, label_mode="all2one",
-              target=0, seed=0)
+ATTACK = dict(
+    dataset="synthetic",
+    model="small_cnn",
+    batch_size=128,
+    lr=0.01,
+    poison_rate=0.1,
+    label_mode="all2one",
+    target=0,
+    seed=0,
+)
 FT_CLEAN_RATIO = 0.2
 
 
@@ -47,9 +56,15 @@ def ray_group(ctx: BenchContext) -> Iterator[None]:
     for key in ("BDO_DATA_ROOT", "MLFLOW_TRACKING_URI", "BDO_BENCH_HIDE"):
         if key in os.environ:
             env[key] = os.environ[key]
-    ray.init(num_cpus=_cores(), num_gpus=1 if ctx.device == "cuda" else 0, include_dashboard=False,
-             log_to_driver=ctx.verbose, _temp_dir=str(temp), object_store_memory=300 * 2**20,
-             runtime_env={"env_vars": env})
+    ray.init(
+        num_cpus=_cores(),
+        num_gpus=1 if ctx.device == "cuda" else 0,
+        include_dashboard=False,
+        log_to_driver=ctx.verbose,
+        _temp_dir=str(temp),
+        object_store_memory=300 * 2**20,
+        runtime_env={"env_vars": env},
+    )
     ctx.shared["ray_start_s"] = time.perf_counter() - started
     store = ctx.scratch / "mlflow.db"
     started = time.perf_counter()
@@ -144,20 +159,51 @@ def bench_epoch(ctx: BenchContext) -> list[Row]:
     ctx.log(f"orchestrator.epoch: plain loop, {epochs} epochs on {sizes.orch_images} images")
     plain = [plain_epochs(ctx, attack, data)]
     storage = ctx.scratch / "epoch-storage"
-    space = _space(ctx, "epoch", {"method": "badnets", "dataset": "synthetic", "model": "small_cnn", "data": data,
-                                  "fixed": {k: v for k, v in attack.items() if k not in ("dataset", "model")},
-                                  "objective": {"metric": "val_acc", "mode": "max"}, "num_samples": 1})
+    space = _space(
+        ctx,
+        "epoch",
+        {
+            "method": "badnets",
+            "dataset": "synthetic",
+            "model": "small_cnn",
+            "data": data,
+            "fixed": {k: v for k, v in attack.items() if k not in ("dataset", "model")},
+            "objective": {"metric": "val_acc", "mode": "max"},
+            "num_samples": 1,
+        },
+    )
     ctx.probe.reset()
     ctx.log("orchestrator.epoch: one bdo tune trial")
     started = time.perf_counter()
     with ctx.probe.tree():
-        _bdo(ctx, ["tune", str(space), "--num-samples", "1", "--cpus-per-trial", str(cores), "--storage", str(storage),
-                   "--experiment", "bench-epoch", "--gpus-per-trial", "1" if ctx.device == "cuda" else "0"])
+        _bdo(
+            ctx,
+            [
+                "tune",
+                str(space),
+                "--num-samples",
+                "1",
+                "--cpus-per-trial",
+                str(cores),
+                "--storage",
+                str(storage),
+                "--experiment",
+                "bench-epoch",
+                "--gpus-per-trial",
+                "1" if ctx.device == "cuda" else "0",
+            ],
+        )
     trial_wall = time.perf_counter() - started
-    row = ctx.probe.fill(Row(name="orchestrator.epoch", unit="s/epoch", baseline_unit="s/epoch",
-                             goal=Goal("ratio", "<=", 1.05),
-                             what=f"BadNets epoch in a bdo tune trial vs the same epoch as a plain loop, small_cnn, "
-                                  f"{sizes.orch_images} images, {cores} threads"))
+    row = ctx.probe.fill(
+        Row(
+            name="orchestrator.epoch",
+            unit="s/epoch",
+            baseline_unit="s/epoch",
+            goal=Goal("ratio", "<=", 1.05),
+            what=f"BadNets epoch in a bdo tune trial vs the same epoch as a plain loop, small_cnn, "
+            f"{sizes.orch_images} images, {cores} threads",
+        )
+    )
     trial = _iteration_times(storage / "tune")
     if not ctx.quick:
         ctx.log("orchestrator.epoch: plain loop again")
@@ -165,11 +211,17 @@ def bench_epoch(ctx: BenchContext) -> list[Row]:
     plain_medians = [median(p[1:]) for p in plain]
     row.measured = median(trial)
     row.baseline = sum(plain_medians) / len(plain_medians)
-    row.note = (f"medians over epochs 2..{epochs} (epoch 1 holds the trial start-up); plain loop measured "
-                f"{'before and after' if len(plain) > 1 else 'before'} the trial; whole trial incl. start-up and "
-                f"sweep bookkeeping {trial_wall:.1f} s; peak host includes Ray's daemons")
-    row.details = {"trial_epoch_s": trial, "plain_epoch_s": plain, "trial_wall_s": trial_wall,
-                   "ray_start_s": ctx.shared.get("ray_start_s")}
+    row.note = (
+        f"medians over epochs 2..{epochs} (epoch 1 holds the trial start-up); plain loop measured "
+        f"{'before and after' if len(plain) > 1 else 'before'} the trial; whole trial incl. start-up and "
+        f"sweep bookkeeping {trial_wall:.1f} s; peak host includes Ray's daemons"
+    )
+    row.details = {
+        "trial_epoch_s": trial,
+        "plain_epoch_s": plain,
+        "trial_wall_s": trial_wall,
+        "ray_start_s": ctx.shared.get("ray_start_s"),
+    }
     return [row]
 
 
@@ -197,8 +249,10 @@ def _attack_then_defense(spec: dict[str, Any], lr: float) -> dict[str, float]:
     attack = get_method("badnets")
     backdoor = attack.run(LocalContext(device=device, data_config=data_cfg), attack.make_config(spec["attack"]))
     defense = get_method("ft")
-    result = defense.run(LocalContext(device=device, data_config=data_cfg, backdoor_provider=lambda: backdoor),
-                         defense.make_config({**spec["defense"], "lr": lr}))
+    result = defense.run(
+        LocalContext(device=device, data_config=data_cfg, backdoor_provider=lambda: backdoor),
+        defense.make_config({**spec["defense"], "lr": lr}),
+    )
     return result.metrics
 
 
@@ -237,26 +291,55 @@ def bench_sweep(ctx: BenchContext) -> list[Row]:
     for _ in range(reps):
         ctx.log("sweep: plain FT run")
         started = time.perf_counter()
-        ft.run(LocalContext(device=device, data_config=data_cfg, backdoor_provider=lambda: backdoor),
-               ft.make_config(defense))
+        ft.run(
+            LocalContext(device=device, data_config=data_cfg, backdoor_provider=lambda: backdoor),
+            ft.make_config(defense),
+        )
         defense_runs.append(time.perf_counter() - started)
     defense_s = median(defense_runs)
     torch.set_num_threads(cores)
     ideal = attack_s + n * defense_s / concurrency
 
-    space = _space(ctx, "sweep", {
-        "method": "ft", "dataset": "synthetic", "model": "small_cnn",
-        "attack": {"name": "badnets", **{k: v for k, v in attack.items() if k not in ("dataset", "model")}},
-        "data": data, "fixed": defense, "space": {"lr": {"loguniform": [0.001, 0.05]}},
-        "objective": {"metric": "val_der", "mode": "max"}, "num_samples": n,
-    })
+    space = _space(
+        ctx,
+        "sweep",
+        {
+            "method": "ft",
+            "dataset": "synthetic",
+            "model": "small_cnn",
+            "attack": {"name": "badnets", **{k: v for k, v in attack.items() if k not in ("dataset", "model")}},
+            "data": data,
+            "fixed": defense,
+            "space": {"lr": {"loguniform": [0.001, 0.05]}},
+            "objective": {"metric": "val_der", "mode": "max"},
+            "num_samples": n,
+        },
+    )
     ctx.probe.reset()
     ctx.log(f"sweep: bdo tune, {n} FT trials, concurrency {concurrency}")
     started = time.perf_counter()
     with ctx.probe.tree():
-        _bdo(ctx, ["tune", str(space), "--num-samples", str(n), "--max-concurrent", str(concurrency),
-                   "--cpus-per-trial", str(cpus_per_trial), "--storage", str(ctx.scratch / "sweep-storage"),
-                   "--experiment", "bench-sweep", "--seed", "0", "--gpus-per-trial", f"{gpus_per_trial:g}"])
+        _bdo(
+            ctx,
+            [
+                "tune",
+                str(space),
+                "--num-samples",
+                str(n),
+                "--max-concurrent",
+                str(concurrency),
+                "--cpus-per-trial",
+                str(cpus_per_trial),
+                "--storage",
+                str(ctx.scratch / "sweep-storage"),
+                "--experiment",
+                "bench-sweep",
+                "--seed",
+                "0",
+                "--gpus-per-trial",
+                f"{gpus_per_trial:g}",
+            ],
+        )
     sweep_s = time.perf_counter() - started
     sweep_host, sweep_gpu = ctx.probe.host_mb(), ctx.probe.gpu_mb()
 
@@ -284,29 +367,53 @@ def bench_sweep(ctx: BenchContext) -> list[Row]:
     naive_host = ctx.probe.host_mb()
 
     per_trial = (sweep_s - ideal) * concurrency / n
-    common = (f"N={n} FT trials ({defense['epochs']} epochs on {FT_CLEAN_RATIO:.0%} clean data), "
-              f"concurrency {concurrency}")
-    reuse = Row(name="sweep.reuse", measured=sweep_s, baseline=ideal, unit="s", baseline_unit="s",
-                goal=Goal("ratio", "<=", 1.15), peak_host_mb=sweep_host, peak_gpu_mb=sweep_gpu,
-                what=f"bdo tune defense sweep vs one attack + N defense runs / concurrency; {common}")
-    reuse.note = (f"plain attack {attack_s:.1f} s ({attack['epochs']} epochs, {sizes.orch_images} images, {cores} "
-                  f"threads), plain FT run {defense_s:.1f} s ({cpus_per_trial} thread); orchestration costs "
-                  f"{per_trial:+.1f} s of trial-slot time per trial; peak host includes Ray's daemons")
+    common = (
+        f"N={n} FT trials ({defense['epochs']} epochs on {FT_CLEAN_RATIO:.0%} clean data), concurrency {concurrency}"
+    )
+    reuse = Row(
+        name="sweep.reuse",
+        measured=sweep_s,
+        baseline=ideal,
+        unit="s",
+        baseline_unit="s",
+        goal=Goal("ratio", "<=", 1.15),
+        peak_host_mb=sweep_host,
+        peak_gpu_mb=sweep_gpu,
+        what=f"bdo tune defense sweep vs one attack + N defense runs / concurrency; {common}",
+    )
+    reuse.note = (
+        f"plain attack {attack_s:.1f} s ({attack['epochs']} epochs, {sizes.orch_images} images, {cores} "
+        f"threads), plain FT run {defense_s:.1f} s ({cpus_per_trial} thread); orchestration costs "
+        f"{per_trial:+.1f} s of trial-slot time per trial; peak host includes Ray's daemons"
+    )
     expected = ideal / (n * (attack_s * cores / cpus_per_trial + defense_s) / concurrency)
-    naive = Row(name="sweep.naive", measured=sweep_s, baseline=naive_s, unit="s", baseline_unit="s",
-                peak_host_mb=sweep_host, peak_gpu_mb=sweep_gpu,
-                what=f"the same sweep vs a naive sweep that retrains the attack in every trial; {common}")
+    naive = Row(
+        name="sweep.naive",
+        measured=sweep_s,
+        baseline=naive_s,
+        unit="s",
+        baseline_unit="s",
+        peak_host_mb=sweep_host,
+        peak_gpu_mb=sweep_gpu,
+        what=f"the same sweep vs a naive sweep that retrains the attack in every trial; {common}",
+    )
     naive.note = f"naive sweep {naive_s:.1f} s, peak host {naive_host:,.0f} MB"
     if ctx.device == "cpu":
         naive.note += f"; if the attack scaled linearly with threads the ideal ratio would be ~{expected:.2f}"
-    details = {"attack_s": attack_s, "defense_s": defense_runs, "sweep_s": sweep_s, "naive_s": naive_s,
-               "trials": n, "concurrency": concurrency, "cpus_per_trial": cpus_per_trial,
-               "naive_peak_host_mb": naive_host}
+    details = {
+        "attack_s": attack_s,
+        "defense_s": defense_runs,
+        "sweep_s": sweep_s,
+        "naive_s": naive_s,
+        "trials": n,
+        "concurrency": concurrency,
+        "cpus_per_trial": cpus_per_trial,
+        "naive_peak_host_mb": naive_host,
+    }
     reuse.details = naive.details = details
     if naive_error:
         naive = Row(name="sweep.naive", status="error", note=naive_error[:400], details=details)
     return [reuse, naive]
-
 
 
 def sleeper(config: dict[str, Any]) -> None:
@@ -340,11 +447,17 @@ def bench_trivial(ctx: BenchContext) -> list[Row]:
     errors = [r.error for r in grid if r.error is not None]
     if errors:
         return [Row(name="tune.trivial", status="error", note=f"{len(errors)} trial(s) failed: {last_line(errors[0])}")]
-    row = ctx.probe.fill(Row(
-        name="tune.trivial", measured=wall, baseline=ideal, unit="s", baseline_unit="s",
-        what=f"Ray Tune alone (actors reused, as bdo sweeps run): {m} trials that sleep {seconds:g} s and report "
-             f"once vs {m} x sleep / {concurrency}",
-    ))
+    row = ctx.probe.fill(
+        Row(
+            name="tune.trivial",
+            measured=wall,
+            baseline=ideal,
+            unit="s",
+            baseline_unit="s",
+            what=f"Ray Tune alone (actors reused, as bdo sweeps run): {m} trials that sleep {seconds:g} s and report "
+            f"once vs {m} x sleep / {concurrency}",
+        )
+    )
     per_trial = (wall - ideal) * concurrency / m
     row.note = f"Tune costs {per_trial:+.2f} s of trial-slot time per trial; peak host includes Ray's daemons"
     row.details = {"trials": m, "seconds": seconds, "concurrency": concurrency, "wall_s": wall}

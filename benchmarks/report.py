@@ -1,4 +1,5 @@
 """The machine and versions a run used, and the printed table."""
+
 from __future__ import annotations
 
 import math
@@ -75,16 +76,18 @@ def cells(rows: list[Row]) -> list[tuple[str, ...]]:
             out.append((row.name, row.status.upper(), "", "", "", "", "", ""))
             continue
         met = None if row.goal is None else row.goal.met(row)
-        out.append((
-            row.name,
-            _cell(row.measured, row.unit),
-            _cell(row.baseline, row.baseline_unit or row.unit),
-            format_number(row.ratio) if math.isfinite(row.ratio) else "-",
-            row.goal.text(row.unit) if row.goal else "-",
-            "-" if met is None else ("yes" if met else "NO"),
-            format_number(row.peak_host_mb),
-            format_number(row.peak_gpu_mb),
-        ))
+        out.append(
+            (
+                row.name,
+                _cell(row.measured, row.unit),
+                _cell(row.baseline, row.baseline_unit or row.unit),
+                format_number(row.ratio) if math.isfinite(row.ratio) else "-",
+                row.goal.text(row.unit) if row.goal else "-",
+                "-" if met is None else ("yes" if met else "NO"),
+                format_number(row.peak_host_mb),
+                format_number(row.peak_gpu_mb),
+            )
+        )
     return out
 
 
@@ -92,13 +95,15 @@ def table_lines(rows: list[Row], markdown: bool = False) -> list[str]:
     body = cells(rows)
     if markdown:
         return ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"] + [
-            "| " + " | ".join(c) + " |" for c in body]
+            "| " + " | ".join(c) + " |" for c in body
+        ]
     widths = [max([len(COLUMNS[i])] + [len(c[i]) for c in body]) for i in range(len(COLUMNS))]
     right = {1, 2, 3, 6, 7}
 
     def line(values) -> str:
-        return "  ".join(v.rjust(w) if i in right else v.ljust(w)
-                         for i, (v, w) in enumerate(zip(values, widths))).rstrip()
+        return "  ".join(
+            v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths))
+        ).rstrip()
 
     return [line(COLUMNS), line(["-" * w for w in widths])] + [line(c) for c in body]
 
@@ -114,8 +119,11 @@ def render(rows: list[Row], meta: dict[str, Any], markdown: bool = False) -> str
         f"load average (1 min) at start {meta['load_start'][0]:.2f}, at end {meta['load_end'][0]:.2f}; "
         f"wall {meta['wall_s']:.0f} s",
         "ratio = measured / baseline; peaks are of the measured side (see notes)"
-        + (f"; a benchmark process holds ~{meta['floor_mb']:.0f} MB after importing torch, torchvision and "
-           "methods" if math.isfinite(meta.get("floor_mb") or math.nan) else ""),
+        + (
+            f"; a benchmark process holds ~{meta['floor_mb']:.0f} MB after importing torch, torchvision and methods"
+            if math.isfinite(meta.get("floor_mb") or math.nan)
+            else ""
+        ),
         "",
     ]
     notes = ["", "notes:"]

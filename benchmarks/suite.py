@@ -3,6 +3,7 @@
 Each case runs in a fresh process (so its peak memory is its own), except the cases of a `group`, which share
 one process because they share expensive state (the Ray instance and the MLflow store of the "ray" group).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -30,27 +31,66 @@ def all_cases() -> list[Case]:
     cases: list[Case] = []
     for model in GPU_MODELS:
         gpu_only = model not in CPU_MODELS
-        cases.append(Case(f"train.{model}", "benchmarks.throughput:bench_train", (f"train.{model}",),
-                          {"model": model}, gpu_only=gpu_only))
+        cases.append(
+            Case(
+                f"train.{model}",
+                "benchmarks.throughput:bench_train",
+                (f"train.{model}",),
+                {"model": model},
+                gpu_only=gpu_only,
+            )
+        )
     for model in GPU_MODELS:
         gpu_only = model not in CPU_MODELS
-        cases.append(Case(f"train.{model}.fast", "benchmarks.throughput:bench_train_fast", (f"train.{model}.fast",),
-                          {"model": model}, gpu_only=gpu_only))
-    cases.append(Case("train.resnet18.fast.b512", "benchmarks.throughput:bench_train_fast",
-                      ("train.resnet18.fast.b512",), {"model": "resnet18", "batch_size": 512}, gpu_only=True))
-    cases.append(Case("share4.wrn16_1", "benchmarks.throughput:bench_share", ("share4.wrn16_1",),
-                      {"model": "wrn16_1", "processes": 4}))
+        cases.append(
+            Case(
+                f"train.{model}.fast",
+                "benchmarks.throughput:bench_train_fast",
+                (f"train.{model}.fast",),
+                {"model": model},
+                gpu_only=gpu_only,
+            )
+        )
+    cases.append(
+        Case(
+            "train.resnet18.fast.b512",
+            "benchmarks.throughput:bench_train_fast",
+            ("train.resnet18.fast.b512",),
+            {"model": "resnet18", "batch_size": 512},
+            gpu_only=True,
+        )
+    )
+    cases.append(
+        Case(
+            "share4.wrn16_1",
+            "benchmarks.throughput:bench_share",
+            ("share4.wrn16_1",),
+            {"model": "wrn16_1", "processes": 4},
+        )
+    )
     for family in ("pgd", "fct"):
         for model in ("small_cnn", "wrn16_1", "resnet18"):
-            cases.append(Case(f"{family}.{model}", f"benchmarks.adversarial:bench_{family}", (f"{family}.{model}",),
-                              {"model_name": model}, gpu_only=model not in CPU_MODELS))
+            cases.append(
+                Case(
+                    f"{family}.{model}",
+                    f"benchmarks.adversarial:bench_{family}",
+                    (f"{family}.{model}",),
+                    {"model_name": model},
+                    gpu_only=model not in CPU_MODELS,
+                )
+            )
     ray = ("ray", "mlflow")
-    cases.append(Case("orchestrator.epoch", "benchmarks.orchestrator:bench_epoch", ("orchestrator.epoch",),
-                      needs=ray, group="ray"))
-    cases.append(Case("sweep", "benchmarks.orchestrator:bench_sweep", ("sweep.reuse", "sweep.naive"),
-                      needs=ray, group="ray"))
-    cases.append(Case("tune.trivial", "benchmarks.orchestrator:bench_trivial", ("tune.trivial",),
-                      needs=("ray",), group="ray"))
+    cases.append(
+        Case(
+            "orchestrator.epoch", "benchmarks.orchestrator:bench_epoch", ("orchestrator.epoch",), needs=ray, group="ray"
+        )
+    )
+    cases.append(
+        Case("sweep", "benchmarks.orchestrator:bench_sweep", ("sweep.reuse", "sweep.naive"), needs=ray, group="ray")
+    )
+    cases.append(
+        Case("tune.trivial", "benchmarks.orchestrator:bench_trivial", ("tune.trivial",), needs=("ray",), group="ray")
+    )
     return cases
 
 
@@ -78,8 +118,10 @@ def select(cases: list[Case], only: str | None) -> list[Case]:
             unknown.append(token)
         chosen.update(c.name for c in hits)
     if unknown:
-        raise ValueError(f"--only: no benchmark named {', '.join(unknown)}; "
-                         f"known: {', '.join(sorted({r for c in cases for r in c.rows}))}")
+        raise ValueError(
+            f"--only: no benchmark named {', '.join(unknown)}; "
+            f"known: {', '.join(sorted({r for c in cases for r in c.rows}))}"
+        )
     return [c for c in cases if c.name in chosen]
 
 

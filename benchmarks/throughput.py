@@ -8,6 +8,7 @@ What is timed is the method's own training epochs: `train_epoch` as the training
 end-to-end throughput). The first `warmup_epochs` epochs are not counted; the figure is the median over the
 remaining epochs.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,8 +24,18 @@ from typing import Any
 
 from benchmarks.common import ROOT, BenchContext, Goal, Row, median, synchronize, synthetic_train_for
 
-ATTACK = dict(dataset="synthetic", batch_size=128, lr=0.01, momentum=0.9, weight_decay=5e-4, poison_rate=0.1,
-              label_mode="all2one", target=0, seed=0, augment=True)
+ATTACK = dict(
+    dataset="synthetic",
+    batch_size=128,
+    lr=0.01,
+    momentum=0.9,
+    weight_decay=5e-4,
+    poison_rate=0.1,
+    label_mode="all2one",
+    target=0,
+    seed=0,
+    augment=True,
+)
 # img/s on one H200 with the fast path, at the methods' batch size and at a larger one (where launch overhead no
 # longer binds); the fast path should also give >= 1.5x the path off (the row's ratio).
 FAST_GOALS = {("resnet18", 128): 40_000.0, ("resnet18", 512): 60_000.0}
@@ -35,8 +46,9 @@ def attack_config(model: str, epochs: int, eval_batch_size: int = 1024, batch_si
     import methods  # noqa: F401  (registers everything)
     from methods.core.method import get_method
 
-    return get_method("badnets").make_config({**ATTACK, "model": model, "epochs": epochs,
-                                              "eval_batch_size": eval_batch_size, "batch_size": batch_size})
+    return get_method("badnets").make_config(
+        {**ATTACK, "model": model, "epochs": epochs, "eval_batch_size": eval_batch_size, "batch_size": batch_size}
+    )
 
 
 def data_config(train_images: int, test_images: int):
@@ -71,9 +83,15 @@ def timed_epochs(device: Any, on_epoch_end: Callable[[int], None] | None = None)
         engine.train_epoch = original
 
 
-def run_method(ctx: BenchContext, model: str, train_images: int, fast: bool = False,
-               on_epoch_end: Callable[[int], None] | None = None, epochs: int | None = None,
-               batch_size: int = 128) -> dict[str, Any]:
+def run_method(
+    ctx: BenchContext,
+    model: str,
+    train_images: int,
+    fast: bool = False,
+    on_epoch_end: Callable[[int], None] | None = None,
+    epochs: int | None = None,
+    batch_size: int = 128,
+) -> dict[str, Any]:
     """Train the BadNets method once; returns the median training img/s over the measured epochs."""
     import torch
 
@@ -87,8 +105,13 @@ def run_method(ctx: BenchContext, model: str, train_images: int, fast: bool = Fa
     cfg = attack_config(model, epochs, eval_batch_size=4096 if ctx.device == "cuda" else 1024, batch_size=batch_size)
     # The fast path is the methods' own (methods.core.fastpath), forced on or off so both rows mean the same on
     # every device (its defaults would switch it on for CUDA only).
-    speed = FastPath(bf16=fast, channels_last=fast, cudnn_benchmark=fast, compile=fast and bool(ctx.compile),
-                     compile_mode=ctx.compile or "default")
+    speed = FastPath(
+        bf16=fast,
+        channels_last=fast,
+        cudnn_benchmark=fast,
+        compile=fast and bool(ctx.compile),
+        compile_mode=ctx.compile or "default",
+    )
     local = LocalContext(device=device, data_config=data_config(train_images, sizes.test_images), fast=speed)
     torch.manual_seed(0)
     started = time.perf_counter()
@@ -96,11 +119,18 @@ def run_method(ctx: BenchContext, model: str, train_images: int, fast: bool = Fa
         backdoor = get_method("badnets").run(local, cfg)
     wall = time.perf_counter() - started
     durations = [end - start for start, end in spans]
-    measured = durations[sizes.warmup_epochs:] or durations
+    measured = durations[sizes.warmup_epochs :] or durations
     n = len(backdoor.data.y_train)
-    return {"rate": n / median(measured), "epoch_s": durations, "spans": spans, "images": n, "wall_s": wall,
-            "end_to_end_rate": n * epochs / wall, "test_acc": backdoor.metrics.get("test_acc"),
-            "test_asr": backdoor.metrics.get("test_asr")}
+    return {
+        "rate": n / median(measured),
+        "epoch_s": durations,
+        "spans": spans,
+        "images": n,
+        "wall_s": wall,
+        "end_to_end_rate": n * epochs / wall,
+        "test_acc": backdoor.metrics.get("test_acc"),
+        "test_asr": backdoor.metrics.get("test_asr"),
+    }
 
 
 # ------------------------------------------------------------------------------------- DataLoader baseline
@@ -160,9 +190,15 @@ def build_loader_dataset(model: str, train_images: int, test_images: int):
     if info.hflip:
         steps.append(transforms.RandomHorizontalFlip())
     steps.append(transforms.ToTensor())
-    dataset = _per_image_dataset_class()(splits.x_train, splits.y_train, poisoned, labels,
-                                         trigger.tensors["mask"], trigger.tensors["pattern"],
-                                         transforms.Compose(steps))
+    dataset = _per_image_dataset_class()(
+        splits.x_train,
+        splits.y_train,
+        poisoned,
+        labels,
+        trigger.tensors["mask"],
+        trigger.tensors["pattern"],
+        transforms.Compose(steps),
+    )
     return dataset, cfg, info
 
 
@@ -180,8 +216,9 @@ def run_dataloader(ctx: BenchContext, model_name: str, dataset, cfg, info, worke
     model = build_model(model_name, info).to(device)
     optimizer = sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
     cuda = ctx.device == "cuda"
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=workers,
-                                         pin_memory=cuda, drop_last=False)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=workers, pin_memory=cuda, drop_last=False
+    )
     durations = []
     for _ in range(1 + epochs):
         model.train()
@@ -197,8 +234,12 @@ def run_dataloader(ctx: BenchContext, model_name: str, dataset, cfg, info, worke
             total += loss.item()
         synchronize(device)
         durations.append(time.perf_counter() - started)
-    return {"rate": len(dataset) / median(durations[1:]), "epoch_s": durations, "workers": workers,
-            "mean_loss_last_epoch": total / max(1, math.ceil(len(dataset) / cfg.batch_size))}
+    return {
+        "rate": len(dataset) / median(durations[1:]),
+        "epoch_s": durations,
+        "workers": workers,
+        "mean_loss_last_epoch": total / max(1, math.ceil(len(dataset) / cfg.batch_size)),
+    }
 
 
 def loader_worker_counts(device: str) -> list[int]:
@@ -213,9 +254,16 @@ def bench_train(ctx: BenchContext, model: str) -> list[Row]:
     ctx.probe.reset()
     ctx.log(f"{name}: method on {sizes.train_images} images")
     method = run_method(ctx, model, sizes.train_images)
-    row = ctx.probe.fill(Row(name=name, measured=method["rate"], unit="img/s", baseline_unit="img/s",
-                             what=f"BadNets method training vs per-image DataLoader, {model}, "
-                                  f"{method['images']} synthetic 32x32, bs 128"))
+    row = ctx.probe.fill(
+        Row(
+            name=name,
+            measured=method["rate"],
+            unit="img/s",
+            baseline_unit="img/s",
+            what=f"BadNets method training vs per-image DataLoader, {model}, "
+            f"{method['images']} synthetic 32x32, bs 128",
+        )
+    )
     dataset, cfg, info = build_loader_dataset(model, sizes.train_images, sizes.test_images)
     loaders = {}
     for workers in loader_worker_counts(ctx.device):
@@ -229,10 +277,15 @@ def bench_train(ctx: BenchContext, model: str) -> list[Row]:
     best = max(loaders, key=lambda w: loaders[w]["rate"])
     row.baseline = loaders[best]["rate"]
     others = ", ".join(f"num_workers={w}: {loaders[w]['rate']:,.0f} img/s" for w in sorted(loaders))
-    row.note = (f"baseline = DataLoader num_workers={best} (the faster; {others}); method end-to-end incl. per-epoch "
-                f"eval+checkpoint {method['end_to_end_rate']:,.0f} img/s")
-    row.details = {"method": _strip(method), "dataloader": {str(w): r for w, r in loaders.items()},
-                   "best_workers": best}
+    row.note = (
+        f"baseline = DataLoader num_workers={best} (the faster; {others}); method end-to-end incl. per-epoch "
+        f"eval+checkpoint {method['end_to_end_rate']:,.0f} img/s"
+    )
+    row.details = {
+        "method": _strip(method),
+        "dataloader": {str(w): r for w, r in loaders.items()},
+        "best_workers": best,
+    }
     return [row]
 
 
@@ -250,19 +303,32 @@ def bench_train_fast(ctx: BenchContext, model: str, batch_size: int = 128) -> li
     fast = run_method(ctx, model, sizes.train_images, fast=True, batch_size=batch_size)
     target = FAST_GOALS.get((model, batch_size))
     goal = Goal("measured", ">=", target) if (ctx.device == "cuda" and target) else None
-    row = ctx.probe.fill(Row(
-        name=name, measured=fast["rate"], baseline=plain["rate"], unit="img/s", baseline_unit="img/s", goal=goal,
-        what=f"method with bf16 autocast + channels_last{f' + compile ({ctx.compile})' if ctx.compile else ''} "
-             f"vs the path off, "
-             f"{model}, {fast['images']} images, batch {batch_size}",
-    ))
-    row.note = (f"methods.core.fastpath on vs off (same maths; on is the default on CUDA; the ratio's goal on a GPU "
-                f"is >= {FAST_RATIO_GOAL}); first epoch (warm-up incl. any compilation) {fast['epoch_s'][0]:.1f} s "
-                f"vs {plain['epoch_s'][0]:.1f} s off; "
-                f"test_acc on {fast['test_acc']:.3f} vs off {plain['test_acc']:.3f}; "
-                f"torch.compile {ctx.compile or 'off (--compile [MODE] turns it on)'}")
-    row.details = {"fast": _strip(fast), "off": _strip(plain), "off_peak_host_mb": plain_host,
-                   "off_peak_gpu_mb": plain_gpu}
+    row = ctx.probe.fill(
+        Row(
+            name=name,
+            measured=fast["rate"],
+            baseline=plain["rate"],
+            unit="img/s",
+            baseline_unit="img/s",
+            goal=goal,
+            what=f"method with bf16 autocast + channels_last{f' + compile ({ctx.compile})' if ctx.compile else ''} "
+            f"vs the path off, "
+            f"{model}, {fast['images']} images, batch {batch_size}",
+        )
+    )
+    row.note = (
+        f"methods.core.fastpath on vs off (same maths; on is the default on CUDA; the ratio's goal on a GPU "
+        f"is >= {FAST_RATIO_GOAL}); first epoch (warm-up incl. any compilation) {fast['epoch_s'][0]:.1f} s "
+        f"vs {plain['epoch_s'][0]:.1f} s off; "
+        f"test_acc on {fast['test_acc']:.3f} vs off {plain['test_acc']:.3f}; "
+        f"torch.compile {ctx.compile or 'off (--compile [MODE] turns it on)'}"
+    )
+    row.details = {
+        "fast": _strip(fast),
+        "off": _strip(plain),
+        "off_peak_host_mb": plain_host,
+        "off_peak_gpu_mb": plain_gpu,
+    }
     return [row]
 
 
@@ -281,8 +347,9 @@ def share_child(args: dict[str, Any]) -> dict[str, Any]:
     device = args["device"]
     torch.set_num_threads(args["threads"])
     sizes = sizes_for(args["quick"], device)
-    ctx = BenchContext(device=device, quick=args["quick"], sizes=sizes, probe=MemoryProbe(device),
-                       scratch=Path(args["scratch"]))
+    ctx = BenchContext(
+        device=device, quick=args["quick"], sizes=sizes, probe=MemoryProbe(device), scratch=Path(args["scratch"])
+    )
     ctx.probe.reset()
     ready, go = Path(args["ready"]), Path(args["go"])
 
@@ -293,11 +360,18 @@ def share_child(args: dict[str, Any]) -> dict[str, Any]:
             while not go.exists() and time.monotonic() < deadline:
                 time.sleep(0.01)
 
-    result = run_method(ctx, args["model"], args["images"], on_epoch_end=on_epoch_end,
-                        epochs=sizes.warmup_epochs + args["epochs"])
-    measured = result["spans"][sizes.warmup_epochs:]
-    return {"start": measured[0][0], "end": measured[-1][1], "images": result["images"] * len(measured),
-            "rate": result["rate"], "peak_host_mb": ctx.probe.host_mb(), "peak_gpu_mb": ctx.probe.gpu_mb()}
+    result = run_method(
+        ctx, args["model"], args["images"], on_epoch_end=on_epoch_end, epochs=sizes.warmup_epochs + args["epochs"]
+    )
+    measured = result["spans"][sizes.warmup_epochs :]
+    return {
+        "start": measured[0][0],
+        "end": measured[-1][1],
+        "images": result["images"] * len(measured),
+        "rate": result["rate"],
+        "peak_host_mb": ctx.probe.host_mb(),
+        "peak_gpu_mb": ctx.probe.gpu_mb(),
+    }
 
 
 def _run_group(ctx: BenchContext, model: str, processes: int) -> dict[str, Any]:
@@ -308,17 +382,34 @@ def _run_group(ctx: BenchContext, model: str, processes: int) -> dict[str, Any]:
     folder.mkdir(parents=True)
     go = folder / "go"
     children = []
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "OMP_NUM_THREADS": str(threads)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "OMP_NUM_THREADS": str(threads),
+    }
     for i in range(processes):
-        spec = {"device": ctx.device, "quick": ctx.quick, "model": model, "images": sizes.share_images,
-                "epochs": sizes.share_epochs, "threads": threads, "scratch": str(folder),
-                "ready": str(folder / f"ready-{i}"), "go": str(go)}
+        spec = {
+            "device": ctx.device,
+            "quick": ctx.quick,
+            "model": model,
+            "images": sizes.share_images,
+            "epochs": sizes.share_epochs,
+            "threads": threads,
+            "scratch": str(folder),
+            "ready": str(folder / f"ready-{i}"),
+            "go": str(go),
+        }
         out = folder / f"result-{i}.json"
         command = [sys.executable, "-m", "benchmarks.worker", "--share-child", json.dumps(spec), "--out", str(out)]
         log = open(folder / f"log-{i}.txt", "w")
-        children.append((subprocess.Popen(command, cwd=str(ROOT), env=env, stdout=log, stderr=subprocess.STDOUT),
-                         out, log, folder / f"ready-{i}"))
+        children.append(
+            (
+                subprocess.Popen(command, cwd=str(ROOT), env=env, stdout=log, stderr=subprocess.STDOUT),
+                out,
+                log,
+                folder / f"ready-{i}",
+            )
+        )
     deadline = time.monotonic() + 3600
     while not all(r.exists() for _, _, _, r in children):
         if any(p.poll() not in (None, 0) for p, _, _, _ in children) or time.monotonic() > deadline:
@@ -337,9 +428,13 @@ def _run_group(ctx: BenchContext, model: str, processes: int) -> dict[str, Any]:
             raise RuntimeError(f"sharing child {i} exited {code}: {(folder / f'log-{i}.txt').read_text()[-800:]}")
         results.append(json.loads(out.read_text()))
     window = max(r["end"] for r in results) - min(r["start"] for r in results)
-    return {"rate": sum(r["images"] for r in results) / window, "per_process": results, "threads": threads,
-            "peak_host_mb": sum(r["peak_host_mb"] for r in results),
-            "peak_gpu_mb": sum(r["peak_gpu_mb"] for r in results) if ctx.device == "cuda" else math.nan}
+    return {
+        "rate": sum(r["images"] for r in results) / window,
+        "per_process": results,
+        "threads": threads,
+        "peak_host_mb": sum(r["peak_host_mb"] for r in results),
+        "peak_gpu_mb": sum(r["peak_gpu_mb"] for r in results) if ctx.device == "cuda" else math.nan,
+    }
 
 
 def bench_share(ctx: BenchContext, model: str, processes: int = 4) -> list[Row]:
@@ -350,12 +445,22 @@ def bench_share(ctx: BenchContext, model: str, processes: int = 4) -> list[Row]:
     ctx.log(f"{name}: {processes} processes")
     many = _run_group(ctx, model, processes)
     goal = Goal("ratio", ">=", 2.5) if ctx.device == "cuda" else None
-    row = Row(name=name, measured=many["rate"], baseline=one["rate"], unit="img/s", baseline_unit="img/s", goal=goal,
-              what=f"{processes} concurrent method processes ({model}, {ctx.sizes.share_images} images each) "
-                   f"vs 1 process, aggregate training img/s",
-              peak_host_mb=many["peak_host_mb"], peak_gpu_mb=many["peak_gpu_mb"])
-    row.note = (f"peaks are the sum over the {processes} processes; torch threads per process: {many['threads']} "
-                f"(one process alone: {one['threads']})")
+    row = Row(
+        name=name,
+        measured=many["rate"],
+        baseline=one["rate"],
+        unit="img/s",
+        baseline_unit="img/s",
+        goal=goal,
+        what=f"{processes} concurrent method processes ({model}, {ctx.sizes.share_images} images each) "
+        f"vs 1 process, aggregate training img/s",
+        peak_host_mb=many["peak_host_mb"],
+        peak_gpu_mb=many["peak_gpu_mb"],
+    )
+    row.note = (
+        f"peaks are the sum over the {processes} processes; torch threads per process: {many['threads']} "
+        f"(one process alone: {one['threads']})"
+    )
     if ctx.device == "cpu":
         row.note += "; on a CPU the processes split the cores, so ~1 is the ideal"
     row.details = {"one": one, "many": many}

@@ -4,6 +4,7 @@ JSON after each case, so a crash or a timeout still leaves the finished rows beh
     python -m benchmarks.worker --cases NAME[,NAME] --device cpu|cuda [--quick] [--compile=MODE] --out rows.json
     python -m benchmarks.worker --share-child JSON --out result.json   (a process of the device-sharing row)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,15 @@ def run_cases(names: list[str], device: str, quick: bool, compile_model: str, ve
 
     floor_mb = (status_kb("self", "VmRSS") or 0) / 1024.0
     scratch = Path(tempfile.mkdtemp(prefix="bdo-bench-"))
-    ctx = BenchContext(device=device, quick=quick, sizes=sizes_for(quick, device), probe=MemoryProbe(device),
-                       scratch=scratch, compile=compile_model, verbose=verbose)
+    ctx = BenchContext(
+        device=device,
+        quick=quick,
+        sizes=sizes_for(quick, device),
+        probe=MemoryProbe(device),
+        scratch=scratch,
+        compile=compile_model,
+        verbose=verbose,
+    )
     rows: list[Row] = []
     failed = False
     try:
@@ -65,8 +73,11 @@ def run_cases(names: list[str], device: str, quick: bool, compile_model: str, ve
             except Exception as exc:  # the group could not start: every member fails with the reason
                 traceback.print_exc()
                 reason = f"{type(exc).__name__}: {last_line(exc)}"
-                rows = [Row(name=r, status="error", note=f"group {group} set-up failed: {reason}")
-                        for c in cases for r in c.rows]
+                rows = [
+                    Row(name=r, status="error", note=f"group {group} set-up failed: {reason}")
+                    for c in cases
+                    for r in c.rows
+                ]
                 _write(out, rows)
                 return 1
             for case in cases:

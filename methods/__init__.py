@@ -6,6 +6,7 @@ method's run function when `METHODS.get(name).run` is read, and the dataset and 
 every module of methods/data and methods/models the first time they are read. A new method is its config in
 the kind's configs.py plus one file with its run; nothing else needs editing.
 """
+
 from __future__ import annotations
 
 import methods.attacks.configs  # noqa: F401  (declares every attack)

@@ -5,6 +5,7 @@ guarded by an exclusive-create marker file next to the entry, which works across
 a shared filesystem; entries are written into a temporary folder and renamed into place, and carry a SHA-256
 checksum that is verified on every load (a corrupt entry is rebuilt, never used).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,8 +29,11 @@ META_FILE = "entry.json"
 
 def cache_key(attack: str, attack_config: dict, data_config: dict, built_with: dict) -> str:
     """`built_with`: the device type and resolved fast-path switches the model is trained under."""
-    payload = json.dumps({"v": FORMAT_VERSION, "attack": attack, "config": attack_config, "data": data_config,
-                          "built_with": built_with}, sort_keys=True, default=str)
+    payload = json.dumps(
+        {"v": FORMAT_VERSION, "attack": attack, "config": attack_config, "data": data_config, "built_with": built_with},
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
@@ -76,8 +80,9 @@ class ExclusiveLock:
     heartbeat is older than `stale_after`: a crashed builder never blocks the cache for long, a live one never
     loses its lock. A waiter says once whom it is waiting for."""
 
-    def __init__(self, path: Path, stale_after: float = 600.0, poll: float = 0.5,
-                 on_wait: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, path: Path, stale_after: float = 600.0, poll: float = 0.5, on_wait: Callable[[str], None] | None = None
+    ) -> None:
         self.path, self.stale_after, self.poll = path, stale_after, poll
         self.on_wait = on_wait or (lambda message: print(message, file=sys.stderr, flush=True))
         self._beating: threading.Event | None = None
@@ -100,8 +105,9 @@ class ExclusiveLock:
                     self.on_wait(f"waiting for {self.holder()} to finish building {self.path.stem}")
                     told = True
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"cache lock {self.path} held by {self.holder()} for too long; delete it if "
-                                       "no build is running") from None
+                    raise TimeoutError(
+                        f"cache lock {self.path} held by {self.holder()} for too long; delete it if no build is running"
+                    ) from None
                 time.sleep(self.poll)
 
     def holder(self) -> str:
@@ -187,8 +193,11 @@ class AttackCache:
         shutil.move(str(directory), str(aside))
         # not an error: the run goes on with a rebuilt entry, but a silent rebuild of a long attack hides a disk,
         # copy or sync problem; the entry is kept aside for a look, never deleted
-        print(f"attack cache: entry {directory} is corrupt: {problem}; moved it to {aside} and rebuilding the attack",
-              file=sys.stderr, flush=True)
+        print(
+            f"attack cache: entry {directory} is corrupt: {problem}; moved it to {aside} and rebuilding the attack",
+            file=sys.stderr,
+            flush=True,
+        )
         return None
 
     def get_or_build(self, key: str, build: Callable[[], tuple[Backdoor, dict]]) -> tuple[Backdoor, dict, bool]:

@@ -1,6 +1,7 @@
 """The `bdo` command line. Everything is parsed and validated before Ray starts or any MLflow store or run is
 created; bad input prints one line and exits 2. Exit codes: 0 done, 1 a run failed, 2 bad input, 128 + the signal
 when stopped by SIGINT, SIGTERM or SIGHUP (130, 143, 129; its runs end KILLED: orchestrator.signals)."""
+
 from __future__ import annotations
 
 import argparse
@@ -31,32 +32,56 @@ def _name(value: str) -> str:
 
 
 def _shared(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", type=_name, default=None,
-                   help="dataset registry name (default: digits, or the space's)")
+    p.add_argument(
+        "--dataset", type=_name, default=None, help="dataset registry name (default: digits, or the space's)"
+    )
     p.add_argument("--model", type=_name, default=None, help="model registry name (default: small_cnn, or the space's)")
     p.add_argument("--seed", type=int, default=None, help="derives the split, poison, train and clean seeds")
-    p.add_argument("--experiment", type=_name, default=default_experiment(),
-                   help="MLflow experiment (default: MLFLOW_EXPERIMENT_NAME, else bdo)")
-    p.add_argument("--storage", default=os.environ.get("BDO_STORAGE", "./bdo_runs"),
-                   help="run storage: attack cache and Tune state, a local or shared path "
-                        "(default: BDO_STORAGE or ./bdo_runs)")
-    p.add_argument("--shared-storage", action="store_true",
-                   default=os.environ.get("BDO_SHARED_STORAGE", "").strip().lower() in ("1", "true", "yes"),
-                   help="--storage is on a filesystem every node of the Ray cluster mounts, though not a network "
-                        "filesystem bdo recognizes (default: BDO_SHARED_STORAGE=1; checked on multi-node clusters)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
-    p.add_argument("--data-root", default=None,
-                   help="where datasets live (default: BDO_DATA_ROOT or ~/.cache/bdo/data)")
+    p.add_argument(
+        "--experiment",
+        type=_name,
+        default=default_experiment(),
+        help="MLflow experiment (default: MLFLOW_EXPERIMENT_NAME, else bdo)",
+    )
+    p.add_argument(
+        "--storage",
+        default=os.environ.get("BDO_STORAGE", "./bdo_runs"),
+        help="run storage: attack cache and Tune state, a local or shared path (default: BDO_STORAGE or ./bdo_runs)",
+    )
+    p.add_argument(
+        "--shared-storage",
+        action="store_true",
+        default=os.environ.get("BDO_SHARED_STORAGE", "").strip().lower() in ("1", "true", "yes"),
+        help="--storage is on a filesystem every node of the Ray cluster mounts, though not a network "
+        "filesystem bdo recognizes (default: BDO_SHARED_STORAGE=1; checked on multi-node clusters)",
+    )
+    p.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+    )
+    p.add_argument(
+        "--data-root", default=None, help="where datasets live (default: BDO_DATA_ROOT or ~/.cache/bdo/data)"
+    )
     p.add_argument("--download", action="store_true", help="download missing datasets")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (attack.KEY / data.KEY for the attack / dataset); repeatable")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (attack.KEY / data.KEY for the attack / dataset); repeatable",
+    )
     p.add_argument("--no-preset", action="store_true", help="ignore search_spaces/presets/<dataset>/<method>.yaml")
-    p.add_argument("--recipe", default=None,
-                   help="a named recipe of the dataset's presets, layered over them (for example cpu: minutes on "
-                        "a CPU instead of the papers' GPU schedules; docs/search-spaces.md#recipes)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved configuration, device and resources, then exit without running")
+    p.add_argument(
+        "--recipe",
+        default=None,
+        help="a named recipe of the dataset's presets, layered over them (for example cpu: minutes on "
+        "a CPU instead of the papers' GPU schedules; docs/search-spaces.md#recipes)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved configuration, device and resources, then exit without running",
+    )
 
 
 def _tune_flags(p: argparse.ArgumentParser) -> None:
@@ -66,27 +91,40 @@ def _tune_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objective", choices=("single", "pareto"), default=None)
     p.add_argument("--max-concurrent", type=int, default=None)
     p.add_argument("--cpus-per-trial", type=float, default=None)
-    p.add_argument("--gpus-per-trial", type=float, default=None,
-                   help="GPU share of each trial "
-                        "(default: the GPUs Ray finds, divided among concurrent trials; 0: CPU)")
+    p.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        default=None,
+        help="GPU share of each trial (default: the GPUs Ray finds, divided among concurrent trials; 0: CPU)",
+    )
     p.add_argument("--workers-per-trial", type=int, default=None)
     p.add_argument("--max-failures", type=int, default=1, help="retries of a failed trial, from its last checkpoint")
     p.add_argument("--quick", action="store_true", help="apply the space's quick: overrides (tiny schedules)")
     _verbose(p)
     _knowledge(p)
-    p.add_argument("--no-default-trial", action="store_true",
-                   help="sample every trial; by default the first runs the untuned values (preset, else defaults)")
+    p.add_argument(
+        "--no-default-trial",
+        action="store_true",
+        help="sample every trial; by default the first runs the untuned values (preset, else defaults)",
+    )
 
 
 def _knowledge(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--knowledge", choices=("oracle", "blind"), default=None,
-                   help="what selection may know: blind refuses objectives that read the trigger or the poison "
-                        "flags and switches in-method choices to their blind rules (default: the space's, else oracle)")
+    p.add_argument(
+        "--knowledge",
+        choices=("oracle", "blind"),
+        default=None,
+        help="what selection may know: blind refuses objectives that read the trigger or the poison "
+        "flags and switches in-method choices to their blind rules (default: the space's, else oracle)",
+    )
 
 
 def _verbose(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--verbose", action="store_true",
-                   help="show Ray's, Tune's and every trial's own output (default: one line per finished trial)")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's, Tune's and every trial's own output (default: one line per finished trial)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,19 +147,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="search a method's hyperparameters with Ray Tune")
     p.add_argument("space", help="search space YAML, e.g. search_spaces/dbr.yaml")
     p.add_argument("--attack", default=None, help="override the space's attack")
-    p.add_argument("--resume", nargs="?", const="", default=None, metavar="SWEEP_RUN_ID",
-                   help="continue an interrupted sweep (default: the latest unfinished one of this space)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="SWEEP_RUN_ID",
+        help="continue an interrupted sweep (default: the latest unfinished one of this space)",
+    )
     _shared(p)
     _tune_flags(p)
     p = sub.add_parser("study", help="attacks x defenses x seeds: tune each defense, rerun its choice per seed")
     p.add_argument("study", help="study YAML (docs/studies.md)")
-    p.add_argument("--jobs", type=int, default=None,
-                   help="attack builds and final runs trained at once, in worker processes (default: the study's jobs, "
-                        "else 1)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="attack builds and final runs trained at once, in worker processes (default: the study's jobs, else 1)",
+    )
     _shared(p)
     _tune_flags(p)
-    p = sub.add_parser("quickstart", help="the demo: one BadNets model (on digits unless --dataset says), "
-                                          "every defense tuned against it")
+    p = sub.add_parser(
+        "quickstart",
+        help="the demo: one BadNets model (on digits unless --dataset says), every defense tuned against it",
+    )
     p.add_argument("--quick", action="store_true", help="one trial per defense and tiny schedules")
     _knowledge(p)
     _verbose(p)
@@ -130,16 +179,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--tracking-uri", default=None)
-    p.add_argument("--experiment", type=_name, default=default_experiment(),
-                   help="the experiment whose runs page to print (default: MLFLOW_EXPERIMENT_NAME, else bdo)")
+    p.add_argument(
+        "--experiment",
+        type=_name,
+        default=default_experiment(),
+        help="the experiment whose runs page to print (default: MLFLOW_EXPERIMENT_NAME, else bdo)",
+    )
     p = sub.add_parser("report", help="the paper table of a study, from MLflow")
     p.add_argument("--experiment", type=_name, default=default_experiment())
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--study", default=None, metavar="RUN_ID")
-    p.add_argument("--format", choices=("md", "csv", "html", "latex", "runs-csv"), default="md",
-                   help="md, csv, html or latex table; runs-csv: the per-seed values behind every cell")
-    p.add_argument("--out", default=None, metavar="FILE",
-                   help="also write the table to FILE (folders created); an existing FILE needs --force")
+    p.add_argument(
+        "--format",
+        choices=("md", "csv", "html", "latex", "runs-csv"),
+        default="md",
+        help="md, csv, html or latex table; runs-csv: the per-seed values behind every cell",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="FILE",
+        help="also write the table to FILE (folders created); an existing FILE needs --force",
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     p.add_argument("--metrics", default="acc,asr", help="comma list of acc, asr, ra, der")
     return parser
@@ -167,8 +228,11 @@ def _dry_run_resources(plans, session) -> dict:
         return {"gpu_share": "chosen from the cluster's GPUs when the sweep starts", "cluster": session.address}
     shape = ClusterShape.local()
     resolved = [resolve_gpus(p, shape) for p in plans]
-    return {"local_gpus": int(shape.node_gpus[0]), "gpus_per_trial_resolved": resolved[0].gpus_per_trial,
-            "attack_device": driver_device_name(resolved[0])}
+    return {
+        "local_gpus": int(shape.node_gpus[0]),
+        "gpus_per_trial_resolved": resolved[0].gpus_per_trial,
+        "attack_device": driver_device_name(resolved[0]),
+    }
 
 
 def cmd_list(args) -> int:
@@ -190,17 +254,40 @@ def _print_run_plan(spec) -> int:
 
     from methods.core.hardware import default_device_name
 
-    print(yaml.safe_dump({"method": spec.method, "kind": spec.kind, "config": spec.config, "attack": spec.attack,
-                          "attack_config": spec.attack_config, "data": spec.data_config,
-                          "fast": spec.fast_config or "defaults (on for CUDA, off on CPU)", "recipe": spec.recipe,
-                          "presets": spec.presets,
-                          "device": default_device_name()}, sort_keys=False), end="")
+    print(
+        yaml.safe_dump(
+            {
+                "method": spec.method,
+                "kind": spec.kind,
+                "config": spec.config,
+                "attack": spec.attack,
+                "attack_config": spec.attack_config,
+                "data": spec.data_config,
+                "fast": spec.fast_config or "defaults (on for CUDA, off on CPU)",
+                "recipe": spec.recipe,
+                "presets": spec.presets,
+                "device": default_device_name(),
+            },
+            sort_keys=False,
+        ),
+        end="",
+    )
     return 0
 
 
 # the schemes MLflow has a tracking store for (mlflow.tracking._tracking_service.utils), with an optional +driver
-TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks", "databricks-uc",
-                    "uc")
+TRACKING_SCHEMES = (
+    "sqlite",
+    "file",
+    "http",
+    "https",
+    "postgresql",
+    "mysql",
+    "mssql",
+    "databricks",
+    "databricks-uc",
+    "uc",
+)
 
 
 def _check_folder(path: Path, what: str) -> None:
@@ -226,9 +313,11 @@ def _check_writable_store(uri: str, db: Path) -> None:
                 pass
     except OSError as exc:
         what = db if exc.filename == str(db) else db.parent
-        raise BadInput(f"--tracking-uri {uri}: cannot write {what} ({exc.strerror or exc}); SQLite writes the store "
-                       f"and its journal file beside it, so point --tracking-uri at a database in a folder you can "
-                       f"write to") from None
+        raise BadInput(
+            f"--tracking-uri {uri}: cannot write {what} ({exc.strerror or exc}); SQLite writes the store "
+            f"and its journal file beside it, so point --tracking-uri at a database in a folder you can "
+            f"write to"
+        ) from None
 
 
 def _check_tracking_uri(uri: str, write: bool = True) -> str:
@@ -236,8 +325,10 @@ def _check_tracking_uri(uri: str, write: bool = True) -> str:
     anything is written. `write`: the command writes runs (not bdo ui or bdo report, which only read)."""
     scheme = uri.partition("://")[0] if "://" in uri else ""
     if scheme.split("+")[0] not in TRACKING_SCHEMES:
-        raise BadInput(f"--tracking-uri {uri}: unknown scheme {scheme!r}; use sqlite:///PATH (or a bare PATH), "
-                       f"http(s)://HOST:PORT of a tracking server, or a database URI such as postgresql://...")
+        raise BadInput(
+            f"--tracking-uri {uri}: unknown scheme {scheme!r}; use sqlite:///PATH (or a bare PATH), "
+            f"http(s)://HOST:PORT of a tracking server, or a database URI such as postgresql://..."
+        )
     if scheme == "sqlite":  # SQLite creates the file, not its folder
         from orchestrator.tracking import damaged_store, sqlite_damage, sqlite_path
 
@@ -264,19 +355,24 @@ def _check_device(cpu_only: bool = False) -> None:
         return
     kind, colon, index = requested.partition(":")
     if kind not in ("cpu", "cuda") or (colon and not index.isdigit()):
-        raise BadInput(f"BDO_DEVICE={requested!r}: not a device; use cpu, cuda or cuda:N, or unset it "
-                       "(the first GPU, else the CPU)")
+        raise BadInput(
+            f"BDO_DEVICE={requested!r}: not a device; use cpu, cuda or cuda:N, or unset it "
+            "(the first GPU, else the CPU)"
+        )
     if kind != "cuda" or cpu_only:
         return
     from methods.core.hardware import visible_gpu_count
 
     count = visible_gpu_count()
     if count == 0:
-        raise BadInput(f"BDO_DEVICE={requested!r}: no CUDA device is visible to this process; "
-                       "set BDO_DEVICE=cpu or unset it")
+        raise BadInput(
+            f"BDO_DEVICE={requested!r}: no CUDA device is visible to this process; set BDO_DEVICE=cpu or unset it"
+        )
     if colon and int(index) >= count:
-        raise BadInput(f"BDO_DEVICE={requested!r}: this process sees {count} GPU(s), cuda:0 to cuda:{count - 1}; "
-                       "pick one of those or unset BDO_DEVICE")
+        raise BadInput(
+            f"BDO_DEVICE={requested!r}: this process sees {count} GPU(s), cuda:0 to cuda:{count - 1}; "
+            "pick one of those or unset BDO_DEVICE"
+        )
 
 
 def _session(args):
@@ -292,10 +388,20 @@ def _session(args):
     address = args.address or os.environ.get("RAY_ADDRESS") or None
     if address and address.startswith(("http://", "https://")):  # the dashboard's Jobs API, a common mix-up
         source = "--address" if args.address else "RAY_ADDRESS"
-        raise BadInput(f"{source} {address}: --address wants the GCS address (host:6379, or auto on a cluster "
-                       "node); http://<head>:8265 is the dashboard's address, which is what ray job submit takes")
-    return Session(tracking_uri, args.experiment, storage, data_root, args.download, address,
-                   verbose=getattr(args, "verbose", False), shared_storage=args.shared_storage)
+        raise BadInput(
+            f"{source} {address}: --address wants the GCS address (host:6379, or auto on a cluster "
+            "node); http://<head>:8265 is the dashboard's address, which is what ray job submit takes"
+        )
+    return Session(
+        tracking_uri,
+        args.experiment,
+        storage,
+        data_root,
+        args.download,
+        address,
+        verbose=getattr(args, "verbose", False),
+        shared_storage=args.shared_storage,
+    )
 
 
 def _require_store(uri: str, flag: str) -> None:
@@ -303,8 +409,9 @@ def _require_store(uri: str, flag: str) -> None:
     from orchestrator.tracking import sqlite_path
 
     if (db := sqlite_path(uri)) is not None and not db.is_file():
-        raise BadInput(f"{flag}: there is no MLflow store at {uri}; "
-                       f"pass --tracking-uri of the store that holds the run")
+        raise BadInput(
+            f"{flag}: there is no MLflow store at {uri}; pass --tracking-uri of the store that holds the run"
+        )
 
 
 def cmd_attack(args) -> int:
@@ -312,8 +419,15 @@ def cmd_attack(args) -> int:
     from orchestrator.resolve import check_data, method_spec, parse_set, resolve_run
 
     method_spec(args.name, "attack")
-    spec = resolve_run(args.name, args.dataset or "digits", args.model or "small_cnn", args.seed,
-                       sets=parse_set(args.set), use_preset=not args.no_preset, recipe=args.recipe)
+    spec = resolve_run(
+        args.name,
+        args.dataset or "digits",
+        args.model or "small_cnn",
+        args.seed,
+        sets=parse_set(args.set),
+        use_preset=not args.no_preset,
+        recipe=args.recipe,
+    )
     session = _session(args)
     check_data(spec, session)
     if args.dry_run:
@@ -350,11 +464,19 @@ def cmd_defend(args) -> int:
     attack = args.attack
     if args.attack_run:
         attack, attack_base, data_base = _attack_from_run(args, session)
-    spec = resolve_run(args.name, args.dataset or (attack_base or {}).get("dataset", "digits"),
-                       args.model or (attack_base or {}).get("model", "small_cnn"), args.seed, attack, sets=sets,
-                       attack_base=attack_base, data_base=data_base,
-                       use_preset=not args.no_preset and not args.attack_run, recipe=args.recipe,
-                       check_files=not args.attack_run)  # that run's model is used, its trigger image never read
+    spec = resolve_run(
+        args.name,
+        args.dataset or (attack_base or {}).get("dataset", "digits"),
+        args.model or (attack_base or {}).get("model", "small_cnn"),
+        args.seed,
+        attack,
+        sets=sets,
+        attack_base=attack_base,
+        data_base=data_base,
+        use_preset=not args.no_preset and not args.attack_run,
+        recipe=args.recipe,
+        check_files=not args.attack_run,
+    )  # that run's model is used, its trigger image never read
     check_data(spec, session)
     given = None
     if args.attack_run:
@@ -365,8 +487,10 @@ def cmd_defend(args) -> int:
     if args.dry_run:
         return _print_run_plan(spec)
     run_id, metrics = run_single(session, spec, given_attack=given)
-    print(f"defense run {run_id}: test_acc={metrics.get('test_acc', float('nan')):.3f} "
-          f"test_asr={metrics.get('test_asr', float('nan')):.3f} test_der={metrics.get('test_der', float('nan')):.3f}")
+    print(
+        f"defense run {run_id}: test_acc={metrics.get('test_acc', float('nan')):.3f} "
+        f"test_asr={metrics.get('test_asr', float('nan')):.3f} test_der={metrics.get('test_der', float('nan')):.3f}"
+    )
     return 0
 
 
@@ -381,12 +505,25 @@ def _plan(args, space_path: Path, quick: bool = False):
 
     space = load_space(space_path)
     return plan_sweep(
-        space, dataset=args.dataset, model=args.model, seed=args.seed, attack=getattr(args, "attack", None),
-        sets=parse_set(args.set), use_preset=not args.no_preset, quick=quick or getattr(args, "quick", False),
-        searcher=args.searcher, scheduler=args.scheduler, objective=args.objective, num_samples=args.num_samples,
-        max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-        workers_per_trial=args.workers_per_trial, default_trial=not getattr(args, "no_default_trial", False),
-        knowledge=args.knowledge, recipe=args.recipe,
+        space,
+        dataset=args.dataset,
+        model=args.model,
+        seed=args.seed,
+        attack=getattr(args, "attack", None),
+        sets=parse_set(args.set),
+        use_preset=not args.no_preset,
+        quick=quick or getattr(args, "quick", False),
+        searcher=args.searcher,
+        scheduler=args.scheduler,
+        objective=args.objective,
+        num_samples=args.num_samples,
+        max_concurrent=args.max_concurrent,
+        cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial,
+        workers_per_trial=args.workers_per_trial,
+        default_trial=not getattr(args, "no_default_trial", False),
+        knowledge=args.knowledge,
+        recipe=args.recipe,
     )
 
 
@@ -451,14 +588,21 @@ def cmd_study(args) -> int:
     if args.dry_run:
         from orchestrator.discover import plan_text
 
-        print(f"study {study.name}: {len(study.attacks)} attacks x {len(study.defenses)} defenses "
-              f"x seeds {study.seeds}; {study.jobs} run(s) at a time"
-              + ("; clean-model column" if study.clean else "")
-              + (f"; blind vs oracle, the blind sweeps on {' '.join(study.blind_objective)}"
-                 if study.blind_objective else ""))
+        print(
+            f"study {study.name}: {len(study.attacks)} attacks x {len(study.defenses)} defenses "
+            f"x seeds {study.seeds}; {study.jobs} run(s) at a time"
+            + ("; clean-model column" if study.clean else "")
+            + (
+                f"; blind vs oracle, the blind sweeps on {' '.join(study.blind_objective)}"
+                if study.blind_objective
+                else ""
+            )
+        )
         if study.untuned:
-            print("on their presets, no sweep (num_samples 0; the search: blocks below are not run): "
-                  + ", ".join(study.defenses[i][0] for i in sorted(study.untuned)))
+            print(
+                "on their presets, no sweep (num_samples 0; the search: blocks below are not run): "
+                + ", ".join(study.defenses[i][0] for i in sorted(study.untuned))
+            )
         print(plan_text(plans, _dry_run_resources(plans, session)), end="")
         return 0
     try:
@@ -473,8 +617,10 @@ def cmd_study(args) -> int:
     finally:
         session.stop_ray()
     print(outcome.table)
-    print(f"study run {outcome.study_run_id}; "
-          f"table: bdo report --experiment {args.experiment} --study {outcome.study_run_id}")
+    print(
+        f"study run {outcome.study_run_id}; "
+        f"table: bdo report --experiment {args.experiment} --study {outcome.study_run_id}"
+    )
     return 1 if outcome.failed else 0
 
 
@@ -526,8 +672,17 @@ def cmd_report(args) -> int:
     return run_report(args)
 
 
-COMMANDS = {"list": cmd_list, "describe": cmd_describe, "attack": cmd_attack, "defend": cmd_defend, "tune": cmd_tune,
-            "study": cmd_study, "quickstart": cmd_quickstart, "ui": cmd_ui, "report": cmd_report}
+COMMANDS = {
+    "list": cmd_list,
+    "describe": cmd_describe,
+    "attack": cmd_attack,
+    "defend": cmd_defend,
+    "tune": cmd_tune,
+    "study": cmd_study,
+    "quickstart": cmd_quickstart,
+    "ui": cmd_ui,
+    "report": cmd_report,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,6 +15,7 @@ Over the trials of each blind sweep, the Spearman rank correlation of every blin
 ASR says how well that signal stands in for the trigger there. Tuning objectives read validation metrics only;
 the test figures of the final runs are what the table compares.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,12 @@ VARIANT_TITLES = {"preset": "preset", "blind": "blind-tuned", "oracle": "oracle-
 # blind signals correlated with val ASR over a blind sweep's trials, in the table's order; canary ASR only where
 # the runs planted a canary
 SIGNALS = ("val_adv_concentration", "val_blind_score", "val_acc", "val_canary_asr")
-SIGNAL_TITLES = {"val_adv_concentration": "adv. concentration", "val_blind_score": "blind score",
-                 "val_acc": "val ACC", "val_canary_asr": "canary ASR"}
+SIGNAL_TITLES = {
+    "val_adv_concentration": "adv. concentration",
+    "val_blind_score": "blind score",
+    "val_acc": "val ACC",
+    "val_canary_asr": "canary ASR",
+}
 # the goal (docs/studies.md#blind-vs-oracle): blind-tuned at most this much worse than oracle-tuned on test
 ASR_SLACK, ACC_SLACK = 0.05, 0.02
 
@@ -55,8 +60,13 @@ def run_comparison(session, study, pool, study_run_id: str, max_failures: int) -
                     sweeps[ORACLE] = sweeps[BLIND]
                     continue
                 selects = f"{BLIND},{ORACLE}" if shared else level
-                result = run_sweep(session, plan, extra_tags={**tags, "variants": selects}, parent_id=study_run_id,
-                                   max_failures=max_failures)
+                result = run_sweep(
+                    session,
+                    plan,
+                    extra_tags={**tags, "variants": selects},
+                    parent_id=study_run_id,
+                    max_failures=max_failures,
+                )
                 failed += result.failed
                 sweeps[level] = result
             picks: dict[str, tuple[Any, dict[str, Any], dict[str, str]]] = {"preset": (blind_plan, {}, {})}
@@ -67,22 +77,35 @@ def run_comparison(session, study, pool, study_run_id: str, max_failures: int) -
                     failed += 1
                     continue
                 # named by variant: a run two variants chose carries both selections
-                picks[level] = (plan, dict(best["config"]), {f"sweep_run_id.{level}": sweeps[level].sweep_run_id,
-                                                             f"selected_trial_id.{level}": best["trial_id"]})
+                picks[level] = (
+                    plan,
+                    dict(best["config"]),
+                    {
+                        f"sweep_run_id.{level}": sweeps[level].sweep_run_id,
+                        f"selected_trial_id.{level}": best["trial_id"],
+                    },
+                )
             for variants, (plan, chosen, chosen_tags) in distinct_configs(study, picks, attack, defense, shared):
                 for seed in study.seeds:
                     spec = final_spec(plan, study.dataset, study.model, defense, attack, seed, chosen)
-                    finals.append(pool.submit(
-                        f"{attack} x {defense} ({'/'.join(variants)}) seed {seed}", "final", spec,
-                        {**tags, **chosen_tags, "knowledge": plan.knowledge, "variants": ",".join(variants)},
-                        plan, parent_id=study_run_id))
+                    finals.append(
+                        pool.submit(
+                            f"{attack} x {defense} ({'/'.join(variants)}) seed {seed}",
+                            "final",
+                            spec,
+                            {**tags, **chosen_tags, "knowledge": plan.knowledge, "variants": ",".join(variants)},
+                            plan,
+                            parent_id=study_run_id,
+                        )
+                    )
     for job in finals:
         failed += pool.wait(job) is None
     return failed
 
 
-def distinct_configs(study, picks: dict[str, tuple[Any, dict[str, Any], dict[str, str]]], attack: str, defense: str,
-                     shared: bool) -> list[tuple[list[str], tuple[Any, dict[str, Any], dict[str, str]]]]:
+def distinct_configs(
+    study, picks: dict[str, tuple[Any, dict[str, Any], dict[str, str]]], attack: str, defense: str, shared: bool
+) -> list[tuple[list[str], tuple[Any, dict[str, Any], dict[str, str]]]]:
     """The variants grouped by the run they stand for: the same resolved config (and, for a defense with
     knowledge rules, the same level) is one run counted for every variant that chose it, tagged with the sweep
     and trial of each tuned variant among them."""
@@ -118,7 +141,7 @@ def spearman(xs: list[float], ys: list[float]) -> float:
             j = i
             while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
                 j += 1
-            for k in order[i:j + 1]:
+            for k in order[i : j + 1]:
                 out[k] = (i + j) / 2
             i = j + 1
         return out
@@ -145,8 +168,12 @@ def collect_comparison(tracker, study_run_id: str) -> dict[str, Any]:
         for variant in tags.get("variants", "").split(","):
             if variant in VARIANTS:
                 cell(tags["attack"], tags["method"])["runs"][variant].append(
-                    (run.data.params.get("attack.seed", ""), run.info.run_id,
-                     {m: run.data.metrics.get(f"test_{m}", math.nan) for m in ("acc", "asr")}))
+                    (
+                        run.data.params.get("attack.seed", ""),
+                        run.info.run_id,
+                        {m: run.data.metrics.get(f"test_{m}", math.nan) for m in ("acc", "asr")},
+                    )
+                )
     for sweep in tracker.search(f"tags.study_run_id = '{study_run_id}' and tags.role = 'sweep'"):
         tags = sweep.data.tags
         trials = [t.data.metrics for t in tracker.children(sweep.info.run_id)]
@@ -154,12 +181,17 @@ def collect_comparison(tracker, study_run_id: str) -> dict[str, Any]:
         entry["trials"] += len(trials)
         if BLIND in tags.get("variants", "").split(","):
             asr = [t.get("val_asr", math.nan) for t in trials]
-            entry["rho"] = {s: spearman([t.get(s, math.nan) for t in trials], asr) for s in SIGNALS
-                            if any(s in t for t in trials)}
+            entry["rho"] = {
+                s: spearman([t.get(s, math.nan) for t in trials], asr) for s in SIGNALS if any(s in t for t in trials)
+            }
     attacks = in_order({a for a, _ in cells}, layout.get("attacks", []))
     defenses = in_order({d for _, d in cells}, layout.get("defenses", []))
-    return {"attacks": attacks, "defenses": defenses, "cells": cells,
-            "objective": study_tags.get("blind_objective", "")}
+    return {
+        "attacks": attacks,
+        "defenses": defenses,
+        "cells": cells,
+        "objective": study_tags.get("blind_objective", ""),
+    }
 
 
 def summarize_cell(entry: dict[str, Any]) -> dict[str, Any]:
@@ -180,8 +212,12 @@ def render_comparison(collected: dict[str, Any], fmt: str) -> str:
     signals = [s for s in SIGNALS if any(s in c["rho"] for c in cells.values())]
     if fmt == "runs-csv":
         header = ["attack", "defense", "variant", "seed", "run_id", "test_acc", "test_asr"]
-        rows = [[a, d, v, seed, run_id, values["acc"], values["asr"]]
-                for (a, d), c in sorted(cells.items()) for v in VARIANTS for seed, run_id, values in c["runs"][v]]
+        rows = [
+            [a, d, v, seed, run_id, values["acc"], values["asr"]]
+            for (a, d), c in sorted(cells.items())
+            for v in VARIANTS
+            for seed, run_id, values in c["runs"][v]
+        ]
         return format_rows(header, rows, "", "csv")
 
     def pct(pair: tuple[float, float]) -> str:
@@ -190,9 +226,13 @@ def render_comparison(collected: dict[str, Any], fmt: str) -> str:
     def points(value: float) -> str:
         return "-" if math.isnan(value) else f"{100 * value:+.1f}"
 
-    header = (["attack", "defense"] + [VARIANT_TITLES[v] for v in VARIANTS]
-              + ["ASR blind - oracle", "ACC blind - oracle", "within goal"]
-              + [f"rho({SIGNAL_TITLES[s]}, val ASR)" for s in signals] + ["trials"])
+    header = (
+        ["attack", "defense"]
+        + [VARIANT_TITLES[v] for v in VARIANTS]
+        + ["ASR blind - oracle", "ACC blind - oracle", "within goal"]
+        + [f"rho({SIGNAL_TITLES[s]}, val ASR)" for s in signals]
+        + ["trials"]
+    )
     rows = []
     per_defense: dict[str, list[bool]] = {}
     for attack in collected["attacks"]:
@@ -202,17 +242,21 @@ def render_comparison(collected: dict[str, Any], fmt: str) -> str:
                 continue
             summary = summarize_cell(entry)
             per_defense.setdefault(defense, []).append(summary["holds"])
-            rows.append([attack, defense]
-                        + [f"{pct(summary[v]['acc'])} / {pct(summary[v]['asr'])}" for v in VARIANTS]
-                        + [points(summary["gap_asr"]), points(summary["gap_acc"]), "yes" if summary["holds"] else "no"]
-                        + ["-" if math.isnan(entry["rho"].get(s, math.nan)) else f"{entry['rho'][s]:+.2f}"
-                           for s in signals] + [str(entry["trials"])])
+            rows.append(
+                [attack, defense]
+                + [f"{pct(summary[v]['acc'])} / {pct(summary[v]['asr'])}" for v in VARIANTS]
+                + [points(summary["gap_asr"]), points(summary["gap_acc"]), "yes" if summary["holds"] else "no"]
+                + ["-" if math.isnan(entry["rho"].get(s, math.nan)) else f"{entry['rho'][s]:+.2f}" for s in signals]
+                + [str(entry["trials"])]
+            )
     holding = [d for d, marks in per_defense.items() if all(marks)]
-    caption = (f"cells: test ACC / ASR in %, mean±std over seeds; blind sweeps select on {collected['objective']}; "
-               f"goal: blind ASR at most {100 * ASR_SLACK:.0f} points above oracle and ACC at most "
-               f"{100 * ACC_SLACK:.0f} below; rho: Spearman over the blind sweep's trials. "
-               f"Defenses within the goal on every attack: {len(holding)} of {len(per_defense)}"
-               + (f" ({', '.join(holding)})" if holding else ""))
+    caption = (
+        f"cells: test ACC / ASR in %, mean±std over seeds; blind sweeps select on {collected['objective']}; "
+        f"goal: blind ASR at most {100 * ASR_SLACK:.0f} points above oracle and ACC at most "
+        f"{100 * ACC_SLACK:.0f} below; rho: Spearman over the blind sweep's trials. "
+        f"Defenses within the goal on every attack: {len(holding)} of {len(per_defense)}"
+        + (f" ({', '.join(holding)})" if holding else "")
+    )
     return format_rows(header, rows, caption, fmt)
 
 

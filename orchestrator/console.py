@@ -1,5 +1,6 @@
 """What a run or a sweep prints while it trains: one progress line per report of a single run, and a line per
 finished trial plus a periodic summary of a sweep."""
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,15 @@ class SweepProgress:
         from ray.tune import Callback
 
         class Progress(Callback):
-            def __init__(self, label: str, metric: str, mode: str, total: int, interval: float | None = None,
-                         clock=time.monotonic) -> None:
+            def __init__(
+                self,
+                label: str,
+                metric: str,
+                mode: str,
+                total: int,
+                interval: float | None = None,
+                clock=time.monotonic,
+            ) -> None:
                 self.label, self.metric, self.mode, self.total = label, metric, mode, total
                 self.done, self.best, self.tty = 0, None, sys.stdout.isatty()
                 self.interval = progress_interval() if interval is None else interval
@@ -58,10 +66,12 @@ class SweepProgress:
                         best = value
                 shown = f"{best:.3f}" if best is not None else "-"
                 elapsed = int(self.clock() - self.started)
-                return (f"{self.label}: progress  running {counts['RUNNING']}  pending "
-                        f"{counts['PENDING'] + counts['PAUSED']}  finished {counts['TERMINATED']}/{self.total}  "
-                        f"errored {counts['ERROR']}  best {self.metric} {shown}  "
-                        f"elapsed {elapsed // 3600}:{elapsed // 60 % 60:02d}:{elapsed % 60:02d}")
+                return (
+                    f"{self.label}: progress  running {counts['RUNNING']}  pending "
+                    f"{counts['PENDING'] + counts['PAUSED']}  finished {counts['TERMINATED']}/{self.total}  "
+                    f"errored {counts['ERROR']}  best {self.metric} {shown}  "
+                    f"elapsed {elapsed // 3600}:{elapsed // 60 % 60:02d}:{elapsed % 60:02d}"
+                )
 
             def on_step_end(self, iteration, trials, **info):
                 if self.clock() - self.printed >= self.interval:
@@ -86,8 +96,11 @@ class SweepProgress:
                     self.best = value
                 best = f"  (best {self.metric} {self.best:.3f})" if self.best is not None else ""
                 prefix = "\r\033[K" if self.tty else ""
-                print(f"{prefix}{self.label}: trial {self.done}/{self.total} {trial.trial_id} {state}  "
-                      f"{self._shown(result)}{best}", flush=True)
+                print(
+                    f"{prefix}{self.label}: trial {self.done}/{self.total} {trial.trial_id} {state}  "
+                    f"{self._shown(result)}{best}",
+                    flush=True,
+                )
                 self.printed = self.clock()
 
             def on_trial_complete(self, iteration, trials, trial, **info):
@@ -112,8 +125,9 @@ class ProgressPrinter:
         self.steps += 1
         if self.fault is not None:
             self.fault(step, metrics)
-        shown = "  ".join(f"{k}={metrics[k]:.3f}" for k in ("val_acc", "val_asr", "test_acc", "test_asr")
-                          if k in metrics)
+        shown = "  ".join(
+            f"{k}={metrics[k]:.3f}" for k in ("val_acc", "val_asr", "test_acc", "test_asr") if k in metrics
+        )
         total = f"/{self.total}" if self.total else ""
         bar = ""
         if self.total:

@@ -4,6 +4,7 @@ A method calls report(...) then save_state(...) each epoch; the context logs the
 batched call and hands metrics plus a checkpoint directory to the reporter (Ray Tune, Ray Train, or a local
 progress bar) together, so a retried trial resumes from exactly the step MLflow last saw.
 """
+
 from __future__ import annotations
 
 import os
@@ -237,4 +238,3 @@ class TrackedContext:
         expect = getattr(self.on_report, "expect_steps", None)
         if expect is not None and self.rank == 0:
             expect(total)
-

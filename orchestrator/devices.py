@@ -10,6 +10,7 @@ The rule a user can rely on: where a GPU is visible, bdo uses it without a flag.
 - `--gpus-per-trial 0` forces the CPU everywhere, the driver's attack build included.
 - A share no node can give (more GPUs than any node has, or a fraction above 1) fails before any run starts.
 """
+
 from __future__ import annotations
 
 import math
@@ -70,8 +71,10 @@ class ClusterShape:
         import ray
 
         alive = [n for n in ray.nodes() if n.get("Alive")]
-        return ClusterShape(tuple(float(n["Resources"].get("GPU", 0.0)) for n in alive),
-                            tuple(float(n["Resources"].get("CPU", 0.0)) for n in alive))
+        return ClusterShape(
+            tuple(float(n["Resources"].get("GPU", 0.0)) for n in alive),
+            tuple(float(n["Resources"].get("CPU", 0.0)) for n in alive),
+        )
 
 
 def auto_gpu_share(shape: ClusterShape, concurrent: int, cpus_per_trial: float) -> float:

@@ -1,5 +1,6 @@
 """What exists and what a command would do, without running anything: `bdo list`, `bdo describe` and the text
 that `--dry-run` prints. Nothing here starts Ray or opens an MLflow store."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,7 +45,7 @@ def list_lines(kind: str | None = None) -> list[str]:
         "models": [(n, _first_line(MODELS.get(n))) for n in MODELS.names()],
     }
     lines: list[str] = []
-    for name in ([kind] if kind else KINDS):
+    for name in [kind] if kind else KINDS:
         if not kind:
             lines.append(f"{name}:")
         width = max((len(n) for n, _ in sections[name]), default=0)
@@ -53,8 +54,11 @@ def list_lines(kind: str | None = None) -> list[str]:
 
 
 def _type_name(annotation: Any) -> str:
-    return str(annotation).replace("typing.", "").replace("Optional[", "").rstrip("]") \
-        if "Optional" in str(annotation) else getattr(annotation, "__name__", str(annotation))
+    return (
+        str(annotation).replace("typing.", "").replace("Optional[", "").rstrip("]")
+        if "Optional" in str(annotation)
+        else getattr(annotation, "__name__", str(annotation))
+    )
 
 
 def describe_lines(name: str) -> list[str]:
@@ -91,8 +95,11 @@ def describe_lines(name: str) -> list[str]:
         objective = raw.get("objective") or {}
         if objective:
             bounds = objective.get("subject_to") or {}
-            subject = (" subject to " + ", ".join(f"{k} <= {v}" for k, v in bounds.items())
-                       if isinstance(bounds, dict) and bounds else "")
+            subject = (
+                " subject to " + ", ".join(f"{k} <= {v}" for k, v in bounds.items())
+                if isinstance(bounds, dict) and bounds
+                else ""
+            )
             lines.append(f"  objective: {objective.get('mode', 'max')} {objective.get('metric')}{subject}")
     else:
         lines.append("  none")
@@ -104,20 +111,39 @@ def plan_text(plans: list, resources: dict[str, Any]) -> str:
     out = []
     for plan in plans:
         base = plan.base
-        out.append({
-            "method": base.method, "kind": base.kind, "space": str(plan.space.path),
-            "config": base.config, "attack": base.attack, "attack_config": base.attack_config,
-            "data": base.data_config, "fast": base.fast_config or "defaults (on for CUDA, off on CPU)",
-            "presets": base.presets, "pinned": plan.pinned,
-            "tuned": {d.key: {d.kind: d.args} for d in plan.tuned},
-            "search": {"searcher": plan.searcher, "scheduler": plan.scheduler, "objective": plan.objective,
-                       "knowledge": plan.knowledge,
-                       "metric": f"{plan.space.mode} {plan.space.metric}",
-                       **({"subject_to": plan.constraints, "tune_metric": f"{plan.tune_mode} {plan.tune_metric}"}
-                          if plan.constraints else {}),
-                       "num_samples": plan.num_samples,
-                       "max_concurrent": plan.max_concurrent},
-            "resources": {"cpus_per_trial": plan.cpus_per_trial, "gpus_per_trial": plan.gpus_per_trial,
-                          "workers_per_trial": plan.workers_per_trial, **resources},
-        })
+        out.append(
+            {
+                "method": base.method,
+                "kind": base.kind,
+                "space": str(plan.space.path),
+                "config": base.config,
+                "attack": base.attack,
+                "attack_config": base.attack_config,
+                "data": base.data_config,
+                "fast": base.fast_config or "defaults (on for CUDA, off on CPU)",
+                "presets": base.presets,
+                "pinned": plan.pinned,
+                "tuned": {d.key: {d.kind: d.args} for d in plan.tuned},
+                "search": {
+                    "searcher": plan.searcher,
+                    "scheduler": plan.scheduler,
+                    "objective": plan.objective,
+                    "knowledge": plan.knowledge,
+                    "metric": f"{plan.space.mode} {plan.space.metric}",
+                    **(
+                        {"subject_to": plan.constraints, "tune_metric": f"{plan.tune_mode} {plan.tune_metric}"}
+                        if plan.constraints
+                        else {}
+                    ),
+                    "num_samples": plan.num_samples,
+                    "max_concurrent": plan.max_concurrent,
+                },
+                "resources": {
+                    "cpus_per_trial": plan.cpus_per_trial,
+                    "gpus_per_trial": plan.gpus_per_trial,
+                    "workers_per_trial": plan.workers_per_trial,
+                    **resources,
+                },
+            }
+        )
     return yaml.safe_dump(out if len(out) > 1 else out[0], sort_keys=False, default_flow_style=False)

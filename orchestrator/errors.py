@@ -1,4 +1,5 @@
 """Bad input: one line naming what is wrong and how to fix it, exit code 2, before anything starts."""
+
 from __future__ import annotations
 
 

@@ -3,6 +3,7 @@
 Used alike by `bdo attack`/`bdo defend` in-process, by Tune trials and by Ray Train workers, so every path runs
 the same methods/ code and produces the same MLflow artifacts.
 """
+
 from __future__ import annotations
 
 import json
@@ -110,8 +111,14 @@ def run_method(spec: RunSpec, ctx: TrackedContext) -> Backdoor | DefenseResult:
         return result
     # which chip and which fast switches produced this run's numbers
     # (the thread count too: float sums in another order can differ in the last bits between machines)
-    ctx.tracker.set_tags(ctx.run_id, {"device": ctx.device.type, "torch_threads": torch.get_num_threads(),
-                                      "fast_path": json.dumps(ctx.fast.resolved(ctx.device), sort_keys=True)})
+    ctx.tracker.set_tags(
+        ctx.run_id,
+        {
+            "device": ctx.device.type,
+            "torch_threads": torch.get_num_threads(),
+            "fast_path": json.dumps(ctx.fast.resolved(ctx.device), sort_keys=True),
+        },
+    )
     with ctx.tracker.system_metrics(ctx.run_id, ctx.system_metrics):
         result = method.run(ctx, cfg)
         ctx.flush()
@@ -135,13 +142,19 @@ def dataset_records(spec: RunSpec, backdoor: Backdoor) -> list[DatasetRecord]:
     source = {"dataset": spec.dataset, "split_seed": seeds.get("split_seed"), "data": spec.data_config}
     train_name = f"{spec.dataset}-train" + (f"-{backdoor.attack}" if poisoned else "")
     return [
-        DatasetRecord(train_name, _digest(data.x_train, data.y_train), "training",
-                      {**source, "attack": backdoor.attack, "poison_seed": seeds.get("poison_seed")},
-                      {"num_rows": len(data.y_train), "poison_count": poisoned}),
-        DatasetRecord(f"{spec.dataset}-val", _digest(data.x_val, data.y_val), "validation", source,
-                      {"num_rows": len(data.y_val)}),
-        DatasetRecord(f"{spec.dataset}-test", _digest(data.x_test, data.y_test), "test", source,
-                      {"num_rows": len(data.y_test)}),
+        DatasetRecord(
+            train_name,
+            _digest(data.x_train, data.y_train),
+            "training",
+            {**source, "attack": backdoor.attack, "poison_seed": seeds.get("poison_seed")},
+            {"num_rows": len(data.y_train), "poison_count": poisoned},
+        ),
+        DatasetRecord(
+            f"{spec.dataset}-val", _digest(data.x_val, data.y_val), "validation", source, {"num_rows": len(data.y_val)}
+        ),
+        DatasetRecord(
+            f"{spec.dataset}-test", _digest(data.x_test, data.y_test), "test", source, {"num_rows": len(data.y_test)}
+        ),
     ]
 
 
@@ -176,8 +189,10 @@ def confusion_matrices(model: torch.nn.Module, backdoor: Backdoor, device: torch
         pred = predict_logits(model, x.to(device)).argmax(1).cpu()
         return torch.bincount(y.cpu() * n + pred, minlength=n * n).reshape(n, n).numpy()
 
-    return {"clean test images": matrix(data.x_test, data.y_test),
-            "triggered test images (true class)": matrix(x_trig, y_true)}
+    return {
+        "clean test images": matrix(data.x_test, data.y_test),
+        "triggered test images (true class)": matrix(x_trig, y_true),
+    }
 
 
 def _samples(data, n: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -186,23 +201,45 @@ def _samples(data, n: int = 8) -> tuple[np.ndarray, np.ndarray]:
     return clean.numpy(), data.trigger.apply(clean, test=True).numpy()
 
 
-def log_outputs(tracker: Tracker, run_id: str, spec: RunSpec, ctx: TrackedContext, model_state: dict,
-                backdoor: Backdoor, seeds: dict[str, int]) -> None:
+def log_outputs(
+    tracker: Tracker,
+    run_id: str,
+    spec: RunSpec,
+    ctx: TrackedContext,
+    model_state: dict,
+    backdoor: Backdoor,
+    seeds: dict[str, int],
+) -> None:
     """config.yaml, model/, trigger.png, samples.png, scores.parquet and plots/ for one run."""
     from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory(prefix="bdo-artifacts-") as tmp:
         d = Path(tmp)
-        resolved = {"method": spec.method, "kind": spec.kind, "config": spec.config, "attack": spec.attack,
-                    "attack_config": spec.attack_config, "data": spec.data_config, "seeds": seeds,
-                    "presets": spec.presets}
+        resolved = {
+            "method": spec.method,
+            "kind": spec.kind,
+            "config": spec.config,
+            "attack": spec.attack,
+            "attack_config": spec.attack_config,
+            "data": spec.data_config,
+            "seeds": seeds,
+            "presets": spec.presets,
+        }
         (d / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=True))
         model_dir = d / "model"
         model_dir.mkdir()
         save_file({k: v.contiguous() for k, v in model_state.items()}, str(model_dir / "model.safetensors"))
-        (model_dir / "model.json").write_text(json.dumps(
-            {"model": spec.model, "dataset": spec.dataset, "info": backdoor.data.info.__dict__,
-             "format": "safetensors state_dict; load with methods.models.base.build_model"}, indent=1))
+        (model_dir / "model.json").write_text(
+            json.dumps(
+                {
+                    "model": spec.model,
+                    "dataset": spec.dataset,
+                    "info": backdoor.data.info.__dict__,
+                    "format": "safetensors state_dict; load with methods.models.base.build_model",
+                },
+                indent=1,
+            )
+        )
         data = backdoor.data
         plots.trigger_png(d / "trigger.png", data.trigger.preview_pattern().numpy())
         clean, poisoned = _samples(data)
@@ -221,9 +258,16 @@ def log_outputs(tracker: Tracker, run_id: str, spec: RunSpec, ctx: TrackedContex
     log_mlflow_model(tracker, run_id, model, backdoor)
 
 
-def build_attack(spec: RunSpec, tracker: Tracker, storage: Path, data_root: Path, download: bool,
-                 extra_tags: dict[str, str] | None = None, device: torch.device | None = None,
-                 on_report=None) -> tuple[Backdoor, str, str]:
+def build_attack(
+    spec: RunSpec,
+    tracker: Tracker,
+    storage: Path,
+    data_root: Path,
+    download: bool,
+    extra_tags: dict[str, str] | None = None,
+    device: torch.device | None = None,
+    on_report=None,
+) -> tuple[Backdoor, str, str]:
     """The backdoored model of `spec`'s attack, from the cache or trained now (once per content hash, with
     its own top-level MLflow run, role=attack). Returns (backdoor, attack_run_id, cache key).
 
@@ -234,9 +278,17 @@ def build_attack(spec: RunSpec, tracker: Tracker, storage: Path, data_root: Path
 
     from orchestrator.cache import AttackCache, cache_key
 
-    attack_spec = RunSpec(spec.attack, "attack", spec.attack_config, spec.attack, spec.attack_config,
-                          spec.data_config, [p for p in spec.presets if f"/{spec.attack}.yaml" in p], spec.recipe,
-                          spec.fast_config)
+    attack_spec = RunSpec(
+        spec.attack,
+        "attack",
+        spec.attack_config,
+        spec.attack,
+        spec.attack_config,
+        spec.data_config,
+        [p for p in spec.presets if f"/{spec.attack}.yaml" in p],
+        spec.recipe,
+        spec.fast_config,
+    )
     device = device or pick_device()
     built_with = {"device": device.type, "fast": attack_spec.fast_cfg().resolved(device)}
     key = cache_key(spec.attack, spec.attack_config, spec.data_config, built_with)
@@ -248,12 +300,22 @@ def build_attack(spec: RunSpec, tracker: Tracker, storage: Path, data_root: Path
         seeds = attack_seeds(attack_spec)
         tags = {**base_tags(attack_spec, "attack", seeds), "attack_cache_key": key, **(extra_tags or {})}
         # a build killed mid-training left its checkpoint under this key: the next build continues it
-        with resumable_run(tracker, storage, "attack", key, f"attack-{spec.attack}", tags,
-                           attack_spec.flat_params()) as (run_id, reporter, history):
-            ctx = TrackedContext(device=device, run_id=run_id, tracker=tracker, reporter=reporter,
-                                 data_root=data_root, download=download, data_config=attack_spec.data_cfg(),
-                                 fast=attack_spec.fast_cfg(), on_report=on_report,
-                                 system_metrics=system_metrics_interval(), history=history)
+        with resumable_run(
+            tracker, storage, "attack", key, f"attack-{spec.attack}", tags, attack_spec.flat_params()
+        ) as (run_id, reporter, history):
+            ctx = TrackedContext(
+                device=device,
+                run_id=run_id,
+                tracker=tracker,
+                reporter=reporter,
+                data_root=data_root,
+                download=download,
+                data_config=attack_spec.data_cfg(),
+                fast=attack_spec.fast_cfg(),
+                on_report=on_report,
+                system_metrics=system_metrics_interval(),
+                history=history,
+            )
             with tracker.ending(run_id):
                 backdoor = run_method(attack_spec, ctx)
                 log_outputs(tracker, run_id, attack_spec, ctx, backdoor.model_state, backdoor, seeds)
@@ -280,43 +342,62 @@ def attack_of_run(tracker: Tracker, run_id: str, storage: Path) -> tuple[Backdoo
     backdoor = AttackCache(storage).load(key) if key else None
     where = f"--attack-run {run_id}"
     if backdoor is None:
-        raise BadInput(f"{where}: its attack is not in the attack cache at {storage} (key {key or 'unrecorded'}); pass "
-                       "the --storage it was built with, or use --attack NAME to train one")
+        raise BadInput(
+            f"{where}: its attack is not in the attack cache at {storage} (key {key or 'unrecorded'}); pass "
+            "the --storage it was built with, or use --attack NAME to train one"
+        )
     with tempfile.TemporaryDirectory() as d:
         try:
             path = tracker.client.download_artifacts(run_id, "model/model.safetensors", d)
         except Exception:
-            raise BadInput(f"{where}: the run has no model/model.safetensors artifact "
-                           f"to check the cache against") from None
+            raise BadInput(
+                f"{where}: the run has no model/model.safetensors artifact to check the cache against"
+            ) from None
         logged = weights_digest(load_file(path))
     if logged != weights_digest(backdoor.model_state):
-        raise BadInput(f"{where}: the cache entry {key} holds other weights than the run logged; it was rebuilt "
-                       "since, so that run's model is gone")
+        raise BadInput(
+            f"{where}: the cache entry {key} holds other weights than the run logged; it was rebuilt "
+            "since, so that run's model is gone"
+        )
     return backdoor, key
 
 
-def restore_attack_run(tracker: Tracker, spec: RunSpec, backdoor: Backdoor, key: str, built_by: str,
-                       extra_tags: dict[str, str] | None) -> str:
+def restore_attack_run(
+    tracker: Tracker, spec: RunSpec, backdoor: Backdoor, key: str, built_by: str, extra_tags: dict[str, str] | None
+) -> str:
     """The cache served an attack that this tracking store has never seen (a new store over shared storage):
     record it here as an attack run, so every defense built on it names a run this store can open, and the
     report's no-defense column has its metrics. Tagged as restored, with the run that trained it elsewhere."""
     import torch
 
     seeds = backdoor.seeds
-    run_id = tracker.start_run(f"attack-{spec.method}", {
-        **base_tags(spec, "attack", seeds), "attack_cache_key": key, "restored_from_cache": "true",
-        "cache_built_by_run": built_by or "unknown", **(extra_tags or {})})
+    run_id = tracker.start_run(
+        f"attack-{spec.method}",
+        {
+            **base_tags(spec, "attack", seeds),
+            "attack_cache_key": key,
+            "restored_from_cache": "true",
+            "cache_built_by_run": built_by or "unknown",
+            **(extra_tags or {}),
+        },
+    )
     tracker.log_params(run_id, spec.flat_params())
     tracker.log_metrics(run_id, backdoor.metrics, int(spec.attack_config.get("epochs", 0)))
-    ctx = TrackedContext(device=torch.device("cpu"), run_id=run_id, tracker=tracker, reporter=Reporter(),
-                         history=[(int(spec.attack_config.get("epochs", 0)), dict(backdoor.metrics))])
+    ctx = TrackedContext(
+        device=torch.device("cpu"),
+        run_id=run_id,
+        tracker=tracker,
+        reporter=Reporter(),
+        history=[(int(spec.attack_config.get("epochs", 0)), dict(backdoor.metrics))],
+    )
     log_outputs(tracker, run_id, spec, ctx, backdoor.model_state, backdoor, seeds)
     tracker.end(run_id, "FINISHED")
     return run_id
 
 
-def execute_defense(spec: RunSpec, ctx: TrackedContext, tracker: Tracker | None, run_id: str | None,
-                    backdoor: Backdoor) -> tuple[dict[str, float], dict]:
+def execute_defense(
+    spec: RunSpec, ctx: TrackedContext, tracker: Tracker | None, run_id: str | None, backdoor: Backdoor
+) -> tuple[dict[str, float], dict]:
     """Run a defense with its context and log its outputs (rank 0). Returns (final metrics, final weights)."""
     result = run_method(spec, ctx)
     if ctx.logs:
@@ -331,8 +412,9 @@ def execute_defense(spec: RunSpec, ctx: TrackedContext, tracker: Tracker | None,
     return result.metrics, result.model_state
 
 
-def execute_attack(spec: RunSpec, ctx: TrackedContext, tracker: Tracker | None,
-                   run_id: str | None) -> tuple[dict[str, float], dict]:
+def execute_attack(
+    spec: RunSpec, ctx: TrackedContext, tracker: Tracker | None, run_id: str | None
+) -> tuple[dict[str, float], dict]:
     backdoor = run_method(spec, ctx)
     if ctx.logs:
         log_outputs(tracker, run_id, spec, ctx, backdoor.model_state, backdoor, backdoor.seeds)
@@ -349,39 +431,86 @@ def weights_digest(state: dict) -> str:
     return h.hexdigest()
 
 
-def run_single(session: Session, spec: RunSpec, extra_tags: dict[str, str] | None = None,
-               given_attack: tuple | None = None, role: str | None = None, parent_id: str | None = None,
-               device=None) -> tuple[str, dict[str, float]]:
+def run_single(
+    session: Session,
+    spec: RunSpec,
+    extra_tags: dict[str, str] | None = None,
+    given_attack: tuple | None = None,
+    role: str | None = None,
+    parent_id: str | None = None,
+    device=None,
+) -> tuple[str, dict[str, float]]:
     """`bdo attack` / `bdo defend`: one top-level run, trained in this process (on `device`, else the default)."""
     tracker = session.open_tracker()
     device = device or pick_device()
     progress = ProgressPrinter(spec.method, fault_hook(os.environ.get("BDO_FAULT"), None))
     if spec.kind == "attack":
         # through the attack cache, so a `bdo defend --attack` with the same settings reuses this model
-        backdoor, run_id, key = build_attack(spec, tracker, session.storage, session.data_root, session.download,
-                                             extra_tags=extra_tags, device=device, on_report=progress)
+        backdoor, run_id, key = build_attack(
+            spec,
+            tracker,
+            session.storage,
+            session.data_root,
+            session.download,
+            extra_tags=extra_tags,
+            device=device,
+            on_report=progress,
+        )
         if progress.steps == 0:  # nothing trained: the same settings were built before
             print(f"{spec.method}: the same attack is in the cache ({key}); its run is {run_id}")
         return run_id, backdoor.metrics
     if given_attack is not None:  # --attack-run: exactly that run's model (checked by attack_of_run)
         backdoor, key, attack_id = given_attack
     else:
-        backdoor, attack_id, key = build_attack(spec, tracker, session.storage, session.data_root, session.download,
-                                                device=device, on_report=ProgressPrinter(f"{spec.attack} (attack)"))
+        backdoor, attack_id, key = build_attack(
+            spec,
+            tracker,
+            session.storage,
+            session.data_root,
+            session.download,
+            device=device,
+            on_report=ProgressPrinter(f"{spec.attack} (attack)"),
+        )
     seeds = backdoor.seeds
-    tags = {**base_tags(spec, role or "defense", seeds), "attack_run_id": attack_id,
-            "attack_cache_key": key, **(extra_tags or {})}
+    tags = {
+        **base_tags(spec, role or "defense", seeds),
+        "attack_run_id": attack_id,
+        "attack_cache_key": key,
+        **(extra_tags or {}),
+    }
     from orchestrator.cache import cache_key
 
     # everything that decides the defense's weights: a run killed mid-training is continued by the same command
-    run_key = cache_key(spec.method, spec.config, {"data": spec.data_config, "attack_cache_key": key},
-                        {"device": device.type, "fast": spec.fast_cfg().resolved(device)})
-    with resumable_run(tracker, session.storage, "defense", run_key, f"{spec.method}-on-{spec.attack}", tags,
-                       spec.flat_params(), parent_id) as (run_id, reporter, history):
-        ctx = TrackedContext(device=device, run_id=run_id, tracker=tracker, reporter=reporter,
-                             backdoor_obj=backdoor.to(device), data_root=session.data_root,
-                             download=session.download, data_config=spec.data_cfg(), fast=spec.fast_cfg(),
-                             on_report=progress, system_metrics=system_metrics_interval(), history=history)
+    run_key = cache_key(
+        spec.method,
+        spec.config,
+        {"data": spec.data_config, "attack_cache_key": key},
+        {"device": device.type, "fast": spec.fast_cfg().resolved(device)},
+    )
+    with resumable_run(
+        tracker,
+        session.storage,
+        "defense",
+        run_key,
+        f"{spec.method}-on-{spec.attack}",
+        tags,
+        spec.flat_params(),
+        parent_id,
+    ) as (run_id, reporter, history):
+        ctx = TrackedContext(
+            device=device,
+            run_id=run_id,
+            tracker=tracker,
+            reporter=reporter,
+            backdoor_obj=backdoor.to(device),
+            data_root=session.data_root,
+            download=session.download,
+            data_config=spec.data_cfg(),
+            fast=spec.fast_cfg(),
+            on_report=progress,
+            system_metrics=system_metrics_interval(),
+            history=history,
+        )
         with tracker.ending(run_id):
             metrics, _ = execute_defense(spec, ctx, tracker, run_id, ctx.backdoor_obj)
     return run_id, metrics

@@ -21,6 +21,7 @@ feasible trials; when none is feasible, the trial with the smallest violation (t
 as infeasible; a trial whose metric or constraint value is NaN never beats one with numbers. Ties go to the
 earlier trial (the default point, when the sweep evaluated one).
 """
+
 from __future__ import annotations
 
 import math
@@ -108,8 +109,9 @@ def rank(trial: dict[str, Any], metric: str, mode: str, constraints: dict[str, f
     return (0, 0.0, s) if v == 0 else (1, v, s)
 
 
-def select(trials: list[dict[str, Any]], metric: str, mode: str,
-           constraints: dict[str, float] | None = None) -> tuple[dict[str, Any] | None, bool]:
+def select(
+    trials: list[dict[str, Any]], metric: str, mode: str, constraints: dict[str, float] | None = None
+) -> tuple[dict[str, Any] | None, bool]:
     """(the selected trial, whether it meets every constraint); (None, False) when no trial reported `metric`."""
     constraints = constraints or {}
     ranked = [(key, i, t) for i, t in enumerate(trials) if (key := rank(t, metric, mode, constraints)) is not None]

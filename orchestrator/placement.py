@@ -8,6 +8,7 @@ is a Ray task with one trial's resources (cpus_per_trial CPUs and the trial's GP
 is. Its model reaches the trials through the attack cache on the shared storage (Session refuses storage other
 nodes cannot see), and a second driver building the same key waits on the cache's lock and reuses the first's.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -61,8 +62,16 @@ def placement(plan) -> Placement:
     return Placement(False, driver_device_name(plan))
 
 
-def train_run(session_fields: dict[str, Any], job: str, spec, tags: dict[str, str], parent_id: str | None,
-              device: str, threads: int | None, quiet: bool = False) -> tuple[str, dict[str, float], float, str | None]:
+def train_run(
+    session_fields: dict[str, Any],
+    job: str,
+    spec,
+    tags: dict[str, str],
+    parent_id: str | None,
+    device: str,
+    threads: int | None,
+    quiet: bool = False,
+) -> tuple[str, dict[str, float], float, str | None]:
     """One attack build (`job` "attack") or final run ("final"), with its own tracker; `threads` torch threads
     where given, its progress lines dropped when `quiet`. Returns (run id, metrics, seconds it ran, the attack's
     cache key or None): a queued run's wait for a free worker is not its time."""
@@ -77,11 +86,19 @@ def train_run(session_fields: dict[str, Any], job: str, spec, tags: dict[str, st
         torch.set_num_threads(threads)
     with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
         if job == "attack":
-            backdoor, run_id, key = build_attack(spec, session.open_tracker(), session.storage, session.data_root,
-                                                 session.download, extra_tags=tags, device=torch.device(device))
+            backdoor, run_id, key = build_attack(
+                spec,
+                session.open_tracker(),
+                session.storage,
+                session.data_root,
+                session.download,
+                extra_tags=tags,
+                device=torch.device(device),
+            )
             return run_id, backdoor.metrics, time.monotonic() - started, key
-        run_id, metrics = run_single(session, spec, extra_tags=tags, role="final", parent_id=parent_id,
-                                     device=torch.device(device))
+        run_id, metrics = run_single(
+            session, spec, extra_tags=tags, role="final", parent_id=parent_id, device=torch.device(device)
+        )
     return run_id, metrics, time.monotonic() - started, None
 
 
@@ -115,8 +132,14 @@ def get_task(ref) -> Any:
 
 def session_fields(session) -> dict[str, Any]:
     """What a run trained elsewhere (a worker process, a Ray task) needs of the driver's Session."""
-    return {"tracking_uri": session.tracking_uri, "experiment": session.experiment, "storage": session.storage,
-            "data_root": session.data_root, "download": session.download, "shared_storage": session.shared_storage}
+    return {
+        "tracking_uri": session.tracking_uri,
+        "experiment": session.experiment,
+        "storage": session.storage,
+        "data_root": session.data_root,
+        "download": session.download,
+        "shared_storage": session.shared_storage,
+    }
 
 
 class RunPool:
@@ -132,11 +155,13 @@ class RunPool:
         self.tasks: list[Any] = []
         if jobs > 1:
             # the workers share bdo's process group, so a stop signal reaches them too: their runs end KILLED
-            self.executor = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=catch_stop_signals)
+            self.executor = ProcessPoolExecutor(
+                jobs, mp_context=multiprocessing.get_context("spawn"), initializer=catch_stop_signals
+            )
 
-    def submit(self, label: str, job: str, spec, tags: dict[str, str], plan,
-               parent_id: str | None = None) -> tuple[str, Any]:
+    def submit(
+        self, label: str, job: str, spec, tags: dict[str, str], plan, parent_id: str | None = None
+    ) -> tuple[str, Any]:
         where = placement(plan)
         if where.in_task:
             ref = submit_task(where, self.fields, job, spec, tags, parent_id, where.device, where.threads)
@@ -161,8 +186,10 @@ class RunPool:
             print(f"  {label}: FAILED: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             return None
         if self.executor is not None or in_task:  # in this process the run printed its own progress
-            print(f"  {label}: test_acc={metrics.get('test_acc', math.nan):.3f} "
-                  f"test_asr={metrics.get('test_asr', math.nan):.3f} ({seconds:.0f} s)")
+            print(
+                f"  {label}: test_acc={metrics.get('test_acc', math.nan):.3f} "
+                f"test_asr={metrics.get('test_asr', math.nan):.3f} ({seconds:.0f} s)"
+            )
         return run_id, metrics
 
     def shutdown(self, cancel: bool = False) -> None:

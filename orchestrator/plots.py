@@ -1,5 +1,6 @@
 """Every PNG the project draws: per-epoch curves, trigger and sample grids, the FCT histogram, ASD's clean-pool
 composition, a sweep's Pareto front. methods/ hands over arrays; only this module draws."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -49,8 +50,9 @@ def samples_png(path: Path, clean: np.ndarray, poisoned: np.ndarray) -> None:
     plt = _plt()
     diff, gain = amplified_difference(clean, poisoned)
     fig, axes = plt.subplots(3, 1, figsize=(1.2 * len(clean), 4.5))
-    for ax, images, title in zip(axes, (clean, poisoned, diff),
-                                 ("clean", "poisoned", f"|poisoned - clean| x {gain:.1f}")):
+    for ax, images, title in zip(
+        axes, (clean, poisoned, diff), ("clean", "poisoned", f"|poisoned - clean| x {gain:.1f}")
+    ):
         ax.imshow(_image_grid(images), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         ax.set_title(title, fontsize=8)
         ax.axis("off")
@@ -103,8 +105,9 @@ def pool_composition_png(path: Path, series: dict[str, list[float]]) -> bool:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     clean = np.asarray(size) - np.asarray(poisoned)
-    ax.stackplot(epochs, clean, poisoned, labels=["clean images", "poisoned images"], colors=["tab:blue", "tab:red"],
-                 alpha=0.7)
+    ax.stackplot(
+        epochs, clean, poisoned, labels=["clean images", "poisoned images"], colors=["tab:blue", "tab:red"], alpha=0.7
+    )
     if "stage" in series:
         for e, (a, b) in zip(epochs[1:], zip(series["stage"], series["stage"][1:])):
             if a != b:
@@ -216,20 +219,28 @@ def importance_png(path: Path, importances: dict[str, float], metric: str) -> No
     plt.close(fig)
 
 
-def draw_handoffs(directory: Path, tables: dict[str, dict[str, Any]], series: dict[str, dict[str, list]],
-                  method: str) -> list[Path]:
+def draw_handoffs(
+    directory: Path, tables: dict[str, dict[str, Any]], series: dict[str, dict[str, list]], method: str
+) -> list[Path]:
     """The plots that come from methods' hand-offs: FCT / score histograms and ASD's pools."""
     out = []
     directory.mkdir(parents=True, exist_ok=True)
     scores = tables.get("scores")
     if scores is not None and len(scores.get("score", [])):
         name = "fct_hist.png" if method in ("sd", "dbr", "dst") else "score_hist.png"
-        score_histogram_png(directory / name, np.asarray(scores["score"], dtype=float),
-                            np.asarray(scores["true_poisoned"], dtype=bool),
-                            "FCT score" if name == "fct_hist.png" else f"{method} score")
+        score_histogram_png(
+            directory / name,
+            np.asarray(scores["score"], dtype=float),
+            np.asarray(scores["true_poisoned"], dtype=bool),
+            "FCT score" if name == "fct_hist.png" else f"{method} score",
+        )
         out.append(directory / name)
-        if roc_pr_png(directory / "roc_pr.png", np.asarray(scores["score"], dtype=float),
-                      np.asarray(scores["true_poisoned"], dtype=bool), f"{method}: poisoned vs clean training samples"):
+        if roc_pr_png(
+            directory / "roc_pr.png",
+            np.asarray(scores["score"], dtype=float),
+            np.asarray(scores["true_poisoned"], dtype=bool),
+            f"{method}: poisoned vs clean training samples",
+        ):
             out.append(directory / "roc_pr.png")
     pools = series.get("asd_pools")
     if pools and pool_composition_png(directory / "asd_pools.png", pools):

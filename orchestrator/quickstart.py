@@ -1,5 +1,6 @@
 """`bdo quickstart`: the embedded demo. One BadNets model on digits, then a small search for every registered
 defense against it in one Ray session, and a table of what each selected trial reached."""
+
 from __future__ import annotations
 
 import math
@@ -26,18 +27,31 @@ def run_quickstart(session: Session, args) -> int:
             # defense reports, so a blind demo selects on it (under the spaces' accuracy constraint, which is
             # blind) rather than refusing every defense
             space.metric, space.mode = "val_acc", "max"
-        plans.append(plan_sweep(space, dataset=args.dataset or "digits", model=args.model or "small_cnn",
-                                seed=args.seed,
-                                attack="badnets", sets=parse_set(args.set), use_preset=not args.no_preset,
-                                quick=args.quick, num_samples=1 if args.quick else 2, scheduler="fifo",
-                                max_concurrent=2, knowledge=args.knowledge, recipe=args.recipe))
+        plans.append(
+            plan_sweep(
+                space,
+                dataset=args.dataset or "digits",
+                model=args.model or "small_cnn",
+                seed=args.seed,
+                attack="badnets",
+                sets=parse_set(args.set),
+                use_preset=not args.no_preset,
+                quick=args.quick,
+                num_samples=1 if args.quick else 2,
+                scheduler="fifo",
+                max_concurrent=2,
+                knowledge=args.knowledge,
+                recipe=args.recipe,
+            )
+        )
     check_data(plans[0].base, session)  # --dataset, --data-root and --download apply here as everywhere
     session.start_ray()
     rows, failed = [], 0
     try:
         for plan in plans:
-            print(f"--- {plan.base.method}: {len(plan.tuned)} tuned parameters, {plan.num_samples} trial(s)",
-                  flush=True)
+            print(
+                f"--- {plan.base.method}: {len(plan.tuned)} tuned parameters, {plan.num_samples} trial(s)", flush=True
+            )
             result = run_sweep(session, plan, extra_tags={"quickstart": "true"})
             failed += result.failed
             best = result.best or {}

@@ -1,6 +1,7 @@
 """`bdo report`: the table papers print, read back from MLflow. Rows are attacks, columns no defense and each
 defense, cells test ACC / ASR (and RA, DER on request) as mean ± std over seeds, from a study's final runs
 (each defense's configuration is the one its sweep selected on validation)."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,13 @@ from orchestrator.errors import BadInput
 from orchestrator.tables import ATTACK_COLUMNS, METRICS, PAPERS_REGIME, in_order, mean_std, outside_papers, render
 from orchestrator.tracking import Tracker, resolve_tracking_uri, sqlite_path
 
-REPORT_FILES = {"md": "report.md", "csv": "report.csv", "html": "report.html", "latex": "report.tex",
-                "runs-csv": "report-runs.csv"}
+REPORT_FILES = {
+    "md": "report.md",
+    "csv": "report.csv",
+    "html": "report.html",
+    "latex": "report.tex",
+    "runs-csv": "report-runs.csv",
+}
 
 
 def collect(tracker: Tracker, study_run_id: str, metrics: list[str]) -> tuple[list[str], list[str], dict]:
@@ -34,13 +40,22 @@ def collect(tracker: Tracker, study_run_id: str, metrics: list[str]) -> tuple[li
     layout = json.loads(study_tags.get("layout", "{}"))
     present = {c for _, c in groups}
     attacks = in_order({a for a, _ in groups}, layout.get("attacks", []))
-    columns = ([c for c in ATTACK_COLUMNS.values() if c in present]
-               + in_order(present - set(ATTACK_COLUMNS.values()), layout.get("defenses", [])))
+    columns = [c for c in ATTACK_COLUMNS.values() if c in present] + in_order(
+        present - set(ATTACK_COLUMNS.values()), layout.get("defenses", [])
+    )
     cells = {}
     for key, runs in groups.items():
-        cell = {"seeds": len(runs), "runs": [
-            (r.data.params.get("attack.seed", r.data.params.get("seed", "")), r.info.run_id,
-             {m: r.data.metrics.get(f"test_{m}", math.nan) for m in metrics}) for r in runs]}
+        cell = {
+            "seeds": len(runs),
+            "runs": [
+                (
+                    r.data.params.get("attack.seed", r.data.params.get("seed", "")),
+                    r.info.run_id,
+                    {m: r.data.metrics.get(f"test_{m}", math.nan) for m in metrics},
+                )
+                for r in runs
+            ],
+        }
         cell["outside_papers"] = outside_papers([r.data.metrics.get(PAPERS_REGIME) for r in runs])
         for m in metrics:
             cell[m] = mean_std([r.data.metrics.get(f"test_{m}", math.nan) for r in runs])
@@ -58,8 +73,9 @@ def run_report(args) -> int:
     out = Path(args.out) if args.out else None
     if out is not None:  # refused before the store is opened, not after the table is built
         if out.is_dir():
-            raise BadInput(f"--out {out}: a folder; --out names the report file, "
-                           f"e.g. {out / REPORT_FILES[args.format]}")
+            raise BadInput(
+                f"--out {out}: a folder; --out names the report file, e.g. {out / REPORT_FILES[args.format]}"
+            )
         if out.exists() and not args.force:
             raise BadInput(f"--out {out}: the file exists; pass --force to overwrite it, or name another file")
         taken = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
@@ -83,8 +99,9 @@ def run_report(args) -> int:
         try:
             role = tracker.client.get_run(study_id).data.tags.get("role")
         except Exception:
-            raise BadInput(f"--study {study_id}: no such run in {uri}; "
-                           f"bdo report without --study takes the latest") from None
+            raise BadInput(
+                f"--study {study_id}: no such run in {uri}; bdo report without --study takes the latest"
+            ) from None
         if role != "study":
             raise BadInput(f"--study {study_id}: that run is not a study (role={role})")
     from orchestrator.compare import COMPARE_MODE, comparison_table

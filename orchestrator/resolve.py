@@ -4,6 +4,7 @@ Precedence, lowest first: the method's defaults, the preset for (dataset, method
 space's fixed values, then `--set`. Keys address the method's config; `attack.KEY` the attack's and `data.KEY`
 the dataset's. Every value is validated here, so nothing starts with a bad config.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,8 +35,14 @@ def method_spec(name: str, kind: str | None = None, source: str | None = None) -
         raise BadInput(where(source, None, f"unknown {kind or 'method'} {name!r}; known: {known}"))
     spec = METHODS.get(name)
     if kind is not None and spec.kind != kind:
-        raise BadInput(where(source, None, f"{name!r} is a{'n' if spec.kind == 'attack' else ''} {spec.kind}, "
-                                           f"not a{'n' if kind == 'attack' else ''} {kind}"))
+        raise BadInput(
+            where(
+                source,
+                None,
+                f"{name!r} is a{'n' if spec.kind == 'attack' else ''} {spec.kind}, "
+                f"not a{'n' if kind == 'attack' else ''} {kind}",
+            )
+        )
     return spec
 
 
@@ -103,8 +110,10 @@ def load_yaml(path: Path, what: str) -> Any:
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:  # a binary file, or text in another encoding
-        raise BadInput(f"{path}: not a text file (byte {exc.object[exc.start]:#04x} at offset {exc.start} is not "
-                       f"UTF-8); a {what} file is YAML text, saved as UTF-8") from None
+        raise BadInput(
+            f"{path}: not a text file (byte {exc.object[exc.start]:#04x} at offset {exc.start} is not "
+            f"UTF-8); a {what} file is YAML text, saved as UTF-8"
+        ) from None
     except OSError as exc:
         raise BadInput(f"{path}: cannot read the {what} file ({exc.strerror or exc})") from None
     try:
@@ -144,11 +153,16 @@ def load_recipe(dataset: str, recipe: str | None) -> dict[str, Any]:
     path = preset_dir(dataset) / recipe / RECIPE_FILE
     if not path.is_file():
         known = ", ".join(recipes(dataset)) or "none"
-        raise BadInput(f"--recipe {recipe}: {dataset} has no such recipe (known: {known}); recipes are the "
-                       f"folders of {preset_dir(dataset).relative_to(ROOT)} that hold a {RECIPE_FILE}")
+        raise BadInput(
+            f"--recipe {recipe}: {dataset} has no such recipe (known: {known}); recipes are the "
+            f"folders of {preset_dir(dataset).relative_to(ROOT)} that hold a {RECIPE_FILE}"
+        )
     values = load_yaml(path, "recipe") or {}
-    if not isinstance(values, dict) or set(values) - {"description", "data"} or not isinstance(
-            values.get("data", {}), dict):
+    if (
+        not isinstance(values, dict)
+        or set(values) - {"description", "data"}
+        or not isinstance(values.get("data", {}), dict)
+    ):
         raise BadInput(f"{path}: a recipe file holds description: and data: (a mapping of dataset options)")
     return dict(values.get("data") or {})
 
@@ -160,16 +174,20 @@ def _read_preset(path: Path) -> dict[str, Any]:
     return values
 
 
-def load_preset(dataset: str, method: str, use: bool = True,
-                recipe: str | None = None) -> tuple[dict[str, Any], list[Path]]:
+def load_preset(
+    dataset: str, method: str, use: bool = True, recipe: str | None = None
+) -> tuple[dict[str, Any], list[Path]]:
     """The dataset's preset for the method, with the recipe's preset for it layered on top (a recipe file holds
     only what it changes). Returns the values and the files read, lowest first."""
     if not use:
         return {}, []
     load_recipe(dataset, recipe)  # an unknown recipe is refused even for a method it has no file for
     values: dict[str, Any] = {}
-    paths = [p for p in (preset_path(dataset, method), preset_path(dataset, method, recipe) if recipe else None)
-             if p is not None and p.is_file()]
+    paths = [
+        p
+        for p in (preset_path(dataset, method), preset_path(dataset, method, recipe) if recipe else None)
+        if p is not None and p.is_file()
+    ]
     for path in paths:
         values.update(_read_preset(path))
     return values, paths
@@ -190,8 +208,14 @@ def check_trigger_images(values: dict[str, Any], source: str | None) -> None:
             continue
         path = Path(given).expanduser()
         if not path.exists():
-            raise BadInput(where(source, name, f"{path} does not exist; give the path of a PNG or JPEG image "
-                                               f"(relative paths are read from {Path.cwd()})"))
+            raise BadInput(
+                where(
+                    source,
+                    name,
+                    f"{path} does not exist; give the path of a PNG or JPEG image "
+                    f"(relative paths are read from {Path.cwd()})",
+                )
+            )
         if not path.is_file():
             raise BadInput(where(source, name, f"{path} is not a file; give the path of a PNG or JPEG image"))
         from PIL import Image
@@ -201,8 +225,9 @@ def check_trigger_images(values: dict[str, Any], source: str | None) -> None:
                 img.convert("RGB").resize((2, 2))  # decodes every pixel: a truncated file fails here
         except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, ValueError, SyntaxError...
             reason = str(exc).replace(str(path), "").strip(" :'") or type(exc).__name__
-            raise BadInput(where(source, name, f"{path} is not a readable image ({reason}); "
-                                               "give a PNG or JPEG image")) from None
+            raise BadInput(
+                where(source, name, f"{path} is not a readable image ({reason}); give a PNG or JPEG image")
+            ) from None
 
 
 def build_config(cls: type[Config], values: dict[str, Any], source: str | None) -> Config:
@@ -258,8 +283,15 @@ class RunSpec:
 
 
 def resolve_attack_config(
-    attack: str, dataset: str, model: str, seed: int | None, overrides: dict[str, Any], use_preset: bool,
-    source: str | None = None, presets: list[str] | None = None, recipe: str | None = None,
+    attack: str,
+    dataset: str,
+    model: str,
+    seed: int | None,
+    overrides: dict[str, Any],
+    use_preset: bool,
+    source: str | None = None,
+    presets: list[str] | None = None,
+    recipe: str | None = None,
     check_files: bool = True,
 ) -> dict[str, Any]:
     """`check_files`: read the trigger image the config names (off where the attack is not built here: a defense
@@ -301,19 +333,45 @@ def resolve_run(
     presets: list[str] = []
     if spec.kind == "attack":
         if attack not in (None, method):
-            raise BadInput(where(source, None,
-                                 f"--attack {attack}: {method} is itself an attack; --attack applies to defenses"))
+            raise BadInput(
+                where(source, None, f"--attack {attack}: {method} is itself an attack; --attack applies to defenses")
+            )
         if set_attack:
-            raise BadInput(where(source, None, f"attack.{next(iter(set_attack))}: "
-                                               f"an attack run takes its keys without the 'attack.' prefix"))
-        attack_cfg = resolve_attack_config(method, dataset, model, seed, {**(base or {}), **set_method}, use_preset,
-                                           source, presets, recipe, check_files)
+            raise BadInput(
+                where(
+                    source,
+                    None,
+                    f"attack.{next(iter(set_attack))}: an attack run takes its keys without the 'attack.' prefix",
+                )
+            )
+        attack_cfg = resolve_attack_config(
+            method,
+            dataset,
+            model,
+            seed,
+            {**(base or {}), **set_method},
+            use_preset,
+            source,
+            presets,
+            recipe,
+            check_files,
+        )
         method_cfg = attack_cfg
         attack = method
     else:
         attack = attack or DEFAULT_ATTACK
-        attack_cfg = resolve_attack_config(attack, dataset, model, seed, {**(attack_base or {}), **set_attack},
-                                           use_preset, source, presets, recipe, check_files)
+        attack_cfg = resolve_attack_config(
+            attack,
+            dataset,
+            model,
+            seed,
+            {**(attack_base or {}), **set_attack},
+            use_preset,
+            source,
+            presets,
+            recipe,
+            check_files,
+        )
         preset, paths = load_preset(dataset, method, use_preset, recipe)
         presets.extend(str(path.relative_to(ROOT)) for path in paths)
         values = {**preset, **(base or {}), **set_method}
@@ -323,8 +381,9 @@ def resolve_run(
     recipe_data = load_recipe(dataset, recipe) if use_preset else {}
     data_cfg = build_config(DataConfig, {**recipe_data, **(data_base or {}), **set_data}, source or "data").to_dict()
     fast_cfg = build_config(FastPath, set_fast, source or "fast").to_dict() if set_fast else {}
-    return RunSpec(method, spec.kind, method_cfg, attack, attack_cfg, data_cfg, presets, recipe if use_preset else None,
-                   fast_cfg)
+    return RunSpec(
+        method, spec.kind, method_cfg, attack, attack_cfg, data_cfg, presets, recipe if use_preset else None, fast_cfg
+    )
 
 
 def config_fields(method: str) -> dict[str, dataclasses.Field]:

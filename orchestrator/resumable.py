@@ -10,6 +10,7 @@ the old run is closed KILLED, and the two are linked (`continued_by_run` on the 
 `resumed_at_step` on the new). The folder goes when the run finishes or fails (a failure is not resumed: its cause
 may be in the code), and stays when it is interrupted, so Ctrl-C and a stop signal resume the same way.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -72,8 +73,16 @@ def _close_killed(tracker, old: str, new: str) -> None:
 
 
 @contextlib.contextmanager
-def resumable_run(tracker, storage: Path, kind: str, key: str, name: str, tags: dict[str, str],
-                  params: dict, parent_id: str | None = None) -> Iterator[tuple[str, DiskReporter, list]]:
+def resumable_run(
+    tracker,
+    storage: Path,
+    kind: str,
+    key: str,
+    name: str,
+    tags: dict[str, str],
+    params: dict,
+    parent_id: str | None = None,
+) -> Iterator[tuple[str, DiskReporter, list]]:
     """A new MLflow run for the plain run `kind`-`key`, continuing the checkpoint a killed run of the same key
     left: yields (run id, the reporter the run's context checkpoints through, the history copied so far)."""
     from orchestrator.cache import ExclusiveLock  # imports torch, which validation does not
@@ -82,8 +91,11 @@ def resumable_run(tracker, storage: Path, kind: str, key: str, name: str, tags: 
     folder.parent.mkdir(parents=True, exist_ok=True)
 
     def waiting(message: str) -> None:
-        print(f"{name}: {message.replace('finish building', 'finish')} (the same run, already training)",
-              file=sys.stderr, flush=True)
+        print(
+            f"{name}: {message.replace('finish building', 'finish')} (the same run, already training)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     with ExclusiveLock(folder.parent / f"{folder.name}.lock", on_wait=waiting):
         folder.mkdir(exist_ok=True)

@@ -1,5 +1,6 @@
 """`bdo tune` and the sweeps of a study: build the attack once, run a Tune sweep whose trials are child runs of
 one sweep run, resume an interrupted one, select on validation and log what the sweep found."""
+
 from __future__ import annotations
 
 import hashlib
@@ -47,8 +48,12 @@ def _scheduler(plan: SweepPlan):
 
     if plan.scheduler == "asha":
         max_t = plan.space.max_t or 10_000
-        return ASHAScheduler(time_attr="step", max_t=max_t, grace_period=plan.space.grace_period,
-                             reduction_factor=plan.space.reduction_factor)
+        return ASHAScheduler(
+            time_attr="step",
+            max_t=max_t,
+            grace_period=plan.space.grace_period,
+            reduction_factor=plan.space.reduction_factor,
+        )
     return FIFOScheduler()
 
 
@@ -60,19 +65,25 @@ def _search_alg(plan: SweepPlan, seed: int):
     if plan.searcher != "optuna":
         # seeded like Optuna, so the same command samples the same trials. The generator limits concurrency itself:
         # Tune applies max_concurrent_trials only to a Searcher and ignored it here, with a warning per sweep.
-        return BasicVariantGenerator(points_to_evaluate=points, random_state=seed,
-                                     max_concurrent=plan.max_concurrent or 0)
+        return BasicVariantGenerator(
+            points_to_evaluate=points, random_state=seed, max_concurrent=plan.max_concurrent or 0
+        )
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
     if plan.objective == "pareto":
         metric = [m for m, _ in PARETO_METRICS]
         mode = [d for _, d in PARETO_METRICS]
-        alg = OptunaSearch(metric=metric, mode=mode, points_to_evaluate=points,
-                           sampler=optuna.samplers.TPESampler(seed=seed))
+        alg = OptunaSearch(
+            metric=metric, mode=mode, points_to_evaluate=points, sampler=optuna.samplers.TPESampler(seed=seed)
+        )
     else:
-        alg = OptunaSearch(metric=plan.tune_metric, mode=plan.tune_mode, points_to_evaluate=points,
-                           sampler=optuna.samplers.TPESampler(seed=seed))
+        alg = OptunaSearch(
+            metric=plan.tune_metric,
+            mode=plan.tune_mode,
+            points_to_evaluate=points,
+            sampler=optuna.samplers.TPESampler(seed=seed),
+        )
     return ConcurrencyLimiter(alg, max_concurrent=plan.max_concurrent or 2)
 
 
@@ -101,29 +112,46 @@ class _StatusCallback:
         return StatusCallback(*args, **kwargs)
 
 
-def sweep_attack(session: Session, plan: SweepPlan, tracker: Tracker,
-                 extra_tags: dict[str, str] | None) -> tuple[str, str, dict[str, float]]:
+def sweep_attack(
+    session: Session, plan: SweepPlan, tracker: Tracker, extra_tags: dict[str, str] | None
+) -> tuple[str, str, dict[str, float]]:
     """The attack a defense sweep's trials start from, built where its trials train (orchestrator/placement.py):
     (its run id, its cache key, its metrics). A cached one is read, not rebuilt, wherever it is placed."""
     from orchestrator.placement import get_task, placement, session_fields, submit_task
 
     where = placement(plan)
     if not where.in_task:
-        backdoor, run_id, key = build_attack(plan.base, tracker, session.storage, session.data_root,
-                                             session.download, extra_tags=extra_tags, device=driver_device(plan))
+        backdoor, run_id, key = build_attack(
+            plan.base,
+            tracker,
+            session.storage,
+            session.data_root,
+            session.download,
+            extra_tags=extra_tags,
+            device=driver_device(plan),
+        )
         return run_id, key, backdoor.metrics
     print(f"attack {plan.base.attack}: building (or reading from the cache) {where.describe()}", flush=True)
-    ref = submit_task(where, session_fields(session), "attack", plan.base, extra_tags or {}, None, where.device,
-                      where.threads)
+    ref = submit_task(
+        where, session_fields(session), "attack", plan.base, extra_tags or {}, None, where.device, where.threads
+    )
     run_id, metrics, seconds, key = get_task(ref)
-    print(f"attack {plan.base.attack}: run {run_id}, test_acc={metrics.get('test_acc', math.nan):.3f} "
-          f"test_asr={metrics.get('test_asr', math.nan):.3f} ({seconds:.0f} s)", flush=True)
+    print(
+        f"attack {plan.base.attack}: run {run_id}, test_acc={metrics.get('test_acc', math.nan):.3f} "
+        f"test_asr={metrics.get('test_asr', math.nan):.3f} ({seconds:.0f} s)",
+        flush=True,
+    )
     return run_id, key, metrics
 
 
-def run_sweep(session: Session, plan: SweepPlan, extra_tags: dict[str, str] | None = None,
-              parent_id: str | None = None, resume_run_id: str | None = None,
-              max_failures: int = 1) -> SweepResult:
+def run_sweep(
+    session: Session,
+    plan: SweepPlan,
+    extra_tags: dict[str, str] | None = None,
+    parent_id: str | None = None,
+    resume_run_id: str | None = None,
+    max_failures: int = 1,
+) -> SweepResult:
     """`bdo tune`: build the attack once, then a Tune sweep whose trials are child runs of one sweep run."""
     from ray import tune
 
@@ -146,29 +174,52 @@ def run_sweep(session: Session, plan: SweepPlan, extra_tags: dict[str, str] | No
         tune_path = tracker.client.get_run(sweep_run_id).data.tags.get("tune_path")
         tracker.client.update_run(sweep_run_id, status="RUNNING")
     else:
-        tags = {**base_tags(spec, "sweep", seeds), "space": str(plan.space.path),
-                "space_sha256": space_fingerprint(plan),
-                "searcher": plan.searcher, "scheduler": plan.scheduler, "objective": plan.objective,
-                "objective_metric": plan.space.metric, "objective_mode": plan.space.mode,
-                "objective_rule": plan.objective_text, "tune_metric": plan.tune_metric,
-                "knowledge": plan.knowledge,
-                "gpus_per_trial": f"{plan.gpus_per_trial:g}",
-                "storage": str(session.storage), **(extra_tags or {})}
+        tags = {
+            **base_tags(spec, "sweep", seeds),
+            "space": str(plan.space.path),
+            "space_sha256": space_fingerprint(plan),
+            "searcher": plan.searcher,
+            "scheduler": plan.scheduler,
+            "objective": plan.objective,
+            "objective_metric": plan.space.metric,
+            "objective_mode": plan.space.mode,
+            "objective_rule": plan.objective_text,
+            "tune_metric": plan.tune_metric,
+            "knowledge": plan.knowledge,
+            "gpus_per_trial": f"{plan.gpus_per_trial:g}",
+            "storage": str(session.storage),
+            **(extra_tags or {}),
+        }
         if attack_run_id:
             tags["attack_run_id"], tags["attack_cache_key"] = attack_run_id, cache_key
         sweep_run_id = tracker.start_run(f"sweep-{spec.method}", tags, parent_id)
-        tracker.log_params(sweep_run_id, {**spec.flat_params(),
-                                          **{f"space.{d.key}": f"{d.kind} {d.args}" for d in plan.tuned},
-                                          "num_samples": plan.num_samples})
+        tracker.log_params(
+            sweep_run_id,
+            {
+                **spec.flat_params(),
+                **{f"space.{d.key}": f"{d.kind} {d.args}" for d in plan.tuned},
+                "num_samples": plan.num_samples,
+            },
+        )
         tune_path = str(tune_root / f"{spec.method}-{sweep_run_id[:12]}")
         tracker.set_tags(sweep_run_id, {"tune_path": tune_path})
 
-    setup = TrialSetup(plan=plan, tracking_uri=tracker.uri, experiment_id=tracker.experiment_id,
-                       sweep_run_id=sweep_run_id, storage=str(session.storage), cache_key=cache_key,
-                       attack_run_id=attack_run_id, data_root=str(session.data_root), download=session.download,
-                       tags={**(extra_tags or {}), "knowledge": plan.knowledge}, max_failures=max_failures,
-                       fault=os.environ.get("BDO_FAULT"), system_metrics=system_metrics_interval(),
-                       reference_acc=reference_acc)
+    setup = TrialSetup(
+        plan=plan,
+        tracking_uri=tracker.uri,
+        experiment_id=tracker.experiment_id,
+        sweep_run_id=sweep_run_id,
+        storage=str(session.storage),
+        cache_key=cache_key,
+        attack_run_id=attack_run_id,
+        data_root=str(session.data_root),
+        download=session.download,
+        tags={**(extra_tags or {}), "knowledge": plan.knowledge},
+        max_failures=max_failures,
+        fault=os.environ.get("BDO_FAULT"),
+        system_metrics=system_metrics_interval(),
+        reference_acc=reference_acc,
+    )
     if plan.workers_per_trial > 1:
         resources: dict[str, float] = {"CPU": 0.01}
     else:
@@ -204,23 +255,28 @@ def run_sweep(session: Session, plan: SweepPlan, extra_tags: dict[str, str] | No
         try:
             if resume_run_id:
                 if not tune_path or not tune.Tuner.can_restore(tune_path):
-                    raise BadInput(f"--resume {resume_run_id}: its Tune state at {tune_path} is missing; "
-                                   "start a new sweep")
+                    raise BadInput(
+                        f"--resume {resume_run_id}: its Tune state at {tune_path} is missing; start a new sweep"
+                    )
                 tuner = tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=True)
             else:
                 tuner = tune.Tuner(
                     trainable,
                     param_space=tune_param_space(plan),
                     tune_config=tune.TuneConfig(
-                        metric=plan.tune_metric if single else None, mode=plan.tune_mode if single else None,
-                        search_alg=_search_alg(plan, spec.config.get("seed", 0) or 0), scheduler=_scheduler(plan),
+                        metric=plan.tune_metric if single else None,
+                        mode=plan.tune_mode if single else None,
+                        search_alg=_search_alg(plan, spec.config.get("seed", 0) or 0),
+                        scheduler=_scheduler(plan),
                         num_samples=plan.num_samples,  # concurrency: set on the search algorithm (_search_alg)
                         # the next trial runs in a finished trial's process: no new Python importing torch and mlflow
                         # per trial (on 2 cores that cost ~14 s of trial-slot time per trial; benchmarks sweep.reuse)
                         reuse_actors=True,
                     ),
                     run_config=tune.RunConfig(
-                        name=Path(tune_path).name, storage_path=str(tune_root), callbacks=callbacks,
+                        name=Path(tune_path).name,
+                        storage_path=str(tune_root),
+                        callbacks=callbacks,
                         verbose=int(session.verbose),
                         failure_config=tune.FailureConfig(max_failures=max_failures),
                         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
@@ -245,8 +301,14 @@ def _end_cut_trials(tracker: Tracker, sweep_run_id: str) -> None:
             tracker.end(run.info.run_id, "KILLED")
 
 
-def summarize(tracker: Tracker, plan: SweepPlan, sweep_run_id: str, grid, interrupted: bool = False,
-              reference_acc: float | None = None) -> SweepResult:
+def summarize(
+    tracker: Tracker,
+    plan: SweepPlan,
+    sweep_run_id: str,
+    grid,
+    interrupted: bool = False,
+    reference_acc: float | None = None,
+) -> SweepResult:
     """Close every child run, pick the best trial on validation metrics (and the Pareto front), log it all. An
     interrupted sweep's trials that Tune had not finished were cut: their runs end KILLED, and nothing is selected
     or logged on the sweep run (its resume does that, over every trial). Under a constraint the best trial is the
@@ -259,13 +321,16 @@ def summarize(tracker: Tracker, plan: SweepPlan, sweep_run_id: str, grid, interr
         metrics = result.metrics or {}
         # every split metric of the trial's last report (the returned model), so that a caller may select or
         # correlate on metrics other than the sweep's own objective (the study's blind-vs-oracle comparison)
-        row = {"trial_id": metrics.get("trial_id", trial_id), "config": result.config,
-               "error": result.error is not None,
-               # Tune marks a trial's last result done when the trial returned or its scheduler stopped it
-               "cut": interrupted and result.error is None and not metrics.get("done"),
-               **{k: v for k, v in metrics.items() if k.startswith(("val_", "test_"))},
-               **{k: metrics.get(k, math.nan) for k in (*TRIAL_COLUMNS, *objective_keys)},
-               "step": metrics.get("step")}
+        row = {
+            "trial_id": metrics.get("trial_id", trial_id),
+            "config": result.config,
+            "error": result.error is not None,
+            # Tune marks a trial's last result done when the trial returned or its scheduler stopped it
+            "cut": interrupted and result.error is None and not metrics.get("done"),
+            **{k: v for k, v in metrics.items() if k.startswith(("val_", "test_"))},
+            **{k: metrics.get(k, math.nan) for k in (*TRIAL_COLUMNS, *objective_keys)},
+            "step": metrics.get("step"),
+        }
         run = runs.get(row["trial_id"])
         row["run_id"] = run.info.run_id if run else None
         if run is not None:
@@ -295,8 +360,11 @@ def summarize(tracker: Tracker, plan: SweepPlan, sweep_run_id: str, grid, interr
             best_metrics["best_feasible"] = float(feasible)
             if not feasible:
                 bounds = ", ".join(f"{k} <= {v:g}" for k, v in plan.constraints.items())
-                print(f"{plan.base.method}: no trial met {bounds}; selected the one closest to it, "
-                      f"{best['trial_id']} (best_feasible=false on the sweep run)", flush=True)
+                print(
+                    f"{plan.base.method}: no trial met {bounds}; selected the one closest to it, "
+                    f"{best['trial_id']} (best_feasible=false on the sweep run)",
+                    flush=True,
+                )
         tracker.set_tags(sweep_run_id, tags)
         tracker.log_params(sweep_run_id, {f"best.{k}": v for k, v in best["config"].items()})
         tracker.log_metrics(sweep_run_id, best_metrics, 0)
@@ -311,9 +379,13 @@ def summarize(tracker: Tracker, plan: SweepPlan, sweep_run_id: str, grid, interr
             if t["run_id"]:
                 tracker.set_tags(t["run_id"], {"pareto": "true"})
         with tempfile.TemporaryDirectory() as d:
-            (Path(d) / "pareto.json").write_text(json.dumps(
-                [{k: t[k] for k in ("trial_id", "run_id", "val_acc", "val_asr", "config")} for t in front],
-                indent=1, default=str))
+            (Path(d) / "pareto.json").write_text(
+                json.dumps(
+                    [{k: t[k] for k in ("trial_id", "run_id", "val_acc", "val_asr", "config")} for t in front],
+                    indent=1,
+                    default=str,
+                )
+            )
             plot_dir = Path(d) / "plots"
             plot_dir.mkdir()
             pareto_png(plot_dir / "pareto.png", points)
@@ -322,8 +394,9 @@ def summarize(tracker: Tracker, plan: SweepPlan, sweep_run_id: str, grid, interr
     return out
 
 
-def best_trial(trials: list[dict[str, Any]], metric: str, mode: str,
-               constraints: dict[str, float] | None = None) -> dict[str, Any] | None:
+def best_trial(
+    trials: list[dict[str, Any]], metric: str, mode: str, constraints: dict[str, float] | None = None
+) -> dict[str, Any] | None:
     """The finished trial with the best `metric` (validation), or None when no trial reported it; under
     `constraints`, the best feasible one, else the closest to feasibility (orchestrator.objective.select). Ties go
     to the earlier trial, which is the default point when the sweep evaluated one."""
@@ -349,8 +422,9 @@ def parameter_importances(plan: SweepPlan, trials: list[dict[str, Any]]) -> dict
         if t["error"] or math.isnan(value):
             continue
         params = {k: t["config"][k] for k in dists if k in t["config"]}
-        study.add_trial(optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params},
-                                                  value=value))
+        study.add_trial(
+            optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params}, value=value)
+        )
     return dict(optuna.importance.get_param_importances(study))
 
 
@@ -372,8 +446,9 @@ def log_search_plots(tracker: Tracker, sweep_run_id: str, plan: SweepPlan, trial
         tracker.log_artifact(sweep_run_id, plot_dir, "plots")
 
 
-def log_trials_csv(tracker: Tracker, sweep_run_id: str, trials: list[dict[str, Any]], metric: str,
-                   extra: tuple[str, ...] = ()) -> None:
+def log_trials_csv(
+    tracker: Tracker, sweep_run_id: str, trials: list[dict[str, Any]], metric: str, extra: tuple[str, ...] = ()
+) -> None:
     """trials.csv on the sweep run: a row per trial with its status, sampled values and final metrics, which the
     terminal table only printed (`extra`: the objective's constraint metrics and val_objective)."""
     import csv
@@ -387,8 +462,16 @@ def log_trials_csv(tracker: Tracker, sweep_run_id: str, trials: list[dict[str, A
             writer = csv.writer(f)
             writer.writerow(["trial_id", "run_id", "status", "step", *columns, *keys])
             for t in trials:
-                writer.writerow([t["trial_id"], t["run_id"] or "", "FAILED" if t["error"] else "done", t["step"],
-                                 *(_metric(t, c) for c in columns), *(t["config"].get(k, "") for k in keys)])
+                writer.writerow(
+                    [
+                        t["trial_id"],
+                        t["run_id"] or "",
+                        "FAILED" if t["error"] else "done",
+                        t["step"],
+                        *(_metric(t, c) for c in columns),
+                        *(t["config"].get(k, "") for k in keys),
+                    ]
+                )
         tracker.log_artifact(sweep_run_id, path)
 
 
@@ -406,18 +489,25 @@ def find_resumable_sweep(tracker: Tracker, plan: SweepPlan, storage: Path, run_i
         if run.data.tags.get("role") != "sweep":
             raise BadInput(f"--resume {run_id}: that run is not a sweep (role={run.data.tags.get('role')})")
         return run_id
-    query = (f"tags.role = 'sweep' and tags.space_sha256 = '{space_fingerprint(plan)}' "
-             f"and tags.storage = '{storage}' and attributes.status != 'FINISHED'")
+    query = (
+        f"tags.role = 'sweep' and tags.space_sha256 = '{space_fingerprint(plan)}' "
+        f"and tags.storage = '{storage}' and attributes.status != 'FINISHED'"
+    )
     runs = tracker.search(query)
     if not runs:
-        raise BadInput(f"--resume: no unfinished sweep of {plan.space.path} in this experiment and storage; "
-                       "start one without --resume")
+        raise BadInput(
+            f"--resume: no unfinished sweep of {plan.space.path} in this experiment and storage; "
+            "start one without --resume"
+        )
     return runs[0].info.run_id
 
 
 def format_trials(result: SweepResult, metric: str) -> str:
-    columns = tuple(dict.fromkeys((metric, *result.constraints, *TRIAL_COLUMNS))) \
-        if metric not in TRIAL_COLUMNS or result.constraints else TRIAL_COLUMNS
+    columns = (
+        tuple(dict.fromkeys((metric, *result.constraints, *TRIAL_COLUMNS)))
+        if metric not in TRIAL_COLUMNS or result.constraints
+        else TRIAL_COLUMNS
+    )
     widths = [max(9, len(c)) for c in columns]
     header = f"{'trial':<22} {'status':<8} " + " ".join(f"{c:>{w}}" for c, w in zip(columns, widths))
     lines = [header, "-" * len(header)]

@@ -1,5 +1,6 @@
 """Where runs go and the Ray they run on: the tracking store, experiment, storage and data of a command
 (`Session`), starting or joining Ray, and the checks made against the cluster before anything trains."""
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,11 @@ class Session:
             env = without_job_env_vars(env, job_env_vars())
             if not self.verbose:
                 quiet_libraries()
-            kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": self.verbose,
-                                      "logging_level": logging.INFO if self.verbose else logging.WARNING}
+            kwargs: dict[str, Any] = {
+                "runtime_env": {"env_vars": env},
+                "log_to_driver": self.verbose,
+                "logging_level": logging.INFO if self.verbose else logging.WARNING,
+            }
             with kept_handlers():  # bdo's stop signals end runs KILLED; stop_ray still shuts a local Ray down
                 if self.address:
                     ray.init(address=self.address, **kwargs)
@@ -61,20 +65,27 @@ class Session:
         alive = [n for n in ray.nodes() if n.get("Alive")]
         if len(alive) > 1 and is_local_store(self.tracking_uri):
             self.stop_ray()
-            raise BadInput(f"--tracking-uri {self.tracking_uri}: this Ray cluster has {len(alive)} nodes and other "
-                           "nodes cannot write a local sqlite file; point --tracking-uri (or MLFLOW_TRACKING_URI) "
-                           "at the head node's MLflow server, e.g. http://<head-ip>:5000")
+            raise BadInput(
+                f"--tracking-uri {self.tracking_uri}: this Ray cluster has {len(alive)} nodes and other "
+                "nodes cannot write a local sqlite file; point --tracking-uri (or MLFLOW_TRACKING_URI) "
+                "at the head node's MLflow server, e.g. http://<head-ip>:5000"
+            )
         if len(alive) > 1 and not self.shared_storage and (fs := local_filesystem(self.storage)) is not None:
             self.stop_ray()
-            raise BadInput(f"--storage {self.storage}: this Ray cluster has {len(alive)} nodes and {fs}, which other "
-                           "nodes cannot see (their trials' checkpoints and the attack cache would never reach this "
-                           "driver); put --storage (or BDO_STORAGE) on a filesystem every node mounts (NFS, EFS, "
-                           "Lustre), or pass --shared-storage (BDO_SHARED_STORAGE=1) if it already is one")
+            raise BadInput(
+                f"--storage {self.storage}: this Ray cluster has {len(alive)} nodes and {fs}, which other "
+                "nodes cannot see (their trials' checkpoints and the attack cache would never reach this "
+                "driver); put --storage (or BDO_STORAGE) on a filesystem every node mounts (NFS, EFS, "
+                "Lustre), or pass --shared-storage (BDO_SHARED_STORAGE=1) if it already is one"
+            )
 
     def largest_node(self) -> str:
         """The node a trial's resources are checked against, in words (check_resources)."""
-        return f"the largest node of the Ray cluster at {self.address}" if self.address else \
-            "this machine (a local Ray's only node)"
+        return (
+            f"the largest node of the Ray cluster at {self.address}"
+            if self.address
+            else "this machine (a local Ray's only node)"
+        )
 
     def stop_ray(self) -> None:
         import ray
@@ -85,11 +96,39 @@ class Session:
 
 
 # filesystem types that other machines can mount too: a storage path on one of them is taken as shared
-NETWORK_FILESYSTEMS = frozenset({
-    "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "ceph", "glusterfs", "beegfs", "orangefs", "pvfs2",
-    "ocfs2", "gfs2", "afs", "9p", "virtiofs", "panfs", "wekafs", "fuse.glusterfs", "fuse.cephfs", "fuse.s3fs",
-    "fuse.gcsfuse", "fuse.mount-s3", "fuse.juicefs", "fuse.sshfs", "fuse.rclone", "fuse.lustre", "fuse.beegfs",
-})
+NETWORK_FILESYSTEMS = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "lustre",
+        "gpfs",
+        "ceph",
+        "glusterfs",
+        "beegfs",
+        "orangefs",
+        "pvfs2",
+        "ocfs2",
+        "gfs2",
+        "afs",
+        "9p",
+        "virtiofs",
+        "panfs",
+        "wekafs",
+        "fuse.glusterfs",
+        "fuse.cephfs",
+        "fuse.s3fs",
+        "fuse.gcsfuse",
+        "fuse.mount-s3",
+        "fuse.juicefs",
+        "fuse.sshfs",
+        "fuse.rclone",
+        "fuse.lustre",
+        "fuse.beegfs",
+    }
+)
 
 
 def mount_of(path: Path, mounts: str) -> tuple[str, str] | None:
@@ -144,8 +183,10 @@ def check_resources(plans: list[SweepPlan], shape: ClusterShape, where: str) -> 
         need = plan.cpus_per_trial / workers
         if need > most:
             per = f" over --workers-per-trial {workers} ({need:g} per worker)" if workers > 1 else ""
-            raise BadInput(f"{cpus_named(plan)}{per}: {where} has {most:g} CPUs, and Ray would wait for ever for "
-                           f"more; ask for at most {most:g} per {'worker' if workers > 1 else 'trial'}")
+            raise BadInput(
+                f"{cpus_named(plan)}{per}: {where} has {most:g} CPUs, and Ray would wait for ever for "
+                f"more; ask for at most {most:g} per {'worker' if workers > 1 else 'trial'}"
+            )
 
 
 def job_env_vars() -> dict[str, str]:

@@ -2,6 +2,7 @@
 all raise one exception, Interrupted, in the main thread: every run the command has open then ends KILLED (never
 FINISHED or FAILED: Tracker.ending), a sweep stops so that `--resume` continues it, and the exit code names the
 signal (128 + its number: 130, 143, 129)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -68,8 +69,11 @@ def local_ray_in_its_own_session() -> Iterator[None]:
     import ray._private.services as services
     import ray._private.utils as ray_utils
 
-    if not hasattr(services, "ConsolePopen") or not ray_utils.detect_fate_sharing_support() \
-            or not sys.platform.startswith("linux"):
+    if (
+        not hasattr(services, "ConsolePopen")
+        or not ray_utils.detect_fate_sharing_support()
+        or not sys.platform.startswith("linux")
+    ):
         yield
         return
     shared = services.ConsolePopen

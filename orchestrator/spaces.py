@@ -4,6 +4,7 @@ into a Ray Tune param_space, searcher and scheduler.
 Validation happens here, before Ray starts: unknown keys, malformed distributions, ranges outside what the
 config accepts, low > high, unknown metrics or modes all fail with one line naming the file and the field.
 """
+
 from __future__ import annotations
 
 import ast
@@ -43,21 +44,57 @@ from orchestrator.resolve import (
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint", "grid", "derived")
 TOP_LEVEL = {
-    "method", "description", "dataset", "model", "attack", "data", "fixed", "space", "objective", "scheduler",
-    "searcher", "num_samples", "max_concurrent", "resources", "quick", "knowledge", "recipe",
+    "method",
+    "description",
+    "dataset",
+    "model",
+    "attack",
+    "data",
+    "fixed",
+    "space",
+    "objective",
+    "scheduler",
+    "searcher",
+    "num_samples",
+    "max_concurrent",
+    "resources",
+    "quick",
+    "knowledge",
+    "recipe",
 }
 SEARCHERS = ("random", "grid", "optuna")
 SCHEDULERS = ("fifo", "asha")
 OBJECTIVES = ("single", "pareto")
 PARETO_METRICS = (("val_acc", "max"), ("val_asr", "min"))
 REPORTED = {
-    "val_acc", "val_asr", "val_ra", "val_der", "test_acc", "test_asr", "test_ra", "test_der",
-    "split_poison_precision", "split_poison_recall", "split_clean_precision", "split_clean_recall", "split_auroc",
-    "pool_clean_size", "pool_poison_size", "pool_clean_poisoned_frac",
+    "val_acc",
+    "val_asr",
+    "val_ra",
+    "val_der",
+    "test_acc",
+    "test_asr",
+    "test_ra",
+    "test_der",
+    "split_poison_precision",
+    "split_poison_recall",
+    "split_clean_precision",
+    "split_clean_recall",
+    "split_auroc",
+    "pool_clean_size",
+    "pool_poison_size",
+    "pool_clean_poisoned_frac",
 }
 
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-        ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos, ast.FloorDiv: operator.floordiv}
+_OPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.Pow: operator.pow,
+    ast.USub: operator.neg,
+    ast.UAdd: operator.pos,
+    ast.FloorDiv: operator.floordiv,
+}
 
 
 def parse_expression(text: str, source: str) -> ast.Expression:
@@ -68,10 +105,12 @@ def parse_expression(text: str, source: str) -> ast.Expression:
     for node in ast.walk(tree):
         allowed = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Constant, ast.Name, ast.Load, ast.Call) + tuple(_OPS)
         if not isinstance(node, allowed):
-            raise BadInput(f"{source}: derived expression {text!r} "
-                           f"may use numbers, keys, + - * / ** and min/max/round only")
-        if isinstance(node, ast.Call) and not (isinstance(node.func, ast.Name)
-                                               and node.func.id in ("min", "max", "round", "int")):
+            raise BadInput(
+                f"{source}: derived expression {text!r} may use numbers, keys, + - * / ** and min/max/round only"
+            )
+        if isinstance(node, ast.Call) and not (
+            isinstance(node.func, ast.Name) and node.func.id in ("min", "max", "round", "int")
+        ):
             raise BadInput(f"{source}: derived expression {text!r} may call only min, max, round and int")
     return tree
 
@@ -178,9 +217,10 @@ def _number(value: Any) -> bool:
 def parse_dimension(key: str, spec: Any, source: str) -> Dimension:
     src = f"{source}: space.{key}"
     if not isinstance(spec, dict) or len(spec) != 1:
-        raise BadInput(f"{src}: expected one distribution, e.g. {{uniform: [0.1, 0.4]}}; "
-                       f"allowed: {', '.join(DISTRIBUTIONS)}")
-    (kind, args), = spec.items()
+        raise BadInput(
+            f"{src}: expected one distribution, e.g. {{uniform: [0.1, 0.4]}}; allowed: {', '.join(DISTRIBUTIONS)}"
+        )
+    ((kind, args),) = spec.items()
     if kind not in DISTRIBUTIONS:
         raise BadInput(f"{src}: unknown distribution {kind!r}; allowed: {', '.join(DISTRIBUTIONS)}")
     if kind == "derived":
@@ -188,11 +228,17 @@ def parse_dimension(key: str, spec: Any, source: str) -> Dimension:
     if kind in ("choice", "grid"):
         _expect(isinstance(args, list) and len(args) > 0, src, f"{kind} takes a non-empty list of values")
         return Dimension(key, kind, list(args))
-    _expect(isinstance(args, list) and len(args) == 2 and all(_number(a) for a in args), src,
-            f"{kind} takes [low, high] numbers")
+    _expect(
+        isinstance(args, list) and len(args) == 2 and all(_number(a) for a in args),
+        src,
+        f"{kind} takes [low, high] numbers",
+    )
     low, high = args
-    _expect(low <= high if kind != "randint" else low < high, src,
-            f"low {low} must be {'<' if kind == 'randint' else '<='} high {high}")
+    _expect(
+        low <= high if kind != "randint" else low < high,
+        src,
+        f"low {low} must be {'<' if kind == 'randint' else '<='} high {high}",
+    )
     if kind == "loguniform":
         _expect(low > 0, src, f"loguniform needs low > 0 (got {low})")
     if kind == "randint":
@@ -223,8 +269,9 @@ def load_space(path: Path) -> SearchSpace:
     _expect(isinstance(space_raw, dict), source, "space: expected a mapping of config keys to distributions")
     dims = [parse_dimension(str(k), v, source) for k, v in space_raw.items()]
     for key in list(fixed) + [d.key for d in dims]:
-        _expect(key in fields, source,
-                f"space/fixed key {key!r} is not a field of {method}; known: {', '.join(fields)}")
+        _expect(
+            key in fields, source, f"space/fixed key {key!r} is not a field of {method}; known: {', '.join(fields)}"
+        )
     overlap = set(fixed) & {d.key for d in dims}
     _expect(not overlap, source, f"{', '.join(sorted(overlap))} is both fixed and searched")
     derived = [d.key for d in dims if d.tree is not None]
@@ -232,36 +279,53 @@ def load_space(path: Path) -> SearchSpace:
         if d.tree is not None:
             names = expression_names(d.tree)
             missing = names - set(fields)
-            _expect(not missing, f"{source}: space.{d.key}",
-                    f"derived from unknown key(s) {', '.join(sorted(missing))}")
+            _expect(
+                not missing, f"{source}: space.{d.key}", f"derived from unknown key(s) {', '.join(sorted(missing))}"
+            )
             # derived keys are filled in file order (apply_derived): a later one (or itself, or a cycle) would be
             # read at its underived value
-            later = sorted(names & set(derived[derived.index(d.key):]))
-            _expect(not later, f"{source}: space.{d.key}",
-                    f"derived from {', '.join(later)}, which {'is' if len(later) == 1 else 'are'} derived at or "
-                    f"after {d.key}; a derived key may use only derived keys listed before it (no cycles)")
+            later = sorted(names & set(derived[derived.index(d.key) :]))
+            _expect(
+                not later,
+                f"{source}: space.{d.key}",
+                f"derived from {', '.join(later)}, which {'is' if len(later) == 1 else 'are'} derived at or "
+                f"after {d.key}; a derived key may use only derived keys listed before it (no cycles)",
+            )
 
     defense = METHODS.get(method).kind == "defense"
     # a defense space without an objective is held to the bar (orchestrator/objective.py); an attack's stays val_der
     objective = raw.get("objective") or (DEFAULT_DEFENSE_OBJECTIVE if defense else {"metric": "val_der", "mode": "max"})
-    _expect(isinstance(objective, dict), source,
-            "objective: expected {metric: NAME, mode: max|min} (defenses: optionally subject_to: {val_acc_drop: B})")
+    _expect(
+        isinstance(objective, dict),
+        source,
+        "objective: expected {metric: NAME, mode: max|min} (defenses: optionally subject_to: {val_acc_drop: B})",
+    )
     extra = sorted(set(objective) - {"metric", "mode", "subject_to"})
-    _expect(not extra, source, f"objective: unknown key(s) {', '.join(map(str, extra))}; allowed: metric, mode, "
-                               f"subject_to")
+    _expect(
+        not extra, source, f"objective: unknown key(s) {', '.join(map(str, extra))}; allowed: metric, mode, subject_to"
+    )
     metric, mode = str(objective.get("metric", "val_der")), str(objective.get("mode", "max"))
     constraints = parse_constraints(objective.get("subject_to"), "subject_to" in objective, defense, method, source)
     _expect(not metric.startswith("test_"), source, "objective.metric: tuning reads validation metrics only (val_*)")
-    _expect(metric in REPORTED or metric.startswith("val_"), source,
-            f"objective.metric {metric!r} is not a validation metric; "
-            f"e.g. {', '.join(sorted(m for m in REPORTED if m.startswith('val_')))}")
+    _expect(
+        metric in REPORTED or metric.startswith("val_"),
+        source,
+        f"objective.metric {metric!r} is not a validation metric; "
+        f"e.g. {', '.join(sorted(m for m in REPORTED if m.startswith('val_')))}",
+    )
     # a metric no run reports would have every trial score NaN and the sweep select on nothing: the names a
     # method can report are those methods/core/knowledge.py classifies; split metrics only from a splitting method
-    _expect(classified(metric) or metric in CONSTRAINTS, source,
-            f"objective.metric {metric!r}: no method reports it; e.g. "
-            f"{', '.join(sorted(m for m in REPORTED if m.startswith('val_')))} (all: methods/core/knowledge.py)")
-    _expect(not bare_name(metric).startswith("split_") or METHODS.get(method).splits_samples, source,
-            f"objective.metric {metric!r}: {method} does not split the training set, so it reports no split_* metric")
+    _expect(
+        classified(metric) or metric in CONSTRAINTS,
+        source,
+        f"objective.metric {metric!r}: no method reports it; e.g. "
+        f"{', '.join(sorted(m for m in REPORTED if m.startswith('val_')))} (all: methods/core/knowledge.py)",
+    )
+    _expect(
+        not bare_name(metric).startswith("split_") or METHODS.get(method).splits_samples,
+        source,
+        f"objective.metric {metric!r}: {method} does not split the training set, so it reports no split_* metric",
+    )
     _expect(mode in ("max", "min"), source, f"objective.mode {mode!r}: use max or min")
 
     sched = raw.get("scheduler") or {}
@@ -269,11 +333,15 @@ def load_space(path: Path) -> SearchSpace:
     scheduler = str(sched.get("name", "fifo"))
     _expect(scheduler in SCHEDULERS, source, f"scheduler.name {scheduler!r}: use {' or '.join(SCHEDULERS)}")
     grace = sched.get("grace_period", 1)
-    _expect(isinstance(grace, int) and grace >= 1, source,
-            "scheduler.grace_period: a positive integer (counts reports)")
+    _expect(
+        isinstance(grace, int) and grace >= 1, source, "scheduler.grace_period: a positive integer (counts reports)"
+    )
     max_t = sched.get("max_t")
-    _expect(max_t is None or (isinstance(max_t, int) and max_t >= grace), source,
-            "scheduler.max_t: an integer >= grace_period")
+    _expect(
+        max_t is None or (isinstance(max_t, int) and max_t >= grace),
+        source,
+        "scheduler.max_t: an integer >= grace_period",
+    )
     rf = sched.get("reduction_factor", 2)
     _expect(isinstance(rf, int) and rf >= 2, source, "scheduler.reduction_factor: an integer >= 2")
 
@@ -282,11 +350,15 @@ def load_space(path: Path) -> SearchSpace:
     num_samples = raw.get("num_samples", 4)
     _expect(isinstance(num_samples, int) and num_samples >= 1, source, "num_samples: a positive integer")
     max_conc = raw.get("max_concurrent")
-    _expect(max_conc is None or (isinstance(max_conc, int) and max_conc >= 1), source,
-            "max_concurrent: a positive integer")
+    _expect(
+        max_conc is None or (isinstance(max_conc, int) and max_conc >= 1), source, "max_concurrent: a positive integer"
+    )
     resources = raw.get("resources") or {}
-    _expect(isinstance(resources, dict) and set(resources) <= {"cpus_per_trial", "gpus_per_trial", "workers_per_trial"},
-            source, "resources: allowed keys cpus_per_trial, gpus_per_trial, workers_per_trial")
+    _expect(
+        isinstance(resources, dict) and set(resources) <= {"cpus_per_trial", "gpus_per_trial", "workers_per_trial"},
+        source,
+        "resources: allowed keys cpus_per_trial, gpus_per_trial, workers_per_trial",
+    )
     quick = raw.get("quick") or {}
     _expect(isinstance(quick, dict), source, "quick: expected a mapping of config keys to values")
     data_values = raw.get("data") or {}
@@ -295,13 +367,30 @@ def load_space(path: Path) -> SearchSpace:
     _expect(knowledge in KNOWLEDGE_LEVELS, source, f"knowledge {knowledge!r}: use {' or '.join(KNOWLEDGE_LEVELS)}")
 
     return SearchSpace(
-        path=path, method=method, dataset=str(raw.get("dataset", "digits")), model=str(raw.get("model", "small_cnn")),
-        attack=attack, attack_values=attack_block, data_values=dict(data_values), fixed=dict(fixed), dims=dims,
-        metric=metric, mode=mode, scheduler=scheduler, grace_period=grace, max_t=max_t, reduction_factor=rf,
-        searcher=searcher, num_samples=num_samples, max_concurrent=max_conc,
-        resources={k: float(v) for k, v in resources.items()}, quick=dict(quick),
-        description=str(raw.get("description", "")), knowledge=knowledge,
-        recipe=str(raw["recipe"]) if raw.get("recipe") else None, constraints=constraints,
+        path=path,
+        method=method,
+        dataset=str(raw.get("dataset", "digits")),
+        model=str(raw.get("model", "small_cnn")),
+        attack=attack,
+        attack_values=attack_block,
+        data_values=dict(data_values),
+        fixed=dict(fixed),
+        dims=dims,
+        metric=metric,
+        mode=mode,
+        scheduler=scheduler,
+        grace_period=grace,
+        max_t=max_t,
+        reduction_factor=rf,
+        searcher=searcher,
+        num_samples=num_samples,
+        max_concurrent=max_conc,
+        resources={k: float(v) for k, v in resources.items()},
+        quick=dict(quick),
+        description=str(raw.get("description", "")),
+        knowledge=knowledge,
+        recipe=str(raw["recipe"]) if raw.get("recipe") else None,
+        constraints=constraints,
     )
 
 
@@ -312,12 +401,18 @@ def parse_constraints(value: Any, given: bool, defense: bool, method: str, sourc
     src = f"{source}: objective.subject_to"
     known = ", ".join(sorted(CONSTRAINTS))
     _expect(defense, src, f"{method} is an attack; constraints ({known}) measure a defense against the suspect model")
-    _expect(isinstance(value, dict) and len(value) > 0, src, f"expected a mapping {{NAME: BOUND}}, e.g. "
-                                                             f"{{val_acc_drop: 0.02}}; known constraints: {known}")
+    _expect(
+        isinstance(value, dict) and len(value) > 0,
+        src,
+        f"expected a mapping {{NAME: BOUND}}, e.g. {{val_acc_drop: 0.02}}; known constraints: {known}",
+    )
     out: dict[str, float] = {}
     for name, bound in value.items():
-        _expect(name in CONSTRAINTS, src, f"unknown constraint {name!r}; known: {known} "
-                                          f"({'; '.join(f'{k}: {v}' for k, v in CONSTRAINTS.items())})")
+        _expect(
+            name in CONSTRAINTS,
+            src,
+            f"unknown constraint {name!r}; known: {known} ({'; '.join(f'{k}: {v}' for k, v in CONSTRAINTS.items())})",
+        )
         _expect(_number(bound) and math.isfinite(bound), src, f"{name}: the bound {bound!r} is not a number")
         _expect(0 <= bound <= 1, src, f"{name}: the bound {bound:g} is outside [0, 1] (a fraction: 0.02 is 2 points)")
         out[str(name)] = float(bound)
@@ -432,12 +527,22 @@ def plan_sweep(
     # a defense's in-method choices follow the level its sweep selects under (DefenseConfig.knowledge)
     level = {"knowledge": knowledge} if "knowledge" in config_fields(space.method) else {}
     if level and s_method.get("knowledge", knowledge) != knowledge:
-        raise BadInput(f"--set knowledge={s_method['knowledge']}: the sweep selects under knowledge {knowledge}; "
-                       f"set the level with --knowledge")
+        raise BadInput(
+            f"--set knowledge={s_method['knowledge']}: the sweep selects under knowledge {knowledge}; "
+            f"set the level with --knowledge"
+        )
     base = resolve_run(
-        space.method, dataset or space.dataset, model or space.model, seed, attack or space.attack,
-        sets=sets, base={**space.fixed, **q_method, **level}, attack_base={**space.attack_values, **q_attack},
-        data_base={**space.data_values, **q_data}, use_preset=use_preset, source=source,
+        space.method,
+        dataset or space.dataset,
+        model or space.model,
+        seed,
+        attack or space.attack,
+        sets=sets,
+        base={**space.fixed, **q_method, **level},
+        attack_base={**space.attack_values, **q_attack},
+        data_base={**space.data_values, **q_data},
+        use_preset=use_preset,
+        source=source,
         recipe=recipe or space.recipe,
     )
     if base.kind == "attack":
@@ -454,14 +559,21 @@ def plan_sweep(
     if objective == "pareto" and scheduler == "asha":
         raise BadInput("--objective pareto with --scheduler asha: ASHA is single-objective; use --scheduler fifo")
     plan = SweepPlan(
-        space=space, base=base, searcher=searcher, scheduler=scheduler, objective=objective,
+        space=space,
+        base=base,
+        searcher=searcher,
+        scheduler=scheduler,
+        objective=objective,
         num_samples=num_samples if num_samples is not None else space.num_samples,
         max_concurrent=max_concurrent if max_concurrent is not None else space.max_concurrent,
         cpus_per_trial=cpus_per_trial if cpus_per_trial is not None else space.resources.get("cpus_per_trial", 1.0),
         gpus_per_trial=gpus_per_trial if gpus_per_trial is not None else space.resources.get("gpus_per_trial"),
-        workers_per_trial=int(workers_per_trial if workers_per_trial is not None
-                              else space.resources.get("workers_per_trial", 1)),
-        pinned=pinned, default_trial=default_trial, knowledge=knowledge,
+        workers_per_trial=int(
+            workers_per_trial if workers_per_trial is not None else space.resources.get("workers_per_trial", 1)
+        ),
+        pinned=pinned,
+        default_trial=default_trial,
+        knowledge=knowledge,
     )
     check_knowledge(plan)
     check_canary_objective(plan)
@@ -475,8 +587,10 @@ def plan_sweep(
     if searcher == "grid":
         bad = [d.key for d in plan.tuned if d.kind not in ("grid", "choice")]
         if bad:
-            raise BadInput(f"{source}: searcher grid needs grid or choice distributions; "
-                           f"{', '.join(bad)} {'is' if len(bad) == 1 else 'are'} continuous")
+            raise BadInput(
+                f"{source}: searcher grid needs grid or choice distributions; "
+                f"{', '.join(bad)} {'is' if len(bad) == 1 else 'are'} continuous"
+            )
     validate_space_values(plan)
     return plan
 
@@ -487,10 +601,17 @@ def check_knowledge(plan: SweepPlan) -> None:
         return
     for metric in plan.objective_metrics:
         if knowledge_of(metric) != BLIND:
-            what = ("the pareto objective" if plan.objective == "pareto" else
-                    "objective.subject_to" if metric in plan.constraints else "objective.metric")
-            raise BadInput(f"{plan.space.path}: {what} {metric} needs the trigger or the poison flags (oracle), "
-                           f"which knowledge blind refuses; blind metrics: {', '.join(blind_metrics())}")
+            what = (
+                "the pareto objective"
+                if plan.objective == "pareto"
+                else "objective.subject_to"
+                if metric in plan.constraints
+                else "objective.metric"
+            )
+            raise BadInput(
+                f"{plan.space.path}: {what} {metric} needs the trigger or the poison flags (oracle), "
+                f"which knowledge blind refuses; blind metrics: {', '.join(blind_metrics())}"
+            )
 
 
 def check_canary_objective(plan: SweepPlan) -> None:
@@ -500,8 +621,10 @@ def check_canary_objective(plan: SweepPlan) -> None:
         return
     if any(d.key == "canary_rate" for d in plan.tuned) or float(plan.base.config.get("canary_rate") or 0) > 0:
         return
-    raise BadInput(f"{plan.space.path}: objective.metric {plan.space.metric} is reported only by runs that plant a "
-                   "canary; set canary_rate > 0 (fixed: {canary_rate: 0.1} in the space, or --set canary_rate=0.1)")
+    raise BadInput(
+        f"{plan.space.path}: objective.metric {plan.space.metric} is reported only by runs that plant a "
+        "canary; set canary_rate > 0 (fixed: {canary_rate: 0.1} in the space, or --set canary_rate=0.1)"
+    )
 
 
 def validate_space_values(plan: SweepPlan) -> None:
@@ -551,13 +674,19 @@ def trial_values(plan: SweepPlan, sampled: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def final_spec(plan: SweepPlan, dataset: str, model: str, defense: str, attack: str, seed: int,
-               chosen: dict[str, Any]):
+def final_spec(plan: SweepPlan, dataset: str, model: str, defense: str, attack: str, seed: int, chosen: dict[str, Any]):
     """The run of a study cell's configuration (the sweep's base with the chosen values) on one evaluation seed."""
-    spec = resolve_run(defense, dataset, model, seed, attack,
-                       base={**{k: v for k, v in plan.base.config.items() if k != "seed"}, **chosen},
-                       attack_base={k: v for k, v in plan.base.attack_config.items() if k != "seed"},
-                       data_base=plan.base.data_config, use_preset=False)
+    spec = resolve_run(
+        defense,
+        dataset,
+        model,
+        seed,
+        attack,
+        base={**{k: v for k, v in plan.base.config.items() if k != "seed"}, **chosen},
+        attack_base={k: v for k, v in plan.base.attack_config.items() if k != "seed"},
+        data_base=plan.base.data_config,
+        use_preset=False,
+    )
     spec.config = apply_derived(plan.space, spec.config)
     spec.recipe = plan.base.recipe
     return spec

@@ -1,6 +1,7 @@
 """`bdo study STUDY.yaml` (docs/studies.md): attacks x defenses x seeds on one dataset and model. Each defense is
 tuned against each attack on validation metrics (a sweep, child of the study run); its selected configuration
 is then rerun on every seed (final runs, each on the attack trained with that seed)."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,21 @@ from orchestrator.session import Session
 from orchestrator.spaces import SweepPlan, final_spec, load_space, plan_sweep
 from orchestrator.tables import ATTACK_COLUMNS, PAPERS_REGIME, mean_std, outside_papers, render
 
-STUDY_KEYS = {"name", "dataset", "model", "attacks", "defenses", "seeds", "tune", "data", "quick", "clean", "jobs",
-              "blind_vs_oracle", "recipe"}
+STUDY_KEYS = {
+    "name",
+    "dataset",
+    "model",
+    "attacks",
+    "defenses",
+    "seeds",
+    "tune",
+    "data",
+    "quick",
+    "clean",
+    "jobs",
+    "blind_vs_oracle",
+    "recipe",
+}
 TUNE_KEYS = {"num_samples", "searcher", "scheduler", "max_concurrent", "seed"}
 DEFENSE_KEYS = {"name", "space", "tune"}
 DEFAULT_BLIND_OBJECTIVE = ("val_blind_score", "max")
@@ -72,13 +86,18 @@ def _study_defenses(items: list, src: str, path: Path) -> tuple[list[tuple[str, 
         name = str(values.get("name", ""))
         method_spec(name, "defense", f"{src}: defenses")
         if set(values) - DEFENSE_KEYS:
-            raise BadInput(f"{src}: defenses: {name}: unknown key(s) {', '.join(sorted(set(values) - DEFENSE_KEYS))}; "
-                           f"allowed: {', '.join(sorted(DEFENSE_KEYS))}")
+            raise BadInput(
+                f"{src}: defenses: {name}: unknown key(s) {', '.join(sorted(set(values) - DEFENSE_KEYS))}; "
+                f"allowed: {', '.join(sorted(DEFENSE_KEYS))}"
+            )
         tunes.append(_tune_block(values.get("tune") or {}, f"{src}: defenses: {name}: tune"))
         given = values.get("space")
         # a study's own space path is relative to the study file, so a study folder works from anywhere
-        space = ((path.parent / given).resolve() if given and not Path(given).is_absolute()
-                 else Path(given or SEARCH_SPACES / f"{name}.yaml"))
+        space = (
+            (path.parent / given).resolve()
+            if given and not Path(given).is_absolute()
+            else Path(given or SEARCH_SPACES / f"{name}.yaml")
+        )
         if not space.is_file():
             raise BadInput(f"{src}: defenses: {name}: space {given} not found (paths are relative to the study file)")
         defenses.append((name, space))
@@ -121,10 +140,19 @@ def load_study(path: Path, args) -> StudyPlan:
         raise BadInput(f"{src}: jobs: a positive integer (runs trained at once), not {jobs!r}")
     if not isinstance(raw.get("clean", False), bool):
         raise BadInput(f"{src}: clean: true or false (a clean-model column trained with nothing poisoned)")
-    plan = StudyPlan(path, str(raw.get("name", path.stem)), args.dataset or str(raw.get("dataset", "digits")),
-                     args.model or str(raw.get("model", "small_cnn")), attacks, defenses, list(seeds), dict(tune),
-                     clean=raw.get("clean", False), jobs=jobs,
-                     recipe=getattr(args, "recipe", None) or (str(raw["recipe"]) if raw.get("recipe") else None))
+    plan = StudyPlan(
+        path,
+        str(raw.get("name", path.stem)),
+        args.dataset or str(raw.get("dataset", "digits")),
+        args.model or str(raw.get("model", "small_cnn")),
+        attacks,
+        defenses,
+        list(seeds),
+        dict(tune),
+        clean=raw.get("clean", False),
+        jobs=jobs,
+        recipe=getattr(args, "recipe", None) or (str(raw["recipe"]) if raw.get("recipe") else None),
+    )
     plan.blind_objective = blind_objective(raw.get("blind_vs_oracle"), src, args)
     quick = bool(raw.get("quick", False)) or bool(getattr(args, "quick", False))
     from orchestrator.resolve import parse_set
@@ -133,14 +161,24 @@ def load_study(path: Path, args) -> StudyPlan:
     from orchestrator.resolve import resolve_attack_config
 
     for attack, attack_values in attacks:  # the study's own attack values are checked against the study file
-        resolve_attack_config(attack, plan.dataset, plan.model, seeds[0], attack_values, not args.no_preset,
-                              f"{src}: attacks: {attack}", recipe=plan.recipe)
+        resolve_attack_config(
+            attack,
+            plan.dataset,
+            plan.model,
+            seeds[0],
+            attack_values,
+            not args.no_preset,
+            f"{src}: attacks: {attack}",
+            recipe=plan.recipe,
+        )
     for di, defense_tune in enumerate(defense_tunes):
         if _given(args.num_samples, {**tune, **defense_tune}.get("num_samples")) == 0:
             plan.untuned.add(di)
     if plan.blind_objective and plan.untuned:
-        raise BadInput(f"{src}: blind_vs_oracle tunes every defense; num_samples 0 (no sweep) leaves nothing to "
-                       f"compare for {', '.join(defenses[i][0] for i in sorted(plan.untuned))}")
+        raise BadInput(
+            f"{src}: blind_vs_oracle tunes every defense; num_samples 0 (no sweep) leaves nothing to "
+            f"compare for {', '.join(defenses[i][0] for i in sorted(plan.untuned))}"
+        )
     for ai, (attack, attack_values) in enumerate(attacks):
         for di, (defense, space_path) in enumerate(defenses):
             space = load_space(space_path)
@@ -150,9 +188,14 @@ def load_study(path: Path, args) -> StudyPlan:
             space.data_values = {**space.data_values, **(raw.get("data") or {})}
             cell_tune = {**tune, **defense_tunes[di]}
             planned = partial(
-                plan_sweep, dataset=plan.dataset, model=plan.model,
-                seed=args.seed if args.seed is not None else cell_tune.get("seed", seeds[0]), attack=attack,
-                sets=sets, use_preset=not args.no_preset, quick=quick,
+                plan_sweep,
+                dataset=plan.dataset,
+                model=plan.model,
+                seed=args.seed if args.seed is not None else cell_tune.get("seed", seeds[0]),
+                attack=attack,
+                sets=sets,
+                use_preset=not args.no_preset,
+                quick=quick,
                 searcher=args.searcher or cell_tune.get("searcher"),
                 # a comparison selects twice from one set of trials, which early stopping on one objective would
                 # cut short for the other: FIFO unless the study asks otherwise (and is then refused)
@@ -161,9 +204,11 @@ def load_study(path: Path, args) -> StudyPlan:
                 # an untuned defense is still planned (so its space and presets are checked), never swept
                 num_samples=1 if di in plan.untuned else _given(args.num_samples, cell_tune.get("num_samples")),
                 max_concurrent=_given(args.max_concurrent, cell_tune.get("max_concurrent")),
-                cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+                cpus_per_trial=args.cpus_per_trial,
+                gpus_per_trial=args.gpus_per_trial,
                 workers_per_trial=args.workers_per_trial,
-                default_trial=not getattr(args, "no_default_trial", False), recipe=plan.recipe,
+                default_trial=not getattr(args, "no_default_trial", False),
+                recipe=plan.recipe,
             )
             if plan.blind_objective is None:
                 plan.sweeps[(ai, di)] = planned(space, knowledge=getattr(args, "knowledge", None))
@@ -187,12 +232,16 @@ def blind_objective(value: Any, source: str, args) -> tuple[str, str] | None:
         return DEFAULT_BLIND_OBJECTIVE
     objective = value.get("objective") if isinstance(value, dict) and set(value) <= {"objective"} else None
     if not isinstance(objective, dict) or set(objective) - {"metric", "mode"}:
-        raise BadInput(f"{source}: blind_vs_oracle: true, or {{objective: {{metric: val_..., mode: max|min}}}} "
-                       f"(the blind sweeps' objective)")
+        raise BadInput(
+            f"{source}: blind_vs_oracle: true, or {{objective: {{metric: val_..., mode: max|min}}}} "
+            f"(the blind sweeps' objective)"
+        )
     metric, mode = str(objective.get("metric", DEFAULT_BLIND_OBJECTIVE[0])), str(objective.get("mode", "max"))
     if not metric.startswith("val_") or knowledge_of(metric) != BLIND:
-        raise BadInput(f"{source}: blind_vs_oracle: objective.metric {metric!r} is not a blind validation metric; "
-                       f"blind metrics: {', '.join(blind_metrics())}")
+        raise BadInput(
+            f"{source}: blind_vs_oracle: objective.metric {metric!r} is not a blind validation metric; "
+            f"blind metrics: {', '.join(blind_metrics())}"
+        )
     if mode not in ("max", "min"):
         raise BadInput(f"{source}: blind_vs_oracle: objective.mode {mode!r}: use max or min")
     return metric, mode
@@ -202,9 +251,11 @@ def check_comparable(plan: SweepPlan, source: str) -> None:
     """Both selections of a cell whose defense trains the same under both levels are made from one set of trials;
     a searcher or scheduler that steers by one objective would make those trials the oracle's (or the blind's)."""
     if plan.searcher == "optuna" or plan.scheduler == "asha":
-        raise BadInput(f"{source}: blind_vs_oracle selects twice from the same trials, which {plan.searcher} with "
-                       f"{plan.scheduler} would steer by one objective; use searcher random (or grid) and "
-                       f"scheduler fifo (the default of such a study)")
+        raise BadInput(
+            f"{source}: blind_vs_oracle selects twice from the same trials, which {plan.searcher} with "
+            f"{plan.scheduler} would steer by one objective; use searcher random (or grid) and "
+            f"scheduler fifo (the default of such a study)"
+        )
 
 
 def _tune_block(tune: Any, source: str) -> dict[str, Any]:
@@ -225,15 +276,26 @@ class StudyOutcome:
 
 def run_study(session: Session, study: StudyPlan, args) -> StudyOutcome:
     tracker = session.open_tracker()
-    study_run_id = tracker.start_run(f"study-{study.name}", {"role": "study", "dataset": study.dataset,
-                                                            "model": study.model, "study_file": str(study.path)})
-    tracker.log_params(study_run_id, {"attacks": [a for a, _ in study.attacks],
-                                      "defenses": [d for d, _ in study.defenses],
-                                      "seeds": study.seeds, "clean": study.clean, "jobs": study.jobs,
-                                      "untuned": [study.defenses[i][0] for i in sorted(study.untuned)],
-                                      **{f"tune.{k}": v for k, v in study.tune.items()}})
-    tracker.set_tags(study_run_id, {"layout": json.dumps({"attacks": [a for a, _ in study.attacks],
-                                                          "defenses": [d for d, _ in study.defenses]})})
+    study_run_id = tracker.start_run(
+        f"study-{study.name}",
+        {"role": "study", "dataset": study.dataset, "model": study.model, "study_file": str(study.path)},
+    )
+    tracker.log_params(
+        study_run_id,
+        {
+            "attacks": [a for a, _ in study.attacks],
+            "defenses": [d for d, _ in study.defenses],
+            "seeds": study.seeds,
+            "clean": study.clean,
+            "jobs": study.jobs,
+            "untuned": [study.defenses[i][0] for i in sorted(study.untuned)],
+            **{f"tune.{k}": v for k, v in study.tune.items()},
+        },
+    )
+    tracker.set_tags(
+        study_run_id,
+        {"layout": json.dumps({"attacks": [a for a, _ in study.attacks], "defenses": [d for d, _ in study.defenses]})},
+    )
     if study.blind_objective:
         tracker.set_tags(study_run_id, {"mode": COMPARE_MODE, "blind_objective": " ".join(study.blind_objective)})
     tags = {"study_run_id": study_run_id}
@@ -255,8 +317,9 @@ def run_study(session: Session, study: StudyPlan, args) -> StudyOutcome:
                     chosen: dict[str, Any] = {}
                     final_tags = {**tags, "knowledge": plan.knowledge}
                     if di not in study.untuned:
-                        result = run_sweep(session, plan, extra_tags=tags, parent_id=study_run_id,
-                                           max_failures=args.max_failures)
+                        result = run_sweep(
+                            session, plan, extra_tags=tags, parent_id=study_run_id, max_failures=args.max_failures
+                        )
                         failed += result.failed
                         trials[(attack, defense)] = len(result.trials)
                         if result.best is None:
@@ -268,8 +331,9 @@ def run_study(session: Session, study: StudyPlan, args) -> StudyOutcome:
                             final_tags["selected_feasible"] = str(result.best_feasible).lower()
                     for seed in study.seeds:
                         spec = final_spec(plan, study.dataset, study.model, defense, attack, seed, chosen)
-                        job = pool.submit(f"{attack} x {defense} seed {seed}", "final", spec, final_tags, plan,
-                                          parent_id=study_run_id)
+                        job = pool.submit(
+                            f"{attack} x {defense} seed {seed}", "final", spec, final_tags, plan, parent_id=study_run_id
+                        )
                         finals.append((attack, defense, job))
             for attack, defense, job in finals:
                 outcome = pool.wait(job)
@@ -286,8 +350,9 @@ def run_study(session: Session, study: StudyPlan, args) -> StudyOutcome:
     return StudyOutcome(study_run_id, table, failed)
 
 
-def attack_columns(study: StudyPlan, pool: RunPool, tracker, study_run_id: str,
-                   cells: dict[tuple[str, str], list[dict[str, float]]]) -> int:
+def attack_columns(
+    study: StudyPlan, pool: RunPool, tracker, study_run_id: str, cells: dict[tuple[str, str], list[dict[str, float]]]
+) -> int:
     """Train the no-defense (and clean-model) column of every attack and seed, record them on the study run;
     returns how many failed. Every final run afterwards trains on one of these models (served by the cache)."""
     tags = {"study_run_id": study_run_id}
@@ -298,14 +363,22 @@ def attack_columns(study: StudyPlan, pool: RunPool, tracker, study_run_id: str,
         first = study.sweeps[(ai, 0)]
         for column, clean in columns:
             for seed in study.seeds:
-                spec = resolve_run(first.base.method, study.dataset, study.model, seed, attack,
-                                   attack_base={**{k: v for k, v in first.base.attack_config.items()
-                                                   if k != "seed"}, **({"poison_rate": 0.0} if clean else {})},
-                                   data_base=first.base.data_config, use_preset=False)
+                spec = resolve_run(
+                    first.base.method,
+                    study.dataset,
+                    study.model,
+                    seed,
+                    attack,
+                    attack_base={
+                        **{k: v for k, v in first.base.attack_config.items() if k != "seed"},
+                        **({"poison_rate": 0.0} if clean else {}),
+                    },
+                    data_base=first.base.data_config,
+                    use_preset=False,
+                )
                 spec.recipe = first.base.recipe
                 label = f"{attack} {'clean model' if clean else 'no defense'} seed {seed}"
-                built.setdefault((attack, column), []).append(
-                    pool.submit(label, "attack", spec, tags, first))
+                built.setdefault((attack, column), []).append(pool.submit(label, "attack", spec, tags, first))
     # bdo report reads these columns from the recorded ids, not from the study_run_id tag: a cached attack
     # keeps the tags of whichever command built it, and the sweeps' own attacks (tuning seed, a space's data
     # block) carry this study's tag without belonging to the column.
@@ -319,13 +392,16 @@ def attack_columns(study: StudyPlan, pool: RunPool, tracker, study_run_id: str,
             run_id, metrics = outcome
             cells.setdefault((attack, column), []).append(metrics)
             recorded[column].setdefault(attack, []).append(run_id)
-    tracker.set_tags(study_run_id, {"no_defense_run_ids": json.dumps(recorded["none"]),
-                                    "clean_run_ids": json.dumps(recorded["clean"])})
+    tracker.set_tags(
+        study_run_id,
+        {"no_defense_run_ids": json.dumps(recorded["none"]), "clean_run_ids": json.dumps(recorded["clean"])},
+    )
     return failed
 
 
-def format_table(study: StudyPlan, cells: dict[tuple[str, str], list[dict[str, float]]],
-                 trials: dict[tuple[str, str], int]) -> str:
+def format_table(
+    study: StudyPlan, cells: dict[tuple[str, str], list[dict[str, float]]], trials: dict[tuple[str, str], int]
+) -> str:
     """The study's table from the metrics it holds in memory, drawn by the same renderer as `bdo report` (which
     reads them back from MLflow), so the two can be compared cell by cell."""
     no_defense, clean_model = ATTACK_COLUMNS["no_defense_run_ids"], ATTACK_COLUMNS["clean_run_ids"]
@@ -333,8 +409,10 @@ def format_table(study: StudyPlan, cells: dict[tuple[str, str], list[dict[str, f
     summary = {}
     for (attack, column), runs in cells.items():
         name = {"none": no_defense, "clean": clean_model}.get(column, column)
-        summary[(attack, name)] = {"seeds": len(runs), "trials": trials.get((attack, column), 0),
-                                   "outside_papers": outside_papers([r.get(PAPERS_REGIME) for r in runs]),
-                                   **{m: mean_std([r.get(f"test_{m}", math.nan) for r in runs])
-                                      for m in ("acc", "asr")}}
+        summary[(attack, name)] = {
+            "seeds": len(runs),
+            "trials": trials.get((attack, column), 0),
+            "outside_papers": outside_papers([r.get(PAPERS_REGIME) for r in runs]),
+            **{m: mean_std([r.get(f"test_{m}", math.nan) for r in runs]) for m in ("acc", "asr")},
+        }
     return render([a for a, _ in study.attacks], columns, summary, ["acc", "asr"], "md")

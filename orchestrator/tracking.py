@@ -5,6 +5,7 @@ schema creation on sqlite fails); trials then open runs in the existing experime
 default, sqlite:///mlflow.db in the working directory, made absolute so trials (whose working directory Ray may
 change) write to the same file.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,7 +45,7 @@ def is_local_store(uri: str) -> bool:
 
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a sqlite:/// URI (as resolve_tracking_uri writes it); None for any other store."""
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
 
 
 def sqlite_damage(db: Path) -> str | None:
@@ -72,9 +73,11 @@ def sqlite_damage(db: Path) -> str | None:
 
 
 def damaged_store(uri: str, db: Path, problem: str) -> BadInput:
-    return BadInput(f"--tracking-uri {uri}: {db} is not a readable SQLite database ({problem}); bdo never deletes "
-                    f"a store: move it aside (mv {db} {db}.damaged) to start a new one there, or pass the "
-                    "--tracking-uri of another store")
+    return BadInput(
+        f"--tracking-uri {uri}: {db} is not a readable SQLite database ({problem}); bdo never deletes "
+        f"a store: move it aside (mv {db} {db}.damaged) to start a new one there, or pass the "
+        "--tracking-uri of another store"
+    )
 
 
 def open_client(uri: str):
@@ -121,8 +124,11 @@ def code_version() -> dict[str, str]:
     if not commit:
         # no checkout here, e.g. a Ray job's working dir (Ray leaves .git out): the submitter may name the commit in
         # BDO_GIT_COMMIT, but whether the uploaded files match it cannot be told (source_sha256 still shows edits)
-        return {"git_commit": os.environ.get("BDO_GIT_COMMIT") or "unknown", "git_dirty": "unknown",
-                "source_sha256": source_digest()}
+        return {
+            "git_commit": os.environ.get("BDO_GIT_COMMIT") or "unknown",
+            "git_dirty": "unknown",
+            "source_sha256": source_digest(),
+        }
     # untracked files count: a new methods/defenses/mydefense.py is exactly how a method is added
     dirty = bool(git("status", "--porcelain", "--untracked-files=normal", "--", *SOURCE_DIRS, "search_spaces"))
     return {"git_commit": commit, "git_dirty": str(dirty).lower(), "source_sha256": source_digest()}
@@ -166,8 +172,10 @@ def system_metrics_interval() -> float:
     try:
         return float(raw) if raw not in ("", "1", "on", "true", "yes") else SYSTEM_METRICS_INTERVAL_S
     except ValueError:
-        raise BadInput(f"BDO_SYSTEM_METRICS={raw!r}: 0 (off), 1 (on, every {SYSTEM_METRICS_INTERVAL_S:g} s) or "
-                       "a sampling interval in seconds") from None
+        raise BadInput(
+            f"BDO_SYSTEM_METRICS={raw!r}: 0 (off), 1 (on, every {SYSTEM_METRICS_INTERVAL_S:g} s) or "
+            "a sampling interval in seconds"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -249,8 +257,11 @@ class Tracker:
 
     def start_run(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
         # mlflow.source.* fill the runs table's Source column
-        source = {"mlflow.source.type": "LOCAL", "mlflow.source.name": "bdo",
-                  "mlflow.source.git.commit": code_version()["git_commit"]}
+        source = {
+            "mlflow.source.type": "LOCAL",
+            "mlflow.source.name": "bdo",
+            "mlflow.source.git.commit": code_version()["git_commit"],
+        }
         all_tags = {**source, **code_version(), **package_versions(), **{k: str(v) for k, v in tags.items()}}
         if parent_id:
             all_tags["mlflow.parentRunId"] = parent_id
@@ -260,8 +271,10 @@ class Tracker:
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)[:6000])
-                 for k, v in sorted(scrub(params).items())]
+        items = [
+            Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)[:6000])
+            for k, v in sorted(scrub(params).items())
+        ]
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i : i + 100])
 
@@ -287,9 +300,19 @@ class Tracker:
     def log_datasets(self, run_id: str, records: list[DatasetRecord]) -> None:
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        inputs = [DatasetInput(Dataset(r.name, r.digest, "bdo", json.dumps(r.source, sort_keys=True),
-                                       profile=json.dumps(r.profile, sort_keys=True)),
-                               [InputTag("mlflow.data.context", r.context)]) for r in records]
+        inputs = [
+            DatasetInput(
+                Dataset(
+                    r.name,
+                    r.digest,
+                    "bdo",
+                    json.dumps(r.source, sort_keys=True),
+                    profile=json.dumps(r.profile, sort_keys=True),
+                ),
+                [InputTag("mlflow.data.context", r.context)],
+            )
+            for r in records
+        ]
         # MLflow's SQL store looks a dataset up and inserts it when missing, in one transaction; two runs logging
         # the same new dataset at once (a study's concurrent trials) both miss it and the second insert breaks the
         # unique key. The failed transaction is rolled back whole, and a second try finds the other run's row.
@@ -319,8 +342,9 @@ class Tracker:
 
         with torch.no_grad():
             logits = model(torch.from_numpy(example)).numpy()
-        logged = self.client.create_logged_model(self.experiment_id, name="model", source_run_id=run_id,
-                                                 tags={"flavor": "pytorch"})
+        logged = self.client.create_logged_model(
+            self.experiment_id, name="model", source_run_id=run_id, tags={"flavor": "pytorch"}
+        )
         # uv's environments have no pip, and MLflow warns on every model that it cannot pin pip's version; it also
         # warns on every pickled model, which this docstring and the README explain once
         for name in ("mlflow.utils.environment", "mlflow.pytorch"):
@@ -328,9 +352,14 @@ class Tracker:
         with tempfile.TemporaryDirectory(prefix="bdo-mlflow-model-") as tmp:
             local = Path(tmp) / "model"
             # pickle, not MLflow's default pt2: exporting a graph took ~3 s per run here against ~0.4 s
-            mlflow.pytorch.save_model(model, str(local), signature=infer_signature(example, logits),
-                                      input_example=example, pip_requirements=model_requirements(),
-                                      serialization_format="pickle")
+            mlflow.pytorch.save_model(
+                model,
+                str(local),
+                signature=infer_signature(example, logits),
+                input_example=example,
+                pip_requirements=model_requirements(),
+                serialization_format="pickle",
+            )
             self.client.log_model_artifacts(logged.model_id, str(local))
         self.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step)])
         self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
@@ -388,8 +417,7 @@ class Tracker:
     def logged_through(self, run_id: str) -> int:
         """The last step any metric of the run was logged at; 0 for none."""
         run = self.client.get_run(run_id)
-        return max((m.step for key in run.data.metrics for m in self.client.get_metric_history(run_id, key)),
-                   default=0)
+        return max((m.step for key in run.data.metrics for m in self.client.get_metric_history(run_id, key)), default=0)
 
     def has_run(self, run_id: str) -> bool:
         """Whether this store holds the run (ids from an attack cache shared with other stores may not be)."""
@@ -411,8 +439,9 @@ class Tracker:
     def search(self, query: str, order_by: Iterable[str] = ("attributes.start_time DESC",)) -> list:
         runs, token = [], None
         while True:
-            page = self.client.search_runs([self.experiment_id], filter_string=query, max_results=1000,
-                                           order_by=list(order_by), page_token=token)
+            page = self.client.search_runs(
+                [self.experiment_id], filter_string=query, max_results=1000, order_by=list(order_by), page_token=token
+            )
             runs.extend(page)
             token = page.token
             if not token:

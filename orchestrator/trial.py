@@ -1,6 +1,7 @@
 """The Tune function trainable. One trial either trains in-process (one worker) or drives a Ray Train
 TorchTrainer with `workers_per_trial` workers whose reports it forwards to Tune; both run the same methods/
 code through TrackedContext. Ray 2.60 runs Train V2, where Tuner(TorchTrainer) fails, hence this shape."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -50,8 +51,17 @@ def trial_spec(setup: TrialSetup, sampled: dict[str, Any]) -> RunSpec:
     base = setup.plan.base
     values = trial_values(setup.plan, sampled)
     attack_config = values if base.kind == "attack" else base.attack_config
-    return RunSpec(base.method, base.kind, values, base.attack, attack_config, base.data_config, base.presets,
-                   base.recipe, base.fast_config)
+    return RunSpec(
+        base.method,
+        base.kind,
+        values,
+        base.attack,
+        attack_config,
+        base.data_config,
+        base.presets,
+        base.recipe,
+        base.fast_config,
+    )
 
 
 def trial_index(trial_id: str) -> int | None:
@@ -59,8 +69,9 @@ def trial_index(trial_id: str) -> int | None:
     return int(tail) if tail.isdigit() else None
 
 
-def child_run(tracker: Tracker, setup: TrialSetup, spec: RunSpec, trial_id: str,
-              trial_name: str) -> tuple[str, dict[str, str]]:
+def child_run(
+    tracker: Tracker, setup: TrialSetup, spec: RunSpec, trial_id: str, trial_name: str
+) -> tuple[str, dict[str, str]]:
     """The trial's MLflow run: reopened when the trial is retried or resumed, so each trial has one run. Returns
     its id and, for a reopened run, its tags so far (empty for a new run)."""
     existing = tracker.children(setup.sweep_run_id, f"tags.trial_id = '{trial_id}'")
@@ -89,8 +100,14 @@ def attempt_tags(previous: dict[str, str], node_id: str, node_ip: str) -> dict[s
     opened by a bdo that did not count attempts: its first attempt is taken as attempt 1."""
     last = previous.get("attempt", "")
     attempt = int(last) + 1 if last.isdigit() else 2 if previous else 1
-    return {"attempt": str(attempt), "node": node_id, "node_ip": node_ip, "ray_node_id": node_id,
-            f"attempt_{attempt}_node": node_id, f"attempt_{attempt}_node_ip": node_ip}
+    return {
+        "attempt": str(attempt),
+        "node": node_id,
+        "node_ip": node_ip,
+        "ray_node_id": node_id,
+        f"attempt_{attempt}_node": node_id,
+        f"attempt_{attempt}_node_ip": node_ip,
+    }
 
 
 def _backdoor(setup: TrialSetup):
@@ -123,8 +140,9 @@ def tune_trainable(config: dict[str, Any], setup: TrialSetup) -> None:
     # elsewhere names the node it finished on and keeps the node of each earlier attempt (attempt_tags).
     import ray
 
-    tracker.set_tags(run_id, attempt_tags(previous, ray.get_runtime_context().get_node_id(),
-                                          ray.util.get_node_ip_address()))
+    tracker.set_tags(
+        run_id, attempt_tags(previous, ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address())
+    )
     # Tune ends a stopped trial's thread (ASHA, or its reused actor being reset) with sys.exit at the next report;
     # that is no failure, and the driver's callback and summary give the run its status.
     logged = tracker.logged_through(run_id) if previous else 0  # what a cut attempt logged (TrackedContext)
@@ -134,21 +152,28 @@ def tune_trainable(config: dict[str, Any], setup: TrialSetup) -> None:
         else:
             device = pick_device(setup.plan.gpus_per_trial)
             backdoor = _backdoor(setup)
-            ctx = TrackedContext(device=device, run_id=run_id, tracker=tracker, reporter=TuneReporter(),
-                                 backdoor_obj=None if backdoor is None else backdoor.to(device),
-                                 data_root=Path(setup.data_root), download=setup.download,
-                                 data_config=spec.data_cfg(), fast=spec.fast_cfg(),
-                                 on_report=fault_hook(setup.fault, trial_index(trial_id)),
-                                 system_metrics=setup.system_metrics, derive=trial_objective(setup, spec),
-                                 logged_through=logged)
+            ctx = TrackedContext(
+                device=device,
+                run_id=run_id,
+                tracker=tracker,
+                reporter=TuneReporter(),
+                backdoor_obj=None if backdoor is None else backdoor.to(device),
+                data_root=Path(setup.data_root),
+                download=setup.download,
+                data_config=spec.data_cfg(),
+                fast=spec.fast_cfg(),
+                on_report=fault_hook(setup.fault, trial_index(trial_id)),
+                system_metrics=setup.system_metrics,
+                derive=trial_objective(setup, spec),
+                logged_through=logged,
+            )
             if spec.kind == "attack":
                 execute_attack(spec, ctx, tracker, run_id)
             else:
                 execute_defense(spec, ctx, tracker, run_id, ctx.backdoor_obj)
 
 
-def _drive_train(setup: TrialSetup, config: dict[str, Any], run_id: str, trial_id: str,
-                 logged_through: int) -> None:
+def _drive_train(setup: TrialSetup, config: dict[str, Any], run_id: str, trial_id: str, logged_through: int) -> None:
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -160,12 +185,19 @@ def _drive_train(setup: TrialSetup, config: dict[str, Any], run_id: str, trial_i
         per_worker["GPU"] = plan.gpus_per_trial / n
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"setup": setup, "config": config, "run_id": run_id, "trial_id": trial_id,
-                           "logged_through": logged_through},
-        scaling_config=ray.train.ScalingConfig(num_workers=n, use_gpu=plan.gpus_per_trial > 0,
-                                               resources_per_worker=per_worker),
+        train_loop_config={
+            "setup": setup,
+            "config": config,
+            "run_id": run_id,
+            "trial_id": trial_id,
+            "logged_through": logged_through,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=n, use_gpu=plan.gpus_per_trial > 0, resources_per_worker=per_worker
+        ),
         run_config=ray.train.RunConfig(
-            name=f"train-{trial_id}", storage_path=str(Path(setup.storage) / "train"),
+            name=f"train-{trial_id}",
+            storage_path=str(Path(setup.storage) / "train"),
             callbacks=[TuneReportCallback()],
             failure_config=ray.train.FailureConfig(max_failures=setup.max_failures),
         ),
@@ -183,17 +215,30 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     spec = trial_spec(setup, loop_config["config"])
-    device = (torch.device("cuda", context.get_local_rank())
-              if (setup.plan.gpus_per_trial > 0 and torch.cuda.is_available()) else torch.device("cpu"))
+    device = (
+        torch.device("cuda", context.get_local_rank())
+        if (setup.plan.gpus_per_trial > 0 and torch.cuda.is_available())
+        else torch.device("cpu")
+    )
     tracker = Tracker(setup.tracking_uri, experiment_id=setup.experiment_id) if rank == 0 else None
     backdoor = _backdoor(setup)
-    ctx = TrackedContext(device=device, run_id=loop_config["run_id"] if rank == 0 else None, tracker=tracker,
-                         reporter=TrainReporter(rank), backdoor_obj=None if backdoor is None else backdoor.to(device),
-                         rank=rank, world_size=world, data_root=Path(setup.data_root), download=setup.download,
-                         data_config=spec.data_cfg(), fast=spec.fast_cfg(),
-                         on_report=fault_hook(setup.fault, trial_index(loop_config["trial_id"])),
-                         system_metrics=setup.system_metrics, derive=trial_objective(setup, spec),
-                         logged_through=loop_config["logged_through"])
+    ctx = TrackedContext(
+        device=device,
+        run_id=loop_config["run_id"] if rank == 0 else None,
+        tracker=tracker,
+        reporter=TrainReporter(rank),
+        backdoor_obj=None if backdoor is None else backdoor.to(device),
+        rank=rank,
+        world_size=world,
+        data_root=Path(setup.data_root),
+        download=setup.download,
+        data_config=spec.data_cfg(),
+        fast=spec.fast_cfg(),
+        on_report=fault_hook(setup.fault, trial_index(loop_config["trial_id"])),
+        system_metrics=setup.system_metrics,
+        derive=trial_objective(setup, spec),
+        logged_through=loop_config["logged_through"],
+    )
     if spec.kind == "attack":
         _, state = execute_attack(spec, ctx, tracker, ctx.run_id)
     else:
@@ -205,6 +250,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     digests = [None] * world
     dist.all_gather_object(digests, digest)
     if rank == 0:
-        tracker.set_tags(ctx.run_id, {"ddp_world_size": world,
-                                      "ddp_weights_identical": str(len(set(digests)) == 1).lower(),
-                                      "weights_sha256": digest})
+        tracker.set_tags(
+            ctx.run_id,
+            {
+                "ddp_world_size": world,
+                "ddp_weights_identical": str(len(set(digests)) == 1).lower(),
+                "weights_sha256": digest,
+            },
+        )

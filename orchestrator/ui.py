@@ -5,6 +5,7 @@ is a single uvicorn process. It binds only the host it is given (loopback by def
 their artifacts under file:// URIs (the experiment's artifact_location), which the server reads directly for the
 UI, so no artifact proxy settings are needed.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,15 +40,19 @@ def check_address(host: str, port: int) -> None:
     try:
         family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except (socket.gaierror, UnicodeError) as exc:
-        raise BadInput(f"--host {host}: does not resolve ({getattr(exc, 'strerror', None) or exc}); "
-                       f"give an address of this machine, e.g. 127.0.0.1") from None
+        raise BadInput(
+            f"--host {host}: does not resolve ({getattr(exc, 'strerror', None) or exc}); "
+            f"give an address of this machine, e.g. 127.0.0.1"
+        ) from None
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: a closed port is free
         try:
             sock.bind(address)
         except OSError as exc:
-            raise BadInput(f"--host {host} --port {port}: cannot listen there ({exc.strerror}); "
-                           f"pick another --port, or a --host of this machine") from None
+            raise BadInput(
+                f"--host {host} --port {port}: cannot listen there ({exc.strerror}); "
+                f"pick another --port, or a --host of this machine"
+            ) from None
 
 
 def runs_page(url: str, experiment_id: str) -> str:
@@ -90,9 +95,15 @@ def _answers(url: str) -> bool:
         return False
 
 
-def start_server(backend_uri: str, host: str = "127.0.0.1", port: int | None = None, *,
-                 timeout: float = READY_TIMEOUT_S, output: IO | int | None = None,
-                 cwd: str | os.PathLike | None = None) -> tuple[subprocess.Popen, str]:
+def start_server(
+    backend_uri: str,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    *,
+    timeout: float = READY_TIMEOUT_S,
+    output: IO | int | None = None,
+    cwd: str | os.PathLike | None = None,
+) -> tuple[subprocess.Popen, str]:
     """Start `mlflow server` on backend_uri, bound to host:port only, and return (process, url) once it answers.
 
     port=None picks a free port (and tries another if that one was taken meanwhile). `output` receives the
@@ -106,11 +117,29 @@ def start_server(backend_uri: str, host: str = "127.0.0.1", port: int | None = N
     for _ in range(attempts):
         chosen = port if port is not None else free_port(host)
         url = _url(host, chosen)
-        command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
-                   "--host", host, "--port", str(chosen), "--workers", "1"]
-        process = subprocess.Popen(command, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=output,
-                                   stderr=subprocess.STDOUT if output is not None else None,
-                                   start_new_session=True)
+        command = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            backend_uri,
+            "--host",
+            host,
+            "--port",
+            str(chosen),
+            "--workers",
+            "1",
+        ]
+        process = subprocess.Popen(
+            command,
+            env=env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT if output is not None else None,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:

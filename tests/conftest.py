@@ -1,5 +1,6 @@
 """Shared fixtures. One backdoored model per (attack, settings) is trained once per test session and shared by
 every test that needs it, so the suite stays within its time budget on 2 cores."""
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,11 @@ torch.set_num_threads(2)
 
 
 def pytest_addoption(parser):
-    parser.addoption("--device", default="cpu",
-                     help="where method tests train: cpu (the reference path, default) or cuda (make test-gpu)")
+    parser.addoption(
+        "--device",
+        default="cpu",
+        help="where method tests train: cpu (the reference path, default) or cuda (make test-gpu)",
+    )
 
 
 def pytest_configure(config):
@@ -66,9 +70,11 @@ def pytest_collection_modifyitems(config, items):
             if "gpu" in item.keywords:
                 item.add_marker(skip_gpu)
 
+
 # The digits attack every defense test starts from: BadNets/Blend all2one at 10% on small_cnn.
-DIGITS_ATTACK = dict(dataset="digits", model="small_cnn", epochs=15, lr=0.05, poison_rate=0.1,
-                     label_mode="all2one", target=0, seed=0)
+DIGITS_ATTACK = dict(
+    dataset="digits", model="small_cnn", epochs=15, lr=0.05, poison_rate=0.1, label_mode="all2one", target=0, seed=0
+)
 
 _BACKDOORS: dict[tuple, Backdoor] = {}
 

@@ -2,6 +2,7 @@
 Machine Learning Model Supply Chain", 2017). Patterns: D-BR/NAD/PBE's 3x3 corner checkerboard (`grid`), D-BR's
 white square (`square`), the four-corner checkerboard (`four_corner`) or a user image file (`file`, stamped in
 the bottom-right corner at `patch_size` px)."""
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ backdoored-model artifact that defenses consume, evaluation (ACC / ASR / RA), an
 Poisoning happens at the dataset level, before augmentation (docs/methods.md#conventions); validation and test
 images are kept clean and get the trigger only at evaluation time.
 """
+
 from __future__ import annotations
 
 import json
@@ -95,8 +96,9 @@ class PoisonedData:
             xs, ys = x[keep], y[keep]
             self._backdoor_sets[split] = (
                 self.trigger.apply(xs, test=True),
-                poison_targets(ys, "all2one" if self.label_mode == "cleanLabel" else self.label_mode, self.target,
-                               self.num_classes),
+                poison_targets(
+                    ys, "all2one" if self.label_mode == "cleanLabel" else self.label_mode, self.target, self.num_classes
+                ),
                 ys,
             )
         return self._backdoor_sets[split]
@@ -140,8 +142,16 @@ class Backdoor:
         return model.to(device)
 
     def to(self, device: torch.device) -> Backdoor:
-        return Backdoor(self.attack, self.config, self.data.to(device), self.model_name, self.model_state, self.metrics,
-                        self.seeds, self.blind)
+        return Backdoor(
+            self.attack,
+            self.config,
+            self.data.to(device),
+            self.model_name,
+            self.model_state,
+            self.metrics,
+            self.seeds,
+            self.blind,
+        )
 
     # Saved as safetensors (tensors) plus JSON (everything else): loading never executes code.
     def save(self, directory: Path) -> None:
@@ -150,8 +160,10 @@ class Backdoor:
         directory.mkdir(parents=True, exist_ok=True)
         d = self.data
         tensors = {
-            **{f"data.{k}": getattr(d, k).cpu().contiguous() for k in (
-                "x_train", "y_train", "y_train_orig", "poison_flags", "x_val", "y_val", "x_test", "y_test")},
+            **{
+                f"data.{k}": getattr(d, k).cpu().contiguous()
+                for k in ("x_train", "y_train", "y_train_orig", "poison_flags", "x_val", "y_val", "x_test", "y_test")
+            },
             **{f"trigger.{k}": v.contiguous() for k, v in d.trigger.tensors.items()},
             **{f"model.{k}": v.cpu().contiguous() for k, v in self.model_state.items()},
         }
@@ -175,7 +187,7 @@ class Backdoor:
 
         meta = json.loads((directory / "backdoor.json").read_text())
         tensors = load_file(str(directory / "backdoor.safetensors"))
-        part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+        part = lambda prefix: {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
         info_fields = dict(meta["info"])
         for key in ("mean", "std"):
             info_fields[key] = tuple(info_fields[key])
@@ -185,10 +197,12 @@ class Backdoor:
             info_fields["adv_concentration_eps"] = DATASET_INFOS.get(info_fields["name"]).adv_concentration_eps
         info = DatasetInfo(**info_fields)
         trigger = trigger_from_state(meta["trigger"]["kind"], meta["trigger"]["params"], part("trigger."))
-        data = PoisonedData(info=info, trigger=trigger, label_mode=meta["label_mode"], target=meta["target"],
-                            **part("data."))
-        return Backdoor(meta["attack"], meta["config"], data, meta["model_name"], part("model."), meta["metrics"],
-                        meta["seeds"])
+        data = PoisonedData(
+            info=info, trigger=trigger, label_mode=meta["label_mode"], target=meta["target"], **part("data.")
+        )
+        return Backdoor(
+            meta["attack"], meta["config"], data, meta["model_name"], part("model."), meta["metrics"], meta["seeds"]
+        )
 
 
 TriggerFactory = Callable[[DatasetInfo, Any, int], Trigger]
@@ -215,9 +229,18 @@ def build_poisoned_data(
     flags = torch.zeros(len(y), dtype=torch.bool)
     flags[idx] = True
     return PoisonedData(
-        info=info, trigger=trigger, label_mode=cfg.label_mode, target=cfg.target,
-        x_train=x, y_train=y, y_train_orig=splits.y_train.clone(), poison_flags=flags,
-        x_val=splits.x_val, y_val=splits.y_val, x_test=splits.x_test, y_test=splits.y_test,
+        info=info,
+        trigger=trigger,
+        label_mode=cfg.label_mode,
+        target=cfg.target,
+        x_train=x,
+        y_train=y,
+        y_train_orig=splits.y_train.clone(),
+        poison_flags=flags,
+        x_val=splits.x_val,
+        y_val=splits.y_val,
+        x_test=splits.x_test,
+        y_test=splits.y_test,
     )
 
 
@@ -254,10 +277,20 @@ def train_classifier(
         return with_implant(evaluate(unwrap(model), data, batch_size=cfg.eval_batch_size))
 
     engine = Engine(ctx)
-    stage = engine.epochs("train", cfg.epochs, model, data.x_train, data.y_train, cfg.batch_size, optimizer=optimizer,
-                          generator=make_generator(train_seed, ctx.device), scheduler=scheduler, extra=constants,
-                          evaluate=evaluated,
-                          augment=(lambda xb, g: augment(xb, data.info, g)) if use_augment else None)
+    stage = engine.epochs(
+        "train",
+        cfg.epochs,
+        model,
+        data.x_train,
+        data.y_train,
+        cfg.batch_size,
+        optimizer=optimizer,
+        generator=make_generator(train_seed, ctx.device),
+        scheduler=scheduler,
+        extra=constants,
+        evaluate=evaluated,
+        augment=(lambda xb, g: augment(xb, data.info, g)) if use_augment else None,
+    )
     if not report:
         for epoch in range(cfg.epochs):
             stage.run(epoch)
@@ -304,12 +337,19 @@ def run_attack(
         facts["papers_regime"] = float(not departures)
         for departure in departures:
             ctx.progress(f"{name}: not the papers' attack ({departure})")
-    ctx.progress(f"{name} on {cfg.dataset}: poison_count {count} of {len(data.y_train)} training images "
-                 f"({cfg.label_mode}, poison_rate {cfg.poison_rate})"
-                 + "".join(f", {k} {v:.4g}" for k, v in facts.items() if k != "poison_count"))
+    ctx.progress(
+        f"{name} on {cfg.dataset}: poison_count {count} of {len(data.y_train)} training images "
+        f"({cfg.label_mode}, poison_rate {cfg.poison_rate})"
+        + "".join(f", {k} {v:.4g}" for k, v in facts.items() if k != "poison_count")
+    )
     metrics = train_classifier(ctx, model, data, cfg, seeds["train_seed"], augment, constants=facts)
     state = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
     return Backdoor(
-        attack=name, config=cfg.to_dict(), data=data, model_name=cfg.model,
-        model_state=state, metrics=metrics, seeds=seeds,
+        attack=name,
+        config=cfg.to_dict(),
+        data=data,
+        model_name=cfg.model,
+        model_state=state,
+        metrics=metrics,
+        seeds=seeds,
     )

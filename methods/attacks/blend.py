@@ -2,6 +2,7 @@
 Learning Systems Using Data Poisoning", 2017). Patterns: a fixed seeded noise image (`random`, standing in for
 the Hello-Kitty image we cannot ship), D-BR's Blend-Strip (`stripe`), fresh noise per image (`noise`, the
 randomPixelTrigger of NAD/D-BR) or a user image file (`file`)."""
+
 from __future__ import annotations
 
 from methods.attacks.base import run_attack
@@ -14,9 +15,13 @@ from methods.data.configs import DatasetInfo
 def make_blend_trigger(info: DatasetInfo, cfg: BlendConfig, seed: int) -> BlendTrigger:
     c, s = info.channels, info.size
     params = {
-        "channels": c, "size": s, "pattern": cfg.pattern, "alpha": cfg.alpha,
+        "channels": c,
+        "size": s,
+        "pattern": cfg.pattern,
+        "alpha": cfg.alpha,
         "alpha_test": cfg.alpha if cfg.alpha_test is None else cfg.alpha_test,
-        "noise": cfg.pattern == "noise", "noise_seed": seed,
+        "noise": cfg.pattern == "noise",
+        "noise_seed": seed,
     }
     if cfg.pattern == "noise":
         return BlendTrigger(params, {})

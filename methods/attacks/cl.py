@@ -5,6 +5,7 @@ trigger is stamped. The clean model is the `badnets` recipe at poison rate 0 (`c
 images get the trigger only. The clean model's accuracy on the hardened images, before the trigger goes on, is
 reported as `cl_hardened_clean_acc`: near 1 means PGD left them easy and the attack has degenerated into
 clean-label BadNets, which a model has no reason to learn."""
+
 from __future__ import annotations
 
 import torch
@@ -22,8 +23,9 @@ from methods.models.base import build_model
 
 def make_cl_trigger(info: DatasetInfo, cfg: CLConfig, seed: int) -> PatchTrigger:
     mask, pattern = four_corner_pattern(info.channels, info.size)
-    return PatchTrigger({"channels": info.channels, "size": info.size, "pattern": "four_corner"},
-                        {"mask": mask, "pattern": pattern})
+    return PatchTrigger(
+        {"channels": info.channels, "size": info.size, "pattern": "four_corner"}, {"mask": mask, "pattern": pattern}
+    )
 
 
 def train_clean_model(ctx, cfg: CLConfig, splits, trigger: PatchTrigger, seeds: dict[str, int]) -> torch.nn.Module:
@@ -43,16 +45,26 @@ def hardened_poison(ctx, cfg: CLConfig, splits, trigger: PatchTrigger, seeds: di
     def poison_images(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         clean_model = train_clean_model(ctx, cfg, splits, trigger, seeds)
         device_g = torch.Generator(device=ctx.device).manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
-        adv = pgd_untargeted(clean_model, to_float(x.to(ctx.device)), y.to(ctx.device), cfg.pgd_eps,
-                             cfg.pgd_step_size, cfg.pgd_steps, random_start=True, generator=device_g)
+        adv = pgd_untargeted(
+            clean_model,
+            to_float(x.to(ctx.device)),
+            y.to(ctx.device),
+            cfg.pgd_eps,
+            cfg.pgd_step_size,
+            cfg.pgd_steps,
+            random_start=True,
+            generator=device_g,
+        )
         hard = (adv * 255).round().clamp(0, 255).to(torch.uint8)
         # Measured on the uint8 images that are actually trained on, so rounding that undoes a tiny
         # perturbation counts as a failed hardening.
         with torch.no_grad():
             pred = predict_logits(clean_model, hard, cfg.eval_batch_size).argmax(1)
         facts["cl_hardened_clean_acc"] = accuracy(pred, y.to(ctx.device))
-        ctx.progress(f"CL: the clean model classifies {facts['cl_hardened_clean_acc']:.3f} of the {len(y)} "
-                     f"hardened images correctly (pgd_eps {cfg.pgd_eps:.4g}, {cfg.pgd_steps} steps)")
+        ctx.progress(
+            f"CL: the clean model classifies {facts['cl_hardened_clean_acc']:.3f} of the {len(y)} "
+            f"hardened images correctly (pgd_eps {cfg.pgd_eps:.4g}, {cfg.pgd_steps} steps)"
+        )
         stamped = trigger.apply(hard.cpu(), test=False)
         if cfg.trigger_amplitude >= 1.0:
             return stamped

@@ -2,6 +2,7 @@
 
 The config of an attack lives here, its run in methods/attacks/<name>.py (docs/architecture.md).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -74,8 +75,9 @@ def clean_label_departures(cfg: AttackConfig) -> list[str]:
     # departure: it is the PBE code's dirty-label SIG (docs/methods.md#sig).
     departures = []
     if cfg.label_mode == "cleanLabel" and cfg.poison_rate > MAX_CLASS_FRACTION:
-        departures.append(f"poisons {cfg.poison_rate:.0%} of the target class (papers: 10%, at most "
-                          f"{MAX_CLASS_FRACTION:.0%})")
+        departures.append(
+            f"poisons {cfg.poison_rate:.0%} of the target class (papers: 10%, at most {MAX_CLASS_FRACTION:.0%})"
+        )
     return departures
 
 
@@ -123,8 +125,10 @@ class SIGConfig(AttackConfig):
         # the tuning ranges reach half the class.
         departures = clean_label_departures(self)
         if self.amplitude_test > MAX_TEST_STRENGTH * self.amplitude:
-            departures.append(f"test amplitude {self.amplitude_test:g} is more than {MAX_TEST_STRENGTH:g}x the "
-                              f"training amplitude {self.amplitude:g} (papers: 60 against 40)")
+            departures.append(
+                f"test amplitude {self.amplitude_test:g} is more than {MAX_TEST_STRENGTH:g}x the "
+                f"training amplitude {self.amplitude:g} (papers: 60 against 40)"
+            )
         return departures
 
 
@@ -153,9 +157,12 @@ class CLConfig(AttackConfig):
     pgd_steps: int = ranged(4, 0, 1000)
     clean_epochs: int | None = ranged(None, 1, 10_000, "epochs of the clean model (default: epochs)")
     trigger_amplitude: float = ranged(
-        1.0, 0.0, 1.0,
+        1.0,
+        0.0,
+        1.0,
         "share of the trigger's contrast stamped on poisoned training images; evaluation always stamps the full "
-        "trigger (Turner et al.'s reduced-amplitude variant, BackdoorBench's reduced_amplitude)")
+        "trigger (Turner et al.'s reduced-amplitude variant, BackdoorBench's reduced_amplitude)",
+    )
 
     def departures_from_papers(self) -> list[str]:
         # Turner et al. and the D-BR code: 10% of the target class, PGD 8/255 (16/255 in the ablations), the full
@@ -164,8 +171,10 @@ class CLConfig(AttackConfig):
         if 255 * self.pgd_eps > 255 * MAX_CL_PGD_EPS + 1e-3:  # YAML files write 16/255 to a few digits
             departures.append(f"PGD radius {255 * self.pgd_eps:.0f}/255 is above the papers' 16/255")
         if self.trigger_amplitude * MAX_TEST_STRENGTH < 1.0:
-            departures.append(f"training triggers at {self.trigger_amplitude:g} of the test trigger's contrast: "
-                              f"the test trigger is more than {MAX_TEST_STRENGTH:g}x stronger")
+            departures.append(
+                f"training triggers at {self.trigger_amplitude:g} of the test trigger's contrast: "
+                f"the test trigger is more than {MAX_TEST_STRENGTH:g}x stronger"
+            )
         return departures
 
     def validate(self) -> None:

@@ -2,6 +2,7 @@
 Corruption Without Label Poisoning", ICIP 2019). Additive, v(i, j) = D sin(2 pi j f / m); as in D-BR and
 BackdoorBench (a fix docs/methods.md#sig recommends) the training amplitude is 40 and the test amplitude 60,
 clean-label by default."""
+
 from __future__ import annotations
 
 from methods.attacks.base import run_attack
@@ -15,8 +16,10 @@ def make_sig_trigger(info: DatasetInfo, cfg: SIGConfig, seed: int) -> AdditiveTr
     c, s = info.channels, info.size
     return AdditiveTrigger(
         {"channels": c, "size": s, "frequency": cfg.frequency},
-        {"delta": sig_signal(c, s, cfg.amplitude, cfg.frequency),
-         "delta_test": sig_signal(c, s, cfg.amplitude_test, cfg.frequency)},
+        {
+            "delta": sig_signal(c, s, cfg.amplitude, cfg.frequency),
+            "delta_test": sig_signal(c, s, cfg.amplitude_test, cfg.frequency),
+        },
     )
 
 

@@ -4,6 +4,7 @@ A trigger is rebuilt from (kind, params, tensors) alone, so a cached backdoor (a
 another node) applies exactly the trigger the attack trained with. `apply(x, test=...)` never changes dtype,
 keeps values in 0..255, and touches only the pixels the trigger defines.
 """
+
 from __future__ import annotations
 
 import math

@@ -2,6 +2,7 @@
 Networks", NDSS 2018). TrojanNN optimises its patch against a model; like D-BR/NAD/ARGD we use a fixed one, but
 ours is generated once by this project from a seed (assets/trojan_patch.npy), nothing from the official
 repositories: x' = clip(x + T)."""
+
 from __future__ import annotations
 
 from methods.attacks.base import run_attack

@@ -4,6 +4,7 @@ evaluate it; cross_ratio x (poisoned count) further images get a randomly jitter
 (the "noise mode" regulariser). Training uses the crop/rotation augmentation of the WaNet code base; its
 rotation (10 degrees by default) moves border pixels of a small image further than a weak warp does, so
 `rotation_deg` can turn it down or off (0) without touching crop and flip."""
+
 from __future__ import annotations
 
 import functools

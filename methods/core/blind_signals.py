@@ -20,6 +20,7 @@ nor a method's), run on the bare model in fp32 eval mode and restore its mode, a
 the input only (no parameter's .grad is touched). They are a pure function of the weights: the same subsample and
 the same PGD random start at every report, so the final evaluation of unchanged weights reproduces the last report.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -89,8 +90,9 @@ def subsample(n: int, images: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)[: min(images, n)].sort().values
 
 
-def adv_concentration(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, signals: BlindSignals,
-                      batch_size: int = 1024) -> float:
+def adv_concentration(
+    model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, signals: BlindSignals, batch_size: int = 1024
+) -> float:
     """Share of the PGD examples of a fixed subsample of (x, y) that the model puts in its most frequent class."""
     if len(y) == 0:
         return float("nan")
@@ -100,9 +102,18 @@ def adv_concentration(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, 
     # enable_grad: a method may evaluate inside its own no_grad block; PGD needs the input's gradient
     with torch.enable_grad():
         for start in range(0, len(idx), batch_size):
-            batch = idx[start:start + batch_size]
-            x_adv = pgd_untargeted(model, to_float(x_uint8[batch]), y[batch], signals.eps, signals.step_size,
-                                   signals.steps, random_start=True, clamp=True, generator=g)
+            batch = idx[start : start + batch_size]
+            x_adv = pgd_untargeted(
+                model,
+                to_float(x_uint8[batch]),
+                y[batch],
+                signals.eps,
+                signals.step_size,
+                signals.steps,
+                random_start=True,
+                clamp=True,
+                generator=g,
+            )
             was_training = model.training
             model.eval()
             with torch.no_grad():
@@ -112,8 +123,9 @@ def adv_concentration(model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, 
     return counts.max().item() / len(idx)
 
 
-def canary_asr(model: nn.Module, canary: Canary, split: str, x: torch.Tensor, y: torch.Tensor,
-               batch_size: int = 1024) -> float:
+def canary_asr(
+    model: nn.Module, canary: Canary, split: str, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024
+) -> float:
     """Fraction of the canary-stamped images (canary target class excluded) classified as the canary target."""
     stamped = canary.stamped(split, x, y)
     if len(stamped) == 0:
@@ -126,8 +138,7 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.device == b.device and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
-def _split_signals(model: nn.Module, data: Any, signals: BlindSignals, split: str,
-                   batch_size: int) -> dict[str, float]:
+def _split_signals(model: nn.Module, data: Any, signals: BlindSignals, split: str, batch_size: int) -> dict[str, float]:
     x, y = data.clean_set(split)
     out = {f"{split}_adv_concentration": adv_concentration(model, x, y, signals, batch_size)}
     if signals.canary is not None:
@@ -135,15 +146,21 @@ def _split_signals(model: nn.Module, data: Any, signals: BlindSignals, split: st
     return out
 
 
-def blind_signals(model: nn.Module, data: Any, signals: BlindSignals | None = None,
-                  batch_size: int = 1024, splits: tuple[str, ...] = SPLITS) -> dict[str, float]:
+def blind_signals(
+    model: nn.Module,
+    data: Any,
+    signals: BlindSignals | None = None,
+    batch_size: int = 1024,
+    splits: tuple[str, ...] = SPLITS,
+) -> dict[str, float]:
     """`<split>_adv_concentration` for each of `splits`, and `<split>_canary_asr` when a canary was planted."""
     signals = signals or default_signals(data.info)
     bare = unwrap(model)  # fp32 and no autocast, as methods.attacks.base.evaluate
     state = bare.state_dict()
     memo = signals._memo
-    same = memo and memo["keys"] == list(state) and all(_same_tensor(a, b) for a, b in zip(memo["state"],
-                                                                                          state.values()))
+    same = (
+        memo and memo["keys"] == list(state) and all(_same_tensor(a, b) for a, b in zip(memo["state"], state.values()))
+    )
     if not same:
         memo.update(keys=list(state), state=[v.detach().clone() for v in state.values()], out={})
     # per split: the step reports evaluate val only and the final evaluation adds test for the same weights

@@ -5,6 +5,7 @@ Every method's config is a dataclass deriving from `Config`. Ranges live in fiel
 all of them and the orchestrator can turn the same metadata into error messages for search spaces.
 A bad value raises ValueError naming the field and what is allowed.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -156,4 +157,3 @@ def describe_range(lo: float | None, hi: float | None) -> str:
     if hi is None:
         return f">= {lo}"
     return f"[{lo}, {hi}]"
-

@@ -7,6 +7,7 @@ resume), and hands per-sample arrays and per-epoch series over with `ctx.hand_of
 The orchestrator implements this on Ray Tune/Train and MLflow; `LocalContext` implements it in memory for
 tests and for plain scripts. Nothing here imports ray or mlflow.
 """
+
 from __future__ import annotations
 
 import copy

@@ -16,6 +16,7 @@ Every rank of a distributed run runs every step and reports it; the context's re
 where BatchNorm statistics are averaged, so a stage that must read synchronised weights does so in `after_report`.
 `ctx.wrap_model` (the fast path, DDP) is what step functions train through; the engine tracks the bare modules.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -62,13 +63,20 @@ class Engine:
         self.step = 0  # the step being trained or last finished, counted from 1 across the stages
         self._on_resume: list[Callable[[], None]] = []
 
-    def track(self, models: dict[str, nn.Module] | None = None,
-              optimizers: dict[str, torch.optim.Optimizer] | None = None,
-              schedulers: dict[str, Any] | None = None,
-              generators: dict[str, torch.Generator] | None = None) -> None:
+    def track(
+        self,
+        models: dict[str, nn.Module] | None = None,
+        optimizers: dict[str, torch.optim.Optimizer] | None = None,
+        schedulers: dict[str, Any] | None = None,
+        generators: dict[str, torch.Generator] | None = None,
+    ) -> None:
         """Checkpoint these with every step (models unwrapped: track the bare module, train the wrapped one)."""
-        for mine, new in ((self.models, models), (self.optimizers, optimizers), (self.schedulers, schedulers),
-                          (self.generators, generators)):
+        for mine, new in (
+            (self.models, models),
+            (self.optimizers, optimizers),
+            (self.schedulers, schedulers),
+            (self.generators, generators),
+        ):
             for name, obj in (new or {}).items():
                 if name in mine:
                     raise ValueError(f"engine: {name!r} is already tracked")
@@ -88,13 +96,25 @@ class Engine:
         checkpoint (a hand-off made by a step that will not run again)."""
         self._on_resume.append(fn)
 
-    def epochs(self, name: str, epochs: int, model: nn.Module, x_uint8: torch.Tensor, y: torch.Tensor,
-               batch_size: int, seed: int | None = None, lr: float | None = None,
-               optimizer: torch.optim.Optimizer | None = None,
-               evaluate: Callable[[], dict[str, float]] | None = None,
-               augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None, *,
-               generator: torch.Generator | None = None, lr_at: Callable[[int], float] | None = None,
-               scheduler: Any = None, extra: Metrics | None = None) -> Stage:
+    def epochs(
+        self,
+        name: str,
+        epochs: int,
+        model: nn.Module,
+        x_uint8: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        seed: int | None = None,
+        lr: float | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        evaluate: Callable[[], dict[str, float]] | None = None,
+        augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        lr_at: Callable[[int], float] | None = None,
+        scheduler: Any = None,
+        extra: Metrics | None = None,
+    ) -> Stage:
         """The most common stage, built for the method: `epochs` epochs of cross-entropy on (x, y), one epoch a
         step, trained through the context's fast path (ctx.wrap_model) and reporting `train_loss`. Every
         method that trains with plain cross-entropy trains through here (the attacks' recipe, FT, the teachers).
@@ -113,8 +133,9 @@ class Engine:
         ctx = self.ctx
         optimizer = optimizer if optimizer is not None else sgd(model.parameters(), lr)
         generator = generator if generator is not None else make_generator(derive_seed(seed, "train"), ctx.device)
-        self.track({name: model}, {name: optimizer}, {name: scheduler} if scheduler is not None else None,
-                   {name: generator})
+        self.track(
+            {name: model}, {name: optimizer}, {name: scheduler} if scheduler is not None else None, {name: generator}
+        )
         wrapped = ctx.wrap_model(model)
         batch_augment = None if augment is None else (lambda xb: augment(xb, generator))
 
@@ -123,8 +144,17 @@ class Engine:
             if lr_at is not None:
                 metrics["lr"] = torch.tensor(lr_at(epoch))
                 set_lr(optimizer, lr_at(epoch))
-            metrics["train_loss"] = train_epoch(wrapped, optimizer, x_uint8, y, batch_size, generator, batch_augment,
-                                                rank=ctx.rank, world_size=ctx.world_size)
+            metrics["train_loss"] = train_epoch(
+                wrapped,
+                optimizer,
+                x_uint8,
+                y,
+                batch_size,
+                generator,
+                batch_augment,
+                rank=ctx.rank,
+                world_size=ctx.world_size,
+            )
             if scheduler is not None:
                 scheduler.step()
             return {**metrics, **(extra or {})}
@@ -190,8 +220,16 @@ class Engine:
         ctx.report(report, step=step)
         if stage.after_report is not None:
             stage.after_report()
-        ctx.save_state(full_state(step, self.models, self.optimizers, self.schedulers, self.generators,
-                                  extra={"stage": stage.name, "kept": _to_cpu(vars(self.kept)), "report": report}))
+        ctx.save_state(
+            full_state(
+                step,
+                self.models,
+                self.optimizers,
+                self.schedulers,
+                self.generators,
+                extra={"stage": stage.name, "kept": _to_cpu(vars(self.kept)), "report": report},
+            )
+        )
         return step, report
 
     def _restore(self, state: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ become channels_last, and every floating tensor in the output comes back as fp32
 On CPU everything defaults off: the CPU path is the reference the fast path is compared against. Evaluation,
 PGD and checkpoints see the plain fp32 model through `unwrap`, exactly as under DistributedDataParallel.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,8 +37,9 @@ def to_fp32(value: Any) -> Any:
     if isinstance(value, dict):
         return type(value)((k, to_fp32(v)) for k, v in value.items())
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{f.name: to_fp32(getattr(value, f.name))
-                                             for f in dataclasses.fields(value) if f.init})
+        return dataclasses.replace(
+            value, **{f.name: to_fp32(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+        )
     return value
 
 
@@ -49,15 +51,23 @@ class FastForward(nn.Module):
     epoch's last partial batch, an evaluation batch) goes through the eager module. The maths is the same, and
     neither a recompilation nor a second CUDA graph is paid for the odd batch out."""
 
-    def __init__(self, module: nn.Module, device_type: str, bf16: bool, channels_last: bool,
-                 compile_model: bool, compile_mode: str = "default"):
+    def __init__(
+        self,
+        module: nn.Module,
+        device_type: str,
+        bf16: bool,
+        channels_last: bool,
+        compile_model: bool,
+        compile_mode: str = "default",
+    ):
         super().__init__()
         self.module = module
         self.device_type, self.bf16, self.channels_last = device_type, bf16, channels_last
         self.compiled_batch: int | None = None
         # Kept outside the module tree so the compiled wrapper never appears in state_dict.
-        compiled = (torch.compile(module, mode=None if compile_mode == "default" else compile_mode)
-                    if compile_model else None)
+        compiled = (
+            torch.compile(module, mode=None if compile_mode == "default" else compile_mode) if compile_model else None
+        )
         object.__setattr__(self, "_compiled", compiled)
 
     def _route(self, args: tuple) -> nn.Module:
@@ -72,9 +82,12 @@ class FastForward(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.channels_last:
-            args = tuple(a.contiguous(memory_format=torch.channels_last)
-                         if isinstance(a, torch.Tensor) and a.dim() == 4 and a.is_floating_point() else a
-                         for a in args)
+            args = tuple(
+                a.contiguous(memory_format=torch.channels_last)
+                if isinstance(a, torch.Tensor) and a.dim() == 4 and a.is_floating_point()
+                else a
+                for a in args
+            )
         forward = self._route(args)
         if not self.bf16:
             return forward(*args, **kwargs)

@@ -1,5 +1,6 @@
 """The fast path's switches (`fast.KEY` of `--set`), torch-free so that they are validated without importing
 torch; methods.core.fastpath applies them."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,8 +22,9 @@ class FastPath(Config):
     channels_last: bool | None = None  # channels_last memory format for 4-d weights and inputs
     cudnn_benchmark: bool | None = None  # let cuDNN pick the fastest convolution algorithms
     compile: bool = False  # torch.compile the training forward (and so its backward)
-    compile_mode: str = choice("default", COMPILE_MODES,
-                               "torch.compile mode; reduce-overhead captures CUDA graphs (CUDA only)")
+    compile_mode: str = choice(
+        "default", COMPILE_MODES, "torch.compile mode; reduce-overhead captures CUDA graphs (CUDA only)"
+    )
 
     def wants(self, switch: str, device: torch.device) -> bool:
         import torch  # only runs ask: validating the switches needs no torch

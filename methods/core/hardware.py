@@ -5,6 +5,7 @@ device a run would use. Importing torch to answer costs about 2 s; a machine wit
 torch could see, so there the answer needs no torch. Where a driver is present, or torch is loaded already,
 torch itself is asked, so the answer is always the one the run will see.
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -6,6 +6,7 @@ splits samples, so validation knows every method and its config without importin
 lives in methods/<kind>s/<name>.py under `@register_method(name)`; that module is imported the first time the
 run (or the docstring that `bdo list` summarises) is asked for.
 """
+
 from __future__ import annotations
 
 import ast
@@ -65,7 +66,9 @@ class MethodSpec:
 
 
 def declare_method(
-    name: str, kind: Literal["attack", "defense"], splits_samples: bool = False,
+    name: str,
+    kind: Literal["attack", "defense"],
+    splits_samples: bool = False,
     from_scratch: bool | Callable[[Config], bool] = False,
 ) -> Callable[[type[Config]], type[Config]]:
     def decorator(config: type[Config]) -> type[Config]:

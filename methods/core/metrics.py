@@ -12,6 +12,7 @@
   the same for the clean pool (against the truly clean samples), pool sizes, the poisoned fraction of the clean
   pool, and the AUROC of a per-sample score (higher = more suspicious) against the true poison flags.
 """
+
 from __future__ import annotations
 
 import numpy as np

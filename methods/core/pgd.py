@@ -6,6 +6,7 @@ to [0, 1] are on by default (a fix docs/methods.md#aft recommends: the official 
 unstable);
 `random_start=False, clamp=False` reproduces the PBE code.
 """
+
 from __future__ import annotations
 
 import torch

@@ -8,6 +8,7 @@ the first read imports every module of their package, whose decorators register 
 stays free of torch (what validation needs), and nothing registered can be missed by a reader. Their names are
 also known without torch: methods.data.configs.DATASET_INFOS and methods.models.names.MODEL_NAMES.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -1,5 +1,6 @@
 """Learning-rate schedules and setting the rate: plain arithmetic, no torch import, so configs (torch-free) can
 compute their schedules with the same functions the methods train with."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -5,6 +5,7 @@ Randomness comes only from explicit generators (shuffling and augmentation) whos
 checkpoint together with the global RNG states, so a run interrupted after epoch k and resumed ends with the
 same weights, bit for bit on CPU.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -157,9 +158,11 @@ def restore_full_state(
     resumed run would silently differ from the interrupted one."""
     saved, here = state.get("device_type"), _generator_device_type(generators)
     if saved is not None and here is not None and saved != here:
-        raise CheckpointDeviceError(f"this checkpoint was taken on {saved} and this run is on {here}: resume it on a "
-                                    f"{saved} machine (BDO_DEVICE={saved}, or --gpus-per-trial 0 for cpu), or start "
-                                    "the run afresh")
+        raise CheckpointDeviceError(
+            f"this checkpoint was taken on {saved} and this run is on {here}: resume it on a "
+            f"{saved} machine (BDO_DEVICE={saved}, or --gpus-per-trial 0 for cpu), or start "
+            "the run afresh"
+        )
     for k, m in models.items():
         unwrap(m).load_state_dict(state["models"][k])
     for k, o in optimizers.items():
@@ -175,8 +178,9 @@ def _generator_device_type(generators: dict[str, torch.Generator]) -> str | None
     return types.pop() if len(types) == 1 else None
 
 
-def sgd(params, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,
-        nesterov: bool = False) -> torch.optim.SGD:
+def sgd(
+    params, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4, nesterov: bool = False
+) -> torch.optim.SGD:
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
 
 

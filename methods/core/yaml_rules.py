@@ -1,5 +1,6 @@
 """The one YAML reader of bdo: spaces, studies, presets, recipes, --set values, stored run configs, and the GPU
 scripts that read presets without the orchestrator. Torch-free and Ray-free, so every one of them can import it."""
+
 from __future__ import annotations
 
 import re
@@ -15,8 +16,10 @@ class Loader(yaml.SafeLoader):
     strings and fail config validation; this loader reads numbers by YAML 1.2 rules. It also refuses a key given
     twice in one mapping, which YAML 1.1 resolves silently to the last value."""
 
-    yaml_implicit_resolvers = {first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
-                               for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -28,17 +31,25 @@ class Loader(yaml.SafeLoader):
                     continue  # SafeLoader refuses it with its own message
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {key!r} (a mapping names each key once)", key_node.start_mark)
+                        None, None, f"duplicate key {key!r} (a mapping names each key once)", key_node.start_mark
+                    )
                 seen.add(key)
         return super().construct_mapping(node, deep)
 
 
-Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"""^(?:
+Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:
     [-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
     |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
     |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
     |[-+]?\.(?:inf|Inf|INF)
-    |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+    |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
 
 
 def read_yaml(text: str):

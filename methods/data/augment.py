@@ -3,6 +3,7 @@
 Every function takes an explicit torch.Generator living on the images' device, so runs are reproducible and a
 checkpoint that stores the generator's state resumes bit-identically. Nothing here loops over images.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,9 @@ import torch.nn.functional as F
 from methods.data.configs import DatasetInfo
 
 
-def _uniform(shape: tuple[int, ...], g: torch.Generator, device: torch.device, lo: float = 0.0,
-             hi: float = 1.0) -> torch.Tensor:
+def _uniform(
+    shape: tuple[int, ...], g: torch.Generator, device: torch.device, lo: float = 0.0, hi: float = 1.0
+) -> torch.Tensor:
     return lo + (hi - lo) * torch.rand(shape, generator=g, device=device)
 
 
@@ -41,8 +43,9 @@ def horizontal_flip(x: torch.Tensor, g: torch.Generator, p: float = 0.5) -> torc
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
-def affine(x: torch.Tensor, angle_rad: torch.Tensor, shift: torch.Tensor,
-           scale: torch.Tensor | None = None) -> torch.Tensor:
+def affine(
+    x: torch.Tensor, angle_rad: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor | None = None
+) -> torch.Tensor:
     """Rotate by `angle_rad` (B,) and translate by `shift` (B, 2) in fractions of the image size; zero fill."""
     b = x.shape[0]
     cos, sin = torch.cos(angle_rad), torch.sin(angle_rad)
@@ -74,8 +77,7 @@ def _torchvision_nearest_warp(x: torch.Tensor, inverse: torch.Tensor) -> torch.T
     b, _, h, w = x.shape
     base = torch.ones(1, h, w, 3, device=x.device, dtype=x.dtype)
     base[..., 0] = torch.linspace(-w * 0.5 + 0.5, w * 0.5 - 0.5, steps=w, device=x.device, dtype=x.dtype)
-    base[..., 1] = torch.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, steps=h, device=x.device,
-                                  dtype=x.dtype).unsqueeze(-1)
+    base[..., 1] = torch.linspace(-h * 0.5 + 0.5, h * 0.5 - 0.5, steps=h, device=x.device, dtype=x.dtype).unsqueeze(-1)
     half_size = torch.tensor([0.5 * w, 0.5 * h], device=x.device, dtype=x.dtype)
     grid = base.view(1, h * w, 3).expand(b, h * w, 3).bmm(inverse.to(x.dtype).transpose(1, 2) / half_size)
     return F.grid_sample(x, grid.view(b, h, w, 2), mode="nearest", padding_mode="zeros", align_corners=False)
@@ -102,8 +104,9 @@ def translate_nearest(x: torch.Tensor, shift_px: torch.Tensor) -> torch.Tensor:
     return _torchvision_nearest_warp(x, inverse)
 
 
-def draw_rotate_translate(b: int, h: int, w: int, degrees: float, translate: float, g: torch.Generator,
-                          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_rotate_translate(
+    b: int, h: int, w: int, degrees: float, translate: float, g: torch.Generator, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image parameters as torchvision's RandomRotation(degrees) and RandomAffine(0, (translate, translate))
     draw them: an angle uniform in [-degrees, degrees] and whole-pixel shifts round(U(-m, m)) with m = translate x
     the width (tx) or height (ty), so the outermost shifts come up less often than the others."""
@@ -113,8 +116,9 @@ def draw_rotate_translate(b: int, h: int, w: int, degrees: float, translate: flo
     return angle, shift
 
 
-def random_rotate_translate(x: torch.Tensor, degrees: float, translate: float, g: torch.Generator,
-                            resample: str = "nearest") -> torch.Tensor:
+def random_rotate_translate(
+    x: torch.Tensor, degrees: float, translate: float, g: torch.Generator, resample: str = "nearest"
+) -> torch.Tensor:
     """FCT's transformation. With `resample` "nearest", as the official D-BR/D-ST code draws it:
     RandomRotation(degrees) then RandomAffine(degrees=0, translate=(translate, translate)), both nearest with zero
     fill. The two resamples are kept apart, as there: the shift also moves the zero corners of the rotated frame
@@ -209,8 +213,9 @@ def strong_augment(x: torch.Tensor, info: DatasetInfo, g: torch.Generator) -> to
     return brightness_contrast(x, 0.4, g, p=0.8)
 
 
-def backdoor_pipeline_augment(x: torch.Tensor, info: DatasetInfo, g: torch.Generator,
-                              rotation_deg: float = 10.0) -> torch.Tensor:
+def backdoor_pipeline_augment(
+    x: torch.Tensor, info: DatasetInfo, g: torch.Generator, rotation_deg: float = 10.0
+) -> torch.Tensor:
     """The GPU batch augmentation of the PBE/WaNet code bases: crop (padding 5 on 32 px, scaled) with p 0.8,
     rotation `rotation_deg` (10 in those code bases) with p 0.5, flip where the dataset allows it.
     rotation_deg 0 skips the rotation without drawing from the generator, so crop and flip are unchanged."""

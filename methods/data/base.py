@@ -4,6 +4,7 @@ A dataset builder returns the official train and test parts; `load_splits` carve
 the training part with its own seed, before any poisoning. Images stay uint8 until a batch is fed to a model,
 which normalises inside itself, so pixel-space epsilons and triggers mean what they say.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -49,8 +50,9 @@ class MissingDataError(FileNotFoundError):
 Builder = Callable[..., RawDataset]
 
 
-def load_raw(name: str, data_root: Path | None = None, download: bool = False,
-             cfg: DataConfig | None = None) -> RawDataset:
+def load_raw(
+    name: str, data_root: Path | None = None, download: bool = False, cfg: DataConfig | None = None
+) -> RawDataset:
     cfg = cfg or DataConfig()
     builder = DATASETS.get(name)
     raw: RawDataset = builder(data_root=Path(data_root or default_data_root()), download=download, cfg=cfg)

@@ -3,6 +3,7 @@
 `--set`) and where datasets live. The loaders register in DATASETS (methods/data/embedded.py, real.py) under
 these names; a test holds the two equal.
 """
+
 from __future__ import annotations
 
 import os
@@ -102,14 +103,25 @@ class DataConfig(Config):
     # Calibrated on small_cnn, 8 epochs at lr 0.05 on 4,000 images (seed 0, CPU): test ACC 1.000 at 0,
     # 0.914 at 0.4, 0.872 at 0.45, 0.837 at 0.5: 0.45 sits in the 85-90% band, room to see what a defense costs.
     synthetic_difficulty: float = ranged(
-        0.45, 0.0, 1.0,
+        0.45,
+        0.0,
+        1.0,
         "how much the synthetic classes overlap (orientation, frequency and colour jitter, pixel noise); 0 is "
-        "the original easy set that small models learn perfectly")
+        "the original easy set that small models learn perfectly",
+    )
 
 
 DIGITS_INFO = declare_dataset(
-    name="digits", num_classes=10, channels=1, size=16, mean=(0.33,), std=(0.40,),
-    crop_pad=2, hflip=False, rotation_deg=10.0, val_fraction=0.125,
+    name="digits",
+    num_classes=10,
+    channels=1,
+    size=16,
+    mean=(0.33,),
+    std=(0.40,),
+    crop_pad=2,
+    hflip=False,
+    rotation_deg=10.0,
+    val_fraction=0.125,
     # Measured on small_cnn (BadNets / Blend all2one 10% vs the same recipe unpoisoned, 3 PGD steps, 128 val
     # images): concentration 0.21 / 0.43 vs 0.15 at 8/255, 0.59 / 0.98 vs 0.19 at 16/255, 0.68 / 1.0 vs 0.24 at
     # 24/255. At 8/255 the coarse 16 px images barely move; 16/255 separates best before the clean model's own
@@ -119,70 +131,151 @@ DIGITS_INFO = declare_dataset(
 
 
 SYNTHETIC_INFO = declare_dataset(
-    name="synthetic", num_classes=10, channels=3, size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
-    crop_pad=4, hflip=True, rotation_deg=0.0, val_fraction=0.05,
+    name="synthetic",
+    num_classes=10,
+    channels=3,
+    size=32,
+    mean=(0.5, 0.5, 0.5),
+    std=(0.25, 0.25, 0.25),
+    crop_pad=4,
+    hflip=True,
+    rotation_deg=0.0,
+    val_fraction=0.05,
 )
 
 
 # Channel statistics are the commonly quoted per-pixel values over each training set (0..1 scale).
 CIFAR10_INFO = declare_dataset(
-    name="cifar10", folder="cifar-10-batches-py", num_classes=10, channels=3, size=32,
-    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
-    crop_pad=4, hflip=True, rotation_deg=0.0, val_fraction=0.05,
+    name="cifar10",
+    folder="cifar-10-batches-py",
+    num_classes=10,
+    channels=3,
+    size=32,
+    mean=(0.4914, 0.4822, 0.4465),
+    std=(0.2470, 0.2435, 0.2616),
+    crop_pad=4,
+    hflip=True,
+    rotation_deg=0.0,
+    val_fraction=0.05,
 )
 
 
-def declare_image_folder(name: str, folder: str, num_classes: int, size: int, mean: tuple[float, ...],
-                         std: tuple[float, ...], description: str, channels: int = 3, **fields: Any) -> DatasetInfo:
+def declare_image_folder(
+    name: str,
+    folder: str,
+    num_classes: int,
+    size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    description: str,
+    channels: int = 3,
+    **fields: Any,
+) -> DatasetInfo:
     """Declare a dataset of train/<class>/ and test/<class>/ image files (methods/data/folders.py reads it). One
     call here is all a new image-folder dataset needs; its presets go in search_spaces/presets/<name>/ (or name
     another dataset's with presets=...)."""
-    return declare_dataset(name=name, folder=folder, num_classes=num_classes, channels=channels, size=size,
-                           mean=mean, std=std, image_folder=True, description=description, **fields)
+    return declare_dataset(
+        name=name,
+        folder=folder,
+        num_classes=num_classes,
+        channels=channels,
+        size=size,
+        mean=mean,
+        std=std,
+        image_folder=True,
+        description=description,
+        **fields,
+    )
 
 
 # CIFAR-10's 60,000 images saved as JPEG (quality 75, 4:2:0 chroma): the official split and labels, decoded
 # pixels that differ from the official batches, so results on it are reported as this copy, never as CIFAR-10.
 # It trains with CIFAR-10's presets and recipes (one place for both).
 CIFAR10_JPEG_INFO = declare_image_folder(
-    name="cifar10_jpeg", folder="cifar10-jpeg", archive="cifar10-jpeg.tar.gz", num_classes=10, size=32,
-    mean=CIFAR10_INFO.mean, std=CIFAR10_INFO.std, presets="cifar10",
+    name="cifar10_jpeg",
+    folder="cifar10-jpeg",
+    archive="cifar10-jpeg.tar.gz",
+    num_classes=10,
+    size=32,
+    mean=CIFAR10_INFO.mean,
+    std=CIFAR10_INFO.std,
+    presets="cifar10",
     classes=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
     description="CIFAR-10 as JPEG files (train/<class>/*.jpg, test/<class>/*.jpg, in the folder cifar10-jpeg or "
-                "the archive cifar10-jpeg.tar.gz): 50,000 / 10,000 3x32x32 images, CIFAR-10's classes and split",
+    "the archive cifar10-jpeg.tar.gz): 50,000 / 10,000 3x32x32 images, CIFAR-10's classes and split",
 )
 
 
 CIFAR100_INFO = declare_dataset(
-    name="cifar100", folder="cifar-100-python", num_classes=100, channels=3, size=32,
-    mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
-    crop_pad=4, hflip=True, rotation_deg=0.0, val_fraction=0.05,
+    name="cifar100",
+    folder="cifar-100-python",
+    num_classes=100,
+    channels=3,
+    size=32,
+    mean=(0.5071, 0.4865, 0.4409),
+    std=(0.2673, 0.2564, 0.2762),
+    crop_pad=4,
+    hflip=True,
+    rotation_deg=0.0,
+    val_fraction=0.05,
 )
 
 
 MNIST_INFO = declare_dataset(
-    name="mnist", folder="MNIST/raw", num_classes=10, channels=1, size=28,
-    mean=(0.1307,), std=(0.3081,),
-    crop_pad=2, hflip=False, rotation_deg=10.0, val_fraction=0.05,
+    name="mnist",
+    folder="MNIST/raw",
+    num_classes=10,
+    channels=1,
+    size=28,
+    mean=(0.1307,),
+    std=(0.3081,),
+    crop_pad=2,
+    hflip=False,
+    rotation_deg=10.0,
+    val_fraction=0.05,
 )
 
 
 GTSRB_INFO = declare_dataset(
-    name="gtsrb", folder="gtsrb", num_classes=43, channels=3, size=32,
-    mean=(0.3403, 0.3121, 0.3214), std=(0.2724, 0.2608, 0.2669),
-    crop_pad=4, hflip=False, rotation_deg=10.0, val_fraction=0.05,
+    name="gtsrb",
+    folder="gtsrb",
+    num_classes=43,
+    channels=3,
+    size=32,
+    mean=(0.3403, 0.3121, 0.3214),
+    std=(0.2724, 0.2608, 0.2669),
+    crop_pad=4,
+    hflip=False,
+    rotation_deg=10.0,
+    val_fraction=0.05,
 )
 
 
 CELEBA8_INFO = declare_dataset(
-    name="celeba8", folder="celeba", num_classes=8, channels=3, size=64,
-    mean=(0.5063, 0.4258, 0.3832), std=(0.3107, 0.2904, 0.2897),
-    crop_pad=8, hflip=True, rotation_deg=0.0, val_fraction=0.05,
+    name="celeba8",
+    folder="celeba",
+    num_classes=8,
+    channels=3,
+    size=64,
+    mean=(0.5063, 0.4258, 0.3832),
+    std=(0.3107, 0.2904, 0.2897),
+    crop_pad=8,
+    hflip=True,
+    rotation_deg=0.0,
+    val_fraction=0.05,
 )
 
 
 TINY_IMAGENET_INFO = declare_dataset(
-    name="tiny_imagenet", folder="tiny-imagenet-200", num_classes=200, channels=3, size=64,
-    mean=(0.4802, 0.4481, 0.3975), std=(0.2770, 0.2691, 0.2821),
-    crop_pad=8, hflip=True, rotation_deg=0.0, val_fraction=0.05,
+    name="tiny_imagenet",
+    folder="tiny-imagenet-200",
+    num_classes=200,
+    channels=3,
+    size=64,
+    mean=(0.4802, 0.4481, 0.3975),
+    std=(0.2770, 0.2691, 0.2821),
+    crop_pad=8,
+    hflip=True,
+    rotation_deg=0.0,
+    val_fraction=0.05,
 )

@@ -1,4 +1,5 @@
 """Datasets that need no download: scikit-learn's bundled handwritten digits, and a procedural synthetic set."""
+
 from __future__ import annotations
 
 import math

@@ -16,6 +16,7 @@ alpha) for a colour dataset, and an image whose size differs from the declared o
 The images are stored in a fixed-seed shuffled order, not class by class: `data.train_limit` and
 `data.test_limit` keep a prefix, and a prefix of a class-sorted list would hold the first classes only.
 """
+
 from __future__ import annotations
 
 import io
@@ -60,15 +61,20 @@ def _labels(info: DatasetInfo, found: dict[str, dict[str, list]], where: str) ->
     for split, names in (("train", train), ("test", test)):
         absent = [name for name in classes if name not in names]
         if absent:
-            raise FolderError(f"{where}/{split}/{absent[0]} is missing or holds no image"
-                              + (f" (and {len(absent) - 1} more classes)" if len(absent) > 1 else ""))
+            raise FolderError(
+                f"{where}/{split}/{absent[0]} is missing or holds no image"
+                + (f" (and {len(absent) - 1} more classes)" if len(absent) > 1 else "")
+            )
         extra = [name for name in names if name not in classes]
         if extra:
-            raise FolderError(f"{where}/{split}/{extra[0]} is not one of the declared classes of {info.name}"
-                              f" ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})")
+            raise FolderError(
+                f"{where}/{split}/{extra[0]} is not one of the declared classes of {info.name}"
+                f" ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})"
+            )
     if len(classes) != info.num_classes:
-        raise FolderError(f"{where}/train holds {len(classes)} classes; {info.name} is declared with "
-                          f"{info.num_classes}")
+        raise FolderError(
+            f"{where}/train holds {len(classes)} classes; {info.name} is declared with {info.num_classes}"
+        )
     return {name: label for label, name in enumerate(classes)}
 
 
@@ -83,8 +89,10 @@ def _decode(info: DatasetInfo, name: str, opened: Image.Image) -> np.ndarray:
         raise FolderError(f"{name} is a {opened.mode} image; {info.name} takes {mode} images only (convert it)")
     if opened.size != (info.size, info.size):
         if not info.resize:
-            raise FolderError(f"{name} is {opened.size[0]}x{opened.size[1]}; {info.name} takes {info.size}x"
-                              f"{info.size} images (resize them, or declare the dataset with resize=True)")
+            raise FolderError(
+                f"{name} is {opened.size[0]}x{opened.size[1]}; {info.name} takes {info.size}x"
+                f"{info.size} images (resize them, or declare the dataset with resize=True)"
+            )
         opened = opened.resize((info.size, info.size), Image.Resampling.BILINEAR)
     return np.asarray(opened, dtype=np.uint8)
 
@@ -136,13 +144,18 @@ def _from_archive(info: DatasetInfo, archive: Path) -> Parts:
                 members[member.name] = tar.extractfile(member).read()
                 found.setdefault(parts[0], {}).setdefault(parts[1], []).append(member.name)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as error:  # not a tar, truncated, bad compression
-        raise FolderError(f"{archive} could not be read as a tar archive ({type(error).__name__}): it may be "
-                          "incomplete or corrupt; replace it with a good copy") from None
+        raise FolderError(
+            f"{archive} could not be read as a tar archive ({type(error).__name__}): it may be "
+            "incomplete or corrupt; replace it with a good copy"
+        ) from None
     labels = _labels(info, found, str(archive))
     out: list[torch.Tensor] = []
     for split in SPLITS:
-        samples = [(f"{archive}:{name}", name, labels[cls]) for cls, names in sorted(found[split].items())
-                   for name in sorted(names)]
+        samples = [
+            (f"{archive}:{name}", name, labels[cls])
+            for cls, names in sorted(found[split].items())
+            for name in sorted(names)
+        ]
         out.extend(_read_all(info, _shuffled(samples), lambda name: Image.open(io.BytesIO(members[name]))))
     return out[0], out[1], out[2], out[3]
 
@@ -157,16 +170,20 @@ def image_folder_source(info: DatasetInfo) -> Source:
         return [] if (root / info.archive).is_file() else [folder]
 
     def fetch(root: Path) -> None:
-        raise FolderError(f"{info.name} cannot be downloaded; put its files at {root / info.folder}"
-                          + (f" or its archive at {root / info.archive}" if info.archive else ""))
+        raise FolderError(
+            f"{info.name} cannot be downloaded; put its files at {root / info.folder}"
+            + (f" or its archive at {root / info.archive}" if info.archive else "")
+        )
 
     def convert(root: Path) -> Parts:
         folder = root / info.folder
         return _from_folder(info, folder) if folder.exists() else _from_archive(info, root / info.archive)
 
     classes = ",".join(info.classes) if info.classes else "sorted folders"
-    recipe = f"image folder {info.size}px {'resize bilinear' if info.resize else 'exact size'}; classes {classes}; " \
-             f"order seed {ORDER_SEED}"
+    recipe = (
+        f"image folder {info.size}px {'resize bilinear' if info.resize else 'exact size'}; classes {classes}; "
+        f"order seed {ORDER_SEED}"
+    )
     return Source(info, missing, fetch, convert, recipe=recipe)
 
 
@@ -175,8 +192,9 @@ def register_image_folders() -> None:
     for name, info in DATASET_INFOS.items():
         if info.image_folder:
 
-            def build(data_root: Path, download: bool = False, cfg: DataConfig | None = None,
-                      info: DatasetInfo = info) -> RawDataset:
+            def build(
+                data_root: Path, download: bool = False, cfg: DataConfig | None = None, info: DatasetInfo = info
+            ) -> RawDataset:
                 return load_cached(image_folder_source(info), data_root, download)
 
             build.__doc__ = info.description

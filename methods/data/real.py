@@ -10,6 +10,7 @@ does not look like the dataset (wrong keys, dtypes, shapes, label range or recip
 Downloads are opt-in (`download=True`, the `--download` flag); without it a missing dataset raises
 `MissingDataError` with a one-line message naming the expected path and the fix.
 """
+
 from __future__ import annotations
 
 import logging
@@ -505,9 +506,7 @@ def _tiny_source() -> Source:
             out.append(torch.tensor([label for _, label in samples], dtype=torch.int64))
         return out[0], out[1], out[2], out[3]
 
-    return Source(
-        TINY_IMAGENET_INFO, missing, fetch, convert, recipe=f"sorted wnids, val as test, {size}"
-    )
+    return Source(TINY_IMAGENET_INFO, missing, fetch, convert, recipe=f"sorted wnids, val as test, {size}")
 
 
 @DATASETS.register("tiny_imagenet")

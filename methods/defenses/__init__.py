@@ -3,6 +3,7 @@ which hands the defense a context whose backdoor carries the blind signals' sett
 the canary. canary.py imports torch, so it is imported at the first dispatch: validation imports this package
 (for configs.py) and must stay torch-free.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -17,6 +17,7 @@ Deviations from the official code (github.com/John-niu-07/BPE), all as docs/meth
   (clean_ratio=1.0 reproduces that).
 - The code builds a MultiStep scheduler but never steps it; here the lr is simply constant.
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,14 +35,28 @@ from methods.defenses.configs import AdversarialFinetuneConfig, AFTConfig
 from methods.defenses.shared.common import DefenseResult, DefenseRun
 
 
-def adversarial_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: AdversarialFinetuneConfig,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+def adversarial_batch(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: AdversarialFinetuneConfig,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """The PGD examples AFT and PBE train on, for a float [0, 1] batch `x` with labels `y`, under `cfg`'s
     adv_* settings. The model is used in eval mode and left as it was; the result is detached. This is the
     unit the benchmark suite times to report adversarial images per second (each image costs adv_steps
     forward and backward passes)."""
-    return pgd_untargeted(unwrap(model), x, y, cfg.adv_eps, cfg.step_size(), cfg.adv_steps,
-                          random_start=cfg.adv_random_start, clamp=cfg.adv_clamp, generator=generator)
+    return pgd_untargeted(
+        unwrap(model),
+        x,
+        y,
+        cfg.adv_eps,
+        cfg.step_size(),
+        cfg.adv_steps,
+        random_start=cfg.adv_random_start,
+        clamp=cfg.adv_clamp,
+        generator=generator,
+    )
 
 
 def adversarial_finetune_epoch(
@@ -59,6 +74,7 @@ def adversarial_finetune_epoch(
 ) -> torch.Tensor:
     """One fine-tuning epoch with the PBE/WaNet batch augmentation; the first `adv_batches` batches (None: all)
     are replaced by their PGD examples, keeping their labels. Returns the mean loss as a device tensor."""
+
     def batch_loss(numbered: tuple[int, torch.Tensor]) -> torch.Tensor:
         i, idx = numbered
         xb, yb = backdoor_pipeline_augment(to_float(x_uint8[idx]), info, g_train), y[idx]
@@ -79,8 +95,10 @@ def run(ctx: RunContext, cfg: AFTConfig) -> DefenseResult:
     model = defense.backdoor.build_model(ctx.device)
     idx = defense.clean_subset()
     x_clean, y_clean = data.x_train[idx], data.y_train[idx]
-    ctx.progress(f"aft: {len(idx)} clean images, {cfg.adv_epochs if cfg.adv_epochs is not None else cfg.epochs} "
-                 f"adversarial epochs of {cfg.epochs}")
+    ctx.progress(
+        f"aft: {len(idx)} clean images, {cfg.adv_epochs if cfg.adv_epochs is not None else cfg.epochs} "
+        f"adversarial epochs of {cfg.epochs}"
+    )
 
     optimizer = sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
     g_train, g_pgd = defense.generator("train"), defense.generator("pgd")
@@ -90,9 +108,21 @@ def run(ctx: RunContext, cfg: AFTConfig) -> DefenseResult:
 
     def run_epoch(epoch: int) -> dict[str, torch.Tensor | float]:
         adversarial = epoch < adv_epochs
-        loss = adversarial_finetune_epoch(wrapped, optimizer, x_clean, y_clean, cfg, data.info, g_train, g_pgd,
-                                          None if adversarial else 0, ctx.rank, ctx.world_size)
+        loss = adversarial_finetune_epoch(
+            wrapped,
+            optimizer,
+            x_clean,
+            y_clean,
+            cfg,
+            data.info,
+            g_train,
+            g_pgd,
+            None if adversarial else 0,
+            ctx.rank,
+            ctx.world_size,
+        )
         return {"train_loss": loss, "adversarial": float(adversarial)}
 
-    return defense.finish(model, defense.engine.run([Stage("finetune", cfg.epochs, run_epoch,
-                                                           defense.evaluation(model))]))
+    return defense.finish(
+        model, defense.engine.run([Stage("finetune", cfg.epochs, run_epoch, defense.evaluation(model))])
+    )

@@ -23,6 +23,7 @@ Deviations from the official code, each a config switch back to it where it matt
   not the one picked by the code's rolling clean-accuracy threshold.
 - Teacher and student maps of different resolutions are pooled to the smaller one (see attention.py).
 """
+
 from __future__ import annotations
 
 import torch
@@ -69,10 +70,12 @@ def run(ctx: RunContext, cfg: ARGDConfig):
     g = defense.generator("train")
 
     def loss_terms(logits, labels, student_maps, teacher_maps, transfer):
-        return {"loss_ce": F.cross_entropy(logits, labels),
-                "loss_vert": cfg.w_vert * weighted_at_loss(student_maps, teacher_maps, cfg.vertex_weights),
-                "loss_edge": cfg.w_edge * edge_loss(student_maps, teacher_maps),
-                "loss_trans": cfg.w_trans * transfer}
+        return {
+            "loss_ce": F.cross_entropy(logits, labels),
+            "loss_vert": cfg.w_vert * weighted_at_loss(student_maps, teacher_maps, cfg.vertex_weights),
+            "loss_edge": cfg.w_edge * edge_loss(student_maps, teacher_maps),
+            "loss_trans": cfg.w_trans * transfer,
+        }
 
     stage = distill_stage(defense, student, teacher, optimizer, x, y, g, loss_terms, head=heads)
     defense.engine.track({"student": student, "heads": heads}, {"student": optimizer}, generators={"train": g})

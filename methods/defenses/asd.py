@@ -29,6 +29,7 @@ Deviations, all for reasons of scale or bookkeeping:
   both higher = more suspicious. The latest model is returned (a fix docs/methods.md#asd recommends), not the
   best-test-ACC one.
 """
+
 from __future__ import annotations
 
 import copy
@@ -81,17 +82,18 @@ def sce_loss(logits: torch.Tensor, y: torch.Tensor, alpha: float, beta: float) -
 
 
 @torch.no_grad()
-def record_split_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ASDConfig, info: DatasetInfo,
-                      g: torch.Generator) -> torch.Tensor:
+def record_split_loss(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ASDConfig, info: DatasetInfo, g: torch.Generator
+) -> torch.Tensor:
     """The split loss of every training image, eval mode, fixed order (augmented views if record_with_aug)."""
     was_training = model.training
     model.eval()
     out = []
     for start in range(0, len(y), cfg.eval_batch_size):
-        xb = to_float(x[start:start + cfg.eval_batch_size])
+        xb = to_float(x[start : start + cfg.eval_batch_size])
         if cfg.record_with_aug:
             xb = standard_augment(xb, info, g)
-        out.append(sce_loss(model(xb), y[start:start + cfg.eval_batch_size], cfg.sce_alpha, cfg.sce_beta))
+        out.append(sce_loss(model(xb), y[start : start + cfg.eval_batch_size], cfg.sce_alpha, cfg.sce_beta))
     model.train(was_training)
     return torch.cat(out)
 
@@ -109,8 +111,9 @@ def clean_seed_indices(backdoor: Backdoor, seed_num: int, clean_seed: int) -> to
     return torch.cat(picked).sort().values.to(data.y_train.device)
 
 
-def class_aware_pool(loss: torch.Tensor, y: torch.Tensor, seeds: torch.Tensor, per_class: int,
-                     num_classes: int) -> torch.Tensor:
+def class_aware_pool(
+    loss: torch.Tensor, y: torch.Tensor, seeds: torch.Tensor, per_class: int, num_classes: int
+) -> torch.Tensor:
     """Stage 1: the seeds plus, per labeled class, the `per_class` non-seed images of lowest loss (bool mask)."""
     clean = torch.zeros_like(y, dtype=torch.bool)
     clean[seeds] = True
@@ -129,9 +132,16 @@ def lowest_fraction_pool(score: torch.Tensor, epsilon: float) -> torch.Tensor:
     return clean
 
 
-def meta_loss_drop(model: BackdoorModel, x: torch.Tensor, y: torch.Tensor, loss_before: torch.Tensor,
-                   cfg: ASDConfig, info: DatasetInfo, g_meta: torch.Generator,
-                   g_record: torch.Generator) -> torch.Tensor:
+def meta_loss_drop(
+    model: BackdoorModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_before: torch.Tensor,
+    cfg: ASDConfig,
+    info: DatasetInfo,
+    g_meta: torch.Generator,
+    g_record: torch.Generator,
+) -> torch.Tensor:
     """Stage 3: how much each image's split loss drops after a virtual copy's late layers take `meta_epochs`
     supervised CE epochs on the full poisoned set. Poisoned images, easy to fit, drop most."""
     virtual = copy.deepcopy(model)
@@ -141,8 +151,9 @@ def meta_loss_drop(model: BackdoorModel, x: torch.Tensor, y: torch.Tensor, loss_
         p.requires_grad_(id(p) in trainable)
     optimizer = torch.optim.Adam(params, lr=cfg.meta_lr)
     for _ in range(cfg.meta_epochs):
-        train_epoch(virtual, optimizer, x, y, cfg.meta_batch_size, g_meta,
-                    augment=lambda xb: standard_augment(xb, info, g_meta))
+        train_epoch(
+            virtual, optimizer, x, y, cfg.meta_batch_size, g_meta, augment=lambda xb: standard_augment(xb, info, g_meta)
+        )
     return loss_before - record_split_loss(virtual, x, y, cfg, info, g_record)
 
 
@@ -152,10 +163,20 @@ def index_stream(pool: torch.Tensor, count: int, g: torch.Generator) -> torch.Te
     return torch.cat([pool[torch.randperm(len(pool), generator=g, device=pool.device)] for _ in range(passes)])[:count]
 
 
-def mixmatch_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                   clean_idx: torch.Tensor, polluted_idx: torch.Tensor, epoch: int, cfg: ASDConfig,
-                   info: DatasetInfo, g: torch.Generator, rank: int = 0,
-                   world_size: int = 1) -> dict[str, torch.Tensor]:
+def mixmatch_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    clean_idx: torch.Tensor,
+    polluted_idx: torch.Tensor,
+    epoch: int,
+    cfg: ASDConfig,
+    info: DatasetInfo,
+    g: torch.Generator,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, torch.Tensor]:
     """One epoch of MixMatch: the clean pool labeled, the polluted pool unlabeled. Returns mean losses as tensors."""
     iters, bs = cfg.iterations_per_epoch, cfg.batch_size
     num_classes = info.num_classes
@@ -166,11 +187,11 @@ def mixmatch_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.
     model.train()
 
     def batch_loss(it: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        li = labeled[it * bs:(it + 1) * bs][rank::world_size]
+        li = labeled[it * bs : (it + 1) * bs][rank::world_size]
         x_l = standard_augment(to_float(x[li]), info, g)
         inputs, targets = [x_l], [F.one_hot(y[li], num_classes).float()]
         if unlabeled is not None:
-            xu = to_float(x[unlabeled[it * bs:(it + 1) * bs][rank::world_size]])
+            xu = to_float(x[unlabeled[it * bs : (it + 1) * bs][rank::world_size]])
             views = [standard_augment(xu, info, g) for _ in range(2)]
             with torch.no_grad():
                 guess = sharpen(sum(torch.softmax(model(v), dim=1) for v in views) / len(views), cfg.temperature)
@@ -199,14 +220,16 @@ def run(ctx: RunContext, cfg: ASDConfig):
         model = build_model(backdoor.model_name, info).to(ctx.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gens = {name: defense.generator(f"asd-{name}") for name in ("train", "record", "meta")}
-    seeds = clean_seed_indices(backdoor, cfg.seed_num,
-                               backdoor.seeds["clean_seed"] if cfg.clean_seed is None else cfg.clean_seed)
+    seeds = clean_seed_indices(
+        backdoor, cfg.seed_num, backdoor.seeds["clean_seed"] if cfg.clean_seed is None else cfg.clean_seed
+    )
 
     engine = defense.engine
     engine.track({"model": model}, {"opt": optimizer}, generators=gens)
     # the last split: what the final model was trained with, handed over as the run's scores
-    kept = engine.keep(series={"epoch": [], "clean_pool_size": [], "clean_pool_poisoned": [], "stage": []},
-                       pools=None, scores=None)
+    kept = engine.keep(
+        series={"epoch": [], "clean_pool_size": [], "clean_pool_poisoned": [], "stage": []}, pools=None, scores=None
+    )
     wrapped = ctx.wrap_model(model)
 
     def run_epoch(epoch: int) -> dict[str, torch.Tensor | float]:
@@ -222,16 +245,19 @@ def run(ctx: RunContext, cfg: ASDConfig):
             clean = lowest_fraction_pool(kept.scores, cfg.epsilon)
         kept.pools = torch.where(clean, POOL_CLEAN, POOL_POISON)
         clean_idx, polluted_idx = torch.nonzero(clean).flatten(), torch.nonzero(~clean).flatten()
-        losses = mixmatch_epoch(wrapped, optimizer, x, y, clean_idx, polluted_idx, epoch, cfg, info,
-                                gens["train"], ctx.rank, ctx.world_size)
+        losses = mixmatch_epoch(
+            wrapped, optimizer, x, y, clean_idx, polluted_idx, epoch, cfg, info, gens["train"], ctx.rank, ctx.world_size
+        )
         series = kept.series
         series["epoch"].append(epoch + 1)
         series["clean_pool_size"].append(int(clean_idx.numel()))
         series["clean_pool_poisoned"].append(int(flags[clean_idx].sum().item()))
         series["stage"].append(stage)
         ctx.hand_off_series("asd_pools", series)
-        ctx.progress(f"asd epoch {epoch + 1}/{cfg.epochs} stage {stage}: clean pool {len(clean_idx)} "
-                     f"({series['clean_pool_poisoned'][-1]} poisoned)")
+        ctx.progress(
+            f"asd epoch {epoch + 1}/{cfg.epochs} stage {stage}: clean pool {len(clean_idx)} "
+            f"({series['clean_pool_poisoned'][-1]} poisoned)"
+        )
         return {**split_metrics(kept.pools, flags, kept.scores), **losses, "asd_stage": float(stage)}
 
     last = engine.run([Stage("mixmatch", cfg.epochs, run_epoch, defense.evaluation(model))])

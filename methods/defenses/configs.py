@@ -2,6 +2,7 @@
 DistillConfig; AFT's and PBE's AdversarialFinetuneConfig): torch-free, so a config is validated without
 importing torch. The config of a defense lives here, its run in methods/defenses/<name>.py (docs/architecture.md).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,8 +31,9 @@ class DefenseConfig(Config):
     knowledge: str = choice(ORACLE, KNOWLEDGE_LEVELS, "what in-method choices may know: oracle or blind")
     # The blind adversarial-concentration signal every defense reports (methods/core/blind_signals.py). It reads
     # the weights only, so these settings change no other number a run reports.
-    blind_adv_eps: float | None = ranged(None, 0.0, 1.0,
-                                            "PGD radius of val/test_adv_concentration (None: the dataset's)")
+    blind_adv_eps: float | None = ranged(
+        None, 0.0, 1.0, "PGD radius of val/test_adv_concentration (None: the dataset's)"
+    )
     # 3 steps of radius / 2 on 128 images: on digits the separation of a backdoored from a clean model is the
     # same as with 5 or 10 steps and 256 images (docs/methods.md#blind-signals), at a third of the cost
     blind_adv_steps: int = ranged(3, 1, 1000, "PGD iterations of the adversarial concentration")
@@ -51,8 +53,9 @@ class DefenseConfig(Config):
     # part and removes much of the attacker's backdoor before the defense begins.
     canary_epochs: int = ranged(20, 1, 10_000, "repairing defenses: epochs of the fine-tuning that plants it")
     canary_lr: float = ranged(0.003, 0.0, 10.0, "repairing defenses: lr of that fine-tuning")
-    canary_clean_ratio: float = ranged(0.1, 1e-4, 1.0,
-                                       "repairing defenses: clean training images that fine-tuning uses")
+    canary_clean_ratio: float = ranged(
+        0.1, 1e-4, 1.0, "repairing defenses: clean training images that fine-tuning uses"
+    )
     # The fields whose rule, left unset, follows `knowledge`: the only way the level changes what a run trains.
     # A defense without any trains the same under both levels, so a study comparing them runs its trials once.
     KNOWLEDGE_RULES: ClassVar[tuple[str, ...]] = ()
@@ -61,8 +64,10 @@ class DefenseConfig(Config):
         """An explicitly chosen rule that reads oracle metrics contradicts knowledge blind."""
         value = getattr(self, field)
         if self.knowledge == BLIND and value in oracle_rules:
-            raise ValueError(f"{field}: {value} reads the trigger or the poison flags, which knowledge: blind refuses; "
-                             f"leave {field} unset or choose a blind rule")
+            raise ValueError(
+                f"{field}: {value} reads the trigger or the poison flags, which knowledge: blind refuses; "
+                f"leave {field} unset or choose a blind rule"
+            )
 
 
 @declare_method("ft", kind="defense")
@@ -104,8 +109,10 @@ class DistillConfig(DefenseConfig):
 
     def validate(self) -> None:
         if len(self.lr_steps) != len(self.lr_step_epochs):
-            raise ValueError(f"lr_steps: {len(self.lr_steps)} factors for {len(self.lr_step_epochs)} lr_step_epochs; "
-                             "give one factor per step epoch")
+            raise ValueError(
+                f"lr_steps: {len(self.lr_steps)} factors for {len(self.lr_step_epochs)} lr_step_epochs; "
+                "give one factor per step epoch"
+            )
         if any(b <= a for a, b in zip(self.lr_step_epochs, self.lr_step_epochs[1:])):
             raise ValueError(f"lr_step_epochs: must be strictly increasing, got {self.lr_step_epochs}")
         if self.nesterov and self.momentum == 0:
@@ -170,8 +177,7 @@ class AdversarialFinetuneConfig(DefenseConfig):
 
     adv_eps: float = ranged(6 / 255, 0.0, 1.0, "L-inf radius of the PGD examples, in [0, 1] pixel units")
     adv_steps: int = ranged(7, 1, 1000, "PGD iterations")
-    adv_step_size: float | None = ranged(None, 0.0, 1.0,
-                                            "PGD step in pixel units (default adv_eps / 5, as the code)")
+    adv_step_size: float | None = ranged(None, 0.0, 1.0, "PGD step in pixel units (default adv_eps / 5, as the code)")
     adv_random_start: bool = True
     adv_clamp: bool = True
     lr: float = ranged(1e-3, 0.0, 10.0, "constant SGD learning rate")
@@ -202,8 +208,11 @@ SIMILARITIES = ("cosine_logits", "kl_softmax", "argmax")
 
 # PBE's step-0 checks (PBEConfig.step0_rule): the metric each reads, and the flag it reports.
 STEP0_CHECK_METRICS = {"val_asr": "val_asr", "canary": "val_canary_asr", "label_excess": "pbe_step0_label_excess"}
-STEP0_FAILED_FLAGS = {"val_asr": "pbe_step0_failed", "canary": "pbe_step0_canary_failed",
-                      "label_excess": "pbe_step0_label_excess_failed"}
+STEP0_FAILED_FLAGS = {
+    "val_asr": "pbe_step0_failed",
+    "canary": "pbe_step0_canary_failed",
+    "label_excess": "pbe_step0_label_excess_failed",
+}
 
 
 @declare_method("pbe", kind="defense", splits_samples=True)
@@ -212,12 +221,14 @@ class PBEConfig(AdversarialFinetuneConfig):
     init_fraction: float = ranged(0.05, 0.0, 1.0, "random initial trusted subset, as a fraction of the training set")
     n_steps: int = ranged(4, 1, 1000, "progressive steps (step 0 plus refinements)")
     epochs_per_step: int = ranged(10, 1, 100_000)
-    top_rates: list[float] | None = listed([0.2, 0.5, 0.7], 0.0, 1.0,
-                                              "trusted fraction after steps 0 .. n_steps - 2 (None: the ramp below)")
+    top_rates: list[float] | None = listed(
+        [0.2, 0.5, 0.7], 0.0, 1.0, "trusted fraction after steps 0 .. n_steps - 2 (None: the ramp below)"
+    )
     top_rate_first: float = ranged(0.2, 0.0, 1.0, "when top_rates is None: the rate after step 0 ...")
     top_rate_last: float = ranged(0.7, 0.0, 1.0, "... rising linearly to this rate after step n_steps - 2")
-    later_adv_batches: int | None = ranged(31, 0, None,
-                                              "adversarial batches of the first epoch of steps >= 1 (None: all)")
+    later_adv_batches: int | None = ranged(
+        31, 0, None, "adversarial batches of the first epoch of steps >= 1 (None: all)"
+    )
     reset_optimizer_each_step: bool = False
     # How unchanged a training image's prediction is after a step, in [0, 1] (1 = unchanged); the most unchanged
     # images form the next trusted subset. cosine_logits: 0.5 + 0.5 cos of the raw logits (the code);
@@ -239,9 +250,9 @@ class PBEConfig(AdversarialFinetuneConfig):
     step0_adv_eps: float | None = ranged(None, 0.0, 1.0, "PGD radius of step 0 (None: adv_eps)")
     step0_retries: int = ranged(0, 0, 100, "reruns of a step 0 that failed on validation (0: the paper, none)")
     step0_max_val_asr: float = ranged(0.2, 0.0, 1.0, "step 0 failed when its val ASR is above this")
-    step0_min_label_excess: float = ranged(0.3, 0.0, 1.0,
-                                           "label_excess rule: step 0 failed when no label's excess flip rate "
-                                           "reaches this")
+    step0_min_label_excess: float = ranged(
+        0.3, 0.0, 1.0, "label_excess rule: step 0 failed when no label's excess flip rate reaches this"
+    )
     retry_eps_scale: float = ranged(1.5, 1.0, 100.0, "radius of a rerun of step 0 / radius of the attempt before")
     # How step 0 is checked (STEP0_CHECK_METRICS: the metric each check reads):
     # - "val_asr": failed when its val ASR is above step0_max_val_asr. Oracle: it applies the trigger.
@@ -264,8 +275,9 @@ class PBEConfig(AdversarialFinetuneConfig):
     #   concentration is no substitute either: at the end of step 0 it read 0.15-0.27 on digits BadNets both where
     #   step 0 removed the backdoor and where it left val ASR at 1.0.
     # None: val_asr under knowledge oracle, label_excess under blind.
-    step0_rule: str | None = choice(None, (None, *STEP0_CHECK_METRICS, "unchecked"),
-                                       "how step 0 is checked (None: by knowledge)")
+    step0_rule: str | None = choice(
+        None, (None, *STEP0_CHECK_METRICS, "unchecked"), "how step 0 is checked (None: by knowledge)"
+    )
     # The official code's data for WaNet (its data builder relabels clean images and never applies the warp), so
     # its trusted subsets never held a warped image: PBE reads the clean originals of the training images under
     # the labels the attack gave them, while the model it repairs was trained on the warped ones. For parity runs
@@ -281,8 +293,9 @@ class PBEConfig(AdversarialFinetuneConfig):
     def step0_config(self, attempt: int) -> PBEConfig:
         """The PGD settings of step 0's attempt `attempt` (0 = the first): its radius, and the step size scaled
         with it so that the PGD iterations still cover the ball."""
-        eps = min(1.0, (self.adv_eps if self.step0_adv_eps is None else self.step0_adv_eps)
-                  * self.retry_eps_scale ** attempt)
+        eps = min(
+            1.0, (self.adv_eps if self.step0_adv_eps is None else self.step0_adv_eps) * self.retry_eps_scale**attempt
+        )
         size = self.step_size() * eps / self.adv_eps if self.adv_eps > 0 else eps / 5
         return dataclasses.replace(self, adv_eps=eps, adv_step_size=min(1.0, size))
 
@@ -298,11 +311,15 @@ class PBEConfig(AdversarialFinetuneConfig):
     def validate(self) -> None:
         self.refuse_oracle_rule("step0_rule", ("val_asr",))
         if self.clean_originals and self.knowledge == BLIND:
-            raise ValueError("clean_originals: reads the clean images before the attack, which knowledge: blind "
-                             "refuses; it is for parity runs with the official code under knowledge oracle")
+            raise ValueError(
+                "clean_originals: reads the clean images before the attack, which knowledge: blind "
+                "refuses; it is for parity runs with the official code under knowledge oracle"
+            )
         if self.step0_rule == "canary" and self.canary_rate == 0:
-            raise ValueError("step0_rule: canary reads val_canary_asr, which only a run that plants a canary reports; "
-                             "set canary_rate > 0 or choose another rule")
+            raise ValueError(
+                "step0_rule: canary reads val_canary_asr, which only a run that plants a canary reports; "
+                "set canary_rate > 0 or choose another rule"
+            )
         if self.init_fraction <= 0:
             raise ValueError(f"init_fraction: {self.init_fraction} must be > 0")
         if self.top_rates is None:
@@ -313,8 +330,10 @@ class PBEConfig(AdversarialFinetuneConfig):
         if any(r <= 0 for r in self.top_rates):
             raise ValueError(f"top_rates: every rate must be in (0, 1], got {self.top_rates}")
         if len(self.top_rates) != self.n_steps - 1:
-            raise ValueError(f"top_rates: {len(self.top_rates)} entries, but n_steps={self.n_steps} re-selects "
-                             f"{self.n_steps - 1} times (or set top_rates to None to use the top_rate_first/last ramp)")
+            raise ValueError(
+                f"top_rates: {len(self.top_rates)} entries, but n_steps={self.n_steps} re-selects "
+                f"{self.n_steps - 1} times (or set top_rates to None to use the top_rate_first/last ramp)"
+            )
 
 
 FCT_TRANSFORMS = ("rotate_affine", "rotate", "affine", "flip", "crop", "blur", "erase")
@@ -328,8 +347,9 @@ FCT_MODELS = ("short", "backdoored")
 @declare_method("sd", kind="defense", splits_samples=True, from_scratch=lambda cfg: cfg.fct_model == "short")
 @dataclass
 class SDConfig(DefenseConfig):
-    fct_model: str = choice("short", FCT_MODELS,
-                            "score with the short no-augmentation model (paper) or the backdoored one")
+    fct_model: str = choice(
+        "short", FCT_MODELS, "score with the short no-augmentation model (paper) or the backdoored one"
+    )
     sd_pretrain_epochs: int = ranged(2, 1, 1000, "epochs of no-augmentation training (fct_model short)")
     sd_pretrain_lr: float = ranged(0.01, 0.0, 10.0, "SGD lr of the short training and the centroid fine-tuning")
     sd_cosine_t_max: int = ranged(100, 1, 100_000, "T_max of SD's cosine schedule (100: the lr barely decays)")
@@ -340,9 +360,12 @@ class SDConfig(DefenseConfig):
     fct_transform: str = choice("rotate_affine", FCT_TRANSFORMS, "tau of the FCT score")
     fct_rotation_deg: float = ranged(180.0, 0.0, 180.0, "rotation range of rotate / rotate_affine")
     fct_translate: float = ranged(0.2, 0.0, 0.5, "translation range (fraction of the size) of affine / rotate_affine")
-    fct_resample: str = choice("nearest", FCT_RESAMPLES,
-                               "resampling of rotate / affine / rotate_affine: nearest with whole-pixel shifts as "
-                               "the official code, or bdo's earlier bilinear with fractional shifts")
+    fct_resample: str = choice(
+        "nearest",
+        FCT_RESAMPLES,
+        "resampling of rotate / affine / rotate_affine: nearest with whole-pixel shifts as "
+        "the official code, or bdo's earlier bilinear with fractional shifts",
+    )
     fct_crop_pad: int | None = ranged(None, 0, 64, "padding of the crop transform (default: the dataset's)")
     fct_blur_kernel: int = ranged(15, 1, 63, "odd kernel size of the blur transform")
     fct_blur_sigma_min: float = ranged(0.1, 0.01, 10.0)
@@ -406,8 +429,7 @@ class DBRConfig(SDConfig):
     # planted, else pool_fit_within_acc_margin: of the blind rules measured on digits it alone kept a round within
     # the goal of the oracle's choice on all 18 runs of BadNets, Blend and Trojan x seeds 0-5 (docs/methods.md#d-br
     # has the table).
-    br_select: str | None = choice(None, (None,) + BR_SELECT_RULES,
-                                      "which round's model is kept (None: by knowledge)")
+    br_select: str | None = choice(None, (None,) + BR_SELECT_RULES, "which round's model is kept (None: by knowledge)")
     KNOWLEDGE_RULES: ClassVar[tuple[str, ...]] = ("br_select",)
     br_acc_margin: float = ranged(0.02, 0.0, 1.0, "val_acc a kept round may lose against the best round")
 
@@ -422,8 +444,10 @@ class DBRConfig(SDConfig):
         super().validate()
         self.refuse_oracle_rule("br_select", ("asr_within_acc_margin",))
         if self.br_select == "canary_within_acc_margin" and self.canary_rate == 0:
-            raise ValueError("br_select: canary_within_acc_margin reads val_canary_asr, which only a run that plants "
-                             "a canary reports; set canary_rate > 0 or choose another rule")
+            raise ValueError(
+                "br_select: canary_within_acc_margin reads val_canary_asr, which only a run that plants "
+                "a canary reports; set canary_rate > 0 or choose another rule"
+            )
 
 
 @declare_method("dst", kind="defense", splits_samples=True, from_scratch=True)
@@ -439,8 +463,9 @@ class DSTConfig(SDConfig):
     st_supcon_temperature: float = ranged(0.1, 1e-4, 100.0)
     st_base_temperature: float = ranged(0.07, 1e-4, 100.0, "the loss is scaled by T / T_base")
     st_proj_dim: int = ranged(128, 1, 65_536, "output width of the projection MLP")
-    st_positive_pool: str = choice("any", ("any", "clean"),
-                                   "a clean anchor's same-label positives: any pool's views (code) or clean ones")
+    st_positive_pool: str = choice(
+        "any", ("any", "clean"), "a clean anchor's same-label positives: any pool's views (code) or clean ones"
+    )
     st_lambda_p: float = ranged(1e-3, 0.0, 100.0, "weight of the poisoned-pool CE subtracted in the mixed CE")
     st_cls_epochs: int = ranged(10, 1, 100_000)
     st_cls_lr: float = ranged(5.0, 0.0, 1000.0)
@@ -470,8 +495,9 @@ class ASDConfig(DefenseConfig):
     meta_lr: float = ranged(0.015, 1e-8, 10.0, "Adam lr of the meta split's virtual model")
     meta_epochs: int = ranged(1, 1, 1000, "supervised epochs of the virtual model")
     meta_batch_size: int = ranged(128, 1, 65_536)
-    meta_layers: str = choice("late", META_LAYERS,
-                              "layers the virtual model trains: the model's late modules or the classifier")
+    meta_layers: str = choice(
+        "late", META_LAYERS, "layers the virtual model trains: the model's late modules or the classifier"
+    )
     temperature: float = ranged(0.5, 0.01, 10.0, "MixMatch sharpening temperature T")
     mixup_alpha: float = ranged(0.75, 0.01, 100.0, "MixUp Beta(alpha, alpha)")
     lambda_u: float = ranged(15.0, 0.0, 10_000.0, "weight of the unlabeled loss after the ramp")

@@ -21,6 +21,7 @@ Deviations from the official code:
   balance of the two phases can be tuned: unbounded ascent wrecks a model once its lr is a little too large;
 - SD follows `sd` (see its deviations).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -46,12 +47,16 @@ def _ascent(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def _beats(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Round a is at least as good as b on both val ACC and the minimised metric (the later round wins a tie)."""
-    return (a["acc"] >= b["acc"] and a["risk"] <= b["risk"]
-            and (a["acc"], -a["risk"], a["round"]) > (b["acc"], -b["risk"], b["round"]))
+    return (
+        a["acc"] >= b["acc"]
+        and a["risk"] <= b["risk"]
+        and (a["acc"], -a["risk"], a["round"]) > (b["acc"], -b["risk"], b["round"])
+    )
 
 
-def update_candidates(candidates: list[dict[str, Any]], new: dict[str, Any], margin: float,
-                      rule: str) -> list[dict[str, Any]]:
+def update_candidates(
+    candidates: list[dict[str, Any]], new: dict[str, Any], margin: float, rule: str
+) -> list[dict[str, Any]]:
     """The rounds (dicts with round, acc, risk and whatever else the caller keeps) that the kept-round rule may
     still choose after more rounds; `risk` is the value a margin rule minimises (BR_MARGIN_METRICS). Under a
     margin rule the final choice is a round within the margin of the final best ACC that no other round beats on
@@ -118,12 +123,24 @@ def run(ctx: RunContext, cfg: DBRConfig):
         metrics = {**defense.evaluate(model), "br_poison_pool_fit": poison_pool_fit(model, *pools["poison"])}
         carried.best_acc = max(carried.best_acc, metrics["val_acc"])
         # the candidate holds this round's report (completed below), which the final report repeats if it is kept
-        entry = {"round": rnd, "step": engine.step, "acc": metrics["val_acc"],
-                 "risk": metrics[minimised] if minimised else None, "report": metrics}
+        entry = {
+            "round": rnd,
+            "step": engine.step,
+            "acc": metrics["val_acc"],
+            "risk": metrics[minimised] if minimised else None,
+            "report": metrics,
+        }
         carried.candidates = update_candidates(carried.candidates, entry, cfg.br_acc_margin, rule)
-        metrics.update({**sd_split.metrics, "br_round": float(rnd), "br_unlearn_loss": -unlearn.item(),
-                        "br_relearn_loss": relearn.item(), "br_kept_round": float(chosen(carried.candidates)["round"]),
-                        "br_acc_floor": carried.best_acc - cfg.br_acc_margin})
+        metrics.update(
+            {
+                **sd_split.metrics,
+                "br_round": float(rnd),
+                "br_unlearn_loss": -unlearn.item(),
+                "br_relearn_loss": relearn.item(),
+                "br_kept_round": float(chosen(carried.candidates)["round"]),
+                "br_acc_floor": carried.best_acc - cfg.br_acc_margin,
+            }
+        )
         newest["entry"] = entry
         return metrics
 
@@ -135,9 +152,18 @@ def run(ctx: RunContext, cfg: DBRConfig):
     best_acc = carried.best_acc
     kept = chosen(carried.candidates)
     model.load_state_dict(kept["weights"])
-    ctx.progress(f"dbr: kept round {kept['round']} of {cfg.br_rounds} ({rule}): val ACC {kept['acc']:.4f}"
-                 + ("" if minimised is None else
-                    f", the lowest {minimised} ({kept['risk']:.4f}) among the rounds with val ACC >= "
-                    f"{best_acc - cfg.br_acc_margin:.4f} (best {best_acc:.4f} - margin {cfg.br_acc_margin})"))
-    return defense.finish(model, last, {**kept["report"], "br_kept_round": float(kept["round"]),
-                                        "br_acc_floor": best_acc - cfg.br_acc_margin}, kept_step=kept["step"])
+    ctx.progress(
+        f"dbr: kept round {kept['round']} of {cfg.br_rounds} ({rule}): val ACC {kept['acc']:.4f}"
+        + (
+            ""
+            if minimised is None
+            else f", the lowest {minimised} ({kept['risk']:.4f}) among the rounds with val ACC >= "
+            f"{best_acc - cfg.br_acc_margin:.4f} (best {best_acc:.4f} - margin {cfg.br_acc_margin})"
+        )
+    )
+    return defense.finish(
+        model,
+        last,
+        {**kept["report"], "br_kept_round": float(kept["round"]), "br_acc_floor": best_acc - cfg.br_acc_margin},
+        kept_step=kept["step"],
+    )

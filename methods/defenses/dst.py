@@ -21,6 +21,7 @@ Deviations from the official code:
 - under DDP each rank contrasts only its share of the global batch;
 - SD follows `sd` (see its deviations).
 """
+
 from __future__ import annotations
 
 import math
@@ -60,8 +61,15 @@ def supcon_positive_mask(labels: torch.Tensor, clean: torch.Tensor, clean_positi
     return torch.where(clean2[:, None], same_label, twin)
 
 
-def supcon_loss(z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor, clean: torch.Tensor,
-                temperature: float, base_temperature: float, clean_positives_only: bool = False) -> torch.Tensor:
+def supcon_loss(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    labels: torch.Tensor,
+    clean: torch.Tensor,
+    temperature: float,
+    base_temperature: float,
+    clean_positives_only: bool = False,
+) -> torch.Tensor:
     """SupCon (Khosla et al. 2020) on L2-normalised projections of two views with D-ST's positive mask:
     mean over anchors of -(T / T_base) x mean over positives of log softmax(sim / T) over all other views."""
     z = torch.cat([z1, z2])
@@ -73,8 +81,9 @@ def supcon_loss(z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor, clean:
     return -(temperature / base_temperature) * mean_log_prob.mean()
 
 
-def mixed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, poisoned: torch.Tensor,
-                        lambda_p: float) -> torch.Tensor:
+def mixed_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, poisoned: torch.Tensor, lambda_p: float
+) -> torch.Tensor:
     """CE over the batch's clean-pool members minus lambda_p x CE over its poisoned-pool members; a side with
     no member contributes 0 (no NaN, no host sync)."""
     ce = F.cross_entropy(logits, labels, reduction="none")
@@ -144,8 +153,9 @@ def run(ctx: RunContext, cfg: DSTConfig):
         torch.manual_seed(derive_seed(cfg.seed, "st_init"))
         st.model = model = build_model(backdoor.model_name, data.info).to(device)
         width = model.feature_dim
-        st.projector = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True),
-                                     nn.Linear(width, cfg.st_proj_dim)).to(device)
+        st.projector = nn.Sequential(
+            nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, cfg.st_proj_dim)
+        ).to(device)
         st.g = defense.generator("st")
         clean_pool = pool_indices(sd_split.pools, POOL_CLEAN)
         st.x_clean, st.y_clean = data.x_train[clean_pool], data.y_train[clean_pool]
@@ -153,9 +163,12 @@ def run(ctx: RunContext, cfg: DSTConfig):
         st.augment = lambda xb: strong_augment(xb, data.info, st.g)
         # The classifier is not part of SupCon (frozen, so DDP does not wait on its gradient).
         model.classifier.requires_grad_(False)
-        st.optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad]
-                                       + list(st.projector.parameters()),
-                                       lr=cfg.st_lr, momentum=cfg.momentum, weight_decay=cfg.st_weight_decay)
+        st.optimizer = torch.optim.SGD(
+            [p for p in model.parameters() if p.requires_grad] + list(st.projector.parameters()),
+            lr=cfg.st_lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.st_weight_decay,
+        )
         engine.track({"st": model, "proj": st.projector}, {"st": st.optimizer}, generators={"st": st.g})
         st.net = ctx.wrap_model(SupConNet(model, st.projector))
 
@@ -170,8 +183,15 @@ def run(ctx: RunContext, cfg: DSTConfig):
             set_lr(st.optimizer, supcon_lr(cfg, epoch, batch, n_batches))
             x = to_float(data.x_train[idx])
             z = st.net(torch.cat([st.augment(x), st.augment(x)]))
-            return supcon_loss(z[: len(idx)], z[len(idx) :], data.y_train[idx], st.is_clean[idx],
-                               cfg.st_supcon_temperature, cfg.st_base_temperature, cfg.st_positive_pool == "clean")
+            return supcon_loss(
+                z[: len(idx)],
+                z[len(idx) :],
+                data.y_train[idx],
+                st.is_clean[idx],
+                cfg.st_supcon_temperature,
+                cfg.st_base_temperature,
+                cfg.st_positive_pool == "clean",
+            )
 
         means = descend(st.optimizer, enumerate(defense.batches(n, cfg.st_batch_size, st.g)), batch_loss)
         _nearest_mean_probe(st.model, st.x_clean, st.y_clean, cfg.eval_batch_size)
@@ -183,8 +203,9 @@ def run(ctx: RunContext, cfg: DSTConfig):
         st.head = head = st.model.classifier
         head.requires_grad_(True)
         _fresh_head(head, defense.generator("st_head"))
-        st.head_opt = torch.optim.SGD(head.parameters(), lr=cfg.st_cls_lr, momentum=cfg.momentum,
-                                      weight_decay=cfg.st_cls_weight_decay)
+        st.head_opt = torch.optim.SGD(
+            head.parameters(), lr=cfg.st_cls_lr, momentum=cfg.momentum, weight_decay=cfg.st_cls_weight_decay
+        )
         st.head_sched = torch.optim.lr_scheduler.MultiStepLR(st.head_opt, milestones=[60, 75, 90], gamma=0.2)
         engine.track(optimizers={"cls": st.head_opt}, schedulers={"cls": st.head_sched})
         train_idx = pool_indices(sd_split.pools, POOL_CLEAN, POOL_POISON)
@@ -208,6 +229,11 @@ def run(ctx: RunContext, cfg: DSTConfig):
     def evaluate() -> dict[str, float]:
         return defense.evaluate(st.model)
 
-    last = engine.run([*sd_run, Stage("st_supcon", cfg.st_epochs, supcon_epoch, evaluate, begin=begin_supcon),
-                       Stage("st_cls", cfg.st_cls_epochs, cls_epoch, evaluate, begin=begin_cls)])
+    last = engine.run(
+        [
+            *sd_run,
+            Stage("st_supcon", cfg.st_epochs, supcon_epoch, evaluate, begin=begin_supcon),
+            Stage("st_cls", cfg.st_cls_epochs, cls_epoch, evaluate, begin=begin_cls),
+        ]
+    )
     return defense.finish(st.model, last)

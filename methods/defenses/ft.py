@@ -14,6 +14,7 @@ flip follow the dataset (digits are padded by 2 and never flipped) instead of CI
 The fine-tuning stage itself lives in methods/defenses/shared/distill.py, where NAD and ARGD build their teachers
 from it.
 """
+
 from __future__ import annotations
 
 from methods.core.context import RunContext
@@ -31,6 +32,17 @@ def run(ctx: RunContext, cfg: FTConfig):
     model = defense.backdoor.build_model(ctx.device)
     optimizer = sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov)
     x, y = defense.data.x_train[idx], defense.data.y_train[idx]
-    stage = finetune_stage(defense, "finetune", 0, model, optimizer, x, y, defense.generator("train"), cfg.epochs,
-                           cfg.batch_size, lambda _epoch: cfg.lr)
+    stage = finetune_stage(
+        defense,
+        "finetune",
+        0,
+        model,
+        optimizer,
+        x,
+        y,
+        defense.generator("train"),
+        cfg.epochs,
+        cfg.batch_size,
+        lambda _epoch: cfg.lr,
+    )
     return defense.finish(model, defense.engine.run([stage]))

@@ -12,6 +12,7 @@ serve teacher and student (the official split is unseeded); the lr step epochs a
 for the 20-epoch schedule), so shortened or lengthened schedules keep the same shape; the last epoch's model is
 kept. The teacher and student stages, which ARGD shares, live in methods/defenses/shared/distill.py.
 """
+
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -37,8 +38,10 @@ def run(ctx: RunContext, cfg: NADConfig):
     betas = (cfg.beta1, cfg.beta2, cfg.beta3)
 
     def loss_terms(logits, labels, student_maps, teacher_maps, _):
-        return {"loss_ce": F.cross_entropy(logits, labels),
-                "loss_at": weighted_at_loss(student_maps, teacher_maps, betas)}
+        return {
+            "loss_ce": F.cross_entropy(logits, labels),
+            "loss_at": weighted_at_loss(student_maps, teacher_maps, betas),
+        }
 
     stage = distill_stage(defense, student, teacher, optimizer, x, y, g, loss_terms)
     defense.engine.track({"student": student}, {"student": optimizer}, generators={"train": g})

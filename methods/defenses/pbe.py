@@ -44,6 +44,7 @@ Deviations from the official code (github.com/John-niu-07/BPE), as docs/methods.
 - The step-0 check and reruns above, and the other similarity measures of docs/methods.md#pbe (KL of the softmax, argmax
   agreement) as `similarity` choices.
 """
+
 from __future__ import annotations
 
 import torch
@@ -120,8 +121,13 @@ def trusted_pools(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, POOL_CLEAN, POOL_UNCERTAIN)
 
 
-def label_excess(train_predicted: torch.Tensor, train_labels: torch.Tensor, val_predicted: torch.Tensor,
-                 val_labels: torch.Tensor, num_classes: int) -> float:
+def label_excess(
+    train_predicted: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_predicted: torch.Tensor,
+    val_labels: torch.Tensor,
+    num_classes: int,
+) -> float:
     """The largest, over the labels, of the share of the training images carrying a label that the model no longer
     predicts as it, minus the validation error of that class (`pbe_step0_label_excess`, PBEConfig.step0_rule).
     A label no validation image has counts its whole flip share."""
@@ -150,8 +156,9 @@ def poisoned_fraction(mask: torch.Tensor, flags: torch.Tensor) -> float:
 
 def clean_originals(ctx: RunContext, backdoor: Backdoor) -> torch.Tensor:
     """The training images as they were before the attack, in the training set's order (`clean_originals`)."""
-    splits = load_splits(backdoor.data.info.name, backdoor.seeds["split_seed"], ctx.data_root, ctx.download,
-                         ctx.data_config)
+    splits = load_splits(
+        backdoor.data.info.name, backdoor.seeds["split_seed"], ctx.data_root, ctx.download, ctx.data_config
+    )
     originals = splits.x_train.to(backdoor.data.x_train.device)
     assert originals.shape == backdoor.data.x_train.shape, "the attack's training set is the split's"
     return originals
@@ -173,8 +180,11 @@ def run(ctx: RunContext, cfg: PBEConfig) -> DefenseResult:
     engine = defense.engine
     engine.track({"model": model}, {"opt": optimizer}, generators={"train": g_train, "pgd": g_pgd})
     # attempt: how many times step 0 failed and was rerun so far
-    kept = engine.keep(trusted=random_mask(n, cfg.init_fraction, derive_seed(cfg.seed, "pbe_init"), ctx.device),
-                       similarity=None, attempt=0)
+    kept = engine.keep(
+        trusted=random_mask(n, cfg.init_fraction, derive_seed(cfg.seed, "pbe_init"), ctx.device),
+        similarity=None,
+        attempt=0,
+    )
     wrapped = ctx.wrap_model(model)
     ctx.progress(f"pbe: {n} training images, {int(kept.trusted.sum())} trusted at start, rates {rates}")
     per = cfg.epochs_per_step
@@ -192,13 +202,26 @@ def run(ctx: RunContext, cfg: PBEConfig) -> DefenseResult:
         else:
             adv_batches = 0
         idx = torch.nonzero(kept.trusted).flatten()
-        loss = adversarial_finetune_epoch(wrapped, optimizer, x_train[idx], data.y_train[idx],
-                                          cfg.step0_config(kept.attempt) if stage == 0 else cfg, data.info,
-                                          g_train, g_pgd, adv_batches, ctx.rank, ctx.world_size)
+        loss = adversarial_finetune_epoch(
+            wrapped,
+            optimizer,
+            x_train[idx],
+            data.y_train[idx],
+            cfg.step0_config(kept.attempt) if stage == 0 else cfg,
+            data.info,
+            g_train,
+            g_pgd,
+            adv_batches,
+            ctx.rank,
+            ctx.world_size,
+        )
         trained_on = kept.trusted
         metrics = defense.evaluate(model)
-        extra: dict[str, float] = {"train_loss": loss.item(), "pbe_step": float(stage),
-                                   "pbe_attempt": float(kept.attempt)}
+        extra: dict[str, float] = {
+            "train_loss": loss.item(),
+            "pbe_step": float(stage),
+            "pbe_attempt": float(kept.attempt),
+        }
         if epoch == per:
             current = predict_logits(model, x_train, cfg.eval_batch_size)
             kept.similarity = prediction_similarity(reference, current, cfg.similarity)
@@ -206,32 +229,38 @@ def run(ctx: RunContext, cfg: PBEConfig) -> DefenseResult:
             rule = cfg.step0_check() if stage == 0 else "unchecked"
             if stage == 0:
                 val_predicted = predict_logits(model, data.x_val, cfg.eval_batch_size).argmax(dim=1)
-                extra["pbe_step0_label_excess"] = label_excess(current.argmax(dim=1), data.y_train, val_predicted,
-                                                               data.y_val, data.info.num_classes)
+                extra["pbe_step0_label_excess"] = label_excess(
+                    current.argmax(dim=1), data.y_train, val_predicted, data.y_val, data.info.num_classes
+                )
             failed = rule != "unchecked" and step0_failed(rule, {**metrics, **extra}, cfg)
             if rule != "unchecked":
                 extra[STEP0_FAILED_FLAGS[rule]] = float(failed)
             if failed and kept.attempt < cfg.step0_retries:
                 kept.attempt += 1
                 checked = STEP0_CHECK_METRICS[rule]
-                ctx.progress(f"pbe: step 0 failed its {rule} check ({checked} {({**metrics, **extra})[checked]:.3f}); "
-                             f"rerun {kept.attempt} of {cfg.step0_retries} from the infected "
-                             f"model, new draw, PGD radius {cfg.step0_config(kept.attempt).adv_eps:.4f}")
+                ctx.progress(
+                    f"pbe: step 0 failed its {rule} check ({checked} {({**metrics, **extra})[checked]:.3f}); "
+                    f"rerun {kept.attempt} of {cfg.step0_retries} from the infected "
+                    f"model, new draw, PGD radius {cfg.step0_config(kept.attempt).adv_eps:.4f}"
+                )
                 model.load_state_dict(backdoor.model_state)
                 optimizer.state.clear()
-                kept.trusted = random_mask(n, cfg.init_fraction, derive_seed(cfg.seed, f"pbe_init_{kept.attempt}"),
-                                           ctx.device)
+                kept.trusted = random_mask(
+                    n, cfg.init_fraction, derive_seed(cfg.seed, f"pbe_init_{kept.attempt}"), ctx.device
+                )
                 kept.similarity = None
             else:
                 if failed:
                     ctx.progress(f"pbe: step 0 failed its {rule} check and no rerun is left; continuing")
                 if stage < cfg.n_steps - 1:
-                    kept.trusted = top_fraction_mask(kept.similarity, rates[stage],
-                                                     data.y_train if cfg.select_per_label else None)
+                    kept.trusted = top_fraction_mask(
+                        kept.similarity, rates[stage], data.y_train if cfg.select_per_label else None
+                    )
             extra["pbe_next_poisoned_frac"] = poisoned_fraction(kept.trusted, data.poison_flags)
         else:
-            split = split_metrics(trusted_pools(trained_on), data.poison_flags,
-                                  None if kept.similarity is None else 1.0 - kept.similarity)
+            split = split_metrics(
+                trusted_pools(trained_on), data.poison_flags, None if kept.similarity is None else 1.0 - kept.similarity
+            )
         return {**metrics, **extra, **split}
 
     # every rerun of step 0 adds a step's epochs

@@ -28,6 +28,7 @@ Deviations from the official code:
   the FCT score separating the triggered validation images from the clean ones, a validation-only measure of
   the score's quality for model selection and tuning.
 """
+
 from __future__ import annotations
 
 import math
@@ -93,8 +94,12 @@ def _random_erase(x: torch.Tensor, scale_lo: float, scale_hi: float, g: torch.Ge
     left = (torch.rand(b, generator=g, device=x.device) * (w - ew + 1)).floor()
     rows = torch.arange(h, device=x.device).view(1, h, 1)
     cols = torch.arange(w, device=x.device).view(1, 1, w)
-    inside = ((rows >= top.view(b, 1, 1)) & (rows < (top + eh).view(b, 1, 1))
-              & (cols >= left.view(b, 1, 1)) & (cols < (left + ew).view(b, 1, 1)))
+    inside = (
+        (rows >= top.view(b, 1, 1))
+        & (rows < (top + eh).view(b, 1, 1))
+        & (cols >= left.view(b, 1, 1))
+        & (cols < (left + ew).view(b, 1, 1))
+    )
     return x.masked_fill(inside.unsqueeze(1), 0.0)
 
 
@@ -118,8 +123,14 @@ def fct_transform(cfg: SDConfig, info: DatasetInfo) -> Transform:
 
 
 @torch.no_grad()
-def fct_scores(model: nn.Module, x_uint8: torch.Tensor, transform: Transform, g: torch.Generator,
-               n_draws: int = 1, batch_size: int = 1024) -> torch.Tensor:
+def fct_scores(
+    model: nn.Module,
+    x_uint8: torch.Tensor,
+    transform: Transform,
+    g: torch.Generator,
+    n_draws: int = 1,
+    batch_size: int = 1024,
+) -> torch.Tensor:
     """FCT(x) = mean over feature dimensions of (f(x) - f(tau(x)))^2, averaged over `n_draws` draws of tau,
     for every image (eval mode; the model's train/eval mode is restored)."""
     inner = unwrap(model)
@@ -179,8 +190,9 @@ def sd_steps(cfg: SDConfig) -> int:
     return (cfg.sd_pretrain_epochs if cfg.fct_model == "short" else 0) + cfg.sd_ft_epochs + 1
 
 
-def _val_fct_auroc(model: nn.Module, backdoor: Backdoor, transform: Transform, g: torch.Generator,
-                   cfg: SDConfig) -> float:
+def _val_fct_auroc(
+    model: nn.Module, backdoor: Backdoor, transform: Transform, g: torch.Generator, cfg: SDConfig
+) -> float:
     x_val, _ = backdoor.data.clean_set("val")
     x_triggered = backdoor.data.backdoor_set("val")[0]
     clean = fct_scores(model, x_val, transform, g, cfg.fct_n_draws, cfg.eval_batch_size)
@@ -247,8 +259,15 @@ def sd_stages(defense: DefenseRun) -> tuple[list[Stage], BackdoorModel, SDSplit]
         trainer["net"] = ctx.wrap_model(_Penultimate(model))
 
     def centroid(_epoch: int) -> dict[str, torch.Tensor]:
-        loss = defense.train_epoch(trainer["net"], optimizer, data.x_train, data.y_train, cfg.sd_batch_size, g_train,
-                                   loss_fn=lambda f, y: centroid_separation_loss(f, y, num_classes))
+        loss = defense.train_epoch(
+            trainer["net"],
+            optimizer,
+            data.x_train,
+            data.y_train,
+            cfg.sd_batch_size,
+            g_train,
+            loss_fn=lambda f, y: centroid_separation_loss(f, y, num_classes),
+        )
         scheduler.step()
         return {"sd_loss": loss}
 
@@ -261,15 +280,19 @@ def sd_stages(defense: DefenseRun) -> tuple[list[Stage], BackdoorModel, SDSplit]
         else:
             pools = split_by_rank(scores, cfg.alpha_c, cfg.alpha_p)
         kept.scores, kept.pools = scores, pools
-        kept.split = {**hand_off_scores(ctx, backdoor, scores, pools),
-                      "val_fct_auroc": _val_fct_auroc(model, backdoor, transform, g_fct, cfg)}
+        kept.split = {
+            **hand_off_scores(ctx, backdoor, scores, pools),
+            "val_fct_auroc": _val_fct_auroc(model, backdoor, transform, g_fct, cfg),
+        }
         return kept.split
 
     evaluate = defense.evaluation(model)
     pretrain_epochs = cfg.sd_pretrain_epochs if cfg.fct_model == "short" else 0
-    stages = [Stage("sd_pretrain", pretrain_epochs, pretrain, evaluate, begin=begin_pretrain),
-              Stage("sd_centroid", cfg.sd_ft_epochs, centroid, evaluate, begin=begin_centroid),
-              Stage("sd_split", 1, split, evaluate, begin=lambda: model.classifier.requires_grad_(True))]
+    stages = [
+        Stage("sd_pretrain", pretrain_epochs, pretrain, evaluate, begin=begin_pretrain),
+        Stage("sd_centroid", cfg.sd_ft_epochs, centroid, evaluate, begin=begin_centroid),
+        Stage("sd_split", 1, split, evaluate, begin=lambda: model.classifier.requires_grad_(True)),
+    ]
     return stages, model, SDSplit(kept)
 
 

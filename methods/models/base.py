@@ -5,6 +5,7 @@ they say. `forward_features` returns the three stage outputs (attention distilla
 (FCT, SupCon) and the logits; `late_modules` names the submodules that form the model's "late" part (ASD's
 meta split trains only those); `classifier` is the final linear layer and `feature_dim` its input width.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -13,6 +13,7 @@ Stage features for attention distillation are the outputs of layer2, layer3 and 
 as for ResNet-18); they are the un-activated residual sums, which is what a pre-activation network passes on.
 The "late" part is layer3 + layer4 + the classifier, the split ASD trains in its meta-split step.
 """
+
 from __future__ import annotations
 
 import torch

@@ -10,6 +10,7 @@ resolution and carries mostly low-level edges, while the last three stages are t
 transfer matches on ResNets. The "late" part is layer3 + layer4 + the classifier, the split ASD trains in its
 meta-split step.
 """
+
 from __future__ import annotations
 
 import torch

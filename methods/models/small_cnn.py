@@ -1,4 +1,5 @@
 """A small CNN for CPU tests and quick sweeps: three conv stages (conv-BN-ReLU twice, then pool) and a linear head."""
+
 from __future__ import annotations
 
 import torch

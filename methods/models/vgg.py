@@ -11,6 +11,7 @@ Stage features are the outputs of blocks 3, 4 and 5 (after their pools): the thr
 "last three stages" used for the ResNets. The "late" part is blocks 4 and 5 plus the classifier, mirroring the
 ResNets' layer3 + layer4 + linear split.
 """
+
 from __future__ import annotations
 
 import torch

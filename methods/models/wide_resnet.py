@@ -10,6 +10,7 @@ Stage features are the three groups' outputs, the last taken after the final BN-
 (Zagoruyko & Komodakis, ICLR 2017) and NAD compute attention there, so the deepest map is the activated one the
 classifier actually sees. The "late" part is the last group, the final BN and the classifier.
 """
+
 from __future__ import annotations
 
 import torch

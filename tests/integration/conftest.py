@@ -1,4 +1,5 @@
 """One Ray instance and one pre-migrated MLflow store template for the whole test session."""
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,9 @@ def ray_session(tmp_path_factory):
 
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
     temp = tmp_path_factory.mktemp("ray")
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=str(temp), object_store_memory=200 * 1024**2,
-             log_to_driver=False)
+    ray.init(
+        num_cpus=4, include_dashboard=False, _temp_dir=str(temp), object_store_memory=200 * 1024**2, log_to_driver=False
+    )
     yield ray
     ray.shutdown()
 

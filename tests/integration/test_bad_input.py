@@ -1,4 +1,5 @@
 """Bad input stops before anything starts: one line naming what is wrong, exit code 2, nothing created."""
+
 from __future__ import annotations
 
 import os
@@ -23,60 +24,91 @@ CASES = {
     "attack given to defend": (["defend", "badnets"], "is an attack"),
     "unknown dataset": (["attack", "badnets", "--dataset", "imagenet9"], "dataset: unknown 'imagenet9'"),
     "unknown model": (["attack", "badnets", "--model", "resnet9000"], "model: unknown 'resnet9000'"),
-    "attack flag on an attack space": (["tune", str(SPACES / "badnets.yaml"), "--attack", "blend"],
-                                       "--attack applies to defenses"),
+    "attack flag on an attack space": (
+        ["tune", str(SPACES / "badnets.yaml"), "--attack", "blend"],
+        "--attack applies to defenses",
+    ),
     "rate outside [0, 1]": (["attack", "badnets", "--set", "poison_rate=1.5"], "poison_rate: 1.5 is outside"),
     "wrong type": (["attack", "badnets", "--set", "epochs=ten"], "epochs: expected int"),
     "unknown key": (["attack", "badnets", "--set", "epohcs=3"], "unknown key(s) epohcs"),
     "bad data key": (["attack", "badnets", "--set", "data.val_fraction=0.9"], "val_fraction: 0.9 is outside"),
     "malformed --set": (["attack", "badnets", "--set", "epochs"], "expected key=value"),
     "missing space file": (["tune", "no/such/space.yaml"], "search space file not found"),
-    "pareto with asha": (["tune", str(SPACES / "badnets.yaml"), "--objective", "pareto", "--scheduler", "asha"],
-                         "ASHA is single-objective"),
+    "pareto with asha": (
+        ["tune", str(SPACES / "badnets.yaml"), "--objective", "pareto", "--scheduler", "asha"],
+        "ASHA is single-objective",
+    ),
     "unknown flag": (["tune", str(SPACES / "badnets.yaml"), "--num-smaples", "3"], "unrecognized arguments"),
-    "GPU share this machine lacks": (["tune", str(SPACES / "badnets.yaml"), "--gpus-per-trial", "0.5"],
-                                     "no node has a GPU"),
-    "GPU share above 1 as a fraction": (["tune", str(SPACES / "badnets.yaml"), "--gpus-per-trial", "1.5"],
-                                        "whole GPUs"),
+    "GPU share this machine lacks": (
+        ["tune", str(SPACES / "badnets.yaml"), "--gpus-per-trial", "0.5"],
+        "no node has a GPU",
+    ),
+    "GPU share above 1 as a fraction": (
+        ["tune", str(SPACES / "badnets.yaml"), "--gpus-per-trial", "1.5"],
+        "whole GPUs",
+    ),
     "zero samples": (["tune", str(SPACES / "badnets.yaml"), "--num-samples", "0"], "--num-samples 0: a positive"),
     "zero concurrency": (["tune", str(SPACES / "badnets.yaml"), "--max-concurrent", "0"], "--max-concurrent 0"),
     "negative concurrency": (["tune", str(SPACES / "badnets.yaml"), "--max-concurrent", "-2"], "--max-concurrent -2"),
     "negative failures": (["tune", str(SPACES / "badnets.yaml"), "--max-failures", "-1"], "--max-failures -1"),
     "target the dataset lacks": (["attack", "badnets", "--set", "target=15"], "target: 15 is not a class of digits"),
-    "attack target the dataset lacks": (["defend", "ft", "--attack", "badnets", "--set", "attack.target=15"],
-                                        "target: 15 is not a class of digits"),
+    "attack target the dataset lacks": (
+        ["defend", "ft", "--attack", "badnets", "--set", "attack.target=15"],
+        "target: 15 is not a class of digits",
+    ),
     "attack run in a missing store": (["defend", "ft", "--attack-run", "doesnotexist"], "no MLflow store"),
-    "blind tune of a val_asr space": (["tune", str(SPACES / "ft.yaml"), "--knowledge", "blind"],
-                                      "objective.metric val_asr needs the trigger"),
-    "blind pareto": (["tune", str(SPACES / "ft.yaml"), "--knowledge", "blind", "--objective", "pareto",
-                      "--scheduler", "fifo"],
-                     "the pareto objective val_asr needs the trigger"),
-    "blind study of a val_asr space": (["study", str(EXAMPLES / "study-digits.yaml"), "--knowledge", "blind"],
-                                       "val_asr needs the trigger"),
+    "blind tune of a val_asr space": (
+        ["tune", str(SPACES / "ft.yaml"), "--knowledge", "blind"],
+        "objective.metric val_asr needs the trigger",
+    ),
+    "blind pareto": (
+        ["tune", str(SPACES / "ft.yaml"), "--knowledge", "blind", "--objective", "pareto", "--scheduler", "fifo"],
+        "the pareto objective val_asr needs the trigger",
+    ),
+    "blind study of a val_asr space": (
+        ["study", str(EXAMPLES / "study-digits.yaml"), "--knowledge", "blind"],
+        "val_asr needs the trigger",
+    ),
     "resume in a missing store": (["tune", str(SPACES / "badnets.yaml"), "--resume", "BADID"], "no MLflow store"),
     "study in a missing store": (["report", "--study", "deadbeef"], "no MLflow store"),
-    "quickstart on missing data": (["quickstart", "--dataset", "cifar10", "--data-root", "/nonexistent/bdo"],
-                                   "--download"),
-    "missing real dataset": (["attack", "badnets", "--dataset", "cifar10", "--data-root", "/nonexistent/bdo"],
-                             "--download"),
-    "patch file without the file pattern": (["attack", "badnets", "--set", "patch_file=x.png"],
-                                            "patch_file: read only by pattern 'file', not 'grid'"),
-    "pattern file without the file pattern": (["attack", "blend", "--set", "pattern_file=x.png"],
-                                              "pattern_file: read only by pattern 'file'"),
+    "quickstart on missing data": (
+        ["quickstart", "--dataset", "cifar10", "--data-root", "/nonexistent/bdo"],
+        "--download",
+    ),
+    "missing real dataset": (
+        ["attack", "badnets", "--dataset", "cifar10", "--data-root", "/nonexistent/bdo"],
+        "--download",
+    ),
+    "patch file without the file pattern": (
+        ["attack", "badnets", "--set", "patch_file=x.png"],
+        "patch_file: read only by pattern 'file', not 'grid'",
+    ),
+    "pattern file without the file pattern": (
+        ["attack", "blend", "--set", "pattern_file=x.png"],
+        "pattern_file: read only by pattern 'file'",
+    ),
     "empty dataset": (["attack", "badnets", "--dataset", ""], "argument --dataset: empty"),
     "empty model": (["attack", "badnets", "--model", " "], "argument --model: empty"),
     "empty experiment": (["attack", "badnets", "--experiment", ""], "argument --experiment: empty"),
     "port above 65535": (["ui", "--port", "99999"], "--port 99999: a port number in 1..65535"),
     "negative port": (["ui", "--port", "-1"], "--port -1: a port number in 1..65535"),
     "host that does not resolve": (["ui", "--host", "no-such-host.invalid"], "--host no-such-host.invalid: does not"),
-    "dashboard address as the Ray address": (["tune", str(SPACES / "badnets.yaml"), "--address",
-                                              "http://127.0.0.1:8265"], "--address wants the GCS address (host:6379"),
-    "trigger image that does not exist": (["attack", "badnets", "--set", "pattern=file", "--set",
-                                           "patch_file=/nope.png"], "patch_file: /nope.png does not exist"),
-    "more CPUs per trial than a node has": (["tune", str(SPACES / "badnets.yaml"), "--cpus-per-trial", "100000"],
-                                            "--cpus-per-trial 100000: this machine"),
-    "more GPUs per trial than a node has": (["tune", str(SPACES / "badnets.yaml"), "--gpus-per-trial", "1000"],
-                                            "--gpus-per-trial 1000: "),
+    "dashboard address as the Ray address": (
+        ["tune", str(SPACES / "badnets.yaml"), "--address", "http://127.0.0.1:8265"],
+        "--address wants the GCS address (host:6379",
+    ),
+    "trigger image that does not exist": (
+        ["attack", "badnets", "--set", "pattern=file", "--set", "patch_file=/nope.png"],
+        "patch_file: /nope.png does not exist",
+    ),
+    "more CPUs per trial than a node has": (
+        ["tune", str(SPACES / "badnets.yaml"), "--cpus-per-trial", "100000"],
+        "--cpus-per-trial 100000: this machine",
+    ),
+    "more GPUs per trial than a node has": (
+        ["tune", str(SPACES / "badnets.yaml"), "--gpus-per-trial", "1000"],
+        "--gpus-per-trial 1000: ",
+    ),
 }
 
 
@@ -101,28 +133,44 @@ SPACE_CASES = {
     "unknown distribution": ("method: badnets\nspace:\n  lr: {normal: [0.1, 0.01]}\n", "unknown distribution 'normal'"),
     "unknown top-level key": ("method: badnets\nspaces: {}\n", "unknown key(s) spaces"),
     "key not in the config": ("method: badnets\nspace:\n  lrr: {uniform: [0.01, 0.1]}\n", "'lrr' is not a field"),
-    "range outside the config's": ("method: badnets\nspace:\n  poison_rate: {uniform: [0.1, 1.5]}\n",
-                                   "poison_rate: 1.5 is outside"),
+    "range outside the config's": (
+        "method: badnets\nspace:\n  poison_rate: {uniform: [0.1, 1.5]}\n",
+        "poison_rate: 1.5 is outside",
+    ),
     "wrong type in choice": ("method: badnets\nspace:\n  epochs: {choice: [2, three]}\n", "epochs: expected int"),
-    "test metric as objective": ("method: badnets\nobjective: {metric: test_asr, mode: max}\n",
-                                 "validation metrics only"),
+    "test metric as objective": (
+        "method: badnets\nobjective: {metric: test_asr, mode: max}\n",
+        "validation metrics only",
+    ),
     "unknown method": ("method: nomethod\n", "unknown method 'nomethod'"),
     "negative fixed epsilon": ("method: cl\nfixed: {pgd_eps: -0.1}\n", "pgd_eps: -0.1 is outside"),
     "randint low >= high": ("method: badnets\nspace:\n  epochs: {randint: [5, 5]}\n", "must be < high"),
-    "blind space selecting on val_asr": ("method: ft\nknowledge: blind\nobjective: {metric: val_asr, mode: min}\n",
-                                         "objective.metric val_asr needs the trigger or the poison flags"),
+    "blind space selecting on val_asr": (
+        "method: ft\nknowledge: blind\nobjective: {metric: val_asr, mode: min}\n",
+        "objective.metric val_asr needs the trigger or the poison flags",
+    ),
     "unknown knowledge level": ("method: ft\nknowledge: partial\n", "knowledge 'partial': use oracle or blind"),
-    "duplicate key": ("method: badnets\nspace:\n  lr: {uniform: [0.01, 0.1]}\n  lr: {uniform: [0.1, 0.2]}\n",
-                      "line 4, column 3: duplicate key 'lr'"),
-    "derived keys in a cycle": ("method: badnets\nspace:\n  lr: {derived: momentum / 10}\n"
-                                "  momentum: {derived: lr * 10}\n", "space.lr: derived from momentum"),
+    "duplicate key": (
+        "method: badnets\nspace:\n  lr: {uniform: [0.01, 0.1]}\n  lr: {uniform: [0.1, 0.2]}\n",
+        "line 4, column 3: duplicate key 'lr'",
+    ),
+    "derived keys in a cycle": (
+        "method: badnets\nspace:\n  lr: {derived: momentum / 10}\n  momentum: {derived: lr * 10}\n",
+        "space.lr: derived from momentum",
+    ),
     "derived from itself": ("method: badnets\nspace:\n  lr: {derived: lr * 2}\n", "space.lr: derived from lr"),
-    "derived from a later derived key": ("method: badnets\nspace:\n  epochs: {derived: batch_size / 8}\n"
-                                         "  batch_size: {derived: 64}\n", "space.epochs: derived from batch_size"),
-    "objective no method reports": ("method: ft\nobjective: {metric: val_nosuchmetric, mode: max}\n",
-                                    "objective.metric 'val_nosuchmetric': no method reports it"),
+    "derived from a later derived key": (
+        "method: badnets\nspace:\n  epochs: {derived: batch_size / 8}\n  batch_size: {derived: 64}\n",
+        "space.epochs: derived from batch_size",
+    ),
+    "objective no method reports": (
+        "method: ft\nobjective: {metric: val_nosuchmetric, mode: max}\n",
+        "objective.metric 'val_nosuchmetric': no method reports it",
+    ),
     "split objective of a method that does not split": (
-        "method: ft\nobjective: {metric: split_auroc, mode: max}\n", "ft does not split the training set"),
+        "method: ft\nobjective: {metric: split_auroc, mode: max}\n",
+        "ft does not split the training set",
+    ),
 }
 
 
@@ -144,35 +192,53 @@ STUDY_CASES = {
     "missing seeds": ("attacks: [badnets]\ndefenses: [ft]\n", "seeds: a non-empty list"),
     "unknown attack": ("attacks: [nope]\ndefenses: [ft]\nseeds: [0]\n", "unknown attack 'nope'"),
     "unknown key": ("attacks: [badnets]\ndefenses: [ft]\nseeds: [0]\nseed: 1\n", "unknown key(s) seed"),
-    "bad attack value names the study": ("attacks: [{name: badnets, poison_rate: 2.0}]\ndefenses: [ft]\nseeds: [0]\n",
-                                         "study.yaml: attacks: badnets: poison_rate: 2.0 is outside"),
-    "missing space beside the study": ("attacks: [badnets]\ndefenses: [{name: ft, space: nope.yaml}]\nseeds: [0]\n",
-                                       "space nope.yaml not found"),
+    "bad attack value names the study": (
+        "attacks: [{name: badnets, poison_rate: 2.0}]\ndefenses: [ft]\nseeds: [0]\n",
+        "study.yaml: attacks: badnets: poison_rate: 2.0 is outside",
+    ),
+    "missing space beside the study": (
+        "attacks: [badnets]\ndefenses: [{name: ft, space: nope.yaml}]\nseeds: [0]\n",
+        "space nope.yaml not found",
+    ),
     "repeated seed": ("attacks: [badnets]\ndefenses: [ft]\nseeds: [0, 1, 0]\n", "seeds: 0 listed more than once"),
-    "duplicate key": ("attacks: [badnets]\ndefenses: [ft]\nseeds: [0]\nseeds: [1]\n",
-                      "line 4, column 1: duplicate key 'seeds'"),
+    "duplicate key": (
+        "attacks: [badnets]\ndefenses: [ft]\nseeds: [0]\nseeds: [1]\n",
+        "line 4, column 1: duplicate key 'seeds'",
+    ),
     "zero jobs": ("attacks: [badnets]\ndefenses: [ft]\nseeds: [0]\njobs: 0\n", "jobs: a positive integer"),
     "clean not a bool": ("attacks: [badnets]\ndefenses: [ft]\nseeds: [0]\nclean: maybe\n", "clean: true or false"),
-    "negative samples": ("attacks: [badnets]\ndefenses: [ft]\nseeds: [0]\ntune: {num_samples: -1}\n",
-                         "num_samples: 0 (run the presets, no sweep) or a positive integer"),
-    "unknown defense key": ("attacks: [badnets]\ndefenses: [{name: ft, epochs: 3}]\nseeds: [0]\n",
-                            "defenses: ft: unknown key(s) epochs"),
-    "defense tune not a mapping": ("attacks: [badnets]\ndefenses: [{name: ft, tune: 3}]\nseeds: [0]\n",
-                                   "defenses: ft: tune: a mapping"),
+    "negative samples": (
+        "attacks: [badnets]\ndefenses: [ft]\nseeds: [0]\ntune: {num_samples: -1}\n",
+        "num_samples: 0 (run the presets, no sweep) or a positive integer",
+    ),
+    "unknown defense key": (
+        "attacks: [badnets]\ndefenses: [{name: ft, epochs: 3}]\nseeds: [0]\n",
+        "defenses: ft: unknown key(s) epochs",
+    ),
+    "defense tune not a mapping": (
+        "attacks: [badnets]\ndefenses: [{name: ft, tune: 3}]\nseeds: [0]\n",
+        "defenses: ft: tune: a mapping",
+    ),
     "blind objective reads the trigger": (
         "attacks: [badnets]\ndefenses: [ft]\nseeds: [0]\nblind_vs_oracle: {objective: {metric: val_asr, mode: min}}\n",
-        "blind_vs_oracle: objective.metric 'val_asr' is not a blind validation metric"),
+        "blind_vs_oracle: objective.metric 'val_asr' is not a blind validation metric",
+    ),
     "blind objective on a test metric": (
         "attacks: [badnets]\ndefenses: [ft]\nseeds: [0]\nblind_vs_oracle: {objective: {metric: test_acc}}\n",
-        "objective.metric 'test_acc' is not a blind validation metric"),
-    "blind_vs_oracle not a mapping": ("attacks: [badnets]\ndefenses: [ft]\nseeds: [0]\nblind_vs_oracle: yes please\n",
-                                      "blind_vs_oracle: true, or {objective:"),
+        "objective.metric 'test_acc' is not a blind validation metric",
+    ),
+    "blind_vs_oracle not a mapping": (
+        "attacks: [badnets]\ndefenses: [ft]\nseeds: [0]\nblind_vs_oracle: yes please\n",
+        "blind_vs_oracle: true, or {objective:",
+    ),
     "blind_vs_oracle with an untuned defense": (
         "attacks: [badnets]\ndefenses: [ft]\nseeds: [0]\ntune: {num_samples: 0}\nblind_vs_oracle: true\n",
-        "blind_vs_oracle tunes every defense; num_samples 0"),
+        "blind_vs_oracle tunes every defense; num_samples 0",
+    ),
     "blind_vs_oracle with a steering searcher": (
         "attacks: [badnets]\ndefenses: [ft]\nseeds: [0]\ntune: {searcher: optuna}\nblind_vs_oracle: true\n",
-        "blind_vs_oracle selects twice from the same trials"),
+        "blind_vs_oracle selects twice from the same trials",
+    ),
 }
 
 
@@ -195,8 +261,12 @@ def test_exponent_floats_are_numbers(tmp_path):
     from orchestrator.spaces import load_space
 
     assert parse_set(["lr=1e-3", "attack.lr=5E-4", "epochs=1.0e+1"]) == {"lr": 1e-3, "attack.lr": 5e-4, "epochs": 10.0}
-    space = load_space(write(tmp_path / "space.yaml", "method: ft\nfixed: {weight_decay: 5e-4}\n"
-                                                      "space:\n  lr: {loguniform: [1e-4, 1e-1]}\n"))
+    space = load_space(
+        write(
+            tmp_path / "space.yaml",
+            "method: ft\nfixed: {weight_decay: 5e-4}\nspace:\n  lr: {loguniform: [1e-4, 1e-1]}\n",
+        )
+    )
     assert space.fixed == {"weight_decay": 5e-4} and space.dims[0].args == [1e-4, 1e-1]
 
 
@@ -212,9 +282,11 @@ def test_report_out_is_a_file_that_is_not_overwritten_unasked(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     (tmp_path / "old.md").write_text("kept")
     (tmp_path / "folder").mkdir()
-    for out, message in (("old.md", "--out old.md: the file exists; pass --force"),
-                         ("folder", "--out folder: a folder; --out names the report file, e.g. folder/report.md"),
-                         ("old.md/x.md", "old.md is a file, not a folder")):
+    for out, message in (
+        ("old.md", "--out old.md: the file exists; pass --force"),
+        ("folder", "--out folder: a folder; --out names the report file, e.g. folder/report.md"),
+        ("old.md/x.md", "old.md is a file, not a folder"),
+    ):
         assert main(["report", "--out", out]) == 2, out
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
@@ -241,17 +313,21 @@ def test_ui_on_a_port_in_use(tmp_path, monkeypatch, capsys):
 def test_unusable_storage_or_store_is_refused_before_it_is_created(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "afile").write_text("")
-    cases = [(["--storage", "afile"], "--storage afile: "),
-             (["--storage", "afile/runs"], "afile is a file, not a folder"),
-             (["--tracking-uri", "notascheme://x"], "--tracking-uri notascheme://x: unknown scheme 'notascheme'"),
-             (["--tracking-uri", "sqlite:///afile/mlflow.db"], "afile is a file, not a folder"),
-             (["--tracking-uri", "nodir/mlflow.db"], "nodir does not exist; create it first"),
-             # nobody, root included, may create a file there (MLflow retried it for about 105 s)
-             (["--tracking-uri", "/proc/mlflow.db"], "cannot write /proc")]
+    cases = [
+        (["--storage", "afile"], "--storage afile: "),
+        (["--storage", "afile/runs"], "afile is a file, not a folder"),
+        (["--tracking-uri", "notascheme://x"], "--tracking-uri notascheme://x: unknown scheme 'notascheme'"),
+        (["--tracking-uri", "sqlite:///afile/mlflow.db"], "afile is a file, not a folder"),
+        (["--tracking-uri", "nodir/mlflow.db"], "nodir does not exist; create it first"),
+        # nobody, root included, may create a file there (MLflow retried it for about 105 s)
+        (["--tracking-uri", "/proc/mlflow.db"], "cannot write /proc"),
+    ]
     if os.geteuid() != 0:  # root writes into a read-only folder
         (tmp_path / "readonly").mkdir(mode=0o555)
-        cases += [(["--storage", "readonly/runs"], "readonly is not writable"),
-                  (["--tracking-uri", "readonly/mlflow.db"], "readonly is not writable")]
+        cases += [
+            (["--storage", "readonly/runs"], "readonly is not writable"),
+            (["--tracking-uri", "readonly/mlflow.db"], "readonly is not writable"),
+        ]
     for flags, message in cases:
         assert main(["attack", "badnets", *flags]) == 2, flags
         err = capsys.readouterr().err.strip()
@@ -286,7 +362,6 @@ def test_alpha_sum_above_one_is_refused(tmp_path, monkeypatch, capsys):
     assert_nothing_created(tmp_path)
 
 
-
 def test_bad_ids_in_an_existing_store_name_the_run(tmp_path, monkeypatch, capsys):
     """A store that exists but lacks the run: still one line and exit 2, and the store is left as it was."""
     from orchestrator.tracking import Tracker
@@ -296,11 +371,17 @@ def test_bad_ids_in_an_existing_store_name_the_run(tmp_path, monkeypatch, capsys
     Tracker(store, "bdo")
     capsys.readouterr()  # MLflow's own lines while it created the store
     before = (tmp_path / "mlflow.db").read_bytes()
-    cases = [(["report", "--tracking-uri", store, "--study", "deadbeef"], "--study deadbeef: no such run"),
-             (["defend", "ft", "--tracking-uri", store, "--attack-run", "doesnotexist"],
-              "--attack-run doesnotexist: no such run"),
-             (["tune", str(SPACES / "badnets.yaml"), "--tracking-uri", store, "--resume", "BADID"],
-              "--resume BADID: no such run")]
+    cases = [
+        (["report", "--tracking-uri", store, "--study", "deadbeef"], "--study deadbeef: no such run"),
+        (
+            ["defend", "ft", "--tracking-uri", store, "--attack-run", "doesnotexist"],
+            "--attack-run doesnotexist: no such run",
+        ),
+        (
+            ["tune", str(SPACES / "badnets.yaml"), "--tracking-uri", store, "--resume", "BADID"],
+            "--resume BADID: no such run",
+        ),
+    ]
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
@@ -317,11 +398,25 @@ def test_a_study_space_is_found_beside_the_study_file(tmp_path, monkeypatch):
     folder = tmp_path / "studies"
     folder.mkdir()
     (folder / "ft-small.yaml").write_text((SPACES / "ft.yaml").read_text())
-    study = write(folder / "study.yaml",
-                  "attacks: [badnets]\ndefenses: [{name: ft, space: ft-small.yaml}]\nseeds: [0]\n")
+    study = write(
+        folder / "study.yaml", "attacks: [badnets]\ndefenses: [{name: ft, space: ft-small.yaml}]\nseeds: [0]\n"
+    )
     monkeypatch.chdir(tmp_path)
-    args = argparse.Namespace(dataset=None, model=None, seed=None, set=[], no_preset=False, quick=True,
-                              searcher=None, scheduler=None, objective=None, num_samples=None, max_concurrent=None,
-                              cpus_per_trial=None, gpus_per_trial=None, workers_per_trial=None)
+    args = argparse.Namespace(
+        dataset=None,
+        model=None,
+        seed=None,
+        set=[],
+        no_preset=False,
+        quick=True,
+        searcher=None,
+        scheduler=None,
+        objective=None,
+        num_samples=None,
+        max_concurrent=None,
+        cpus_per_trial=None,
+        gpus_per_trial=None,
+        workers_per_trial=None,
+    )
     plan = load_study(study, args)
     assert plan.defenses == [("ft", (folder / "ft-small.yaml").resolve())]

@@ -2,6 +2,7 @@
 which sweeps ran under which knowledge, that each variant's configuration is the best trial on its own objective,
 that every variant has its final runs, and that the table (printed by the study and by `bdo report`) shows their
 test figures and the rank correlations over the blind sweep's trials."""
+
 from __future__ import annotations
 
 import math
@@ -58,7 +59,7 @@ def table_rows(text: str) -> tuple[list[str], list[list[str]]]:
     lines = text.splitlines()
     start = max(i for i, line in enumerate(lines) if line.startswith("| attack | defense |"))
     block = [lines[start]]
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("| "):
             break
         block.append(line)
@@ -80,11 +81,15 @@ def test_blind_vs_oracle_study(ray_session, workdir, capsys, monkeypatch):
     sweeps = {(r.data.tags["method"], r.data.tags["variants"]): r for r in mine if r.data.tags["role"] == "sweep"}
     assert set(sweeps) == {("ft", "blind,oracle"), ("dbr", "blind"), ("dbr", "oracle")}, set(sweeps)
     assert sweeps[("dbr", "oracle")].data.tags["knowledge"] == "oracle"
-    assert sweeps[("dbr", "blind")].data.tags["knowledge"] == sweeps[("ft", "blind,oracle")].data.tags["knowledge"] \
+    assert (
+        sweeps[("dbr", "blind")].data.tags["knowledge"]
+        == sweeps[("ft", "blind,oracle")].data.tags["knowledge"]
         == "blind"
-    trials = {key: client.search_runs([study.info.experiment_id],
-                                      f"tags.mlflow.parentRunId = '{sweep.info.run_id}'")
-              for key, sweep in sweeps.items()}
+    )
+    trials = {
+        key: client.search_runs([study.info.experiment_id], f"tags.mlflow.parentRunId = '{sweep.info.run_id}'")
+        for key, sweep in sweeps.items()
+    }
     assert all(len(t) == TRIALS for t in trials.values()), {k: len(t) for k, t in trials.items()}
 
     def selected_is_best(key, objective: tuple, chosen: list, variant: str) -> None:
@@ -94,8 +99,10 @@ def test_blind_vs_oracle_study(ray_session, workdir, capsys, monkeypatch):
         assert ranks[trial_id] == min(r for r in ranks.values() if r is not None), (key, objective, trial_id, ranks)
 
     finals = [r for r in mine if r.data.tags["role"] == "final"]
-    for defense, blind_key, oracle_key in (("ft", ("ft", "blind,oracle"), ("ft", "blind,oracle")),
-                                           ("dbr", ("dbr", "blind"), ("dbr", "oracle"))):
+    for defense, blind_key, oracle_key in (
+        ("ft", ("ft", "blind,oracle"), ("ft", "blind,oracle")),
+        ("dbr", ("dbr", "blind"), ("dbr", "oracle")),
+    ):
         mine_finals = [r for r in finals if r.data.tags["method"] == defense]
         for variant in ("preset", "blind", "oracle"):
             chosen = [r for r in mine_finals if variant in r.data.tags["variants"].split(",")]
@@ -116,8 +123,9 @@ def test_blind_vs_oracle_study(ray_session, workdir, capsys, monkeypatch):
     for row in rows:
         defense = row[1]
         for column, variant in zip(header[2:5], ("preset", "blind", "oracle")):
-            group = [r for r in finals if r.data.tags["method"] == defense
-                     and variant in r.data.tags["variants"].split(",")]
+            group = [
+                r for r in finals if r.data.tags["method"] == defense and variant in r.data.tags["variants"].split(",")
+            ]
             acc, asr = (float(x) / 100 for x in PAIR.match(row[header.index(column)]).groups())
             assert math.isclose(acc, np.mean([r.data.metrics["test_acc"] for r in group]), abs_tol=6e-4), row
             assert math.isclose(asr, np.mean([r.data.metrics["test_asr"] for r in group]), abs_tol=6e-4), row

@@ -1,4 +1,5 @@
 """Finding out what exists and what a command would do, without running anything."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,15 @@ ROOT = Path(__file__).resolve().parents[2]
 SPACES = ROOT / "search_spaces"
 
 
-@pytest.mark.parametrize("kind, names", [("attacks", method_names("attack")), ("defenses", method_names("defense")),
-                                         ("datasets", DATASETS.names()), ("models", MODELS.names())])
+@pytest.mark.parametrize(
+    "kind, names",
+    [
+        ("attacks", method_names("attack")),
+        ("defenses", method_names("defense")),
+        ("datasets", DATASETS.names()),
+        ("models", MODELS.names()),
+    ],
+)
 def test_list_names_everything_registered_with_a_summary(kind, names, capsys):
     assert main(["list", kind]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -54,11 +62,15 @@ def test_experiment_defaults_to_mlflow_experiment_name(monkeypatch):
     assert build_parser().parse_args(["attack", "badnets"]).experiment == "bdo"
 
 
-@pytest.mark.parametrize("argv", [
-    ["tune", str(SPACES / "dbr.yaml"), "--set", "br_rounds=7"],
-    ["attack", "badnets", "--set", "epochs=3"],
-    ["defend", "ft", "--attack", "blend", "--set", "attack.alpha=0.2"],
-], ids=["tune", "attack", "defend"])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["tune", str(SPACES / "dbr.yaml"), "--set", "br_rounds=7"],
+        ["attack", "badnets", "--set", "epochs=3"],
+        ["defend", "ft", "--attack", "blend", "--set", "attack.alpha=0.2"],
+    ],
+    ids=["tune", "attack", "defend"],
+)
 def test_dry_run_prints_the_resolved_plan_and_writes_nothing(argv, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main([*argv, "--dry-run"]) == 0
@@ -97,9 +109,14 @@ def test_every_example_study_validates_without_its_data(study, tmp_path, monkeyp
 
 
 def _bdo_ui(tracking_uri: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", "ui", "--tracking-uri", tracking_uri],
-                          cwd=cwd, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "ui", "--tracking-uri", tracking_uri],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
 
 
 def test_ui_on_a_server_that_runs_elsewhere_prints_where_to_look_and_starts_nothing(tmp_path):
@@ -125,8 +142,9 @@ def test_ui_on_a_server_that_runs_elsewhere_prints_where_to_look_and_starts_noth
     finally:
         server.shutdown()
     assert known.returncode == 0, known.stderr
-    assert known.stdout.splitlines() == [f"runs of experiment bdo: {url}/#/experiments/7/runs?"
-                                         "workflowType=machine_learning"], known.stdout
+    assert known.stdout.splitlines() == [
+        f"runs of experiment bdo: {url}/#/experiments/7/runs?workflowType=machine_learning"
+    ], known.stdout
     nobody = f"http://127.0.0.1:{free_port()}"  # no server there, e.g. the port-forward is not open yet
     unknown = _bdo_ui(nobody, tmp_path)
     assert unknown.returncode == 0, unknown.stderr

@@ -12,6 +12,7 @@ rerun of the finished trial, no duplicate metric step, no traceback). Every proc
 PID at the end (kill_marked: the ones whose environment carries this test's RAY_TMPDIR), never with `ray stop`,
 which would also stop any other Ray on the machine.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 def path_without_the_venv() -> str:
     """PATH as a fresh login shell on a cluster node has it: without the venv, so that only cluster.yaml's export
     can make `bdo` resolvable for a job (the README's job command failed with exit 127 before it did)."""
-    return os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
-                           if p and Path(p).resolve() != VENV_BIN.resolve())
+    return os.pathsep.join(
+        p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p).resolve() != VENV_BIN.resolve()
+    )
 
 
 def private_address() -> str | None:
@@ -61,10 +63,16 @@ def private_address() -> str | None:
 
 def node_ports(host: str) -> list[str]:
     """Two raylets on one host must not share the per-node agent ports (a cloud node has the host to itself)."""
-    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-            f"--object-store-memory={100 * 1024 ** 2}", "--num-cpus=1", f"--node-ip-address={host}",
-            "--disable-usage-stats"]
+    return [
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--object-store-memory={100 * 1024**2}",
+        "--num-cpus=1",
+        f"--node-ip-address={host}",
+        "--disable-usage-stats",
+    ]
 
 
 @dataclass
@@ -89,23 +97,41 @@ def ray_start_cluster(tmp: Path, host: str, exported: dict[str, str]) -> Iterato
     ray_tmp, worker_tmp = short_tmp(), short_tmp()
     log = tmp / "ray-start.log"
     # Ray's own default on Linux: the nodes find each other by their private address, not loopback (BASE_ENV)
-    env = child_env(ray_tmp, PATH=f"{VENV_BIN}{os.pathsep}{path_without_the_venv()}",
-                    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1", **exported)
+    env = child_env(
+        ray_tmp,
+        PATH=f"{VENV_BIN}{os.pathsep}{path_without_the_venv()}",
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1",
+        **exported,
+    )
     gcs, dashboard = free_port(), free_port()
     ray = str(VENV_BIN / "ray")
     try:
         # the head's private address, as cluster.yaml's `hostname -I` gives it: a worker's `ray start` rewrites a
         # loopback head address to this host's outward one, where a head bound to loopback does not listen
         with open(log, "w") as out:
-            for args in (["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                          f"--ray-client-server-port={free_port()}", f"--temp-dir={ray_tmp}"],
-                         # its own temp dir, as a worker machine has its own disk: in the head's, the worker's
-                         # runtime-env agent deletes the job's unpacked working dir (the driver's cwd) when a task
-                         # of the job ends there
-                         [f"--address={host}:{gcs}", f"--temp-dir={worker_tmp}"]):
+            for args in (
+                [
+                    "--head",
+                    f"--port={gcs}",
+                    "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dashboard}",
+                    f"--ray-client-server-port={free_port()}",
+                    f"--temp-dir={ray_tmp}",
+                ],
+                # its own temp dir, as a worker machine has its own disk: in the head's, the worker's
+                # runtime-env agent deletes the job's unpacked working dir (the driver's cwd) when a task
+                # of the job ends there
+                [f"--address={host}:{gcs}", f"--temp-dir={worker_tmp}"],
+            ):
                 node_env = {**env, WORKER_MARK: "1"} if "--head" not in args else env
-                done = subprocess.run([ray, "start", *args, *node_ports(host)], env=node_env, stdout=out,
-                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=240)
+                done = subprocess.run(
+                    [ray, "start", *args, *node_ports(host)],
+                    env=node_env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    timeout=240,
+                )
                 assert done.returncode == 0, f"ray start {args[0]} failed\n{tail(log)}"
         yield StartedCluster(f"http://127.0.0.1:{dashboard}", env, log)
     finally:
@@ -116,8 +142,15 @@ def ray_start_cluster(tmp: Path, host: str, exported: dict[str, str]) -> Iterato
 
 def ray_job(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """`ray job ...` typed in a shell on the head, in the repository (the README's --working-dir .)."""
-    return subprocess.run([str(VENV_BIN / "ray"), "job", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [str(VENV_BIN / "ray"), "job", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def steps(client, run_id: str) -> list[int]:
@@ -136,19 +169,44 @@ def test_the_readme_cluster_journey_runs_as_written(tmp_path, mlflow_template):
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     with mlflow_server(tmp_path / "mlflow", mlflow_template) as server:
         url = server.ready()
-        exported = {"MLFLOW_TRACKING_URI": url, "BDO_STORAGE": str(shared / "bdo_runs"),
-                    "BDO_DATA_ROOT": str(shared / "data"), "BDO_SHARED_STORAGE": "1"}
+        exported = {
+            "MLFLOW_TRACKING_URI": url,
+            "BDO_STORAGE": str(shared / "bdo_runs"),
+            "BDO_DATA_ROOT": str(shared / "data"),
+            "BDO_SHARED_STORAGE": "1",
+        }
         with ray_start_cluster(tmp_path, host, exported) as cluster:
             address, shell, log = cluster.address, cluster.shell, cluster.log
-            sweep_command = ["--", "bdo", "tune", "search_spaces/ft.yaml", "--gpus-per-trial", "0",
-                             "--num-samples", "2", "--scheduler", "asha", "--quick"]
+            sweep_command = [
+                "--",
+                "bdo",
+                "tune",
+                "search_spaces/ft.yaml",
+                "--gpus-per-trial",
+                "0",
+                "--num-samples",
+                "2",
+                "--scheduler",
+                "asha",
+                "--quick",
+            ]
 
             def submit(env_vars: dict[str, str], *extra: str, job_id: str | None = None) -> subprocess.CompletedProcess:
                 """The README's command; with job_id, submitted under that id without waiting for it."""
                 runtime_env = json.dumps({"env_vars": {"BDO_GIT_COMMIT": commit, **env_vars}})
-                return ray_job(shell, "submit", "--address", address, "--working-dir", ".",
-                               *([] if job_id is None else ["--no-wait", "--submission-id", job_id]),
-                               "--runtime-env-json", runtime_env, *sweep_command, *extra)
+                return ray_job(
+                    shell,
+                    "submit",
+                    "--address",
+                    address,
+                    "--working-dir",
+                    ".",
+                    *([] if job_id is None else ["--no-wait", "--submission-id", job_id]),
+                    "--runtime-env-json",
+                    runtime_env,
+                    *sweep_command,
+                    *extra,
+                )
 
             # 1. the README's command, waited on as written: the job finds bdo and the sweep finishes
             first = submit({})
@@ -168,13 +226,15 @@ def test_the_readme_cluster_journey_runs_as_written(tmp_path, mlflow_template):
             # RAY_JOB_STOP_WAIT_TIME_S gives it the time to wind down that the README says to give
             jobs = JobSubmissionClient(address)
             job_id = "journey-stopped-sweep"
-            second = submit({"BDO_FAULT": f"wait:step=1:trial=1:until={release}", "RAY_JOB_STOP_WAIT_TIME_S": "60"},
-                            job_id=job_id)
+            second = submit(
+                {"BDO_FAULT": f"wait:step=1:trial=1:until={release}", "RAY_JOB_STOP_WAIT_TIME_S": "60"}, job_id=job_id
+            )
             assert second.returncode == 0, second.stderr[-3000:]
 
             def one_done_one_held():
-                swept = [s for s in experiment_runs(client, "tags.role = 'sweep'")
-                         if s.info.run_id != sweep.info.run_id]
+                swept = [
+                    s for s in experiment_runs(client, "tags.role = 'sweep'") if s.info.run_id != sweep.info.run_id
+                ]
                 if not swept:
                     return None
                 children = experiment_runs(client, f"tags.mlflow.parentRunId = '{swept[0].info.run_id}'")
@@ -183,12 +243,20 @@ def test_the_readme_cluster_journey_runs_as_written(tmp_path, mlflow_template):
                 return (swept[0], done[0], held[0]) if done and held else None
 
             stopped_sweep, finished, held = wait_until(
-                one_done_one_held, 600, "the second job's first trial done and its second held",
-                poll=2.0, why=lambda: jobs.get_job_logs(job_id)[-3000:])
+                one_done_one_held,
+                600,
+                "the second job's first trial done and its second held",
+                poll=2.0,
+                why=lambda: jobs.get_job_logs(job_id)[-3000:],
+            )
             stop = ray_job(shell, "stop", "--address", address, job_id)
             assert stop.returncode == 0, stop.stderr[-2000:]
-            wait_until(lambda: jobs.get_job_status(job_id) in (JobStatus.STOPPED, JobStatus.FAILED), 120,
-                       "the stopped job to end", why=lambda: jobs.get_job_logs(job_id)[-3000:])
+            wait_until(
+                lambda: jobs.get_job_status(job_id) in (JobStatus.STOPPED, JobStatus.FAILED),
+                120,
+                "the stopped job to end",
+                why=lambda: jobs.get_job_logs(job_id)[-3000:],
+            )
             assert jobs.get_job_status(job_id) == JobStatus.STOPPED
             assert client.get_run(stopped_sweep.info.run_id).info.status == "KILLED", jobs.get_job_logs(job_id)[-3000:]
             assert client.get_run(held.info.run_id).info.status == "KILLED", "the cut trial"
@@ -205,8 +273,10 @@ def test_the_readme_cluster_journey_runs_as_written(tmp_path, mlflow_template):
             again = client.get_run(finished.info.run_id)
             assert again.info.end_time == finished.info.end_time, "the trial finished before the stop was rerun"
             for child in children:
-                assert steps(client, child.info.run_id) == [1, 2], (child.data.tags.get("trial_id"),
-                                                                    steps(client, child.info.run_id))
+                assert steps(client, child.info.run_id) == [1, 2], (
+                    child.data.tags.get("trial_id"),
+                    steps(client, child.info.run_id),
+                )
 
             # 4. the worker machine lost mid-sweep (its raylet and processes killed) while each node holds a trial
             # after step 1:
@@ -225,13 +295,21 @@ def test_the_readme_cluster_journey_runs_as_written(tmp_path, mlflow_template):
                 held = [t for t in children if t.info.status == "RUNNING" and steps(client, t.info.run_id) == [1]]
                 return swept[0] if len(held) == 2 else None
 
-            lost_sweep = wait_until(both_held, 600, "both trials of the fourth job held after step 1", poll=2.0,
-                                    why=lambda: jobs.get_job_logs(job_id)[-3000:])
+            lost_sweep = wait_until(
+                both_held,
+                600,
+                "both trials of the fourth job held after step 1",
+                poll=2.0,
+                why=lambda: jobs.get_job_logs(job_id)[-3000:],
+            )
             assert cluster.lose_the_worker() > 1, "the worker's raylet and its trial's processes"
             lost_release.touch()
-            wait_until(lambda: jobs.get_job_status(job_id) in (JobStatus.SUCCEEDED, JobStatus.FAILED,
-                                                               JobStatus.STOPPED), 600,
-                       "the fourth job to end", why=lambda: jobs.get_job_logs(job_id)[-3000:])
+            wait_until(
+                lambda: jobs.get_job_status(job_id) in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED),
+                600,
+                "the fourth job to end",
+                why=lambda: jobs.get_job_logs(job_id)[-3000:],
+            )
             assert jobs.get_job_status(job_id) == JobStatus.SUCCEEDED, jobs.get_job_logs(job_id)[-5000:]
             assert client.get_run(lost_sweep.info.run_id).info.status == "FINISHED"
             children = experiment_runs(client, f"tags.mlflow.parentRunId = '{lost_sweep.info.run_id}'")
@@ -239,5 +317,7 @@ def test_the_readme_cluster_journey_runs_as_written(tmp_path, mlflow_template):
             (retried,) = [c for c in children if c.data.tags.get("attempt") == "2"]
             assert retried.data.tags["attempt_1_node"] != retried.data.tags["attempt_2_node"], retried.data.tags
             for child in children:
-                assert steps(client, child.info.run_id) == [1, 2], (child.data.tags.get("trial_id"),
-                                                                    steps(client, child.info.run_id))
+                assert steps(client, child.info.run_id) == [1, 2], (
+                    child.data.tags.get("trial_id"),
+                    steps(client, child.info.run_id),
+                )

@@ -1,5 +1,6 @@
 """4-trial sweeps of the defenses the issues name, on a real local Ray and sqlite MLflow store: the run tree,
 params, per-step metrics and artifacts, and the attack trained exactly once for the whole sweep."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,15 @@ from tests.integration.conftest import runs
 SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-SPLIT_METRICS = {"split_poison_precision", "split_poison_recall", "split_clean_precision", "split_clean_recall",
-                 "pool_clean_size", "pool_poison_size", "pool_clean_poisoned_frac"}
+SPLIT_METRICS = {
+    "split_poison_precision",
+    "split_poison_recall",
+    "split_clean_precision",
+    "split_clean_recall",
+    "pool_clean_size",
+    "pool_poison_size",
+    "pool_clean_poisoned_frac",
+}
 EVAL_METRICS = {"val_acc", "val_asr", "val_ra", "val_der", "test_acc", "test_asr", "test_ra", "test_der"}
 # (defense, extra flags): ASD's issue asks for ASHA; the others run FIFO.
 SWEEPS = [("dbr", []), ("pbe", []), ("asd", ["--scheduler", "asha"]), ("argd", [])]
@@ -47,8 +55,9 @@ def test_four_trial_defense_sweep(defense, flags, ray_session, workdir, capsys):
         assert t.data.tags["attack_run_id"] == attack.info.run_id
         assert t.info.status == "FINISHED"
         assert t.data.params["method"] == defense and "attack.poison_rate" in t.data.params
-        assert ({"git_commit", "dataset", "model", "split_seed", "poison_seed", "train_seed", "clean_seed"}
-                <= set(t.data.tags))
+        assert {"git_commit", "dataset", "model", "split_seed", "poison_seed", "train_seed", "clean_seed"} <= set(
+            t.data.tags
+        )
         assert EVAL_METRICS <= set(t.data.metrics), sorted(t.data.metrics)
         history = client.get_metric_history(t.info.run_id, "val_acc")
         assert len(history) >= 1 and [m.step for m in history] == sorted(m.step for m in history)

@@ -4,6 +4,7 @@ resumed, and writes that a kill can interrupt (checkpoints, attack cache entries
 The trial kill runs in-process on the session's Ray. The node and driver tests run their clusters and drivers in
 subprocesses (helpers in test_multinode.py), so they never touch the pytest process's Ray.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,17 +66,29 @@ def tune_trial_status(storage: Path) -> dict[str, str]:
         states = sorted(storage.glob("tune/*/experiment_state-*.json"), key=lambda p: p.name)
         if not states:
             return {}
-        return {trial["trial_id"]: trial["status"]
-                for trial in (json.loads(t) for t, _ in json.loads(states[-1].read_text())["trial_data"])}
+        return {
+            trial["trial_id"]: trial["status"]
+            for trial in (json.loads(t) for t, _ in json.loads(states[-1].read_text())["trial_data"])
+        }
     except (OSError, ValueError, KeyError):  # caught mid-rewrite; the next poll reads it whole
         return {}
 
 
 # --- a trial's process is SIGKILLed -------------------------------------------------------------------------------
 
+
 def test_killed_trial_retries_from_its_checkpoint_and_ends_bit_identical(ray_session, workdir, tmp_path, monkeypatch):
-    common = ["tune", str(SPACES / "badnets.yaml"), "--num-samples", "1", "--set", "epochs=3", "--max-failures", "1",
-              *PINNED]
+    common = [
+        "tune",
+        str(SPACES / "badnets.yaml"),
+        "--num-samples",
+        "1",
+        "--set",
+        "epochs=3",
+        "--max-failures",
+        "1",
+        *PINNED,
+    ]
     marker = tmp_path / "fault" / "fired"
     marker.parent.mkdir()
     monkeypatch.setenv("BDO_FAULT", f"kill:step=2:trial=0:once={marker}")
@@ -105,24 +118,49 @@ def test_killed_trial_retries_from_its_checkpoint_and_ends_bit_identical(ray_ses
 
 # --- a worker node dies -------------------------------------------------------------------------------------------
 
+
 def test_sweep_survives_losing_a_worker_node(tmp_path, mlflow_template):
     from mlflow.tracking import MlflowClient
 
     work = tmp_path / "driver"
     work.mkdir()
     log = tmp_path / "driver.log"
-    with mlflow_server(tmp_path / "mlflow", mlflow_template) as server, \
-            ray_cluster(tmp_path, head_cpus=1, worker_cpus=(1,)) as cluster:
+    with (
+        mlflow_server(tmp_path / "mlflow", mlflow_template) as server,
+        ray_cluster(tmp_path, head_cpus=1, worker_cpus=(1,)) as cluster,
+    ):
         url = server.ready()
-        args = ["tune", str(SPACES / "badnets.yaml"), "--num-samples", "2", "--cpus-per-trial", "1",
-                "--set", "epochs=4", "--max-failures", "2", *PINNED, "--address", cluster.address,
-                "--tracking-uri", url, "--storage", str(tmp_path / "shared"), "--shared-storage"]
+        args = [
+            "tune",
+            str(SPACES / "badnets.yaml"),
+            "--num-samples",
+            "2",
+            "--cpus-per-trial",
+            "1",
+            "--set",
+            "epochs=4",
+            "--max-failures",
+            "2",
+            *PINNED,
+            "--address",
+            cluster.address,
+            "--tracking-uri",
+            url,
+            "--storage",
+            str(tmp_path / "shared"),
+            "--shared-storage",
+        ]
         # both trials hold at step 2 until the worker is gone, so the one on the worker is surely mid-run
         release = tmp_path / "release"
         with open(log, "w") as out:
-            driver = subprocess.Popen(bdo_command(*args), cwd=work,
-                                      env=child_env(cluster.ray_tmp, BDO_FAULT=f"wait:step=2:until={release}"),
-                                      stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            driver = subprocess.Popen(
+                bdo_command(*args),
+                cwd=work,
+                env=child_env(cluster.ray_tmp, BDO_FAULT=f"wait:step=2:until={release}"),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         try:
             client = MlflowClient(url)
             worker = cluster.workers[0]
@@ -137,8 +175,9 @@ def test_sweep_survives_losing_a_worker_node(tmp_path, mlflow_template):
                     return on[worker].info.run_id
                 return None
 
-            moved = wait_until(trial_on_worker_trained, 240, "a trial training on each node", poll=1.0,
-                               why=lambda: tail(log))
+            moved = wait_until(
+                trial_on_worker_trained, 240, "a trial training on each node", poll=1.0, why=lambda: tail(log)
+            )
             cluster.kill_worker(0)
             release.touch()
             driver.wait(300)
@@ -174,8 +213,19 @@ def test_driver_killed_mid_sweep_then_resume_finishes_it(tmp_path, mlflow_templa
     work.mkdir()
     shutil.copy(mlflow_template, work / "mlflow.db")
     storage = work / "bdo_runs"
-    args = ["tune", str(SPACES / "badnets.yaml"), "--num-samples", "2", "--max-concurrent", "1",
-            "--cpus-per-trial", "1", "--set", "epochs=3", *PINNED]
+    args = [
+        "tune",
+        str(SPACES / "badnets.yaml"),
+        "--num-samples",
+        "2",
+        "--max-concurrent",
+        "1",
+        "--cpus-per-trial",
+        "1",
+        "--set",
+        "epochs=3",
+        *PINNED,
+    ]
     ray_tmp = short_tmp()
     log = tmp_path / "driver.log"
     # the second trial holds at step 2 (after step 1's checkpoint) until released, so the kill surely lands
@@ -186,8 +236,14 @@ def test_driver_killed_mid_sweep_then_resume_finishes_it(tmp_path, mlflow_templa
     driver = None
     try:
         with open(log, "w") as out:
-            driver = subprocess.Popen(bdo_command(*args), cwd=work, env=child_env(ray_tmp, BDO_FAULT=hold), stdout=out,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
+            driver = subprocess.Popen(
+                bdo_command(*args),
+                cwd=work,
+                env=child_env(ray_tmp, BDO_FAULT=hold),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
         def one_done_one_training():
             if driver.poll() is not None:
@@ -198,19 +254,26 @@ def test_driver_killed_mid_sweep_then_resume_finishes_it(tmp_path, mlflow_templa
             exp = client.get_experiment_by_name("bdo")
             trials = client.search_runs([exp.experiment_id], "tags.role = 'trial'")
             # the training trial must be in Tune's persisted state too; one it never saved is not resumable
-            running = [t for t in trials if t.info.status == "RUNNING" and t.data.tags.get("trial_id") in tune_status
-                       and steps(client, t.info.run_id)]
+            running = [
+                t
+                for t in trials
+                if t.info.status == "RUNNING"
+                and t.data.tags.get("trial_id") in tune_status
+                and steps(client, t.info.run_id)
+            ]
             return (tune_status, trials) if running else None
 
-        before_status, before = wait_until(one_done_one_training, 300, "one trial done and the next one training",
-                                           poll=0.5, why=lambda: tail(log))
+        before_status, before = wait_until(
+            one_done_one_training, 300, "one trial done and the next one training", poll=0.5, why=lambda: tail(log)
+        )
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait(30)
         # what dies with a driver's host: its local Ray (some of whose agents outlive a SIGKILLed driver)
         kill_marked(ray_tmp)
 
-        finished_before = {t.data.tags["trial_id"]: t for t in before
-                           if before_status.get(t.data.tags["trial_id"]) == "TERMINATED"}
+        finished_before = {
+            t.data.tags["trial_id"]: t for t in before if before_status.get(t.data.tags["trial_id"]) == "TERMINATED"
+        }
         assert finished_before and all(t.info.status == "FINISHED" for t in finished_before.values())
         orphans = [r for r in experiment_runs(client, "tags.role = 'trial'") if r.info.status == "RUNNING"]
         assert orphans, "the kill should have left the training trial's run RUNNING"
@@ -247,6 +310,7 @@ def test_driver_killed_mid_sweep_then_resume_finishes_it(tmp_path, mlflow_templa
 
 
 # --- writes a kill can interrupt ------------------------------------------------------------------------------------
+
 
 class HalfWriter:
     """A file whose first write stores half of its bytes and then 'dies'."""

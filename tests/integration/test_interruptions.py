@@ -2,6 +2,7 @@
 interruption, not a success or a failure. Real signals go to real `bdo` subprocesses, each in its own session (so
 the signal reaches its process group as a terminal's would); every test kills what it started.
 """
+
 from __future__ import annotations
 
 import os
@@ -59,17 +60,39 @@ def kill_group(process: subprocess.Popen) -> None:
 # as `kill`, `timeout`, a container's stop or `ray job stop` send it, and to the whole group from systemd or a batch
 # scheduler. The local Ray that bdo starts has a session of its own, so a group-wide signal reaches bdo only and the
 # sweep winds down (before, SIGHUP and a group SIGTERM ended Ray's GCS and raylet at once).
-@pytest.mark.parametrize("sig, code, kill", [(signal.SIGINT, 130, os.killpg), (signal.SIGTERM, 143, os.kill),
-                                             (signal.SIGTERM, 143, os.killpg), (signal.SIGHUP, 129, os.killpg)],
-                         ids=["SIGINT", "SIGTERM", "SIGTERM-group", "SIGHUP-group"])
+@pytest.mark.parametrize(
+    "sig, code, kill",
+    [
+        (signal.SIGINT, 130, os.killpg),
+        (signal.SIGTERM, 143, os.kill),
+        (signal.SIGTERM, 143, os.killpg),
+        (signal.SIGHUP, 129, os.killpg),
+    ],
+    ids=["SIGINT", "SIGTERM", "SIGTERM-group", "SIGHUP-group"],
+)
 def test_interrupted_sweep_ends_killed_and_resumes(tmp_path, mlflow_template, sig, code, kill):
     from mlflow.tracking import MlflowClient
 
     shutil.copy(mlflow_template, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ["tune", str(SPACES / "badnets.yaml"), "--num-samples", "3", "--max-concurrent", "1",
-            "--cpus-per-trial", "1", "--set", "epochs=3", "--set", "data.train_limit=200",
-            "--storage", str(tmp_path / "bdo_runs"), "--tracking-uri", uri]
+    args = [
+        "tune",
+        str(SPACES / "badnets.yaml"),
+        "--num-samples",
+        "3",
+        "--max-concurrent",
+        "1",
+        "--cpus-per-trial",
+        "1",
+        "--set",
+        "epochs=3",
+        "--set",
+        "data.train_limit=200",
+        "--storage",
+        str(tmp_path / "bdo_runs"),
+        "--tracking-uri",
+        uri,
+    ]
     ray_tmp = short_tmp()
     log = tmp_path / "driver.log"
     # the second trial holds at step 2 until released, so the signal surely lands mid-trial
@@ -78,9 +101,14 @@ def test_interrupted_sweep_ends_killed_and_resumes(tmp_path, mlflow_template, si
     driver = None
     try:
         with open(log, "w") as out:
-            driver = subprocess.Popen(bdo_command(*args), cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
-                                      env=child_env(ray_tmp, BDO_FAULT=f"wait:step=2:trial=1:until={release}"),
-                                      start_new_session=True)
+            driver = subprocess.Popen(
+                bdo_command(*args),
+                cwd=tmp_path,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=child_env(ray_tmp, BDO_FAULT=f"wait:step=2:trial=1:until={release}"),
+                start_new_session=True,
+            )
 
         def one_done_one_held():
             if driver.poll() is not None:
@@ -91,8 +119,9 @@ def test_interrupted_sweep_ends_killed_and_resumes(tmp_path, mlflow_template, si
             held = [t for t in trials if t.info.status == "RUNNING" and 2 in steps(client, t.info.run_id)]
             return (done, held) if done and held else None
 
-        (finished,), (held,) = wait_until(one_done_one_held, 400, "one trial done and the next one held",
-                                          poll=1.0, why=lambda: tail(log))
+        (finished,), (held,) = wait_until(
+            one_done_one_held, 400, "one trial done and the next one held", poll=1.0, why=lambda: tail(log)
+        )
         kill(driver.pid, sig)
         driver.wait(180)
         assert driver.returncode == code, f"exit {driver.returncode}\n{tail(log, 80)}"
@@ -132,18 +161,43 @@ def test_a_killed_sweep_leaves_no_ray_process(tmp_path, mlflow_template, kill):
     """kill -9 of a `bdo tune` that started its own Ray, which runs in a session of its own: Ray's GCS, raylet and
     workers still go with bdo (Ray ties them to it), whether bdo alone or its whole process group is killed."""
     shutil.copy(mlflow_template, tmp_path / "mlflow.db")
-    args = ["tune", str(SPACES / "badnets.yaml"), "--num-samples", "3", "--max-concurrent", "1",
-            "--cpus-per-trial", "1", "--set", "epochs=3", "--set", "data.train_limit=200",
-            "--storage", str(tmp_path / "bdo_runs"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    args = [
+        "tune",
+        str(SPACES / "badnets.yaml"),
+        "--num-samples",
+        "3",
+        "--max-concurrent",
+        "1",
+        "--cpus-per-trial",
+        "1",
+        "--set",
+        "epochs=3",
+        "--set",
+        "data.train_limit=200",
+        "--storage",
+        str(tmp_path / "bdo_runs"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+    ]
     ray_tmp = short_tmp()
     log = tmp_path / "driver.log"
     driver = None
     try:
         with open(log, "w") as out:
-            driver = subprocess.Popen(bdo_command(*args), cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
-                                      env=child_env(ray_tmp), start_new_session=True)
-        wait_until(lambda: driver.poll() is not None or "trial 1/3" in log.read_text(), 300, "the first trial",
-                   why=lambda: tail(log))
+            driver = subprocess.Popen(
+                bdo_command(*args),
+                cwd=tmp_path,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=child_env(ray_tmp),
+                start_new_session=True,
+            )
+        wait_until(
+            lambda: driver.poll() is not None or "trial 1/3" in log.read_text(),
+            300,
+            "the first trial",
+            why=lambda: tail(log),
+        )
         assert driver.poll() is None, tail(log)
         ours = f"RAY_TMPDIR={ray_tmp}"  # child_env's marker: bdo and every Ray process it started carry it
         assert len(processes_with_env(ours)) > 3, "Ray's processes carry the marker"
@@ -151,10 +205,14 @@ def test_a_killed_sweep_leaves_no_ray_process(tmp_path, mlflow_template, kill):
         driver.wait(30)
         # Ray's two agents may stay a minute more: when their raylet dies they report it to the GCS, which died
         # too, with a fixed 60 s timeout (ray/_private/process_watcher.py), and only then exit on their own.
-        wait_until(lambda: not [pid for pid in processes_with_env(ours) if not is_ray_agent(pid)], 30,
-                   "every Ray process but the agents to end",
-                   why=lambda: "still running:\n" + "\n".join(f"{pid}: {command_line(pid)[:200]}"
-                                                                for pid in processes_with_env(ours)))
+        wait_until(
+            lambda: not [pid for pid in processes_with_env(ours) if not is_ray_agent(pid)],
+            30,
+            "every Ray process but the agents to end",
+            why=lambda: (
+                "still running:\n" + "\n".join(f"{pid}: {command_line(pid)[:200]}" for pid in processes_with_env(ours))
+            ),
+        )
     finally:
         if driver is not None:
             kill_group(driver)
@@ -169,14 +227,34 @@ def test_hung_up_attack_ends_killed_with_exit_129(tmp_path, mlflow_template):
     shutil.copy(mlflow_template, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     log = tmp_path / "attack.log"
-    args = ["attack", "badnets", "--set", "epochs=500", "--set", "data.train_limit=200",
-            "--storage", str(tmp_path / "bdo_runs"), "--tracking-uri", uri]
+    args = [
+        "attack",
+        "badnets",
+        "--set",
+        "epochs=500",
+        "--set",
+        "data.train_limit=200",
+        "--storage",
+        str(tmp_path / "bdo_runs"),
+        "--tracking-uri",
+        uri,
+    ]
     with open(log, "w") as out:
-        attack = subprocess.Popen(bdo_command(*args), cwd=tmp_path, env=child_env(tmp_path), stdout=out,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
+        attack = subprocess.Popen(
+            bdo_command(*args),
+            cwd=tmp_path,
+            env=child_env(tmp_path),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
-        wait_until(lambda: attack.poll() is not None or " step 1/500" in log.read_text(), 240, "the first epoch",
-                   why=lambda: tail(log))
+        wait_until(
+            lambda: attack.poll() is not None or " step 1/500" in log.read_text(),
+            240,
+            "the first epoch",
+            why=lambda: tail(log),
+        )
         os.killpg(attack.pid, signal.SIGHUP)
         attack.wait(60)
         assert attack.returncode == 129, tail(log)
@@ -187,8 +265,9 @@ def test_hung_up_attack_ends_killed_with_exit_129(tmp_path, mlflow_template):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", [["attack", "badnets"], ["defend", "ft", "--attack", "badnets"]],
-                         ids=["attack", "defend"])
+@pytest.mark.parametrize(
+    "command", [["attack", "badnets"], ["defend", "ft", "--attack", "badnets"]], ids=["attack", "defend"]
+)
 def test_a_killed_run_is_continued_by_the_same_command(tmp_path, mlflow_template, command):
     """kill -9 of `bdo attack` / `bdo defend` mid-training: the same command continues from the last checkpoint
     to the weights an uninterrupted run gets, in a new run that starts with the killed run's metrics; the killed
@@ -196,8 +275,20 @@ def test_a_killed_run_is_continued_by_the_same_command(tmp_path, mlflow_template
     from mlflow.tracking import MlflowClient
 
     role = "attack" if command[0] == "attack" else "defense"
-    sizes = ["--set", "epochs=4", "--set", "data.train_limit=300"] if role == "attack" else \
-        ["--set", "epochs=4", "--set", "clean_ratio=0.2", "--set", "attack.epochs=2", "--set", "data.train_limit=300"]
+    sizes = (
+        ["--set", "epochs=4", "--set", "data.train_limit=300"]
+        if role == "attack"
+        else [
+            "--set",
+            "epochs=4",
+            "--set",
+            "clean_ratio=0.2",
+            "--set",
+            "attack.epochs=2",
+            "--set",
+            "data.train_limit=300",
+        ]
+    )
 
     def where(folder: Path) -> tuple[list[str], MlflowClient]:
         folder.mkdir()
@@ -275,13 +366,22 @@ def test_ui_stops_its_server_on_a_stop_signal(tmp_path, mlflow_template, sig):
     log = tmp_path / "ui.log"
     env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
     with open(log, "w") as out:
-        ui = subprocess.Popen(bdo_command("ui", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-                                          "--port", str(port)), cwd=tmp_path, env=env, stdout=out,
-                              stderr=subprocess.STDOUT, start_new_session=True)
+        ui = subprocess.Popen(
+            bdo_command("ui", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--port", str(port)),
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     server: set[int] = set()
     try:
-        wait_until(lambda: ui.poll() is not None or "MLflow UI on" in log.read_text(), 240, "the UI to answer",
-                   why=lambda: tail(log))
+        wait_until(
+            lambda: ui.poll() is not None or "MLflow UI on" in log.read_text(),
+            240,
+            "the UI to answer",
+            why=lambda: tail(log),
+        )
         assert ui.poll() is None, tail(log)
         server = _children(ui.pid)
         assert server and _listening(port), "the server runs as bdo's child and listens"

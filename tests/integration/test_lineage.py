@@ -1,5 +1,6 @@
 """Every run names an attack run its own store holds, even when the attack came from a cache shared with other
 stores."""
+
 from __future__ import annotations
 
 import shutil

@@ -1,6 +1,7 @@
 """What MLflow holds for a run, read back through MLflow's own APIs: the experiment opens as a model-training
 experiment, the splits are dataset inputs, the final weights are an MLflow model that reproduces the run's
 logged test ACC, and system metrics are sampled on single runs and on a sweep's trials."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,8 +31,10 @@ def test_a_defense_run_records_datasets_a_loadable_model_and_system_metrics(work
     defense = next(r for r in all_runs if r.data.tags["role"] == "defense")
     attack = next(r for r in all_runs if r.data.tags["role"] == "attack")
     for run in (attack, defense):
-        inputs = {d.dataset.name: {t.key: t.value for t in d.tags}["mlflow.data.context"]
-                  for d in client.get_run(run.info.run_id).inputs.dataset_inputs}
+        inputs = {
+            d.dataset.name: {t.key: t.value for t in d.tags}["mlflow.data.context"]
+            for d in client.get_run(run.info.run_id).inputs.dataset_inputs
+        }
         assert inputs == {"digits-train-badnets": "training", "digits-val": "validation", "digits-test": "test"}
         assert any(k.startswith("system/") for k in run.data.metrics), sorted(run.data.metrics)
 
@@ -45,8 +48,9 @@ def test_a_defense_run_records_datasets_a_loadable_model_and_system_metrics(work
     last_step = max(m.step for m in client.get_metric_history(defense.info.run_id, "test_acc"))
     for key in ("test_adv_concentration", "test_blind_score"):
         assert [m.step for m in client.get_metric_history(defense.info.run_id, key)] == [last_step], key
-    (logged,) = client.search_logged_models(experiment_ids=[experiment.experiment_id],
-                                            filter_string=f"source_run_id = '{defense.info.run_id}'")
+    (logged,) = client.search_logged_models(
+        experiment_ids=[experiment.experiment_id], filter_string=f"source_run_id = '{defense.info.run_id}'"
+    )
     assert logged.name == "model" and str(logged.status).endswith("READY")
 
 

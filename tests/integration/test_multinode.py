@@ -4,6 +4,7 @@ separate driver process connected to it, run storage on a path every node sees, 
 
 The helpers here (cluster, MLflow server, bdo driver) are shared with test_faults.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,9 +58,15 @@ cluster.shutdown()
 
 # Ray rewrites a 127.0.0.1 address to the host's outward IP, where a cluster bound to loopback does not listen;
 # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is the switch that makes it keep loopback as this host's address.
-BASE_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_V2_ENABLED": "1",
-            "RAY_DEDUP_LOGS": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-            "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+BASE_ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TRAIN_V2_ENABLED": "1",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "NO_PROXY": "127.0.0.1,localhost",
+    "no_proxy": "127.0.0.1,localhost",
+}
 
 
 def child_env(ray_tmp: Path, **extra: str) -> dict[str, str]:
@@ -158,15 +165,23 @@ class RayCluster:
 
 
 @contextmanager
-def ray_cluster(workdir: Path, head_cpus: int = 1, worker_cpus: tuple[int, ...] = (1,),
-                timeout: float = 180.0) -> Iterator[RayCluster]:
+def ray_cluster(
+    workdir: Path, head_cpus: int = 1, worker_cpus: tuple[int, ...] = (1,), timeout: float = 180.0
+) -> Iterator[RayCluster]:
     ray_tmp = short_tmp()
     log = workdir / "cluster.log"
     spec = json.dumps({"head_cpus": head_cpus, "worker_cpus": list(worker_cpus)})
     with open(log, "w") as err:
-        process = subprocess.Popen([sys.executable, "-c", CLUSTER_SCRIPT, spec], stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, stderr=err, text=True, env=child_env(ray_tmp),
-                                   cwd=workdir, start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, "-c", CLUSTER_SCRIPT, spec],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env=child_env(ray_tmp),
+            cwd=workdir,
+            start_new_session=True,
+        )
     try:
         reader = LineReader(process.stdout)
         first = reader.next(timeout)
@@ -198,8 +213,12 @@ class MlflowServer:
 
     def ready(self, timeout: float = 180.0) -> str:
         """Its URL, once it answers. Separate from starting it, so it boots while the cluster does."""
-        wait_until(lambda: self.process.poll() is not None or _answers(self.url), timeout,
-                   f"mlflow server on {self.url}", why=lambda: tail(self.log))
+        wait_until(
+            lambda: self.process.poll() is not None or _answers(self.url),
+            timeout,
+            f"mlflow server on {self.url}",
+            why=lambda: tail(self.log),
+        )
         assert self.process.poll() is None, f"mlflow server exited with {self.process.returncode}\n{tail(self.log)}"
         return self.url
 
@@ -214,12 +233,32 @@ def mlflow_server(root: Path, template: Path) -> Iterator[MlflowServer]:
     port = free_port()
     log = root / "server.log"
     env = {**os.environ, **BASE_ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-               "--artifacts-destination", str(root / "artifacts")]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+    ]
     with open(log, "w") as out:
-        process = subprocess.Popen(command, env=env, cwd=root, stdin=subprocess.DEVNULL, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            env=env,
+            cwd=root,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         yield MlflowServer(process, f"http://127.0.0.1:{port}", log)
     finally:
@@ -251,13 +290,32 @@ def test_sweep_spreads_over_two_nodes_and_logs_to_an_mlflow_server(tmp_path, mlf
     storage = tmp_path / "shared" / "bdo_runs"  # the path every node would mount
     work = tmp_path / "driver"
     work.mkdir()
-    with mlflow_server(tmp_path / "mlflow", mlflow_template) as server, \
-            ray_cluster(tmp_path, head_cpus=1, worker_cpus=(1,)) as cluster:
+    with (
+        mlflow_server(tmp_path / "mlflow", mlflow_template) as server,
+        ray_cluster(tmp_path, head_cpus=1, worker_cpus=(1,)) as cluster,
+    ):
         url = server.ready()
         env = child_env(cluster.ray_tmp)
-        done = run_bdo(["tune", str(SPACES / "badnets.yaml"), "--quick", "--num-samples", "2", "--cpus-per-trial", "1",
-                        "--address", cluster.address, "--tracking-uri", url, "--storage", str(storage),
-                        "--shared-storage"], work, env)  # both nodes are this machine: they do see it
+        done = run_bdo(
+            [
+                "tune",
+                str(SPACES / "badnets.yaml"),
+                "--quick",
+                "--num-samples",
+                "2",
+                "--cpus-per-trial",
+                "1",
+                "--address",
+                cluster.address,
+                "--tracking-uri",
+                url,
+                "--storage",
+                str(storage),
+                "--shared-storage",
+            ],
+            work,
+            env,
+        )  # both nodes are this machine: they do see it
         assert done.returncode == 0, explain(done)
 
         client = MlflowClient(url)
@@ -271,7 +329,8 @@ def test_sweep_spreads_over_two_nodes_and_logs_to_an_mlflow_server(tmp_path, mlf
         assert len(trials) == 2 and all(t.info.status == "FINISHED" for t in trials), [t.info.status for t in trials]
         nodes = {t.data.tags.get("ray_node_id") for t in trials}
         assert nodes == {cluster.head, *cluster.workers}, (
-            f"trials ran on {nodes}, cluster is {cluster.head} + {cluster.workers}")
+            f"trials ran on {nodes}, cluster is {cluster.head} + {cluster.workers}"
+        )
         for trial in trials:  # one attempt each, on the node it ran on
             tags = trial.data.tags
             assert tags["attempt"] == "1" and tags["node"] == tags["attempt_1_node"] == tags["ray_node_id"], tags
@@ -302,21 +361,49 @@ def test_local_sqlite_store_is_refused_on_a_multi_node_cluster(tmp_path):
     work.mkdir()
     with ray_cluster(tmp_path, head_cpus=1, worker_cpus=(1,)) as cluster:
         env = child_env(cluster.ray_tmp)
-        done = run_bdo(["tune", str(SPACES / "badnets.yaml"), "--quick", "--num-samples", "1",
-                        "--address", cluster.address, "--storage", str(tmp_path / "bdo_runs")], work, env)
+        done = run_bdo(
+            [
+                "tune",
+                str(SPACES / "badnets.yaml"),
+                "--quick",
+                "--num-samples",
+                "1",
+                "--address",
+                cluster.address,
+                "--storage",
+                str(tmp_path / "bdo_runs"),
+            ],
+            work,
+            env,
+        )
         # with a tracking server, the storage: a local folder the other node's trials would write elsewhere.
         # Refused once connected, before the tracking server is contacted (none listens on this port).
         from orchestrator.ui import free_port
 
         url = f"http://127.0.0.1:{free_port()}"
-        storage_refused = run_bdo(["tune", str(SPACES / "badnets.yaml"), "--quick", "--num-samples", "1",
-                                   "--address", cluster.address, "--tracking-uri", url,
-                                   "--storage", str(tmp_path / "bdo_runs")], work, env)
+        storage_refused = run_bdo(
+            [
+                "tune",
+                str(SPACES / "badnets.yaml"),
+                "--quick",
+                "--num-samples",
+                "1",
+                "--address",
+                cluster.address,
+                "--tracking-uri",
+                url,
+                "--storage",
+                str(tmp_path / "bdo_runs"),
+            ],
+            work,
+            env,
+        )
     assert storage_refused.returncode == 2, explain(storage_refused)
     errors = [line for line in storage_refused.stderr.splitlines() if line.startswith("bdo:")]
     assert len(errors) == 1, explain(storage_refused)
-    assert errors[0].startswith(f"bdo: error: --storage {tmp_path / 'bdo_runs'}: this Ray cluster has 2 nodes"), \
-        errors[0]
+    assert errors[0].startswith(f"bdo: error: --storage {tmp_path / 'bdo_runs'}: this Ray cluster has 2 nodes"), errors[
+        0
+    ]
     assert "--shared-storage" in errors[0] and "local filesystem" in errors[0], errors[0]
     assert "Traceback" not in storage_refused.stderr, explain(storage_refused)
     assert done.returncode == 2, explain(done)
@@ -325,7 +412,8 @@ def test_local_sqlite_store_is_refused_on_a_multi_node_cluster(tmp_path):
     assert errors[0].startswith("bdo: error: --tracking-uri sqlite:///") and "2 nodes" in errors[0], errors[0]
     assert "Traceback" not in done.stderr, explain(done)
     assert not (work / "mlflow.db").exists() and not (tmp_path / "bdo_runs").exists(), (
-        "refused before creating anything")
+        "refused before creating anything"
+    )
 
 
 def test_attack_builds_and_final_runs_train_on_a_worker_not_the_driver(tmp_path, mlflow_template):
@@ -339,30 +427,41 @@ def test_attack_builds_and_final_runs_train_on_a_worker_not_the_driver(tmp_path,
     work = tmp_path / "driver"
     work.mkdir()
     study = tmp_path / "study.yaml"
-    study.write_text("name: placed\ndataset: digits\nmodel: small_cnn\nattacks: [badnets]\ndefenses: [ft]\n"
-                     "seeds: [1]\nquick: true\ntune: {num_samples: 1, searcher: random, scheduler: fifo, seed: 0}\n")
-    with mlflow_server(tmp_path / "mlflow", mlflow_template) as server, \
-            ray_cluster(tmp_path, head_cpus=0, worker_cpus=(1,)) as cluster:
+    study.write_text(
+        "name: placed\ndataset: digits\nmodel: small_cnn\nattacks: [badnets]\ndefenses: [ft]\n"
+        "seeds: [1]\nquick: true\ntune: {num_samples: 1, searcher: random, scheduler: fifo, seed: 0}\n"
+    )
+    with (
+        mlflow_server(tmp_path / "mlflow", mlflow_template) as server,
+        ray_cluster(tmp_path, head_cpus=0, worker_cpus=(1,)) as cluster,
+    ):
         url = server.ready()
         env = child_env(cluster.ray_tmp)
         shared = ["--address", cluster.address, "--tracking-uri", url, "--storage", str(storage), "--shared-storage"]
-        swept = run_bdo(["tune", str(SPACES / "ft.yaml"), "--quick", "--num-samples", "1", "--cpus-per-trial", "1",
-                         *shared], work, env)
+        swept = run_bdo(
+            ["tune", str(SPACES / "ft.yaml"), "--quick", "--num-samples", "1", "--cpus-per-trial", "1", *shared],
+            work,
+            env,
+        )
         assert swept.returncode == 0, explain(swept)
         assert "in a Ray task (1 CPU)" in swept.stdout, explain(swept)
         studied = run_bdo(["study", str(study), "--cpus-per-trial", "1", *shared], work, env, timeout=600)
         assert studied.returncode == 0, explain(studied)
 
         client = MlflowClient(url)
-        placed = {"attack": experiment_runs(client, "tags.role = 'attack'"),
-                  "trial": experiment_runs(client, "tags.role = 'trial'"),
-                  "final": experiment_runs(client, "tags.role = 'final'")}
+        placed = {
+            "attack": experiment_runs(client, "tags.role = 'attack'"),
+            "trial": experiment_runs(client, "tags.role = 'trial'"),
+            "final": experiment_runs(client, "tags.role = 'final'"),
+        }
     # the sweep's attack (tuning seed) and the study's no-defense column (seed 1) are two builds
-    assert len(placed["attack"]) == 2 and placed["trial"] and len(placed["final"]) == 1, \
-        {role: len(runs) for role, runs in placed.items()}
+    assert len(placed["attack"]) == 2 and placed["trial"] and len(placed["final"]) == 1, {
+        role: len(runs) for role, runs in placed.items()
+    }
     for role, runs in placed.items():
         for run in runs:
             assert run.info.status == "FINISHED", (role, run.info.status)
             assert run.data.tags.get("ray_node_id") == cluster.workers[0], (
                 f"{role} run {run.info.run_id} trained on {run.data.tags.get('ray_node_id')!r}, "
-                f"not on the worker {cluster.workers[0]}")
+                f"not on the worker {cluster.workers[0]}"
+            )

@@ -1,5 +1,6 @@
 """`bdo quickstart --quick`, the command `make demo` and the README start with, on a real local Ray and sqlite
 MLflow store: it exits 0, prints one table row per defense, and leaves the attack and one sweep per defense."""
+
 from __future__ import annotations
 
 import math
@@ -32,7 +33,7 @@ def test_quickstart_quick(ray_session, workdir, capsys):
     header = next(i for i, line in enumerate(lines) if line.split()[:1] == ["defense"])
     assert lines[header].split() == ["defense", "val_acc", "val_asr", "test_acc", "test_asr", "test_der"]
     rows = {}
-    for line in lines[header + 2:]:
+    for line in lines[header + 2 :]:
         if not line.strip():
             break
         name, *values = line.split()

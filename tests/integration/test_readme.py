@@ -8,6 +8,7 @@ test_quickstart.py, which runs that same command and checks its output. `bdo ui`
 server start is replaced by a stub that checks what it was asked to serve (tests/integration/test_ui_browser.py runs a
 real one).
 """
+
 from __future__ import annotations
 
 import re

@@ -1,5 +1,6 @@
 """The same command with the same seed on the same machine gives the same numbers, bit for bit on CPU: a single
 defense run, and a sweep whose trials run in reused Ray actors beside each other."""
+
 from __future__ import annotations
 
 import shutil

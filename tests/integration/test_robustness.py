@@ -8,6 +8,7 @@ that table, not here.
 One cell is run and printed but not held: D-BR on Blend, a limit of the method in this setting measured over
 seeds 3-5 against every alternative setting tried (docs/results/digits.md, "On seeds no preset was tuned on"): SD's
 split fails on some seeds, and where it is perfect unlearning lowers ASR only as fast as it costs accuracy."""
+
 from __future__ import annotations
 
 import pytest
@@ -24,9 +25,9 @@ ATTACKS, SEEDS = ["badnets", "blend"], [6, 7]
 KNOWN_LIMITS = {("dbr", "blend")}
 STUDY = f"""\
 name: robustness
-attacks: [{', '.join(ATTACKS)}]
-defenses: [{', '.join(DEFENSES)}]
-seeds: [{', '.join(map(str, SEEDS))}]
+attacks: [{", ".join(ATTACKS)}]
+defenses: [{", ".join(DEFENSES)}]
+seeds: [{", ".join(map(str, SEEDS))}]
 clean: true
 tune: {{num_samples: 0}}
 jobs: 2
@@ -56,8 +57,10 @@ def test_every_defense_meets_the_bar_on_unseen_seeds(workdir, capsys):
         poisoned = reference[(attack, seed, False)]
         baseline = reference[(attack, seed, defense in FROM_SCRATCH)]
         after = run.data.metrics
-        line = (f"{defense} on {attack} seed {seed}: ACC {baseline['test_acc']:.3f} -> {after['test_acc']:.3f}, "
-                f"ASR {poisoned['test_asr']:.3f} -> {after['test_asr']:.3f}")
+        line = (
+            f"{defense} on {attack} seed {seed}: ACC {baseline['test_acc']:.3f} -> {after['test_acc']:.3f}, "
+            f"ASR {poisoned['test_asr']:.3f} -> {after['test_asr']:.3f}"
+        )
         results.append(line + (" (known limit, not held)" if (defense, attack) in KNOWN_LIMITS else ""))
         meets = after["test_asr"] <= 0.10 and after["test_acc"] >= baseline["test_acc"] - 0.03
         if not meets and (defense, attack) not in KNOWN_LIMITS:

@@ -1,5 +1,6 @@
 """A real (small) study through the CLI, then `bdo report` on it in every format, checked against the MLflow runs
 it was built from; and the plots every kind of run leaves behind (curves, Pareto, FCT histogram, ASD pools)."""
+
 from __future__ import annotations
 
 import csv
@@ -44,8 +45,10 @@ seeds: [0, 1]
 tune: {num_samples: 1, seed: 0}
 quick: true
 """
-CELL = re.compile(r"^(?P<acc>[\d.]+)±(?P<acc_sd>[\d.]+) / (?P<asr>[\d.]+)±(?P<asr_sd>[\d.]+)"
-                  r" \(seeds (?P<seeds>\d+)(?:, trials (?P<trials>\d+))?\)$")
+CELL = re.compile(
+    r"^(?P<acc>[\d.]+)±(?P<acc_sd>[\d.]+) / (?P<asr>[\d.]+)±(?P<asr_sd>[\d.]+)"
+    r" \(seeds (?P<seeds>\d+)(?:, trials (?P<trials>\d+))?\)$"
+)
 
 
 def check_png(path: Path) -> None:
@@ -54,8 +57,9 @@ def check_png(path: Path) -> None:
     data = path.read_bytes()
     assert len(data) > len(PNG_SIGNATURE) and data.startswith(PNG_SIGNATURE), f"{path.name} is not a PNG"
     pixels = image.imread(path)
-    assert (pixels.ndim == 3 and pixels.shape[0] > 50 and pixels.shape[1] > 50
-            and pixels.shape[2] in (3, 4)), pixels.shape
+    assert pixels.ndim == 3 and pixels.shape[0] > 50 and pixels.shape[1] > 50 and pixels.shape[2] in (3, 4), (
+        pixels.shape
+    )
     # A figure that failed to draw anything is a flat white canvas.
     assert float(pixels[..., :3].std()) > 0.01, f"{path.name} is blank"
 
@@ -98,9 +102,12 @@ def expected_cells(client, study_runs: list) -> dict[tuple[str, str], dict]:
 def parse_cell(text: str) -> dict:
     match = CELL.match(text.strip())
     assert match, f"cell {text!r} is not 'ACC±sd / ASR±sd (seeds n[, trials n])'"
-    return {"acc": (float(match["acc"]) / 100, float(match["acc_sd"]) / 100),
-            "asr": (float(match["asr"]) / 100, float(match["asr_sd"]) / 100),
-            "seeds": int(match["seeds"]), "trials": int(match["trials"] or 0)}
+    return {
+        "acc": (float(match["acc"]) / 100, float(match["acc_sd"]) / 100),
+        "asr": (float(match["asr"]) / 100, float(match["asr_sd"]) / 100),
+        "seeds": int(match["seeds"]),
+        "trials": int(match["trials"] or 0),
+    }
 
 
 def check_table(header: list[str], rows: list[list[str]], expected: dict, fmt: str) -> None:
@@ -111,7 +118,11 @@ def check_table(header: list[str], rows: list[list[str]], expected: dict, fmt: s
             got, want = parse_cell(text), expected[(row[0], column)]
             assert got["seeds"] == len(SEEDS) == want["seeds"], (fmt, row[0], column, text)
             assert got["trials"] == want["trials"] == (0 if column == "no defense" else TRIALS), (
-                fmt, row[0], column, text)
+                fmt,
+                row[0],
+                column,
+                text,
+            )
             for m in ("acc", "asr"):
                 # the table prints percentages to one decimal: half a unit of the last digit is all it may lose
                 for shown, true in zip(got[m], want[m]):
@@ -151,7 +162,7 @@ def study_table_cells(out: str) -> dict[tuple[str, str], tuple[float, ...]]:
     start = max(i for i, line in enumerate(lines) if line.startswith("| attack |"))
     header = md_cells(lines[start])
     cells = {}
-    for line in lines[start + 2: start + 2 + len(ATTACKS)]:
+    for line in lines[start + 2 : start + 2 + len(ATTACKS)]:
         row = md_cells(line)
         for column, text in zip(header[1:], row[1:]):
             numbers = re.match(r"([\d.]+)±([\d.]+) / ([\d.]+)±([\d.]+) \(seeds (\d+)", text)
@@ -185,12 +196,40 @@ def test_study_then_report_in_every_format(ray_session, workdir, capsys, monkeyp
 
     out_dir = workdir / "report"
     # once naming the study, once letting report find the latest study run itself
-    assert main(["report", "--experiment", "bdo", "--study", study_id, "--format", "md",
-                 "--out", str(out_dir / "report.md")]) == 0
+    assert (
+        main(
+            [
+                "report",
+                "--experiment",
+                "bdo",
+                "--study",
+                study_id,
+                "--format",
+                "md",
+                "--out",
+                str(out_dir / "report.md"),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert main(["report", "--format", "csv", "--out", str(out_dir / "report.csv")]) == 0
-    assert main(["report", "--experiment", "bdo", "--study", study_id, "--format", "html",
-                 "--out", str(out_dir / "report.html")]) == 0
+    assert (
+        main(
+            [
+                "report",
+                "--experiment",
+                "bdo",
+                "--study",
+                study_id,
+                "--format",
+                "html",
+                "--out",
+                str(out_dir / "report.html"),
+            ]
+        )
+        == 0
+    )
     assert main(["report", "--format", "latex", "--out", str(out_dir / "report.tex")]) == 0
     assert main(["report", "--format", "runs-csv", "--out", str(out_dir / "report-runs.csv")]) == 0
     capsys.readouterr()
@@ -251,8 +290,12 @@ def test_study_then_report_in_every_format(ray_session, workdir, capsys, monkeyp
     _, studies = runs(workdir, query="tags.role = 'study'")
     (rerun,) = [r for r in studies if r.info.run_id != study_id]
     capsys.readouterr()
-    assert main(["report", "--study", rerun.info.run_id, "--format", "csv",
-                 "--out", str(workdir / "rerun" / "report.csv")]) == 0
+    assert (
+        main(
+            ["report", "--study", rerun.info.run_id, "--format", "csv", "--out", str(workdir / "rerun" / "report.csv")]
+        )
+        == 0
+    )
     with open(workdir / "rerun" / "report.csv", newline="") as f:
         header, *rows = list(csv.reader(f))
     assert header == ["attack", "no defense", "ft"] and [r[0] for r in rows] == ["badnets"], (header, rows)

@@ -1,4 +1,5 @@
 """Sweeps on a real local Ray and a real sqlite MLflow store (attack spaces; defenses have their own tests)."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,20 @@ def metric_steps(client, run_id: str, key: str) -> list[int]:
 
 
 def test_two_worker_ddp_trial_trains_like_one_worker(ray_session, workdir, capsys):
-    common = ["tune", str(SPACES / "badnets.yaml"), "--num-samples", "1", "--set", "poison_rate=0.1",
-              "--set", "lr=0.05", "--set", "epochs=10", "--cpus-per-trial", "2"]
+    common = [
+        "tune",
+        str(SPACES / "badnets.yaml"),
+        "--num-samples",
+        "1",
+        "--set",
+        "poison_rate=0.1",
+        "--set",
+        "lr=0.05",
+        "--set",
+        "epochs=10",
+        "--cpus-per-trial",
+        "2",
+    ]
     assert main(common + ["--workers-per-trial", "2"]) == 0
     assert main(common + ["--workers-per-trial", "1"]) == 0
     client, trials = runs(workdir, query="tags.role = 'trial'")
@@ -45,8 +58,10 @@ def test_asha_stops_poor_trials_early(ray_session, workdir, tmp_path):
         "scheduler: {name: asha, grace_period: 1, max_t: 6, reduction_factor: 2}\n"
     )
     # val_acc is blind (methods/core/knowledge.py), so the sweep may run under blind knowledge and says so
-    assert main(["tune", str(space), "--num-samples", "6", "--max-concurrent", "2", "--seed", "1",
-                 "--knowledge", "blind"]) == 0
+    assert (
+        main(["tune", str(space), "--num-samples", "6", "--max-concurrent", "2", "--seed", "1", "--knowledge", "blind"])
+        == 0
+    )
     client, trials = runs(workdir, query="tags.role = 'trial'")
     assert len(trials) == 6
     lengths = sorted(len(metric_steps(client, t.info.run_id, "val_acc")) for t in trials)
@@ -67,8 +82,24 @@ def test_asha_stops_poor_trials_early(ray_session, workdir, tmp_path):
 
 
 def test_optuna_pareto_sweep_returns_a_front(ray_session, workdir, capsys):
-    assert main(["tune", str(SPACES / "badnets.yaml"), "--searcher", "optuna", "--objective", "pareto",
-                 "--scheduler", "fifo", "--num-samples", "4", "--quick"]) == 0
+    assert (
+        main(
+            [
+                "tune",
+                str(SPACES / "badnets.yaml"),
+                "--searcher",
+                "optuna",
+                "--objective",
+                "pareto",
+                "--scheduler",
+                "fifo",
+                "--num-samples",
+                "4",
+                "--quick",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "Pareto front" in out
     client, sweeps = runs(workdir, query="tags.role = 'sweep'")
@@ -82,8 +113,9 @@ def test_optuna_pareto_sweep_returns_a_front(ray_session, workdir, capsys):
     assert {"pareto.png", "search_history.png", "param_importance.png"} <= drawn, drawn
     points = [(t.data.metrics["val_acc"], t.data.metrics["val_asr"]) for t in trials]
     for f in front:  # nothing dominates a front member
-        assert not any(a >= f["val_acc"] and s <= f["val_asr"] and (a > f["val_acc"] or s < f["val_asr"])
-                       for a, s in points)
+        assert not any(
+            a >= f["val_acc"] and s <= f["val_asr"] and (a > f["val_acc"] or s < f["val_asr"]) for a, s in points
+        )
 
 
 def test_a_failing_trial_ends_failed_and_the_sweep_returns_the_others(ray_session, workdir, monkeypatch, capsys):
@@ -100,6 +132,8 @@ def test_a_failing_trial_ends_failed_and_the_sweep_returns_the_others(ray_sessio
     assert "FAILED" in out
     summaries = [line for line in out.splitlines() if line.startswith("badnets: progress  ")]
     assert len(summaries) >= 3, out
-    pattern = (r"badnets: progress  running \d+  pending \d+  finished \d/3  errored [01]  "
-               r"best val_\w+ (\d\.\d{3}|-)  elapsed 0:\d\d:\d\d")
+    pattern = (
+        r"badnets: progress  running \d+  pending \d+  finished \d/3  errored [01]  "
+        r"best val_\w+ (\d\.\d{3}|-)  elapsed 0:\d\d:\d\d"
+    )
     assert all(re.fullmatch(pattern, line) for line in summaries), summaries

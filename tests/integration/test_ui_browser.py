@@ -5,6 +5,7 @@ since importing MLflow takes a while); Debian's chromium, driven through chromed
 what a person would see: the sweep run and, expanded, its trials on the experiment page; a trial's metric chart;
 its PNG artifacts rendered. Screenshots are kept in test-output/ (gitignored) for a person to look at.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -25,9 +26,18 @@ OUTPUT = ROOT / "test-output"
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 WAIT_S = 150  # the UI is a React SPA served by one worker; on a loaded 2-core machine a page takes tens of seconds
-CHROME_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--window-size=1600,1000")
+CHROME_FLAGS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1600,1000",
+)
 
 # MLflow 3 opens a new visitor on its GenAI view; bdo's runs belong to its "Model training" view.
 ML_VIEW = "?workflowType=machine_learning"
@@ -47,14 +57,17 @@ def browser_binaries() -> tuple[str, str]:
     chromium, chromedriver = _binary(CHROMIUM, "chromium"), _binary(CHROMEDRIVER, "chromedriver")
     missing = [name for name, path in (("chromium", chromium), ("chromium-driver", chromedriver)) if path is None]
     if missing:
-        pytest.skip(f"BROWSER TEST SKIPPED: Debian package(s) {', '.join(missing)} not installed "
-                    f"(looked for {CHROMIUM} and {CHROMEDRIVER}); install them with scripts/browser-deps.sh as root "
-                    f"(apt-get install chromium chromium-driver). The MLflow UI was NOT checked.")
+        pytest.skip(
+            f"BROWSER TEST SKIPPED: Debian package(s) {', '.join(missing)} not installed "
+            f"(looked for {CHROMIUM} and {CHROMEDRIVER}); install them with scripts/browser-deps.sh as root "
+            f"(apt-get install chromium chromium-driver). The MLflow UI was NOT checked."
+        )
     try:
         import selenium  # noqa: F401
     except ImportError:
-        pytest.skip("BROWSER TEST SKIPPED: selenium is not installed (pip install -e '.[test]'); "
-                    "the MLflow UI was NOT checked.")
+        pytest.skip(
+            "BROWSER TEST SKIPPED: selenium is not installed (pip install -e '.[test]'); the MLflow UI was NOT checked."
+        )
     return chromium, chromedriver
 
 
@@ -72,8 +85,9 @@ def ui_server(workdir, output_dir):
     them. Whatever happens, the server's process group is ended at teardown."""
     log = open(output_dir / "ui-mlflow-server.log", "w")
     pool = ThreadPoolExecutor(max_workers=1)
-    starting = pool.submit(start_server, f"sqlite:///{workdir / 'mlflow.db'}", "127.0.0.1", None,
-                           output=log, cwd=workdir)
+    starting = pool.submit(
+        start_server, f"sqlite:///{workdir / 'mlflow.db'}", "127.0.0.1", None, output=log, cwd=workdir
+    )
     yield starting
     try:
         process, _ = starting.result()
@@ -120,11 +134,14 @@ def _rendered_size(driver, path: str) -> list[int] | None:
     """[naturalWidth, naturalHeight] of the artifact viewer's loaded <img> for `path`; None until it has pixels."""
     return driver.execute_script(
         "const img = document.querySelector(`img[alt='${arguments[0]}']`);"
-        "return img && img.complete && img.naturalWidth > 0 ? [img.naturalWidth, img.naturalHeight] : null;", path)
+        "return img && img.complete && img.naturalWidth > 0 ? [img.naturalWidth, img.naturalHeight] : null;",
+        path,
+    )
 
 
-def test_mlflow_ui_shows_sweep_trials_metrics_and_artifacts(browser_binaries, ray_session, workdir, ui_server,
-                                                             browser, output_dir):
+def test_mlflow_ui_shows_sweep_trials_metrics_and_artifacts(
+    browser_binaries, ray_session, workdir, ui_server, browser, output_dir
+):
     from selenium.common.exceptions import TimeoutException, WebDriverException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
@@ -169,22 +186,30 @@ def test_mlflow_ui_shows_sweep_trials_metrics_and_artifacts(browser_binaries, ra
             assert link.text.strip() == child.info.run_name
             # the grid draws a run's row in several containers (pinned name column, the rest): read them all
             row = f"//div[@role='row'][@row-id='{child.info.run_id}']"
-            wait.until(lambda d, row=row: "digits-train-badnets" in (text := " ".join(
-                e.text for e in d.find_elements(By.XPATH, row))) and "model" in text.split())
+            wait.until(
+                lambda d, row=row: (
+                    "digits-train-badnets" in (text := " ".join(e.text for e in d.find_elements(By.XPATH, row)))
+                    and "model" in text.split()
+                )
+            )
         driver.save_screenshot(str(output_dir / "ui-experiment.png"))
 
         # 2. A trial's metric charts: the val_acc card draws a line through one point per epoch.
         driver.get(f"{url}/#/experiments/{exp_id}/runs/{trial.info.run_id}/model-metrics{ML_VIEW}")
-        wait.until(EC.visibility_of_element_located(
-            (By.XPATH, f"//*[normalize-space(text())='{trial.info.run_name}']")))
+        wait.until(
+            EC.visibility_of_element_located((By.XPATH, f"//*[normalize-space(text())='{trial.info.run_name}']"))
+        )
         # the page draws only the charts in view, and a run has a dozen metrics: filter to the one checked here
         search = wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "input[placeholder='Search metric charts']")))
         search.send_keys("val_acc")
         card_xpath = "//div[@data-testid='experiment-view-compare-runs-card'][.//h4[@title='val_acc']]"
         card = wait.until(EC.presence_of_element_located((By.XPATH, card_xpath)))
         driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", card)
-        wait.until(lambda d: d.find_element(By.XPATH, card_xpath).find_elements(
-            By.CSS_SELECTOR, ".js-plotly-plot g.scatterlayer path.js-line"))
+        wait.until(
+            lambda d: d.find_element(By.XPATH, card_xpath).find_elements(
+                By.CSS_SELECTOR, ".js-plotly-plot g.scatterlayer path.js-line"
+            )
+        )
         card = driver.find_element(By.XPATH, card_xpath)
         drawn = card.find_elements(By.CSS_SELECTOR, "g.scatterlayer path.js-line")
         lines = [p.get_attribute("d") or "" for p in drawn]
@@ -197,14 +222,19 @@ def test_mlflow_ui_shows_sweep_trials_metrics_and_artifacts(browser_binaries, ra
         # 3. Its PNG artifacts render in the artifact viewer, at the size of the files in the store.
         driver.get(f"{url}/#/experiments/{exp_id}/runs/{trial.info.run_id}/artifacts{ML_VIEW}")
         opened: set[str] = set()
-        for folders, name, shot in ((["plots"], "curves.png", "ui-artifact.png"),
-                                    (["plots"], "confusion.png", "ui-artifact-confusion.png"),
-                                    ([], "trigger.png", "ui-artifact-trigger.png")):
+        for folders, name, shot in (
+            (["plots"], "curves.png", "ui-artifact.png"),
+            (["plots"], "confusion.png", "ui-artifact-confusion.png"),
+            ([], "trigger.png", "ui-artifact-trigger.png"),
+        ):
             path = "/".join([*folders, name])
             for node in [*(f for f in folders if f not in opened), name]:  # a second click would fold it again
                 opened.update(folders)
-                wait.until(EC.element_to_be_clickable(
-                    (By.CSS_SELECTOR, f'[data-testid="artifact-tree-node"][artifact-name="{node}"]'))).click()
+                wait.until(
+                    EC.element_to_be_clickable(
+                        (By.CSS_SELECTOR, f'[data-testid="artifact-tree-node"][artifact-name="{node}"]')
+                    )
+                ).click()
             expected = list(_png_size(trial, path))
             # The viewer reuses its <img> while the next file loads: wait for the file's own pixel size.
             try:
@@ -217,5 +247,7 @@ def test_mlflow_ui_shows_sweep_trials_metrics_and_artifacts(browser_binaries, ra
         driver.save_screenshot(str(output_dir / "ui-failure.png"))
         (output_dir / "ui-failure.html").write_text(driver.page_source)
         raise
-    print(f"sweep {swept - started:.0f} s, server ready {served - swept:.0f} s later, "
-          f"browser checks {time.perf_counter() - served:.0f} s; screenshots in {output_dir}")
+    print(
+        f"sweep {swept - started:.0f} s, server ready {served - swept:.0f} s later, "
+        f"browser checks {time.perf_counter() - served:.0f} s; screenshots in {output_dir}"
+    )

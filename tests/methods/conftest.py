@@ -1,5 +1,6 @@
 """What the registry-wide method tests share: a method's tiny config (its search space's quick block with every
 length count cut to at most 2) and the tiny backdoored model the defenses start from."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -1,5 +1,6 @@
 """AFT: removes BadNets and Blend backdoors on digits with its preset's clean data (10%); its pieces; resume; bad
 configs."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,9 +31,11 @@ def test_aft_with_its_digits_preset_removes_the_backdoor(digits_backdoor):
     before = digits_backdoor.metrics
     ctx, result = run_aft(digits_backdoor)
     after = result.metrics
-    print(f"\naft {digits_backdoor.attack}: test ACC {before['test_acc']:.3f} -> {after['test_acc']:.3f}, "
-          f"ASR {before['test_asr']:.3f} -> {after['test_asr']:.3f} (val ACC {after['val_acc']:.3f}, "
-          f"ASR {after['val_asr']:.3f}, DER {after['val_der']:.3f})")
+    print(
+        f"\naft {digits_backdoor.attack}: test ACC {before['test_acc']:.3f} -> {after['test_acc']:.3f}, "
+        f"ASR {before['test_asr']:.3f} -> {after['test_asr']:.3f} (val ACC {after['val_acc']:.3f}, "
+        f"ASR {after['val_asr']:.3f}, DER {after['val_der']:.3f})"
+    )
     assert before["test_asr"] >= 0.9
     assert after["test_asr"] <= 0.10
     assert after["test_acc"] >= before["test_acc"] - 0.03
@@ -60,8 +63,9 @@ def test_adversarial_batch_follows_the_config():
     fixed = aft.adversarial_batch(model, x, y, official)
     assert torch.equal(fixed, aft.adversarial_batch(model, x, y, official)), "no random start: deterministic"
     assert not torch.equal(fixed, adv)
-    wide = aft.adversarial_batch(model, x, y, aft.AFTConfig(adv_eps=0.2, adv_step_size=0.1, adv_steps=3),
-                                 torch.Generator().manual_seed(0))
+    wide = aft.adversarial_batch(
+        model, x, y, aft.AFTConfig(adv_eps=0.2, adv_step_size=0.1, adv_steps=3), torch.Generator().manual_seed(0)
+    )
     assert (wide - x).abs().max() > 8 / 255, "adv_step_size and adv_eps are used"
 
 
@@ -76,8 +80,9 @@ def test_only_the_leading_batches_of_an_epoch_are_adversarial(monkeypatch, adv_b
     cfg = aft.AFTConfig(batch_size=16, adv_steps=1, lr=0.01)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     before = [p.detach().clone() for p in model.parameters()]
-    loss = aft.adversarial_finetune_epoch(model, optimizer, x, y, cfg, DIGITS_INFO, make_generator(0, x.device),
-                                          make_generator(1, x.device), adv_batches)
+    loss = aft.adversarial_finetune_epoch(
+        model, optimizer, x, y, cfg, DIGITS_INFO, make_generator(0, x.device), make_generator(1, x.device), adv_batches
+    )
     assert len(calls) == expected
     assert torch.isfinite(loss) and loss.dim() == 0
     assert model.training
@@ -101,4 +106,3 @@ def test_only_the_leading_batches_of_an_epoch_are_adversarial(monkeypatch, adv_b
 def test_bad_config_values_name_the_field(values, field):
     with pytest.raises(ValueError, match=field):
         aft.AFTConfig.from_dict(values)
-

@@ -1,5 +1,6 @@
 """ARGD: its graph loss terms on toy tensors, its switches, resumption, bad configs, and efficacy on digits with
 NAD and fine-tuning measured beside it on the same backdoored models."""
+
 from __future__ import annotations
 
 import math
@@ -92,8 +93,9 @@ def test_loss_terms_detach_teacher_maps_given_with_gradients():
     x = torch.rand(8, 1, 16, 16)
     s_maps = [attention_map(s) for s in student.forward_features(x).stages]
     t_maps = [attention_map(s) for s in teacher.forward_features(x).stages]
-    total = (weighted_at_loss(s_maps, t_maps, VERTEX) + edge_loss(s_maps, t_maps)
-             + TransferHeads(3, 3, 8)(s_maps, t_maps))
+    total = (
+        weighted_at_loss(s_maps, t_maps, VERTEX) + edge_loss(s_maps, t_maps) + TransferHeads(3, 3, 8)(s_maps, t_maps)
+    )
     total.backward()
     assert all(p.grad is None for p in teacher.parameters())
 
@@ -113,8 +115,11 @@ def test_heads_train_and_sit_in_the_optimizer_only_when_switched_on(trainable, b
     with pytest.raises(StopRun):
         run_argd(badnets_backdoor, straight, trans_head_trainable=trainable)
     before = deserialize_state(straight.checkpoint)
-    _, ctx = run_argd(badnets_backdoor, LocalContext(backdoor_provider=lambda: badnets_backdoor,
-                                                     checkpoint=straight.checkpoint), trans_head_trainable=trainable)
+    _, ctx = run_argd(
+        badnets_backdoor,
+        LocalContext(backdoor_provider=lambda: badnets_backdoor, checkpoint=straight.checkpoint),
+        trans_head_trainable=trainable,
+    )
     after = deserialize_state(ctx.checkpoint)
     heads_before, heads_after = before["models"]["heads"], after["models"]["heads"]
     weights = [k for k in heads_before if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
@@ -173,9 +178,11 @@ def test_argd_erases_the_backdoor_and_nad_and_ft_are_measured_beside_it(digits_b
         for key in ("val_acc", "val_asr", "test_acc", "test_asr", "test_der"):
             assert 0.0 <= metrics[key] <= 1.0, (name, key)
         results[name] = metrics
-        print(f"{digits_backdoor.attack} {name}: test ACC {before['test_acc']:.3f} -> {metrics['test_acc']:.3f}, "
-              f"ASR {before['test_asr']:.3f} -> {metrics['test_asr']:.3f} (val ACC {metrics['val_acc']:.3f}, "
-              f"ASR {metrics['val_asr']:.3f}, DER {metrics['test_der']:.3f})")
+        print(
+            f"{digits_backdoor.attack} {name}: test ACC {before['test_acc']:.3f} -> {metrics['test_acc']:.3f}, "
+            f"ASR {before['test_asr']:.3f} -> {metrics['test_asr']:.3f} (val ACC {metrics['val_acc']:.3f}, "
+            f"ASR {metrics['val_asr']:.3f}, DER {metrics['test_der']:.3f})"
+        )
     argd = results["argd"]
     assert before["test_asr"] >= 0.9
     assert argd["test_asr"] <= 0.10

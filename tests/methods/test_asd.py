@@ -1,5 +1,6 @@
 """ASD: MixMatch pieces on toy tensors, the split rules, config checks, resume, and the defense on real training
 (BadNets and Blend all2one 10% on digits, the preset's shortened schedule)."""
+
 from __future__ import annotations
 
 import math
@@ -40,6 +41,7 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
 
 # --- MixMatch pieces -------------------------------------------------------------------------------------------
 
+
 def test_sharpen_normalises_lowers_entropy_and_is_identity_at_t1():
     p = torch.softmax(torch.randn(32, 10, generator=gen()), dim=1)
     sharp = sharpen(p, 0.5)
@@ -47,7 +49,7 @@ def test_sharpen_normalises_lowers_entropy_and_is_identity_at_t1():
     assert (entropy(sharp) < entropy(p)).all()
     assert torch.allclose(sharpen(p, 1.0), p, atol=1e-6)
     assert torch.equal(sharp.argmax(1), p.argmax(1))
-    assert torch.allclose(sharp, p ** 2 / (p ** 2).sum(1, keepdim=True), atol=1e-6)
+    assert torch.allclose(sharp, p**2 / (p**2).sum(1, keepdim=True), atol=1e-6)
     with pytest.raises(ValueError, match="temperature"):
         sharpen(p, 0.0)
 
@@ -120,6 +122,7 @@ def test_mixmatch_losses():
 
 # --- split rules ---------------------------------------------------------------------------------------------
 
+
 def test_symmetric_cross_entropy():
     logits = torch.randn(16, 10, generator=gen())
     y = torch.randint(0, 10, (16,), generator=gen(1))
@@ -161,20 +164,24 @@ def test_clean_seeds_are_clean_balanced_and_follow_the_clean_seed(badnets_backdo
 
 # --- config ----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("values,field", [
-    ({"stage1_end": 0.8, "stage2_end": 0.6}, "stage2_end"),
-    ({"epsilon": 1.5}, "epsilon"),
-    ({"epsilon": 0.0}, "epsilon"),
-    ({"seed_num": 0}, "seed_num"),
-    ({"class_period": 0}, "class_period"),
-    ({"temperature": 0.0}, "temperature"),
-    ({"mixup_alpha": -1.0}, "mixup_alpha"),
-    ({"meta_layers": "all"}, "meta_layers"),
-    ({"sce_alpha": 0.0, "sce_beta": 0.0}, "sce_alpha"),
-    ({"lr": 0.0}, "lr"),
-    ({"iterations_per_epoch": 0}, "iterations_per_epoch"),
-    ({"record_with_aug": "yes"}, "record_with_aug"),
-])
+
+@pytest.mark.parametrize(
+    "values,field",
+    [
+        ({"stage1_end": 0.8, "stage2_end": 0.6}, "stage2_end"),
+        ({"epsilon": 1.5}, "epsilon"),
+        ({"epsilon": 0.0}, "epsilon"),
+        ({"seed_num": 0}, "seed_num"),
+        ({"class_period": 0}, "class_period"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"mixup_alpha": -1.0}, "mixup_alpha"),
+        ({"meta_layers": "all"}, "meta_layers"),
+        ({"sce_alpha": 0.0, "sce_beta": 0.0}, "sce_alpha"),
+        ({"lr": 0.0}, "lr"),
+        ({"iterations_per_epoch": 0}, "iterations_per_epoch"),
+        ({"record_with_aug": "yes"}, "record_with_aug"),
+    ],
+)
 def test_bad_config_values_raise_naming_the_field(values, field):
     with pytest.raises(ValueError, match=field):
         ASDConfig.from_dict(values)
@@ -187,8 +194,16 @@ def test_preset_is_a_valid_config():
 
 # --- runs ------------------------------------------------------------------------------------------------------
 
-TINY = dict(epochs=4, iterations_per_epoch=2, batch_size=16, stage1_end=0.25, stage2_end=0.5, eval_batch_size=512,
-            class_increment=5, class_period=1)
+TINY = dict(
+    epochs=4,
+    iterations_per_epoch=2,
+    batch_size=16,
+    stage1_end=0.25,
+    stage2_end=0.5,
+    eval_batch_size=512,
+    class_increment=5,
+    class_period=1,
+)
 
 
 def test_a_run_goes_through_the_three_stages_and_hands_over_its_last_split(badnets_backdoor):
@@ -213,15 +228,26 @@ def test_asd_trained_from_scratch_removes_the_backdoor(digits_backdoor, clean_re
     before, after, clean = digits_backdoor.metrics, result.metrics, clean_reference.metrics
     last_step, last = ctx.reports[-1]
     pools = ctx.series["asd_pools"]
-    print(f"\nasd {digits_backdoor.attack}: backdoored test ACC/ASR {before['test_acc']:.3f}/{before['test_asr']:.3f}"
-          f" -> defended {after['test_acc']:.3f}/{after['test_asr']:.3f} (clean training ACC {clean['test_acc']:.3f});"
-          f" val ACC/ASR {after['val_acc']:.3f}/{after['val_asr']:.3f}; final clean pool {int(last['pool_clean_size'])}"
-          f" with {pools['clean_pool_poisoned'][-1]} poisoned (frac {last['pool_clean_poisoned_frac']:.4f}),"
-          f" split AUROC {last['split_auroc']:.3f}, poison recall {last['split_poison_recall']:.3f}; {seconds:.0f}s")
+    print(
+        f"\nasd {digits_backdoor.attack}: backdoored test ACC/ASR {before['test_acc']:.3f}/{before['test_asr']:.3f}"
+        f" -> defended {after['test_acc']:.3f}/{after['test_asr']:.3f} (clean training ACC {clean['test_acc']:.3f});"
+        f" val ACC/ASR {after['val_acc']:.3f}/{after['val_asr']:.3f}; final clean pool {int(last['pool_clean_size'])}"
+        f" with {pools['clean_pool_poisoned'][-1]} poisoned (frac {last['pool_clean_poisoned_frac']:.4f}),"
+        f" split AUROC {last['split_auroc']:.3f}, poison recall {last['split_poison_recall']:.3f}; {seconds:.0f}s"
+    )
     assert last_step == cfg.epochs
     assert sorted(set(pools["stage"])) == [1, 2, 3]
-    for key in ("split_poison_precision", "split_poison_recall", "split_clean_precision", "split_clean_recall",
-                "split_auroc", "pool_clean_size", "pool_poison_size", "pool_clean_poisoned_frac", "val_der"):
+    for key in (
+        "split_poison_precision",
+        "split_poison_recall",
+        "split_clean_precision",
+        "split_clean_recall",
+        "split_auroc",
+        "pool_clean_size",
+        "pool_poison_size",
+        "pool_clean_poisoned_frac",
+        "val_der",
+    ):
         assert all(key in m for _, m in ctx.reports), key
     assert after["test_asr"] <= 0.10
     assert after["test_acc"] >= clean["test_acc"] - 0.03

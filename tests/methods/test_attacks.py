@@ -1,6 +1,7 @@
 """Attacks on real training: every attack runs, every registered attack implants its backdoor with its digits
 preset (on the seed the preset was chosen on and on one it never saw), BadNets all2all and a user trigger file
 work, the synthetic set is calibrated, and runs resume bit-identically."""
+
 from __future__ import annotations
 
 import time
@@ -121,13 +122,16 @@ def preset_settings(name: str, seed: int, dataset: str = "digits", model: str = 
 
 
 def assert_implants(name: str, m: dict, clean: dict, min_asr: float = MIN_ASR) -> None:
-    print(f"{name}: test_acc {m['test_acc']:.3f} (clean {clean['test_acc']:.3f}), test_asr {m['test_asr']:.3f}, "
-          f"poison_count {m['poison_count']:.0f}")
+    print(
+        f"{name}: test_acc {m['test_acc']:.3f} (clean {clean['test_acc']:.3f}), test_asr {m['test_asr']:.3f}, "
+        f"poison_count {m['poison_count']:.0f}"
+    )
     assert m["poison_count"] > 0
     assert m["test_asr"] >= min_asr, f"{name}: test ASR {m['test_asr']:.3f} < {min_asr}"
     assert m["test_acc"] >= clean["test_acc"] - MAX_ACC_DROP, (
         f"{name}: test ACC {m['test_acc']:.3f} is more than {MAX_ACC_DROP} below clean training "
-        f"({clean['test_acc']:.3f})")
+        f"({clean['test_acc']:.3f})"
+    )
 
 
 @pytest.mark.parametrize("seed", [TUNED_SEED, pytest.param(UNSEEN_SEED, marks=pytest.mark.slow)])
@@ -199,14 +203,16 @@ def test_attack_implants_on_synthetic_with_small_cnn(name):
 def test_cl_reduced_amplitude_stamps_part_of_the_trigger_in_training_and_all_of_it_at_test():
     spec = get_method("cl")
     # eps 0: the hardening leaves the images as they are, so the stamped pixels can be computed exactly.
-    cfg = spec.make_config({**TINY, "clean_epochs": 1, "pgd_eps": 0.0, "pgd_steps": 0, "poison_rate": 0.5,
-                            "trigger_amplitude": 0.5})
+    cfg = spec.make_config(
+        {**TINY, "clean_epochs": 1, "pgd_eps": 0.0, "pgd_steps": 0, "poison_rate": 0.5, "trigger_amplitude": 0.5}
+    )
     backdoor = spec.run(LocalContext(data_config=DataConfig(train_limit=300)), cfg)
     data, flags = backdoor.data, backdoor.data.poison_flags.cpu()
     mask, pattern = data.trigger.tensors["mask"], data.trigger.tensors["pattern"]
     original = load_splits("digits", backdoor.seeds["split_seed"], cfg=DataConfig(train_limit=300)).x_train[flags]
-    expected = torch.where(mask, (original.float() + 0.5 * (pattern.float() - original.float())).round(),
-                           original.float()).to(torch.uint8)
+    expected = torch.where(
+        mask, (original.float() + 0.5 * (pattern.float() - original.float())).round(), original.float()
+    ).to(torch.uint8)
     assert flags.any() and torch.equal(data.x_train.cpu()[flags], expected)
     triggered, _, _ = data.backdoor_set("test")
     assert (triggered[:, mask.expand_as(pattern)] == pattern[mask.expand_as(pattern)]).all()

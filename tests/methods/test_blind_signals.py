@@ -1,6 +1,7 @@
 """The blind signals every defense reports (methods/core/blind_signals.py, methods/defenses/shared/canary.py): the
 adversarial concentration separates a backdoored digits model from a clean one without disturbing anything a
 method computes, and the canary is planted where the defense will meet it and refused when it is the attacker's."""
+
 from __future__ import annotations
 
 import pytest
@@ -93,11 +94,14 @@ def test_sd_plants_by_its_model_choice():
     assert not get_method("dbr").trains_from_scratch(get_method("dbr").make_config({}))
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"canary_target": 0}, "canary_target: 0 is the target of badnets"),
-    ({"canary_trigger": "grid"}, "canary_trigger: grid stamps the same images as the trigger of badnets"),
-    ({"canary_target": 10}, "canary_target: 10 is not a class of digits"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"canary_target": 0}, "canary_target: 0 is the target of badnets"),
+        ({"canary_trigger": "grid"}, "canary_trigger: grid stamps the same images as the trigger of badnets"),
+        ({"canary_target": 10}, "canary_target: 10 is not a class of digits"),
+    ],
+)
 def test_a_canary_that_is_the_attackers_is_refused(badnets_backdoor, values, message):
     with pytest.raises(ValueError, match=message) as caught:
         run_ft(badnets_backdoor, canary_rate=0.1, **values)

@@ -1,4 +1,5 @@
 """D-BR: removes BadNets/Blend backdoors on digits, keeps the round chosen on validation, resumes, checks config."""
+
 from __future__ import annotations
 
 import math
@@ -21,16 +22,19 @@ def test_unlearning_loss_is_negative_cross_entropy():
     assert _ascent(logits, labels).item() == pytest.approx(-torch.nn.functional.cross_entropy(logits, labels).item())
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"alpha_c": 0.9, "alpha_p": 0.2}, "alpha_c \\+ alpha_p"),
-    ({"br_lr": -1e-4}, "br_lr"),
-    ({"br_rounds": 0}, "br_rounds"),
-    ({"br_relearn_epochs": 0}, "br_relearn_epochs"),
-    ({"br_select": "test"}, "br_select"),
-    ({"br_select": "val_acc_minus_asr"}, "br_select"),
-    ({"br_acc_margin": -0.01}, "br_acc_margin"),
-    ({"br_unlearn_lr_scale": -1.0}, "br_unlearn_lr_scale"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"alpha_c": 0.9, "alpha_p": 0.2}, "alpha_c \\+ alpha_p"),
+        ({"br_lr": -1e-4}, "br_lr"),
+        ({"br_rounds": 0}, "br_rounds"),
+        ({"br_relearn_epochs": 0}, "br_relearn_epochs"),
+        ({"br_select": "test"}, "br_select"),
+        ({"br_select": "val_acc_minus_asr"}, "br_select"),
+        ({"br_acc_margin": -0.01}, "br_acc_margin"),
+        ({"br_unlearn_lr_scale": -1.0}, "br_unlearn_lr_scale"),
+    ],
+)
 def test_bad_dbr_config_names_the_field(values, message):
     with pytest.raises(ValueError, match=message):
         DBRConfig.from_dict(values)
@@ -54,8 +58,9 @@ def test_kept_round_candidates_give_the_rule_over_all_rounds(seed):
     margin = 0.05 * int(torch.randint(0, 4, (1,), generator=g))
     candidates = []
     for i, (acc, asr) in enumerate(values):
-        candidates = update_candidates(candidates, {"round": i + 1, "acc": acc, "risk": asr}, margin,
-                                       "asr_within_acc_margin")
+        candidates = update_candidates(
+            candidates, {"round": i + 1, "acc": acc, "risk": asr}, margin, "asr_within_acc_margin"
+        )
         assert chosen(candidates)["round"] == brute_force_choice(values[: i + 1], margin) + 1
     assert len(candidates) <= n
 
@@ -64,8 +69,9 @@ def test_the_margin_rule_never_trades_accuracy_for_asr():
     rounds = [(0.98, 0.14), (0.85, 0.0), (0.975, 0.05), (0.70, 0.0)]
     candidates = []
     for i, (acc, asr) in enumerate(rounds):
-        candidates = update_candidates(candidates, {"round": i + 1, "acc": acc, "risk": asr}, 0.02,
-                                       "asr_within_acc_margin")
+        candidates = update_candidates(
+            candidates, {"round": i + 1, "acc": acc, "risk": asr}, 0.02, "asr_within_acc_margin"
+        )
     assert chosen(candidates)["round"] == 3, "ACC 0.975 / ASR 0.05, not 0.85 / 0.00"
     # round 2 and 4 fall outside the margin; round 1 stays (the best ACC: a later round could make it the choice)
     assert [c["round"] for c in candidates] == [1, 3]
@@ -94,10 +100,12 @@ def test_dbr_removes_the_backdoor_on_digits(digits_backdoor):
     assert steps == list(range(1, last + 1)) + ([last + 1] if best + 1 < cfg.br_rounds else [])
     assert after["test_asr"] == rounds[best]["test_asr"] and after["test_acc"] == rounds[best]["test_acc"]
     assert after["val_acc"] >= max(m["val_acc"] for m in rounds) - cfg.br_acc_margin
-    print(f"\nD-BR {digits_backdoor.attack}: ACC {before['test_acc']:.3f} -> {after['test_acc']:.3f}, "
-          f"ASR {before['test_asr']:.3f} -> {after['test_asr']:.3f} (round {int(after['br_kept_round'])}), "
-          f"poison pool precision {after['split_poison_precision']:.3f}, clean pool precision "
-          f"{after['split_clean_precision']:.3f}")
+    print(
+        f"\nD-BR {digits_backdoor.attack}: ACC {before['test_acc']:.3f} -> {after['test_acc']:.3f}, "
+        f"ASR {before['test_asr']:.3f} -> {after['test_asr']:.3f} (round {int(after['br_kept_round'])}), "
+        f"poison pool precision {after['split_poison_precision']:.3f}, clean pool precision "
+        f"{after['split_clean_precision']:.3f}"
+    )
     assert before["test_asr"] >= 0.9
     assert after["test_asr"] <= 0.10
     assert after["test_acc"] >= before["test_acc"] - 0.03
@@ -111,14 +119,17 @@ def test_best_val_acc_keeps_the_best_round_and_the_later_of_a_tie():
     assert [c["round"] for c in candidates] == [3] and chosen(candidates)["round"] == 3
 
 
-@pytest.mark.parametrize("values, rule", [
-    ({}, "asr_within_acc_margin"),
-    ({"knowledge": "blind"}, "pool_fit_within_acc_margin"),
-    ({"knowledge": "blind", "br_select": "best_val_acc"}, "best_val_acc"),
-    ({"knowledge": "blind", "canary_rate": 0.1}, "canary_within_acc_margin"),
-    ({"knowledge": "blind", "br_select": "concentration_within_acc_margin"}, "concentration_within_acc_margin"),
-    ({"knowledge": "blind", "br_select": "last"}, "last"),
-])
+@pytest.mark.parametrize(
+    "values, rule",
+    [
+        ({}, "asr_within_acc_margin"),
+        ({"knowledge": "blind"}, "pool_fit_within_acc_margin"),
+        ({"knowledge": "blind", "br_select": "best_val_acc"}, "best_val_acc"),
+        ({"knowledge": "blind", "canary_rate": 0.1}, "canary_within_acc_margin"),
+        ({"knowledge": "blind", "br_select": "concentration_within_acc_margin"}, "concentration_within_acc_margin"),
+        ({"knowledge": "blind", "br_select": "last"}, "last"),
+    ],
+)
 def test_the_kept_round_rule_follows_knowledge_unless_set(values, rule):
     assert DBRConfig.from_dict(values).selection_rule() == rule
 
@@ -133,14 +144,18 @@ def test_the_canary_rule_without_a_canary_is_refused():
         DBRConfig.from_dict({"br_select": "canary_within_acc_margin"})
 
 
-@pytest.mark.parametrize("values, minimised", [
-    ({}, "br_poison_pool_fit"),  # the blind default without a canary
-    ({"br_select": "best_val_acc"}, None),
-    ({"br_select": "concentration_within_acc_margin"}, "val_adv_concentration"),
-    ({"canary_rate": 0.1}, "val_canary_asr"),  # the canary's margin rule
-])
-def test_the_blind_kept_round_never_reads_trigger_or_flag_metrics(badnets_backdoor, oracle_metrics_nan, values,
-                                                                  minimised):
+@pytest.mark.parametrize(
+    "values, minimised",
+    [
+        ({}, "br_poison_pool_fit"),  # the blind default without a canary
+        ({"br_select": "best_val_acc"}, None),
+        ({"br_select": "concentration_within_acc_margin"}, "val_adv_concentration"),
+        ({"canary_rate": 0.1}, "val_canary_asr"),  # the canary's margin rule
+    ],
+)
+def test_the_blind_kept_round_never_reads_trigger_or_flag_metrics(
+    badnets_backdoor, oracle_metrics_nan, values, minimised
+):
     import methods.defenses.sd as sd
     import methods.defenses.shared.common as common
 
@@ -154,8 +169,7 @@ def test_the_blind_kept_round_never_reads_trigger_or_flag_metrics(badnets_backdo
     ctx, plain = run()
     rounds = [m for s, m in ctx.reports if sd_steps(cfg) < s <= sd_steps(cfg) + cfg.br_rounds]
     # best_val_acc is the margin rule over rounds of equal risk: the best val ACC, the later round on ties
-    best = brute_force_choice([(m["val_acc"], m[minimised] if minimised else 0.0) for m in rounds],
-                              cfg.br_acc_margin)
+    best = brute_force_choice([(m["val_acc"], m[minimised] if minimised else 0.0) for m in rounds], cfg.br_acc_margin)
     assert plain.metrics["br_kept_round"] == best + 1
     # the round's evaluation, SD's split metrics and its FCT AUROC: everything D-BR's choice could see
     oracle_metrics_nan((common, "evaluate_with_der"), (common, "split_metrics"), (sd, "_val_fct_auroc"))

@@ -1,5 +1,6 @@
 """D-ST: the SupCon positive mask and loss, the guarded mixed CE, the warm-up/cosine schedule, secure training
 from scratch on poisoned digits, resume, and config checks."""
+
 from __future__ import annotations
 
 import math
@@ -95,14 +96,17 @@ def test_supcon_schedule_warms_up_then_follows_the_cosine():
     assert supcon_lr(DSTConfig(st_epochs=100, st_warmup_epochs=0), 1, 0, 4) == pytest.approx(first_cosine_epoch)
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"alpha_c": 0.7, "alpha_p": 0.5}, "alpha_c \\+ alpha_p"),
-    ({"st_supcon_temperature": 0.0}, "st_supcon_temperature"),
-    ({"st_lambda_p": -0.1}, "st_lambda_p"),
-    ({"st_epochs": 0}, "st_epochs"),
-    ({"st_batch_size": 1}, "st_batch_size"),
-    ({"st_cls_lr": "fast"}, "st_cls_lr"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"alpha_c": 0.7, "alpha_p": 0.5}, "alpha_c \\+ alpha_p"),
+        ({"st_supcon_temperature": 0.0}, "st_supcon_temperature"),
+        ({"st_lambda_p": -0.1}, "st_lambda_p"),
+        ({"st_epochs": 0}, "st_epochs"),
+        ({"st_batch_size": 1}, "st_batch_size"),
+        ({"st_cls_lr": "fast"}, "st_cls_lr"),
+    ],
+)
 def test_bad_dst_config_names_the_field(values, message):
     with pytest.raises(ValueError, match=message):
         DSTConfig.from_dict(values)
@@ -117,9 +121,11 @@ def test_dst_trains_a_clean_model_from_the_poisoned_set(digits_backdoor, clean_r
     result = spec.run(ctx, cfg)
     assert [s for s, _ in ctx.reports] == list(range(1, sd_steps(cfg) + cfg.st_epochs + cfg.st_cls_epochs + 1))
     after, clean = result.metrics, clean_reference.metrics
-    print(f"\nD-ST {digits_backdoor.attack}: poisoned training {digits_backdoor.metrics['test_acc']:.3f} / "
-          f"{digits_backdoor.metrics['test_asr']:.3f}, clean training {clean['test_acc']:.3f}, D-ST ACC "
-          f"{after['test_acc']:.3f} ASR {after['test_asr']:.3f}, poison pool precision "
-          f"{after['split_poison_precision']:.3f}")
+    print(
+        f"\nD-ST {digits_backdoor.attack}: poisoned training {digits_backdoor.metrics['test_acc']:.3f} / "
+        f"{digits_backdoor.metrics['test_asr']:.3f}, clean training {clean['test_acc']:.3f}, D-ST ACC "
+        f"{after['test_acc']:.3f} ASR {after['test_asr']:.3f}, poison pool precision "
+        f"{after['split_poison_precision']:.3f}"
+    )
     assert after["test_asr"] <= 0.10
     assert after["test_acc"] >= clean["test_acc"] - 0.03

@@ -2,6 +2,7 @@
 and channels_last run on CPU too) and with all of them off. Parametrised over the registry, so a new attack or
 defense is covered by this file without a line added here; its search space's `quick:` block says what small
 means, and the epoch-like counts are cut further so the whole matrix stays within the CI budget."""
+
 from __future__ import annotations
 
 import math
@@ -36,15 +37,19 @@ class CountingContext(LocalContext):
 def test_every_method_trains_on_the_fast_and_the_plain_path(name, path, tiny_backdoor):
     spec = get_method(name)
     fast = PATHS[path]
-    ctx = CountingContext(data_config=TINY_DATA, fast=fast,
-                          backdoor_provider=None if spec.kind == "attack" else (lambda: tiny_backdoor))
+    ctx = CountingContext(
+        data_config=TINY_DATA, fast=fast, backdoor_provider=None if spec.kind == "attack" else (lambda: tiny_backdoor)
+    )
     result = spec.run(ctx, tiny_config(name))
     assert ctx.reports, f"{name} reported nothing"
     # the engine says how many steps its stages report (a single run's progress line shows step n/total) and keeps
     # to it; only the returned model's own report may follow (methods.defenses.shared.common.final_result)
     steps = [step for step, _ in ctx.reports]
-    assert ctx.expected_steps in steps and max(steps[:-1], default=0) <= ctx.expected_steps, \
-        (name, ctx.expected_steps, steps)
+    assert ctx.expected_steps in steps and max(steps[:-1], default=0) <= ctx.expected_steps, (
+        name,
+        ctx.expected_steps,
+        steps,
+    )
     assert steps[-1] <= ctx.expected_steps + 1, (name, ctx.expected_steps, steps)
     final = ctx.reports[-1][1]
     # split statistics may be undefined on a tiny run (an AUROC over a pool with one class); these may not

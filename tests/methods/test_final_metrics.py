@@ -2,6 +2,7 @@
 metrics, what Tune ranks and `bdo report` tabulates) equals an evaluation of the weights the defense returns.
 Each registered defense runs at a quick size on the shared digits BadNets backdoor; D-BR is also forced to keep
 a round that is not its last."""
+
 from __future__ import annotations
 
 import math
@@ -90,7 +91,7 @@ def test_dbr_reports_an_earlier_kept_round_as_its_final_step():
     first = sd_steps(get_method("dbr").make_config(quick_config("dbr")))
     steps = [s for s, _ in ctx.reports]
     assert steps == list(range(1, first + rounds + 2)), "one final step after the last round"
-    round_reports = {int(m["br_round"]): m for s, m in ctx.reports[first:first + rounds]}
+    round_reports = {int(m["br_round"]): m for s, m in ctx.reports[first : first + rounds]}
     final = ctx.reports[-1][1]
     kept = int(final["br_kept_round"])
     assert kept < rounds and final["kept_step"] == first + kept

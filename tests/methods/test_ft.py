@@ -1,5 +1,6 @@
 """Fine-tuning: Cutout, the stepped lr schedule shared with NAD/ARGD, resumption and bad configs. Its numbers on
 digits are measured beside ARGD's in test_argd.py."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace

@@ -1,5 +1,6 @@
 """NAD: its AT loss on toy tensors, the official lr schedule, resumption and bad configs. Its numbers on digits
 are measured beside ARGD's in test_argd.py."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,6 @@
 """PBE: removes BadNets and Blend backdoors on digits without clean data and keeps its trusted subset nearly
 clean; similarity scoring, subset growth and the top-rate ramp; resume; bad configs."""
+
 from __future__ import annotations
 
 import math
@@ -46,15 +47,19 @@ def test_pbe_without_clean_data_removes_the_backdoor_and_filters_the_poison(digi
     cfg = PBEConfig.from_dict(PRESET)
     actual = digits_backdoor.data.poison_fraction
     trusted_frac = after["pool_clean_poisoned_frac"]
-    print(f"\npbe {digits_backdoor.attack}: test ACC {before['test_acc']:.3f} -> {after['test_acc']:.3f}, "
-          f"ASR {before['test_asr']:.3f} -> {after['test_asr']:.3f} (val ACC {after['val_acc']:.3f}, "
-          f"ASR {after['val_asr']:.3f}); trusted subset {int(after['pool_clean_size'])} images, "
-          f"{trusted_frac:.3f} poisoned vs {actual:.3f} in the training set; score AUROC {after['split_auroc']:.3f}")
+    print(
+        f"\npbe {digits_backdoor.attack}: test ACC {before['test_acc']:.3f} -> {after['test_acc']:.3f}, "
+        f"ASR {before['test_asr']:.3f} -> {after['test_asr']:.3f} (val ACC {after['val_acc']:.3f}, "
+        f"ASR {after['val_asr']:.3f}); trusted subset {int(after['pool_clean_size'])} images, "
+        f"{trusted_frac:.3f} poisoned vs {actual:.3f} in the training set; score AUROC {after['split_auroc']:.3f}"
+    )
     for step, m in ctx.reports:
         if step % cfg.epochs_per_step == 0:
-            print(f"  step {step}: val ACC {m['val_acc']:.3f} ASR {m['val_asr']:.3f}, "
-                  f"trusted {int(m['pool_clean_size'])} "
-                  f"({m['pool_clean_poisoned_frac']:.3f} poisoned), AUROC {m['split_auroc']:.3f}")
+            print(
+                f"  step {step}: val ACC {m['val_acc']:.3f} ASR {m['val_asr']:.3f}, "
+                f"trusted {int(m['pool_clean_size'])} "
+                f"({m['pool_clean_poisoned_frac']:.3f} poisoned), AUROC {m['split_auroc']:.3f}"
+            )
     assert before["test_asr"] >= 0.9
     assert after["test_asr"] <= 0.10
     assert after["test_acc"] >= before["test_acc"] - 0.03
@@ -111,8 +116,9 @@ def test_a_step0_that_fails_on_validation_is_rerun_from_the_infected_model(badne
     flags = badnets_backdoor.data.poison_flags
     n = len(flags)
     redraw = random_mask(n, cfg.init_fraction, derive_seed(cfg.seed, "pbe_init_1"), torch.device("cpu"))
-    assert not torch.equal(redraw, random_mask(n, cfg.init_fraction, derive_seed(cfg.seed, "pbe_init"),
-                                               torch.device("cpu")))
+    assert not torch.equal(
+        redraw, random_mask(n, cfg.init_fraction, derive_seed(cfg.seed, "pbe_init"), torch.device("cpu"))
+    )
     assert reports[per]["pbe_next_poisoned_frac"] == pytest.approx(flags[redraw].float().mean().item())
     assert reports[per + 1]["pool_clean_poisoned_frac"] == pytest.approx(flags[redraw].float().mean().item())
     assert "split_auroc" not in reports[per + 1], "the failed attempt's scores are dropped"
@@ -130,8 +136,10 @@ def pbe_outcome(attack: str, seed: int) -> tuple[dict, dict, bool]:
     _, result = run_pbe(backdoor, seed=seed)
     before, after = backdoor.metrics, result.metrics
     passed = after["test_asr"] <= 0.10 and after["test_acc"] >= before["test_acc"] - 0.03
-    print(f"\npbe {attack} seed {seed}: test ACC {before['test_acc']:.3f} -> {after['test_acc']:.3f}, ASR "
-          f"{before['test_asr']:.3f} -> {after['test_asr']:.3f}, step 0 reruns {int(after['pbe_attempt'])}")
+    print(
+        f"\npbe {attack} seed {seed}: test ACC {before['test_acc']:.3f} -> {after['test_acc']:.3f}, ASR "
+        f"{before['test_asr']:.3f} -> {after['test_asr']:.3f}, step 0 reruns {int(after['pbe_attempt'])}"
+    )
     return before, after, passed
 
 
@@ -158,11 +166,15 @@ def test_the_blind_label_excess_check_fails_the_step0_that_left_the_backdoor():
     backdoor = train_backdoor("badnets", seed=3)
     outcomes = {}
     for radius in (16, 24):
-        ctx, result = run_pbe(backdoor, seed=3, n_steps=1, top_rates=[], step0_retries=0, knowledge="blind",
-                              step0_adv_eps=radius / 255)
+        ctx, result = run_pbe(
+            backdoor, seed=3, n_steps=1, top_rates=[], step0_retries=0, knowledge="blind", step0_adv_eps=radius / 255
+        )
         step0 = ctx.reports[-1][1]
-        outcomes[radius] = (result.metrics["val_asr"], step0["pbe_step0_label_excess"],
-                            step0["pbe_step0_label_excess_failed"])
+        outcomes[radius] = (
+            result.metrics["val_asr"],
+            step0["pbe_step0_label_excess"],
+            step0["pbe_step0_label_excess_failed"],
+        )
     print(f"\nstep 0 on badnets seed 3 (val ASR, label excess, failed): {outcomes}")
     assert outcomes[16][0] >= 0.9 and outcomes[16][2] == 1.0
     assert outcomes[24][0] <= 0.1 and outcomes[24][2] == 0.0
@@ -195,8 +207,18 @@ def test_the_trusted_subset_is_the_most_similar_fraction():
     sim = torch.tensor([0.9, 0.1, 0.8, 0.8, 0.3, 0.95, 0.2, 0.5, 0.6, 0.7])
     mask = top_fraction_mask(sim, 0.4)
     assert mask.tolist() == [True, False, True, True, False, True, False, False, False, False]
-    assert top_fraction_mask(sim, 0.3).tolist() == [True, False, True, False, False, True, False, False, False,
-                                                    False], "ties: the lower index first"
+    assert top_fraction_mask(sim, 0.3).tolist() == [
+        True,
+        False,
+        True,
+        False,
+        False,
+        True,
+        False,
+        False,
+        False,
+        False,
+    ], "ties: the lower index first"
     assert top_fraction_mask(sim, 0.01).sum() == 1 and top_fraction_mask(sim, 1.0).all()
     pools = trusted_pools(mask)
     assert pools[mask].eq(POOL_CLEAN).all() and pools[~mask].eq(POOL_UNCERTAIN).all()
@@ -266,11 +288,16 @@ def test_bad_config_values_name_the_field(values, field):
         PBEConfig.from_dict(values)
 
 
-@pytest.mark.parametrize("values, check", [({}, "val_asr"), ({"knowledge": "blind"}, "label_excess"),
-                                           ({"knowledge": "blind", "canary_rate": 0.1}, "label_excess"),
-                                           ({"knowledge": "blind", "canary_rate": 0.1, "step0_rule": "canary"},
-                                            "canary"),
-                                           ({"knowledge": "blind", "step0_rule": "unchecked"}, "unchecked")])
+@pytest.mark.parametrize(
+    "values, check",
+    [
+        ({}, "val_asr"),
+        ({"knowledge": "blind"}, "label_excess"),
+        ({"knowledge": "blind", "canary_rate": 0.1}, "label_excess"),
+        ({"knowledge": "blind", "canary_rate": 0.1, "step0_rule": "canary"}, "canary"),
+        ({"knowledge": "blind", "step0_rule": "unchecked"}, "unchecked"),
+    ],
+)
 def test_the_step0_check_follows_knowledge_unless_set(values, check):
     assert PBEConfig.from_dict(values).step0_check() == check
 
@@ -285,11 +312,16 @@ def test_the_val_asr_check_under_blind_knowledge_is_refused_naming_both_fields()
         PBEConfig.from_dict({"knowledge": "blind", "step0_rule": "val_asr"})
 
 
-@pytest.mark.parametrize("rule, flag", [({"step0_rule": "unchecked"}, None),
-                                        # no label loses all its images beyond its val error: always failed
-                                        ({"step0_min_label_excess": 1.0}, "pbe_step0_label_excess_failed"),
-                                        ({"canary_rate": 0.1, "step0_rule": "canary"}, "pbe_step0_canary_failed")],
-                         ids=["unchecked", "label_excess", "canary"])
+@pytest.mark.parametrize(
+    "rule, flag",
+    [
+        ({"step0_rule": "unchecked"}, None),
+        # no label loses all its images beyond its val error: always failed
+        ({"step0_min_label_excess": 1.0}, "pbe_step0_label_excess_failed"),
+        ({"canary_rate": 0.1, "step0_rule": "canary"}, "pbe_step0_canary_failed"),
+    ],
+    ids=["unchecked", "label_excess", "canary"],
+)
 def test_blind_pbe_never_reads_trigger_or_flag_metrics(badnets_backdoor, oracle_metrics_nan, rule, flag):
     import methods.defenses.pbe as pbe
     import methods.defenses.shared.common as common
@@ -326,4 +358,3 @@ def test_clean_originals_are_the_training_images_before_the_attack():
     ctx, result = run_pbe(backdoor, clean_originals=True, **TINY)
     # and PBE runs end to end on them
     assert ctx.reports and all(torch.isfinite(v).all() for v in result.model_state.values() if v.is_floating_point())
-

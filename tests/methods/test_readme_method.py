@@ -1,5 +1,6 @@
 """README.md's "Adding a method" example works: its code blocks, read from the README so they cannot drift from it,
 declare and register a defense that trains through the engine, reports every step and resumes bit-identically."""
+
 from __future__ import annotations
 
 import re
@@ -19,7 +20,7 @@ NAME = "mydefense"
 
 def example_blocks() -> list[str]:
     text = README.read_text()
-    section = text[text.index("### 6. Adding a method"):]
+    section = text[text.index("### 6. Adding a method") :]
     section = section[: section.index("\n#", 1)]
     return re.findall(r"^```python\n(.*?)^```", section, re.MULTILINE | re.DOTALL)
 

@@ -5,6 +5,7 @@ A run stops right after a checkpoint (LocalContext's stop_after_step), so the ch
 after step k is the one an interrupted run leaves: every resume here starts from those, one run per method.
 Parametrised over the registry at the tiny size of test_every_method.py; a method's other training paths (a rerun,
 another teacher or scoring model) are resumed too, as named in OTHER_PATHS."""
+
 from __future__ import annotations
 
 import numpy as np

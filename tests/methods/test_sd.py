@@ -1,5 +1,6 @@
 """SD (D-BR/D-ST's sample distinguishment): the centroid loss, the FCT score, the rank split, the poisoned pool's
 precision on real digits backdoors, resume, and config checks."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -100,16 +101,19 @@ def test_threshold_split_applies_the_reference_thresholds_to_new_scores():
 
 
 # ------------------------------------------------------------------------------------------------ config checks
-@pytest.mark.parametrize("values, message", [
-    ({"alpha_c": 0.8, "alpha_p": 0.3}, "alpha_c \\+ alpha_p"),
-    ({"alpha_p": -0.1}, "alpha_p"),
-    ({"fct_model": "teacher"}, "fct_model"),
-    ({"fct_transform": "jpeg"}, "fct_transform"),
-    ({"fct_resample": "bicubic"}, "fct_resample"),
-    ({"fct_n_draws": 0}, "fct_n_draws"),
-    ({"fct_blur_kernel": 4}, "fct_blur_kernel"),
-    ({"sd_ft_epochs": -1}, "sd_ft_epochs"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"alpha_c": 0.8, "alpha_p": 0.3}, "alpha_c \\+ alpha_p"),
+        ({"alpha_p": -0.1}, "alpha_p"),
+        ({"fct_model": "teacher"}, "fct_model"),
+        ({"fct_transform": "jpeg"}, "fct_transform"),
+        ({"fct_resample": "bicubic"}, "fct_resample"),
+        ({"fct_n_draws": 0}, "fct_n_draws"),
+        ({"fct_blur_kernel": 4}, "fct_blur_kernel"),
+        ({"sd_ft_epochs": -1}, "sd_ft_epochs"),
+    ],
+)
 def test_bad_sd_config_names_the_field(values, message):
     with pytest.raises(ValueError, match=message):
         SDConfig.from_dict(values)
@@ -129,9 +133,11 @@ def test_sd_poisoned_pool_is_precise_on_digits(digits_backdoor):
     steps = [s for s, _ in ctx.reports]
     assert steps == list(range(1, sd_steps(cfg) + 1))
     m = ctx.reports[-1][1]
-    print(f"\nSD {digits_backdoor.attack}: poison pool precision {m['split_poison_precision']:.3f} recall "
-          f"{m['split_poison_recall']:.3f}, clean pool precision {m['split_clean_precision']:.3f}, "
-          f"auroc {m['split_auroc']:.3f}, val_fct_auroc {m['val_fct_auroc']:.3f}")
+    print(
+        f"\nSD {digits_backdoor.attack}: poison pool precision {m['split_poison_precision']:.3f} recall "
+        f"{m['split_poison_recall']:.3f}, clean pool precision {m['split_clean_precision']:.3f}, "
+        f"auroc {m['split_auroc']:.3f}, val_fct_auroc {m['val_fct_auroc']:.3f}"
+    )
     assert m["split_poison_precision"] >= 0.8
     assert m["split_clean_precision"] >= 0.95
     table = ctx.hand_offs["scores"]

@@ -49,8 +49,15 @@ def _torchvision_rotate_then_translate(img: torch.Tensor, angle: float, tx: int,
     from torchvision.transforms import InterpolationMode
 
     rotated = TF.rotate(img, angle, interpolation=InterpolationMode.NEAREST, fill=0)
-    return TF.affine(rotated, angle=0.0, translate=[tx, ty], scale=1.0, shear=[0.0, 0.0],
-                     interpolation=InterpolationMode.NEAREST, fill=0)
+    return TF.affine(
+        rotated,
+        angle=0.0,
+        translate=[tx, ty],
+        scale=1.0,
+        shear=[0.0, 0.0],
+        interpolation=InterpolationMode.NEAREST,
+        fill=0,
+    )
 
 
 def test_fct_rotate_translate_matches_torchvision_pixel_for_pixel():
@@ -58,15 +65,17 @@ def test_fct_rotate_translate_matches_torchvision_pixel_for_pixel():
 
     # 30 / 60 / 120 / 150 degrees land output pixels on exact half-pixel ties at odd sizes (9, 15).
     angles = torch.tensor([90.0, 37.5, -120.0, 180.0, -180.0, 30.0, 60.0, 150.0, -45.0, 0.0])
-    shifts = torch.tensor([[0, 0], [2, -1], [-3, 3], [1, 0], [0, -2], [-1, -1], [3, 2], [0, 1], [-2, 0], [1, 1]],
-                          dtype=torch.float32)
+    shifts = torch.tensor(
+        [[0, 0], [2, -1], [-3, 3], [1, 0], [0, -2], [-1, -1], [3, 2], [0, 1], [-2, 0], [1, 1]], dtype=torch.float32
+    )
     g = torch.Generator().manual_seed(0)
     for size in (8, 9, 15):
         x = torch.randint(0, 256, (len(angles), 3, size, size), generator=g).float()
         out = translate_nearest(rotate_nearest(x, angles), shifts)
         for i in range(len(angles)):
-            expected = _torchvision_rotate_then_translate(x[i : i + 1], angles[i].item(), int(shifts[i, 0]),
-                                                          int(shifts[i, 1]))
+            expected = _torchvision_rotate_then_translate(
+                x[i : i + 1], angles[i].item(), int(shifts[i, 0]), int(shifts[i, 1])
+            )
             assert torch.equal(out[i : i + 1], expected), (size, angles[i].item(), shifts[i].tolist())
 
 
@@ -74,8 +83,9 @@ def test_fct_rotate_translate_draws_angles_and_whole_pixel_shifts_like_torchvisi
     from methods.data.augment import draw_rotate_translate, random_rotate_translate, rotate_nearest, translate_nearest
 
     for size in (16, 28):
-        angle, shift = draw_rotate_translate(4096, size, size, 180.0, 0.2, torch.Generator().manual_seed(1),
-                                             torch.device("cpu"))
+        angle, shift = draw_rotate_translate(
+            4096, size, size, 180.0, 0.2, torch.Generator().manual_seed(1), torch.device("cpu")
+        )
         assert angle.abs().max() <= 180.0 and angle.min() < -170 and angle.max() > 170
         assert torch.equal(shift, shift.round())
         limit = round(0.2 * size)

@@ -1,6 +1,7 @@
 """Bad input that depends on the machine, the environment or files on disk: one line naming what is wrong and how
 to fix it, exit 2, before any store, cache or run is created, and nothing already there is changed. In process
 (orchestrator.cli.main) with temporary folders; only the fresh-store race spawns processes."""
+
 from __future__ import annotations
 
 import errno
@@ -37,10 +38,19 @@ def refused_in_a_fresh_process(argv: list[str], cwd: Path, message: str) -> str:
     up, as it is in this test process once the suite's session Ray has started, and MLflow caches its stores.
     The process gets none of the store or cluster the suite left in the environment (mlflow.set_tracking_uri
     exports MLFLOW_TRACKING_URI), so it reads the store in cwd as a user's shell would."""
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith("MLFLOW_") and key not in ("RAY_ADDRESS", "BDO_FAULT")}
-    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", *argv], cwd=cwd, capture_output=True, text=True,
-                          timeout=120, env={**env, "PYTHONPATH": str(ROOT)})
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("MLFLOW_") and key not in ("RAY_ADDRESS", "BDO_FAULT")
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *argv],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "PYTHONPATH": str(ROOT)},
+    )
     err = done.stderr.strip()
     assert done.returncode == 2 and len(err.splitlines()) == 1 and message in err, (argv, done.returncode, err)
     return err
@@ -59,9 +69,15 @@ def _unseen_gpu() -> tuple[str, str]:
     return ("cuda", "no CUDA device is visible") if count == 0 else (f"cuda:{count}", f"sees {count} GPU(s)")
 
 
-@pytest.mark.parametrize("argv", [["attack", "badnets", "--set", "epochs=1"], ["attack", "badnets", "--dry-run"],
-                                  ["defend", "ft", "--set", "epochs=1"],
-                                  ["tune", str(SPACES / "ft.yaml"), "--quick"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["attack", "badnets", "--set", "epochs=1"],
+        ["attack", "badnets", "--dry-run"],
+        ["defend", "ft", "--set", "epochs=1"],
+        ["tune", str(SPACES / "ft.yaml"), "--quick"],
+    ],
+)
 @pytest.mark.parametrize("device", ["unseen gpu", "tpu9", "cuda:x"])
 def test_a_device_bdo_cannot_use_is_refused_before_the_store(argv, device, tmp_path, monkeypatch, capsys):
     value, message = _unseen_gpu() if device == "unseen gpu" else (device, "not a device; use cpu, cuda or cuda:N")
@@ -105,18 +121,23 @@ def _images(folder: Path) -> dict[str, tuple[Path, str]]:
     blob = good.read_bytes()
     (folder / "truncated.png").write_bytes(blob[: len(blob) // 2])
     (folder / "a-folder.png").mkdir()
-    return {"missing": (folder / "nope.png", "does not exist"),
-            "not an image": (folder / "text.png", "is not a readable image"),
-            "truncated": (folder / "truncated.png", "is not a readable image"),
-            "a folder": (folder / "a-folder.png", "is not a file")}
+    return {
+        "missing": (folder / "nope.png", "does not exist"),
+        "not an image": (folder / "text.png", "is not a readable image"),
+        "truncated": (folder / "truncated.png", "is not a readable image"),
+        "a folder": (folder / "a-folder.png", "is not a file"),
+    }
 
 
 @pytest.mark.parametrize("how", ["missing", "not an image", "truncated", "a folder"])
-@pytest.mark.parametrize("command", [
-    ["attack", "badnets", "--set", "pattern=file", "--set", "patch_file={}"],
-    ["attack", "blend", "--set", "pattern=file", "--set", "pattern_file={}"],
-    ["defend", "ft", "--set", "attack.pattern=file", "--set", "attack.patch_file={}"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["attack", "badnets", "--set", "pattern=file", "--set", "patch_file={}"],
+        ["attack", "blend", "--set", "pattern=file", "--set", "pattern_file={}"],
+        ["defend", "ft", "--set", "attack.pattern=file", "--set", "attack.patch_file={}"],
+    ],
+)
 def test_a_bad_trigger_image_is_named_before_the_attack_run(how, command, tmp_path, monkeypatch, capsys):
     images = tmp_path / "images"
     images.mkdir()
@@ -202,8 +223,11 @@ def test_reading_commands_do_not_need_a_writable_store(tmp_path, monkeypatch):
 
     db = tmp_path / "mlflow.db"
     sqlite3.connect(db).execute("CREATE TABLE t (x)").connection.commit()
-    monkeypatch.setattr(tempfile, "NamedTemporaryFile",
-                        lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only file system")))
+    monkeypatch.setattr(
+        tempfile,
+        "NamedTemporaryFile",
+        lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only file system")),
+    )
     assert _check_tracking_uri(f"sqlite:///{db}", write=False) == f"sqlite:///{db}"
 
 
@@ -211,11 +235,15 @@ def test_reading_commands_do_not_need_a_writable_store(tmp_path, monkeypatch):
 def test_more_cpus_per_trial_than_this_machine_has_is_refused_before_ray(tmp_path, monkeypatch, capsys):
     # Far above this machine and above the suite's session Ray (4 CPUs declared on 2 cores).
     for argv, message in [
-        (["tune", str(SPACES / "ft.yaml"), "--quick", "--cpus-per-trial", "1000"],
-         "--cpus-per-trial 1000: this machine (a local Ray's only node) has"),
+        (
+            ["tune", str(SPACES / "ft.yaml"), "--quick", "--cpus-per-trial", "1000"],
+            "--cpus-per-trial 1000: this machine (a local Ray's only node) has",
+        ),
         (["tune", str(SPACES / "ft.yaml"), "--cpus-per-trial", "100", "--dry-run"], "--cpus-per-trial 100:"),
-        (["tune", str(SPACES / "ft.yaml"), "--cpus-per-trial", "2000", "--workers-per-trial", "2"],
-         "over --workers-per-trial 2 (1000 per worker)"),
+        (
+            ["tune", str(SPACES / "ft.yaml"), "--cpus-per-trial", "2000", "--workers-per-trial", "2"],
+            "over --workers-per-trial 2 (1000 per worker)",
+        ),
         (["study", str(STUDY), "--cpus-per-trial", "100"], "--cpus-per-trial 100:"),
     ]:
         refused_in_a_fresh_process(argv, tmp_path, message)
@@ -232,8 +260,10 @@ def test_more_gpus_per_trial_than_this_machine_has_is_refused(tmp_path, monkeypa
 
     want = visible_gpu_count() + 1 if visible_gpu_count() else 4
     monkeypatch.chdir(tmp_path)
-    for argv in (["tune", str(SPACES / "ft.yaml"), "--gpus-per-trial", str(want)],
-                 ["study", str(STUDY), "--gpus-per-trial", str(want)]):
+    for argv in (
+        ["tune", str(SPACES / "ft.yaml"), "--gpus-per-trial", str(want)],
+        ["study", str(STUDY), "--gpus-per-trial", str(want)],
+    ):
         refused(argv, capsys, f"--gpus-per-trial {want}:")
     assert listing(tmp_path) == []
 
@@ -258,15 +288,19 @@ def fake_cluster(monkeypatch):
 
 
 @pytest.mark.parametrize("command", ["tune", "study"])
-def test_more_cpus_per_trial_than_a_cluster_node_has_is_refused_before_the_attack(command, fake_cluster, tmp_path,
-                                                                                  monkeypatch, capsys):
+def test_more_cpus_per_trial_than_a_cluster_node_has_is_refused_before_the_attack(
+    command, fake_cluster, tmp_path, monkeypatch, capsys
+):
     monkeypatch.chdir(tmp_path)
     target = str(SPACES / "ft.yaml") if command == "tune" else str(STUDY)
     # the limit: tune imports Ray Tune before it asks the cluster, as connecting to it would
-    refused([command, target, "--address", "head:6379", "--cpus-per-trial", "12"], capsys,
-            "--cpus-per-trial 12: the largest node of the Ray cluster at head:6379 has 8 CPUs", limit=30)
-    refused([command, target, "--address", "head:6379", "--gpus-per-trial", "1"], capsys, "no node has a GPU",
-            limit=30)
+    refused(
+        [command, target, "--address", "head:6379", "--cpus-per-trial", "12"],
+        capsys,
+        "--cpus-per-trial 12: the largest node of the Ray cluster at head:6379 has 8 CPUs",
+        limit=30,
+    )
+    refused([command, target, "--address", "head:6379", "--gpus-per-trial", "1"], capsys, "no node has a GPU", limit=30)
     assert fake_cluster == ["head:6379", "head:6379"]  # checked once connected, not before
     assert listing(tmp_path) == []
 
@@ -287,15 +321,20 @@ def _damaged(tmp_path: Path, how: str) -> Path:
     return db
 
 
-@pytest.mark.parametrize("how,says", [("truncated", "database disk image is malformed"),
-                                      ("garbage", "file is not a database")])
+@pytest.mark.parametrize(
+    "how,says", [("truncated", "database disk image is malformed"), ("garbage", "file is not a database")]
+)
 def test_a_damaged_store_is_named_with_the_fix_and_kept(how, says, tmp_path, monkeypatch, capsys):
     db = _damaged(tmp_path, how)
     before = db.read_bytes()
     monkeypatch.chdir(tmp_path)
     # in a fresh process each: in the full suite this process holds MLflow stores and a Ray from earlier tests
-    for argv in (["attack", "badnets", "--set", "epochs=1"], ["tune", str(SPACES / "ft.yaml"), "--quick"],
-                 ["report"], ["ui", "--port", "5999"]):
+    for argv in (
+        ["attack", "badnets", "--set", "epochs=1"],
+        ["tune", str(SPACES / "ft.yaml"), "--quick"],
+        ["report"],
+        ["ui", "--port", "5999"],
+    ):
         err = refused_in_a_fresh_process(argv, tmp_path, says)
         assert f"{db} is not a readable SQLite database" in err and f"mv {db} {db}.damaged" in err, err
     assert listing(tmp_path) == ["mlflow.db"] and db.read_bytes() == before

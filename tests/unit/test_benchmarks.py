@@ -1,5 +1,6 @@
 """The benchmark suite (benchmarks/): it runs, fills every row of its table with finite positive figures, and
 its pure-torch part runs without ray and mlflow. No test here ever asserts a timing."""
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,11 @@ def run_suite(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> 
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu", "--json", str(out), *args],
-        cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=1800,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     assert proc.returncode == 0, f"suite failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return json.loads(out.read_text()), proc.stdout
@@ -78,8 +83,9 @@ def test_table_marks_skipped_rows_and_missing_numbers():
 @pytest.mark.timeout(900)  # runs the pure-torch rows of the suite in a subprocess (about 2 min on 2 cores)
 def test_pure_torch_rows_run_without_ray_and_mlflow(tmp_path):
     """As on a machine with only torch and torchvision: the orchestrator rows are skipped with a note."""
-    data, stdout = run_suite(tmp_path, "--only", "fct.small_cnn,tune.trivial,sweep",
-                             env={"BDO_BENCH_HIDE": "ray,mlflow"})
+    data, stdout = run_suite(
+        tmp_path, "--only", "fct.small_cnn,tune.trivial,sweep", env={"BDO_BENCH_HIDE": "ray,mlflow"}
+    )
     rows = {r["name"]: r for r in data["rows"]}
     assert set(rows) == {"fct.small_cnn", "tune.trivial", "sweep.reuse", "sweep.naive"}
     assert_filled(rows["fct.small_cnn"])

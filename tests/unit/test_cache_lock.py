@@ -1,4 +1,5 @@
 """The attack cache's lock holds for as long as a live builder needs it, and only one build ever happens."""
+
 from __future__ import annotations
 
 import json
@@ -41,13 +42,23 @@ BUILDER = textwrap.dedent("""
 def test_a_live_builder_keeps_the_lock_past_the_stale_age_and_builds_once(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     log = tmp_path / "builds.log"
-    first = subprocess.Popen([sys.executable, "-c", BUILDER, str(tmp_path), str(log), "4", "first"], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-c", BUILDER, str(tmp_path), str(log), "4", "first"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while not log.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    second = subprocess.Popen([sys.executable, "-c", BUILDER, str(tmp_path), str(log), "0", "second"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second = subprocess.Popen(
+        [sys.executable, "-c", BUILDER, str(tmp_path), str(log), "0", "second"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     out1, err1 = first.communicate(timeout=120)
     out2, err2 = second.communicate(timeout=120)
     assert first.returncode == 0 and second.returncode == 0, err1 + err2

@@ -1,5 +1,6 @@
 """The torch-free catalog (declared methods, dataset infos, model names) is exactly what the torch modules
 register, so validation accepts precisely what can run."""
+
 from __future__ import annotations
 
 import importlib

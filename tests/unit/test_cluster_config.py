@@ -1,4 +1,5 @@
 """cluster.yaml and the on-prem example validate offline against Ray's own schema and cross-field checks."""
+
 from __future__ import annotations
 
 import copy
@@ -71,8 +72,9 @@ def test_pkill_does_not_match_its_own_shell(path):
 def test_ray_starts_with_the_venv_first_on_path(path):
     """A job's entrypoint (`ray job submit ... -- bdo tune`) inherits Ray's PATH, so `bdo` must be on it."""
     cfg = yaml.safe_load(path.read_text())
-    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in cfg[key]
-              if "ray start" in c]
+    starts = [
+        c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in cfg[key] if "ray start" in c
+    ]
     assert len(starts) == 2
     for command in starts:
         assert re.match(r"export PATH=\$HOME/bdo/\.venv/bin:\$PATH[ ;]", command), command

@@ -1,5 +1,6 @@
 """Running on a multi-node Ray cluster: run storage every node must see, the attempts of a retried trial on its
 MLflow run, and a progress line in the driver's (job's) log at least every interval."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,10 +25,19 @@ server:/export /mnt/my\\040lab nfs rw 0 0
 
 # --- storage other nodes cannot see -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("path, local", [
-    ("/home/me/bdo_runs", "/ (ext4)"), ("/tmp/x", "/tmp (tmpfs)"), ("/shared", None), ("/shared/bdo_runs", None),
-    ("/shared/scratch/runs", "/shared/scratch (xfs)"), ("/mnt/my lab/runs", None), ("/sharedx", "/ (ext4)"),
-])
+
+@pytest.mark.parametrize(
+    "path, local",
+    [
+        ("/home/me/bdo_runs", "/ (ext4)"),
+        ("/tmp/x", "/tmp (tmpfs)"),
+        ("/shared", None),
+        ("/shared/bdo_runs", None),
+        ("/shared/scratch/runs", "/shared/scratch (xfs)"),
+        ("/mnt/my lab/runs", None),
+        ("/sharedx", "/ (ext4)"),
+    ],
+)
 def test_local_filesystem_reads_the_mount_that_holds_the_path(path, local):
     found = session_module.local_filesystem(Path(path), MOUNTS)
     if local is None:
@@ -40,17 +50,22 @@ def test_an_unreadable_mount_table_refuses_nothing():
     assert session_module.local_filesystem(Path("/anywhere"), "") is None
 
 
-def _session(monkeypatch, tmp_path, nodes: int, shared: bool = False, mounts: str = MOUNTS,
-             storage: str = "/home/me/bdo_runs"):
+def _session(
+    monkeypatch, tmp_path, nodes: int, shared: bool = False, mounts: str = MOUNTS, storage: str = "/home/me/bdo_runs"
+):
     ray = pytest.importorskip("ray")
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: None)
     monkeypatch.setattr(ray, "shutdown", lambda: None)
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}] * nodes + [{"Alive": False}])
-    monkeypatch.setattr(session_module, "local_filesystem",
-                        lambda path, table=None, real=session_module.local_filesystem: real(path, mounts))
-    return session_module.Session("http://10.0.0.2:5000", "bdo", Path(storage), tmp_path, address="auto",
-                          verbose=True, shared_storage=shared)
+    monkeypatch.setattr(
+        session_module,
+        "local_filesystem",
+        lambda path, table=None, real=session_module.local_filesystem: real(path, mounts),
+    )
+    return session_module.Session(
+        "http://10.0.0.2:5000", "bdo", Path(storage), tmp_path, address="auto", verbose=True, shared_storage=shared
+    )
 
 
 def test_local_storage_is_refused_on_a_multi_node_cluster(monkeypatch, tmp_path):
@@ -64,11 +79,14 @@ def test_local_storage_is_refused_on_a_multi_node_cluster(monkeypatch, tmp_path)
     assert not session._started_ray, "Ray is shut down again"
 
 
-@pytest.mark.parametrize("nodes, shared, storage", [
-    (1, False, "/home/me/bdo_runs"),  # one node: every trial runs where the driver is
-    (2, True, "/home/me/bdo_runs"),  # the user says it is shared
-    (3, False, "/shared/bdo_runs"),  # on NFS
-])
+@pytest.mark.parametrize(
+    "nodes, shared, storage",
+    [
+        (1, False, "/home/me/bdo_runs"),  # one node: every trial runs where the driver is
+        (2, True, "/home/me/bdo_runs"),  # the user says it is shared
+        (3, False, "/shared/bdo_runs"),  # on NFS
+    ],
+)
 def test_storage_every_node_sees_is_accepted(monkeypatch, tmp_path, nodes, shared, storage):
     _session(monkeypatch, tmp_path, nodes=nodes, shared=shared, storage=storage).start_ray()
 
@@ -85,10 +103,17 @@ def test_shared_storage_flag_defaults_to_the_env_var(monkeypatch, value, shared)
 
 # --- a retried trial's attempts -------------------------------------------------------------------------------------
 
+
 def test_attempts_count_up_and_keep_each_node():
     first = attempt_tags({}, "node-a", "10.0.0.11")
-    assert first == {"attempt": "1", "node": "node-a", "node_ip": "10.0.0.11", "ray_node_id": "node-a",
-                     "attempt_1_node": "node-a", "attempt_1_node_ip": "10.0.0.11"}
+    assert first == {
+        "attempt": "1",
+        "node": "node-a",
+        "node_ip": "10.0.0.11",
+        "ray_node_id": "node-a",
+        "attempt_1_node": "node-a",
+        "attempt_1_node_ip": "10.0.0.11",
+    }
     second = attempt_tags({"trial_id": "t_00000", **first}, "node-b", "10.0.0.12")
     assert second["attempt"] == "2" and second["node"] == "node-b" and second["node_ip"] == "10.0.0.12"
     assert second["attempt_2_node"] == "node-b" and "attempt_1_node" not in second, "earlier attempts stay as set"
@@ -100,6 +125,7 @@ def test_a_run_from_before_attempts_were_counted_is_on_its_second():
 
 
 # --- a progress line at least every interval ------------------------------------------------------------------------
+
 
 class Clock:
     def __init__(self) -> None:
@@ -113,8 +139,9 @@ def _trial(status: str, value=None, trial_id: str = "t"):
     return SimpleNamespace(status=status, trial_id=trial_id, last_result={} if value is None else {"val_x": value})
 
 
-@pytest.mark.parametrize("value, expected", [("7", 7.0), ("0.5", 0.5), ("", 60.0), ("0", 60.0), ("soon", 60.0),
-                                             ("nan", 60.0)])
+@pytest.mark.parametrize(
+    "value, expected", [("7", 7.0), ("0.5", 0.5), ("", 60.0), ("0", 60.0), ("soon", 60.0), ("nan", 60.0)]
+)
 def test_progress_interval_comes_from_the_env(monkeypatch, value, expected):
     monkeypatch.setenv("BDO_PROGRESS_INTERVAL", value)
     assert console.progress_interval() == expected
@@ -125,15 +152,21 @@ def test_a_summary_line_when_nothing_was_printed_for_an_interval(capsys):
     clock = Clock()
     progress = console.SweepProgress("sd", "val_x", "max", 4, interval=60, clock=clock)
     progress.tty = False
-    trials = [_trial("RUNNING", 0.4), _trial("RUNNING"), _trial("PENDING"), _trial("TERMINATED", 0.7),
-              _trial("ERROR", 0.9)]
+    trials = [
+        _trial("RUNNING", 0.4),
+        _trial("RUNNING"),
+        _trial("PENDING"),
+        _trial("TERMINATED", 0.7),
+        _trial("ERROR", 0.9),
+    ]
     clock.now += 59
     progress.on_step_end(iteration=1, trials=trials)
     assert capsys.readouterr().out == "", "not before the interval"
     clock.now += 2
     progress.on_step_end(iteration=2, trials=trials)
-    assert capsys.readouterr().out == ("sd: progress  running 2  pending 1  finished 1/4  errored 1  best val_x 0.700"
-                                       "  elapsed 0:01:01\n")
+    assert capsys.readouterr().out == (
+        "sd: progress  running 2  pending 1  finished 1/4  errored 1  best val_x 0.700  elapsed 0:01:01\n"
+    )
     clock.now += 30
     progress.on_step_end(iteration=3, trials=trials)
     assert capsys.readouterr().out == ""
@@ -144,11 +177,13 @@ def test_a_summary_line_when_nothing_was_printed_for_an_interval(capsys):
     assert capsys.readouterr().out == ""
     clock.now += 3601
     progress.on_step_end(iteration=6, trials=[])
-    assert capsys.readouterr().out == ("sd: progress  running 0  pending 0  finished 0/4  errored 0  best val_x 0.800"
-                                       "  elapsed 1:02:31\n")
+    assert capsys.readouterr().out == (
+        "sd: progress  running 0  pending 0  finished 0/4  errored 0  best val_x 0.800  elapsed 1:02:31\n"
+    )
 
 
 # --- where attack builds and final runs train ---------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class PlanShape:
@@ -161,17 +196,19 @@ class PlanShape:
     workers_per_trial: int = 1
 
 
-@pytest.mark.parametrize("node_gpus, node_cpus, driver_gpus, gpus_per_trial, expected", [
-    ((0.0,), (2.0,), 0, None, (False, "cpu", 0.0)),  # one CPU machine: the driver, as before
-    ((1.0,), (8.0,), 1, None, (False, "cuda", 0.0)),  # one GPU machine: the driver holds the GPU
-    ((0.0, 0.0), (4.0, 4.0), 0, None, (True, "cpu", 0.0)),  # a CPU cluster: a task with a trial's CPUs
-    # CPU-only head, a GPU worker: the task takes a trial's automatic share (4 trials on one GPU)
-    ((0.0, 1.0), (4.0, 8.0), 0, None, (True, "cuda", 0.25)),
-    ((0.0, 1.0), (4.0, 8.0), 0, 0.0, (True, "cpu", 0.0)),  # CPU trials forced: a CPU task, still not the driver
-    ((1.0,), (8.0,), 0, 0.5, (True, "cuda", 0.5)),  # one remote GPU node (--address) the driver cannot see
-])
-def test_runs_train_where_the_trials_train(monkeypatch, node_gpus, node_cpus, driver_gpus, gpus_per_trial,
-                                            expected):
+@pytest.mark.parametrize(
+    "node_gpus, node_cpus, driver_gpus, gpus_per_trial, expected",
+    [
+        ((0.0,), (2.0,), 0, None, (False, "cpu", 0.0)),  # one CPU machine: the driver, as before
+        ((1.0,), (8.0,), 1, None, (False, "cuda", 0.0)),  # one GPU machine: the driver holds the GPU
+        ((0.0, 0.0), (4.0, 4.0), 0, None, (True, "cpu", 0.0)),  # a CPU cluster: a task with a trial's CPUs
+        # CPU-only head, a GPU worker: the task takes a trial's automatic share (4 trials on one GPU)
+        ((0.0, 1.0), (4.0, 8.0), 0, None, (True, "cuda", 0.25)),
+        ((0.0, 1.0), (4.0, 8.0), 0, 0.0, (True, "cpu", 0.0)),  # CPU trials forced: a CPU task, still not the driver
+        ((1.0,), (8.0,), 0, 0.5, (True, "cuda", 0.5)),  # one remote GPU node (--address) the driver cannot see
+    ],
+)
+def test_runs_train_where_the_trials_train(monkeypatch, node_gpus, node_cpus, driver_gpus, gpus_per_trial, expected):
     import ray
 
     from methods.core import hardware

@@ -1,4 +1,5 @@
 """What a run records about the code it ran: an uncommitted new method is visible, and so is any source edit."""
+
 from __future__ import annotations
 
 import subprocess

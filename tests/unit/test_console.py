@@ -1,4 +1,5 @@
 """A single run's progress line counts the steps the run's engine announced, not its config's `epochs`."""
+
 from __future__ import annotations
 
 from orchestrator.console import ProgressPrinter

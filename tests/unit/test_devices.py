@@ -1,4 +1,5 @@
 """Which device each part of a command uses, tested on a CPU machine by pretending to see GPUs."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -56,15 +57,18 @@ def test_bdo_device_pins_the_default(monkeypatch):
         default_device()
 
 
-@pytest.mark.parametrize("gpus, nodes, concurrent, cpus, share", [
-    ((0.0,), (16.0,), 8, 1.0, 0.0),       # no GPU: CPU trials
-    ((1.0,), (16.0,), 8, 1.0, 0.25),      # one GPU, many trials: packed, at most 4 per GPU
-    ((1.0,), (16.0,), 2, 1.0, 0.5),       # two concurrent trials share it evenly
-    ((1.0,), (16.0,), 1, 1.0, 1.0),       # one trial takes the whole GPU
-    ((4.0,), (64.0,), 8, 1.0, 0.5),       # 8 trials on 4 GPUs
-    ((8.0,), (96.0,), 4, 1.0, 1.0),       # more GPUs than trials: never more than one GPU each
-    ((1.0,), (2.0,), 8, 1.0, 0.5),        # CPUs bound the concurrency to 2
-])
+@pytest.mark.parametrize(
+    "gpus, nodes, concurrent, cpus, share",
+    [
+        ((0.0,), (16.0,), 8, 1.0, 0.0),  # no GPU: CPU trials
+        ((1.0,), (16.0,), 8, 1.0, 0.25),  # one GPU, many trials: packed, at most 4 per GPU
+        ((1.0,), (16.0,), 2, 1.0, 0.5),  # two concurrent trials share it evenly
+        ((1.0,), (16.0,), 1, 1.0, 1.0),  # one trial takes the whole GPU
+        ((4.0,), (64.0,), 8, 1.0, 0.5),  # 8 trials on 4 GPUs
+        ((8.0,), (96.0,), 4, 1.0, 1.0),  # more GPUs than trials: never more than one GPU each
+        ((1.0,), (2.0,), 8, 1.0, 0.5),  # CPUs bound the concurrency to 2
+    ],
+)
 def test_the_automatic_share(gpus, nodes, concurrent, cpus, share):
     assert auto_gpu_share(ClusterShape(gpus, nodes), concurrent, cpus) == share
 

@@ -1,5 +1,6 @@
 """The engine on a toy run, where every rule of a resume shows: stages whose setup draws from the global RNG and
 changes the weights, a stage whose length grows while it runs, kept values a later stage is set up from."""
+
 from __future__ import annotations
 
 import pytest
@@ -38,8 +39,12 @@ def toy_run(ctx: LocalContext) -> tuple[torch.Tensor, list[str]]:
         with torch.no_grad():
             model.bias.copy_(torch.randn(1) if kept.mean is None else kept.mean.reshape(1))
 
-    stages = [Stage("a", 2, train), Stage("empty", 0, train), Stage("b", lambda: 1 + kept.extra_steps, grow),
-              Stage("c", 2, train, begin=reset_bias)]
+    stages = [
+        Stage("a", 2, train),
+        Stage("empty", 0, train),
+        Stage("b", lambda: 1 + kept.extra_steps, grow),
+        Stage("c", 2, train, begin=reset_bias),
+    ]
     engine.run(stages)
     return torch.cat([model.weight.flatten(), model.bias]), resumed
 

@@ -1,5 +1,6 @@
 """The fast path: off on CPU by default (the reference path is untouched), same maths where it is on, invisible to
 checkpoints, and on a CUDA machine the fast run reaches what the CPU reference reaches."""
+
 from __future__ import annotations
 
 import pytest
@@ -134,11 +135,15 @@ def test_compiled_forward_serves_only_full_training_batches(monkeypatch):
         def compiled(*args, **kwargs):
             calls.append((args[0].shape[0], mode))
             return module(*args, **kwargs)
+
         return compiled
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    wrapped = accelerate(build_model("small_cnn", DIGITS_INFO), "cpu",
-                         FastPath(bf16=False, channels_last=False, compile=True, compile_mode="reduce-overhead"))
+    wrapped = accelerate(
+        build_model("small_cnn", DIGITS_INFO),
+        "cpu",
+        FastPath(bf16=False, channels_last=False, compile=True, compile_mode="reduce-overhead"),
+    )
     wrapped.train()
     for batch in (32, 32, 7, 32):
         wrapped(torch.rand(batch, 1, 16, 16))
@@ -149,10 +154,18 @@ def test_compiled_forward_serves_only_full_training_batches(monkeypatch):
 
 def test_resolved_switches_name_what_applies_on_each_device():
     fast = FastPath(compile=True, compile_mode="reduce-overhead")
-    assert fast.resolved("cuda") == {"bf16": True, "channels_last": True, "cudnn_benchmark": True,
-                                     "compile": "reduce-overhead"}
-    assert FastPath().resolved("cpu") == {"bf16": False, "channels_last": False, "cudnn_benchmark": False,
-                                          "compile": False}
+    assert fast.resolved("cuda") == {
+        "bf16": True,
+        "channels_last": True,
+        "cudnn_benchmark": True,
+        "compile": "reduce-overhead",
+    }
+    assert FastPath().resolved("cpu") == {
+        "bf16": False,
+        "channels_last": False,
+        "cudnn_benchmark": False,
+        "compile": False,
+    }
     with pytest.raises(ValueError, match="compile_mode"):
         FastPath.from_dict({"compile_mode": "fastest"})
 

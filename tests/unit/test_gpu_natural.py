@@ -1,6 +1,7 @@
 """scripts/gpu-natural.py, the natural-image GPU check, in its CPU test form (--tiny) on a fake cifar10-jpeg archive
 written into tmp_path: every attack and defense runs and gets finite metrics, the overrides and the shortened
 epochs are recorded, nothing is imported from Ray or MLflow, and the budget skips what would start after it."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -56,14 +57,25 @@ def finite(value) -> bool:
 def test_tiny_check_runs_every_method_without_ray_or_mlflow(tmp_path):
     write_archive(tmp_path / "data")
     out = tmp_path / "natural.json"
-    argv = ["--device", "cpu", "--tiny", "--data-root", str(tmp_path / "data"), "--json", str(out),
-            "--defense-set", "asd.seed_num=5"]
+    argv = [
+        "--device",
+        "cpu",
+        "--tiny",
+        "--data-root",
+        str(tmp_path / "data"),
+        "--json",
+        str(out),
+        "--defense-set",
+        "asd.seed_num=5",
+    ]
     # The whole run in one interpreter, then its modules: a lazy import inside a method counts as well.
-    code = (f"import runpy, sys; sys.argv = [{str(SCRIPT)!r}, *{argv!r}]\n"
-            f"try:\n    runpy.run_path({str(SCRIPT)!r}, run_name='__main__')\n"
-            f"except SystemExit as stop:\n    code = stop.code\n"
-            f"loaded = sorted(m for m in ('ray', 'mlflow', 'orchestrator') if m in sys.modules)\n"
-            f"assert not loaded, f'imported {{loaded}}'\nsys.exit(code)\n")
+    code = (
+        f"import runpy, sys; sys.argv = [{str(SCRIPT)!r}, *{argv!r}]\n"
+        f"try:\n    runpy.run_path({str(SCRIPT)!r}, run_name='__main__')\n"
+        f"except SystemExit as stop:\n    code = stop.code\n"
+        f"loaded = sorted(m for m in ('ray', 'mlflow', 'orchestrator') if m in sys.modules)\n"
+        f"assert not loaded, f'imported {{loaded}}'\nsys.exit(code)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"check failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     record = json.loads(out.read_text())
@@ -71,7 +83,12 @@ def test_tiny_check_runs_every_method_without_ray_or_mlflow(tmp_path):
     assert record["results_are"] == "CIFAR-10 (JPEG copy)" and record["tiny"] is True
     assert record["model"] == "small_cnn" and record["machine"]["device"] == "cpu"
     assert {k: record["data"][k] for k in ("dataset", "train", "val", "test", "classes")} == {
-        "dataset": "cifar10_jpeg", "train": 400, "val": 10, "test": 200, "classes": 10}
+        "dataset": "cifar10_jpeg",
+        "train": 400,
+        "val": 10,
+        "test": 200,
+        "classes": 10,
+    }
     assert list(record["attacks"]) == ["badnets", "blend"]
     for attack, entry in record["attacks"].items():
         assert entry["epochs"] == {"run": 1, "preset": 100, "shortened": True}
@@ -91,8 +108,21 @@ def test_tiny_check_runs_every_method_without_ray_or_mlflow(tmp_path):
 def test_steps_after_the_budget_are_skipped_with_the_reason(tmp_path):
     write_archive(tmp_path / "data")
     out = tmp_path / "natural.json"
-    code = load_script().main(["--device", "cpu", "--tiny", "--data-root", str(tmp_path / "data"), "--json",
-                               str(out), "--budget-s", "0", "--defenses", "aft"])
+    code = load_script().main(
+        [
+            "--device",
+            "cpu",
+            "--tiny",
+            "--data-root",
+            str(tmp_path / "data"),
+            "--json",
+            str(out),
+            "--budget-s",
+            "0",
+            "--defenses",
+            "aft",
+        ]
+    )
     record = json.loads(out.read_text())
     assert code == 0 and record["data"]["train"] == 400, "the data is loaded whatever the budget"
     for entry in record["attacks"].values():
@@ -103,7 +133,8 @@ def test_steps_after_the_budget_are_skipped_with_the_reason(tmp_path):
 def test_defense_overrides_name_a_defense_that_runs():
     script = load_script()
     assert script.parse_defense_sets(["dbr.br_rounds=4", "dbr.br_lr=0.001"], ["dbr"]) == {
-        "dbr": {"br_rounds": 4, "br_lr": 0.001}}, "YAML values, as --set parses them"
+        "dbr": {"br_rounds": 4, "br_lr": 0.001}
+    }, "YAML values, as --set parses them"
     for bad in ("asd.epochs=3", "dbr=3", "dbr.br_rounds"):
         with pytest.raises(SystemExit):
             script.parse_defense_sets([bad], ["dbr"])

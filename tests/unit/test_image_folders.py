@@ -2,6 +2,7 @@
 layout (train/<class>/*, test/<class>/*), as a folder and as a tar archive. A 3-class DatasetInfo built with
 dataclasses.replace keeps the global registry untouched; the registered cifar10_jpeg goes through load_raw.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,9 @@ from methods.data.real import load_cached
 # tells which order the loader used (sorted would give apple 0, mango 1, zebra 2).
 CLASSES = ("zebra", "apple", "mango")
 TRAIN_COUNT = {"zebra": 5, "apple": 2, "mango": 3}
-TINY = dataclasses.replace(CIFAR10_JPEG_INFO, name="tiny_folder", folder="tiny", archive="tiny.tar.gz",
-                           classes=CLASSES, num_classes=3)
+TINY = dataclasses.replace(
+    CIFAR10_JPEG_INFO, name="tiny_folder", folder="tiny", archive="tiny.tar.gz", classes=CLASSES, num_classes=3
+)
 REAL_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
@@ -177,12 +179,15 @@ def _bad_image(path: Path, kind: str) -> None:
         Image.fromarray(_rng_image(rng, size=28)).save(path)
 
 
-@pytest.mark.parametrize("kind, suffix, expected", [
-    ("corrupt", ".jpg", "could not be decoded"),
-    ("L", ".png", "is a L image"),
-    ("RGBA", ".png", "is a RGBA image"),
-    ("28x28", ".png", "is 28x28"),
-])
+@pytest.mark.parametrize(
+    "kind, suffix, expected",
+    [
+        ("corrupt", ".jpg", "could not be decoded"),
+        ("L", ".png", "is a L image"),
+        ("RGBA", ".png", "is a RGBA image"),
+        ("28x28", ".png", "is 28x28"),
+    ],
+)
 def test_bad_image_names_the_file(tmp_path, kind, suffix, expected):
     write_tree(tmp_path / "tiny")
     bad = tmp_path / "tiny" / "train" / "apple" / f"bad{suffix}"
@@ -214,12 +219,15 @@ def test_resize_true_accepts_and_resizes_another_size(tmp_path):
     assert np.array_equal(zebra.permute(1, 2, 0).numpy(), expected)
 
 
-@pytest.mark.parametrize("damage, named", [
-    ("test_class_removed", "test/apple is missing"),
-    ("test_class_empty", "test/apple is missing"),
-    ("extra_class", "train/kiwi is not one of the declared classes"),
-    ("test_split_removed", "test is not a folder"),
-])
+@pytest.mark.parametrize(
+    "damage, named",
+    [
+        ("test_class_removed", "test/apple is missing"),
+        ("test_class_empty", "test/apple is missing"),
+        ("extra_class", "train/kiwi is not one of the declared classes"),
+        ("test_split_removed", "test is not a folder"),
+    ],
+)
 def test_bad_layout_names_the_folder(tmp_path, damage, named):
     write_tree(tmp_path / "tiny")
     base = tmp_path / "tiny"
@@ -279,8 +287,10 @@ def test_check_data_turns_missing_data_into_one_line_bad_input(tmp_path, state):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (REAL_DATA / "cifar10-jpeg.tar.gz").is_file(),
-                    reason=f"the real CIFAR-10 JPEG archive is not at {REAL_DATA} (the project's machines only)")
+@pytest.mark.skipif(
+    not (REAL_DATA / "cifar10-jpeg.tar.gz").is_file(),
+    reason=f"the real CIFAR-10 JPEG archive is not at {REAL_DATA} (the project's machines only)",
+)
 def test_real_cifar10_jpeg_archive(tmp_path):
     (tmp_path / "cifar10-jpeg.tar.gz").symlink_to(REAL_DATA / "cifar10-jpeg.tar.gz")
     raw = load_raw("cifar10_jpeg", tmp_path)

@@ -1,4 +1,5 @@
 """bdo run as a Ray job (`ray job submit --runtime-env-json ...`): ray.init's runtime env must merge with the job's."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,10 @@ def test_start_ray_inside_a_job_passes_a_runtime_env_ray_can_merge(monkeypatch, 
     ray = pytest.importorskip("ray")
     from ray.runtime_env.runtime_env import _merge_runtime_env
 
-    job_env = {"working_dir": "gcs://_ray_pkg_0.zip",
-               "env_vars": {"MLFLOW_TRACKING_URI": "http://10.0.0.2:5000", "BDO_DATA_ROOT": "/shared/data"}}
+    job_env = {
+        "working_dir": "gcs://_ray_pkg_0.zip",
+        "env_vars": {"MLFLOW_TRACKING_URI": "http://10.0.0.2:5000", "BDO_DATA_ROOT": "/shared/data"},
+    }
     # what the job supervisor gives the entrypoint: the job's config, and the job's env vars in its environment
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": job_env, "metadata": {}}))
     for key, value in job_env["env_vars"].items():

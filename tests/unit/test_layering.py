@@ -2,6 +2,7 @@
 imports only its own and the layers below it, no module imports itself back round a cycle, and nothing in
 methods/ imports ray, mlflow or the orchestrator (docs/architecture.md). Read from the source with `ast`, so an
 import counts wherever it sits: at the top, inside a function (lazy) or under `if TYPE_CHECKING:`."""
+
 from __future__ import annotations
 
 import ast
@@ -37,7 +38,7 @@ def imports_of(source: str, module: str, is_package: bool, path: str, known: set
             base = node.module or ""
             if node.level:
                 package = module.split(".")
-                package = package[:len(package) - node.level + (1 if is_package else 0)]
+                package = package[: len(package) - node.level + (1 if is_package else 0)]
                 base = ".".join(package + ([node.module] if node.module else []))
             for alias in node.names:
                 submodule = f"{base}.{alias.name}"
@@ -48,8 +49,11 @@ def imports_of(source: str, module: str, is_package: bool, path: str, known: set
 def package_imports(package: str) -> list[Import]:
     files = sorted((ROOT / package).rglob("*.py"))
     known = {module_name(f) for f in files}
-    return [imp for f in files for imp in imports_of(f.read_text(), module_name(f), f.name == "__init__.py",
-                                                     str(f.relative_to(ROOT)), known)]
+    return [
+        imp
+        for f in files
+        for imp in imports_of(f.read_text(), module_name(f), f.name == "__init__.py", str(f.relative_to(ROOT)), known)
+    ]
 
 
 def layer(module: str) -> int:
@@ -112,14 +116,20 @@ def cycle_through(start: str, component: set[str], edges: dict[str, set[str]]) -
 
 
 def test_the_walker_sees_lazy_type_checking_and_relative_imports():
-    source = ("from typing import TYPE_CHECKING\nfrom . import engine, accuracy\nfrom ..data import configs\n"
-              "if TYPE_CHECKING:\n    from methods.attacks.base import Backdoor\n"
-              "def run():\n    import methods.defenses.shared.canary\n")
+    source = (
+        "from typing import TYPE_CHECKING\nfrom . import engine, accuracy\nfrom ..data import configs\n"
+        "if TYPE_CHECKING:\n    from methods.attacks.base import Backdoor\n"
+        "def run():\n    import methods.defenses.shared.canary\n"
+    )
     known = {"methods.core.engine", "methods.data.configs", "methods.attacks.base", "methods.defenses.shared.canary"}
     found = imports_of(source, "methods.core.method", False, "method.py", known)
     assert sorted((imp.line, imp.target) for imp in found if in_methods(imp.target)) == [
-        (2, "methods.core"), (2, "methods.core.engine"), (3, "methods.data.configs"), (5, "methods.attacks.base"),
-        (7, "methods.defenses.shared.canary")]
+        (2, "methods.core"),
+        (2, "methods.core.engine"),
+        (3, "methods.data.configs"),
+        (5, "methods.attacks.base"),
+        (7, "methods.defenses.shared.canary"),
+    ]
     assert [imp.target for imp in imports_of("from . import x\n", "methods.core", True, "", set())] == ["methods.core"]
 
 
@@ -129,8 +139,10 @@ def assert_no_import_cycle(package: str) -> None:
         if (imp.target == package or imp.target.startswith(f"{package}.")) and imp.target != imp.module:
             edges.setdefault(imp.module, set()).add(imp.target)
     found = cycles(edges)
-    shown = [f"{' -> '.join(cycle)} ({len(knot)} modules import each other round: {', '.join(sorted(knot))})"
-             for cycle, knot in found]
+    shown = [
+        f"{' -> '.join(cycle)} ({len(knot)} modules import each other round: {', '.join(sorted(knot))})"
+        for cycle, knot in found
+    ]
     assert not found, f"import cycles in {package}/:\n" + "\n".join(shown)
 
 
@@ -146,13 +158,19 @@ def test_orchestrator_has_no_import_cycle():
 
 
 def test_every_import_goes_down_the_layers():
-    upward = [f"{imp.path}:{imp.line} imports {imp.target} ({LAYERS[layer(imp.module)]} may not import "
-              f"{'the root package' if layer(imp.target) == TOP else LAYERS[layer(imp.target)]})"
-              for imp in methods_imports() if in_methods(imp.target) and layer(imp.target) > layer(imp.module)]
+    upward = [
+        f"{imp.path}:{imp.line} imports {imp.target} ({LAYERS[layer(imp.module)]} may not import "
+        f"{'the root package' if layer(imp.target) == TOP else LAYERS[layer(imp.target)]})"
+        for imp in methods_imports()
+        if in_methods(imp.target) and layer(imp.target) > layer(imp.module)
+    ]
     assert not upward, f"imports against the layer order {' < '.join(LAYERS)}:\n" + "\n".join(upward)
 
 
 def test_methods_imports_neither_ray_nor_mlflow_nor_the_orchestrator():
-    bad = [f"{imp.path}:{imp.line} imports {imp.target}" for imp in methods_imports()
-           if imp.target.split(".")[0] in FORBIDDEN]
+    bad = [
+        f"{imp.path}:{imp.line} imports {imp.target}"
+        for imp in methods_imports()
+        if imp.target.split(".")[0] in FORBIDDEN
+    ]
     assert not bad, "methods/ must run on a box with torch alone:\n" + "\n".join(bad)

@@ -29,8 +29,9 @@ def test_auroc_matches_sklearn_with_ties():
 
 def test_split_metrics_on_a_toy_split():
     flags = np.array([1, 1, 0, 0, 0, 0, 0, 0], dtype=bool)
-    pools = np.array([POOL_POISON, POOL_CLEAN, POOL_POISON, POOL_CLEAN, POOL_CLEAN, POOL_UNCERTAIN, POOL_CLEAN,
-                      POOL_UNCERTAIN])
+    pools = np.array(
+        [POOL_POISON, POOL_CLEAN, POOL_POISON, POOL_CLEAN, POOL_CLEAN, POOL_UNCERTAIN, POOL_CLEAN, POOL_UNCERTAIN]
+    )
     m = split_metrics(pools, flags)
     assert m["split_poison_precision"] == 0.5 and m["split_poison_recall"] == 0.5
     assert m["split_clean_precision"] == 0.75 and m["split_clean_recall"] == 0.5

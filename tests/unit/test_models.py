@@ -2,6 +2,7 @@
 
 Parametrised over `MODELS.names()` so a new model file is covered without touching this test.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace

@@ -1,5 +1,6 @@
 """The constrained objective (orchestrator/objective.py): the scalar Tune sees, the selection rule, the parsing and
 validation of `subject_to`, and its place in the knowledge check. Torch-free and Ray-free."""
+
 from __future__ import annotations
 
 import math
@@ -30,6 +31,7 @@ def trial(tid: str, asr: float, drop: float, error: bool = False) -> dict:
 
 
 # --- the scalar ---
+
 
 def test_feasible_reports_score_the_metric_and_infeasible_ones_pay_past_every_feasible_one():
     assert objective_value({"val_asr": 0.04, "val_acc_drop": 0.01}, "val_asr", "min", BAR) == pytest.approx(0.04)
@@ -65,11 +67,13 @@ def test_the_trial_adds_the_drop_and_the_scalar_to_each_report():
     assert out[OBJECTIVE_METRIC] == pytest.approx(0.01 + INFEASIBLE * 1.03)
     assert derive({"train_loss": 0.3}) == {}  # a step that evaluates nothing: no scalar (schedulers skip it)
     # an unconstrained sweep still records the drop, and Tune keeps reading the metric itself
-    assert TrialObjective(0.95, "val_der", "max")({"val_acc": 0.96, "val_der": 0.7}) == \
-        {"val_acc_drop": pytest.approx(-0.01)}
+    assert TrialObjective(0.95, "val_der", "max")({"val_acc": 0.96, "val_der": 0.7}) == {
+        "val_acc_drop": pytest.approx(-0.01)
+    }
 
 
 # --- selection ---
+
 
 def test_the_best_feasible_trial_beats_an_infeasible_one_with_a_better_metric():
     trials = [trial("a", 0.00, 0.10), trial("b", 0.30, 0.01), trial("c", 0.10, 0.02), trial("d", 0.0, 0.0, True)]
@@ -96,13 +100,17 @@ def test_a_nan_metric_or_constraint_never_beats_numbers():
 def test_ties_go_to_the_earlier_trial_and_unconstrained_selection_is_unchanged():
     trials = [trial("a", 0.1, 0.0), trial("b", 0.1, 0.0)]
     assert select(trials, "val_asr", "min", BAR)[0]["trial_id"] == "a"
-    rows = [{"trial_id": "x", "val_der": 0.6, "error": False}, {"trial_id": "y", "val_der": 0.8, "error": False},
-            {"trial_id": "z", "val_der": math.nan, "error": False}]
+    rows = [
+        {"trial_id": "x", "val_der": 0.6, "error": False},
+        {"trial_id": "y", "val_der": 0.8, "error": False},
+        {"trial_id": "z", "val_der": math.nan, "error": False},
+    ]
     assert best_trial(rows, "val_der", "max")["trial_id"] == "y"
     assert select(rows, "val_der", "max") == (rows[1], True)
 
 
 # --- the spaces ---
+
 
 def test_every_defense_space_but_sd_is_held_to_the_bar_and_attacks_are_not():
     for name in ("aft", "argd", "asd", "dbr", "dst", "ft", "nad", "pbe"):
@@ -126,16 +134,19 @@ def test_a_defense_space_without_an_objective_gets_the_bar_and_der_stays_an_opti
     assert load_space(path).metric == "val_der"  # an attack space's default is unchanged
 
 
-@pytest.mark.parametrize("objective, message", [
-    ("{metric: val_asr, mode: min, subject_to: {val_acc_loss: 0.02}}", "unknown constraint 'val_acc_loss'"),
-    ("{metric: val_asr, mode: min, subject_to: {val_acc_drop: two}}", "the bound 'two' is not a number"),
-    ("{metric: val_asr, mode: min, subject_to: {val_acc_drop: true}}", "the bound True is not a number"),
-    ("{metric: val_asr, mode: min, subject_to: {val_acc_drop: 2}}", "the bound 2 is outside [0, 1]"),
-    ("{metric: val_asr, mode: min, subject_to: {val_acc_drop: -0.1}}", "the bound -0.1 is outside [0, 1]"),
-    ("{metric: val_asr, mode: min, subject_to: {}}", "expected a mapping {NAME: BOUND}"),
-    ("{metric: val_asr, mode: min, subject_to: [val_acc_drop]}", "expected a mapping {NAME: BOUND}"),
-    ("{metric: val_asr, mode: min, subjet_to: {val_acc_drop: 0.02}}", "objective: unknown key(s) subjet_to"),
-])
+@pytest.mark.parametrize(
+    "objective, message",
+    [
+        ("{metric: val_asr, mode: min, subject_to: {val_acc_loss: 0.02}}", "unknown constraint 'val_acc_loss'"),
+        ("{metric: val_asr, mode: min, subject_to: {val_acc_drop: two}}", "the bound 'two' is not a number"),
+        ("{metric: val_asr, mode: min, subject_to: {val_acc_drop: true}}", "the bound True is not a number"),
+        ("{metric: val_asr, mode: min, subject_to: {val_acc_drop: 2}}", "the bound 2 is outside [0, 1]"),
+        ("{metric: val_asr, mode: min, subject_to: {val_acc_drop: -0.1}}", "the bound -0.1 is outside [0, 1]"),
+        ("{metric: val_asr, mode: min, subject_to: {}}", "expected a mapping {NAME: BOUND}"),
+        ("{metric: val_asr, mode: min, subject_to: [val_acc_drop]}", "expected a mapping {NAME: BOUND}"),
+        ("{metric: val_asr, mode: min, subjet_to: {val_acc_drop: 0.02}}", "objective: unknown key(s) subjet_to"),
+    ],
+)
 def test_bad_constraints_are_one_line(tmp_path, objective, message):
     path = tmp_path / "ft.yaml"
     path.write_text(f"method: ft\nobjective: {objective}\n")
@@ -155,18 +166,22 @@ def test_a_pareto_objective_replaces_the_constrained_one(tmp_path, capsys):
     plan = plan_sweep(load_space(SEARCH_SPACES / "ft.yaml"), objective="pareto", scheduler="fifo")
     assert plan.constraints == {} and plan.tune_metric == plan.space.metric
     assert sorted(plan.objective_metrics) == ["val_acc", "val_asr"]
-    assert main(["tune", str(SEARCH_SPACES / "ft.yaml"), "--objective", "pareto", "--scheduler", "fifo",
-                 "--dry-run"]) == 0
+    assert (
+        main(["tune", str(SEARCH_SPACES / "ft.yaml"), "--objective", "pareto", "--scheduler", "fifo", "--dry-run"]) == 0
+    )
 
 
 # --- knowledge ---
+
 
 def test_the_accuracy_constraint_is_blind_so_a_blind_sweep_may_carry_it(tmp_path):
     assert knowledge_of("val_acc_drop") == "blind"
     assert knowledge_of("val_asr") == "oracle" and knowledge_of("val_blind_score") == "blind"
     path = tmp_path / "ft.yaml"
-    path.write_text("method: ft\nknowledge: blind\n"
-                    "objective: {metric: val_blind_score, mode: max, subject_to: {val_acc_drop: 0.02}}\n")
+    path.write_text(
+        "method: ft\nknowledge: blind\n"
+        "objective: {metric: val_blind_score, mode: max, subject_to: {val_acc_drop: 0.02}}\n"
+    )
     plan = plan_sweep(load_space(path))
     assert plan.knowledge == "blind" and plan.objective_metrics == ["val_blind_score", "val_acc_drop"]
     # the oracle default is refused under blind on its metric, not on the constraint

@@ -1,6 +1,7 @@
 """The clean-label attacks' papers' range (SIG and CL: at most half the target class, a test trigger at most
 1.5x the training one, CL's PGD radius at most 16/255): what a configuration outside it reports, and every
 preset of every dataset and recipe inside it, so a preset never silently measures another attack."""
+
 from __future__ import annotations
 
 import pytest
@@ -38,8 +39,13 @@ def test_attacks_without_a_declared_range_report_none():
 
 
 DATASETS = sorted(p.name for p in PRESETS.iterdir() if p.is_dir())
-CASES = [(name, dataset, recipe) for name in DECLARED for dataset in DATASETS
-         for recipe in [None, *recipes(dataset)] if (PRESETS / dataset / (recipe or "") / f"{name}.yaml").is_file()]
+CASES = [
+    (name, dataset, recipe)
+    for name in DECLARED
+    for dataset in DATASETS
+    for recipe in [None, *recipes(dataset)]
+    if (PRESETS / dataset / (recipe or "") / f"{name}.yaml").is_file()
+]
 
 
 @pytest.mark.parametrize("name, dataset, recipe", CASES, ids=[f"{d}-{r or 'paper'}-{n}" for n, d, r in CASES])

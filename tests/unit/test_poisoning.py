@@ -1,4 +1,5 @@
 """Poison-index modes and label rules: counts, candidates, labels and the recorded ground truth."""
+
 from __future__ import annotations
 
 import pytest

@@ -3,6 +3,7 @@
 Every fixture writes a few images per class in the exact layout the real download unpacks to, so the builders run
 their real parsing code (torchvision's dataset classes, or the Tiny ImageNet parser) without any network.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -80,8 +81,11 @@ def write_cifar10(root: Path, per_batch: int = 6) -> dict:
         else:
             all_train.append((data, labels))
     known["train"] = (np.concatenate([d for d, _ in all_train]), sum((lab for _, lab in all_train), []))
-    meta = {"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
-            "num_cases_per_batch": per_batch, "num_vis": 3072}
+    meta = {
+        "label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+        "num_cases_per_batch": per_batch,
+        "num_vis": 3072,
+    }
     (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
     return known
 
@@ -220,8 +224,9 @@ def write_celeba(root: Path) -> dict:
     (base / "list_eval_partition.txt").write_text("\n".join(part_rows) + "\n")
     (base / "identity_CelebA.txt").write_text("\n".join(id_rows) + "\n")
     (base / "list_bbox_celeba.txt").write_text(f"{n}\nimage_id x_1 y_1 width height\n" + "\n".join(bbox_rows) + "\n")
-    lm_header = " ".join(f"{part}_{axis}" for part in ("lefteye", "righteye", "nose", "leftmouth", "rightmouth")
-                         for axis in "xy")
+    lm_header = " ".join(
+        f"{part}_{axis}" for part in ("lefteye", "righteye", "nose", "leftmouth", "rightmouth") for axis in "xy"
+    )
     (base / "list_landmarks_align_celeba.txt").write_text(f"{n}\n{lm_header}\n" + "\n".join(lm_rows) + "\n")
     return known
 
@@ -290,10 +295,25 @@ def _check_common(raw, name: str) -> None:
 
 
 def test_all_real_datasets_registered_with_sane_info():
-    expected = {"cifar10": (10, 3, 32), "cifar100": (100, 3, 32), "mnist": (10, 1, 28), "gtsrb": (43, 3, 32),
-                "celeba8": (8, 3, 64), "tiny_imagenet": (200, 3, 64)}
-    infos = {i.name: i for i in (real.CIFAR10_INFO, real.CIFAR100_INFO, real.MNIST_INFO, real.GTSRB_INFO,
-                                 real.CELEBA8_INFO, real.TINY_IMAGENET_INFO)}
+    expected = {
+        "cifar10": (10, 3, 32),
+        "cifar100": (100, 3, 32),
+        "mnist": (10, 1, 28),
+        "gtsrb": (43, 3, 32),
+        "celeba8": (8, 3, 64),
+        "tiny_imagenet": (200, 3, 64),
+    }
+    infos = {
+        i.name: i
+        for i in (
+            real.CIFAR10_INFO,
+            real.CIFAR100_INFO,
+            real.MNIST_INFO,
+            real.GTSRB_INFO,
+            real.CELEBA8_INFO,
+            real.TINY_IMAGENET_INFO,
+        )
+    }
     for name, (classes, channels, size) in expected.items():
         assert name in DATASETS
         info = infos[name]
@@ -509,8 +529,9 @@ def test_download_runs_under_the_lock_then_converts(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_download_and_extract_archive(url, download_root, extract_root=None, filename=None, md5=None,
-                                          remove_finished=False):
+    def fake_download_and_extract_archive(
+        url, download_root, extract_root=None, filename=None, md5=None, remove_finished=False
+    ):
         calls.append((url, md5))
         with pytest.raises(Timeout):  # somebody (the builder) holds the lock right now
             FileLock(str(tmp_path / "bdo_cache" / "tiny_imagenet.lock")).acquire(timeout=0)

@@ -1,5 +1,6 @@
 """Named recipes (docs/search-spaces.md#recipes): a sub-folder of a dataset's presets layered over them, with its
 own dataset options; and datasets that share another's presets (cifar10_jpeg reads presets/cifar10/)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -81,13 +82,15 @@ def test_every_recipe_file_is_valid(folder):
 
 
 def _bdo(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(Path(sys.executable).with_name("bdo")), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("bdo")), *args], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
 
 
 def test_dry_run_prints_the_recipe_and_its_files(tmp_path):
-    missing = _bdo("attack", "sig", "--dataset", "cifar10_jpeg", "--recipe", "cpu", "--data-root", str(tmp_path),
-                   "--dry-run")
+    missing = _bdo(
+        "attack", "sig", "--dataset", "cifar10_jpeg", "--recipe", "cpu", "--data-root", str(tmp_path), "--dry-run"
+    )
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
     assert "cifar10_jpeg not found" in missing.stderr and "cifar10-jpeg.tar.gz" in missing.stderr
     for split in ("train", "test"):  # one image a class is enough for the plan

@@ -1,4 +1,5 @@
 """Every registered method has a search space; every space and preset in the repo validates."""
+
 from __future__ import annotations
 
 import pytest
@@ -52,8 +53,9 @@ def test_a_set_pins_a_searched_key():
 
 def test_derived_values_follow_their_source(tmp_path):
     path = tmp_path / "cl.yaml"
-    path.write_text("method: cl\nspace:\n  pgd_eps: {choice: [0.04, 0.08]}\n"
-                    "  pgd_step_size: {derived: 'pgd_eps / 4'}\n")
+    path.write_text(
+        "method: cl\nspace:\n  pgd_eps: {choice: [0.04, 0.08]}\n  pgd_step_size: {derived: 'pgd_eps / 4'}\n"
+    )
     plan = plan_sweep(load_space(path))
     assert trial_values(plan, {"pgd_eps": 0.08})["pgd_step_size"] == pytest.approx(0.02)
 
@@ -99,9 +101,11 @@ def test_knowledge_comes_from_the_space_and_the_command_line_wins(tmp_path):
 
 def test_a_blind_sweep_may_select_on_the_blind_signals(tmp_path):
     path = tmp_path / "ft.yaml"
-    for metric, fixed, mode in (("val_adv_concentration", "", "min"),
-                                ("val_canary_asr", "fixed: {canary_rate: 0.1}\n", "min"),
-                                ("val_blind_score", "", "max")):  # val_acc - val_adv_concentration
+    for metric, fixed, mode in (
+        ("val_adv_concentration", "", "min"),
+        ("val_canary_asr", "fixed: {canary_rate: 0.1}\n", "min"),
+        ("val_blind_score", "", "max"),
+    ):  # val_acc - val_adv_concentration
         path.write_text(f"method: ft\nknowledge: blind\n{fixed}objective: {{metric: {metric}, mode: {mode}}}\n")
         assert plan_sweep(load_space(path)).knowledge == "blind"
     path.write_text("method: ft\nknowledge: blind\nobjective: {metric: val_canary_asr, mode: min}\n")

@@ -2,6 +2,7 @@
 lies inside the space; otherwise every trial is sampled and the selected one can score below not tuning at all
 (the demo's PBE sweep did: both sampled trials kept the backdoor while the preset removes it). Every registered
 space must contain its own dataset's presets."""
+
 from __future__ import annotations
 
 from pathlib import Path

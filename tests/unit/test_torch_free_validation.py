@@ -1,5 +1,6 @@
 """Validation never imports torch or ray: bad input fails in well under the ~2 s that `import torch` costs, and
 `--dry-run` says what would run without paying for it (issue 21)."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,10 @@ print(json.dumps({"codes": codes, "loaded": sorted(m for m in ("torch", "ray") i
 """
 
 
-@pytest.mark.skipif(hardware.gpu_driver_present(),
-                    reason="with a GPU driver present, validation asks torch how many GPUs there are (by design)")
+@pytest.mark.skipif(
+    hardware.gpu_driver_present(),
+    reason="with a GPU driver present, validation asks torch how many GPUs there are (by design)",
+)
 def test_validation_and_dry_run_import_neither_torch_nor_ray(tmp_path):
     bad_space = tmp_path / "space.yaml"
     bad_space.write_text("method: dbr\nspace:\n  alpha_c: {uniform: [0.1, 0.9]}\n  alpha_p: {uniform: [0.05, 0.5]}\n")
@@ -40,8 +43,9 @@ def test_validation_and_dry_run_import_neither_torch_nor_ray(tmp_path):
         ["study", str(ROOT / "examples" / "study-digits.yaml"), "--quick", "--dry-run"],
         ["defend", "pbe", "--attack", "wanet", "--set", "attack.k=8", "--set", "fast.bf16=false", "--dry-run"],
     ]
-    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(commands)], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps(commands)], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["codes"] == [2, 2, 2, 2, 2, 0, 0, 0], done.stderr

@@ -1,4 +1,5 @@
 """Concurrent writers to one fresh MLflow store: a study's trials start together and log the same datasets."""
+
 from __future__ import annotations
 
 import multiprocessing

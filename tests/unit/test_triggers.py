@@ -1,4 +1,5 @@
 """Every trigger on toy tensors: dtype and range kept, only the intended pixels change, determinism."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,8 +17,9 @@ from methods.data.embedded import DIGITS_INFO, SYNTHETIC_INFO
 
 def toy(info, n=4, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, info.channels, info.size, info.size), generator=g,
-                         dtype=torch.int64).to(torch.uint8)
+    return torch.randint(0, 256, (n, info.channels, info.size, info.size), generator=g, dtype=torch.int64).to(
+        torch.uint8
+    )
 
 
 FACTORIES = {
@@ -68,7 +70,8 @@ def test_grid_trigger_layout_and_only_its_pixels_change():
 def test_square_trigger_is_white_and_one_pixel_from_the_border():
     info = SYNTHETIC_INFO
     out = make_badnets_trigger(info, BadNetsConfig(pattern="square"), 0).apply(
-        torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+        torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+    )
     white = (out[0] == 255).all(0)
     rows, cols = torch.nonzero(white, as_tuple=True)
     assert rows.min() == 28 and rows.max() == 30 and cols.min() == 28 and cols.max() == 30

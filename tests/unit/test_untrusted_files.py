@@ -1,4 +1,5 @@
 """Checkpoints and cache entries from strangers load without executing code."""
+
 from __future__ import annotations
 
 import io

@@ -12,6 +12,7 @@ teacher on a small_cnn student, whose stages pool earlier) the vertex term avera
 smaller one, as the edge term already does between layers; the released code only ever pairs equal
 resolutions, so on those it is unchanged.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,12 +47,15 @@ def at_loss(a_student: torch.Tensor, a_teacher: torch.Tensor) -> torch.Tensor:
     return (a_s - a_t).pow(2).mean()
 
 
-def weighted_at_loss(maps_student: Sequence[torch.Tensor], maps_teacher: Sequence[torch.Tensor],
-                     weights: Sequence[float]) -> torch.Tensor:
+def weighted_at_loss(
+    maps_student: Sequence[torch.Tensor], maps_teacher: Sequence[torch.Tensor], weights: Sequence[float]
+) -> torch.Tensor:
     """sum_i w_i * AT(A_s_i, A_t_i): NAD's loss with its betas, and ARGD's vertex loss with its vertex weights."""
     if not (len(maps_student) == len(maps_teacher) == len(weights)):
-        raise ValueError(f"expected as many weights ({len(weights)}) as student ({len(maps_student)}) "
-                         f"and teacher ({len(maps_teacher)}) maps")
+        raise ValueError(
+            f"expected as many weights ({len(weights)}) as student ({len(maps_student)}) "
+            f"and teacher ({len(maps_teacher)}) maps"
+        )
     return sum(w * at_loss(s, t) for w, s, t in zip(weights, maps_student, maps_teacher))
 
 
@@ -87,9 +91,11 @@ class TransferHeads(nn.Module):
         super().__init__()
         self.n_teacher, self.n_student, self.qk_dim = n_teacher, n_student, qk_dim
         self.query = nn.ModuleList(
-            nn.Sequential(nn.Linear(1, qk_dim), nn.BatchNorm1d(qk_dim)) for _ in range(n_teacher))
+            nn.Sequential(nn.Linear(1, qk_dim), nn.BatchNorm1d(qk_dim)) for _ in range(n_teacher)
+        )
         self.key = nn.ModuleList(
-            nn.Sequential(nn.Linear(1, qk_dim), nn.BatchNorm1d(qk_dim), nn.ReLU()) for _ in range(n_student))
+            nn.Sequential(nn.Linear(1, qk_dim), nn.BatchNorm1d(qk_dim), nn.ReLU()) for _ in range(n_student)
+        )
         self.bilinear = nn.Sequential(nn.Linear(qk_dim, qk_dim * n_teacher), nn.BatchNorm1d(qk_dim * n_teacher))
         self.pos_teacher = nn.Parameter(torch.empty(n_teacher, qk_dim))
         self.pos_student = nn.Parameter(torch.empty(n_student, qk_dim))
@@ -108,16 +114,19 @@ class TransferHeads(nn.Module):
 
     def forward(self, maps_student: Sequence[torch.Tensor], maps_teacher: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(maps_student) != self.n_student or len(maps_teacher) != self.n_teacher:
-            raise ValueError(f"TransferHeads built for {self.n_student} student / {self.n_teacher} teacher maps, "
-                             f"got {len(maps_student)} / {len(maps_teacher)}")
+            raise ValueError(
+                f"TransferHeads built for {self.n_student} student / {self.n_teacher} teacher maps, "
+                f"got {len(maps_student)} / {len(maps_teacher)}"
+            )
         maps_teacher = [m.detach() for m in maps_teacher]
         weights = self.attention(maps_student, maps_teacher)
         loss = maps_student[0].new_zeros(())
         for t, a_t in enumerate(maps_teacher):
             size = a_t.shape[-2:]
             v_t = F.normalize(a_t.pow(2).flatten(1), dim=1)  # B, HW
-            v_s = torch.stack([F.normalize(F.adaptive_avg_pool2d(a_s.pow(2), size).flatten(1), dim=1)
-                               for a_s in maps_student], dim=1)  # B, S, HW
+            v_s = torch.stack(
+                [F.normalize(F.adaptive_avg_pool2d(a_s.pow(2), size).flatten(1), dim=1) for a_s in maps_student], dim=1
+            )  # B, S, HW
             per_layer = (v_s - v_t[:, None]).pow(2).mean(dim=2)  # B, S
             loss = loss + (weights[:, t] * per_layer).sum(dim=1).mean()
         return loss

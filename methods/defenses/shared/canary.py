@@ -17,6 +17,7 @@ This module also sets the blind signals' settings from the config (methods/core/
 defense's run is dispatched through it (registered for MethodSpec.run by methods/defenses/__init__.py), so no
 defense needs to know about either.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,13 +49,14 @@ def cross_pattern(channels: int, size: int) -> tuple[torch.Tensor, torch.Tensor]
     top, left = k, (size - side) // 2
     mask = torch.zeros(1, size, size, dtype=torch.bool)
     pattern = torch.zeros(channels, size, size, dtype=torch.uint8)
-    mask[:, top:top + side, left:left + side] = True
-    pattern[:, top:top + side, left:left + side] = block
+    mask[:, top : top + side, left : left + side] = True
+    pattern[:, top : top + side, left : left + side] = block
     return mask, pattern
 
 
 PATTERNS: dict[str, Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]] = {
-    "cross": cross_pattern, "grid": grid_pattern,
+    "cross": cross_pattern,
+    "grid": grid_pattern,
 }
 
 
@@ -66,14 +68,20 @@ def make_canary(data: PoisonedData, cfg: DefenseConfig, attack: str = "the attac
     if not 0 <= target < info.num_classes:
         raise ValueError(f"canary_target: {target} is not a class of {info.name} (0..{info.num_classes - 1})")
     if attacked and target == data.target:
-        raise ValueError(f"canary_target: {target} is the target of {attack}; the canary must be a backdoor of the "
-                         f"defender's own: choose another class (default: the attack's target + 1)")
+        raise ValueError(
+            f"canary_target: {target} is the target of {attack}; the canary must be a backdoor of the "
+            f"defender's own: choose another class (default: the attack's target + 1)"
+        )
     mask, pattern = PATTERNS[cfg.canary_trigger](info.channels, info.size)
-    trigger = PatchTrigger({"channels": info.channels, "size": info.size, "pattern": f"canary_{cfg.canary_trigger}"},
-                           {"mask": mask, "pattern": pattern})
+    trigger = PatchTrigger(
+        {"channels": info.channels, "size": info.size, "pattern": f"canary_{cfg.canary_trigger}"},
+        {"mask": mask, "pattern": pattern},
+    )
     if _same_trigger(trigger, data.trigger, info.channels, info.size):
-        raise ValueError(f"canary_trigger: {cfg.canary_trigger} stamps the same images as the trigger of {attack}; "
-                         "the canary must be a backdoor of the defender's own: choose another canary_trigger")
+        raise ValueError(
+            f"canary_trigger: {cfg.canary_trigger} stamps the same images as the trigger of {attack}; "
+            "the canary must be a backdoor of the defender's own: choose another canary_trigger"
+        )
     return Canary(trigger, target)
 
 
@@ -89,7 +97,7 @@ def _pick(eligible: torch.Tensor, count: int, generator: torch.Generator) -> tor
     """`count` of the eligible indices (a bool mask), drawn with `generator`, sorted."""
     candidates = torch.nonzero(eligible.cpu()).flatten()
     order = torch.randperm(len(candidates), generator=generator)
-    return candidates[order[:min(count, len(candidates))]].sort().values
+    return candidates[order[: min(count, len(candidates))]].sort().values
 
 
 def stamp_training_set(backdoor: Backdoor, canary: Canary, cfg: DefenseConfig) -> tuple[Backdoor, int]:
@@ -125,8 +133,10 @@ def plant_in_model(ctx: Any, backdoor: Backdoor, canary: Canary, cfg: DefenseCon
             train_epoch(model, optimizer, x, y, CANARY_BATCH_SIZE, g, lambda xb: standard_augment(xb, data.info, g))
     model.eval()
     planted = canary_asr(model, canary, "val", data.x_val, data.y_val)
-    ctx.progress(f"canary planted in the suspect model: {cfg.canary_epochs} epochs on {len(y)} clean images, "
-                 f"{len(stamped)} stamped to class {canary.target}; its val canary ASR {planted:.4f}")
+    ctx.progress(
+        f"canary planted in the suspect model: {cfg.canary_epochs} epochs on {len(y)} clean images, "
+        f"{len(stamped)} stamped to class {canary.target}; its val canary ASR {planted:.4f}"
+    )
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return dataclasses.replace(backdoor, model_state=state), len(stamped)
 
@@ -134,8 +144,9 @@ def plant_in_model(ctx: Any, backdoor: Backdoor, canary: Canary, cfg: DefenseCon
 def blind_settings(cfg: DefenseConfig, info: Any) -> BlindSignals:
     eps = dataset_eps(info) if cfg.blind_adv_eps is None else cfg.blind_adv_eps
     step = eps / 2 if cfg.blind_adv_step_size is None else cfg.blind_adv_step_size
-    return BlindSignals(eps=eps, steps=cfg.blind_adv_steps, step_size=step, images=cfg.blind_adv_images,
-                        seed=cfg.blind_adv_seed)
+    return BlindSignals(
+        eps=eps, steps=cfg.blind_adv_steps, step_size=step, images=cfg.blind_adv_images, seed=cfg.blind_adv_seed
+    )
 
 
 def prepare_backdoor(ctx: Any, backdoor: Backdoor, spec: Any, cfg: DefenseConfig) -> Backdoor:
@@ -164,8 +175,9 @@ class BlindContext:
 
     def backdoor(self) -> Backdoor:
         if self._prepared is None:
-            object.__setattr__(self, "_prepared", prepare_backdoor(self._inner, self._inner.backdoor(), self._spec,
-                                                                   self._cfg))
+            object.__setattr__(
+                self, "_prepared", prepare_backdoor(self._inner, self._inner.backdoor(), self._spec, self._cfg)
+            )
         return self._prepared
 
     def __getattr__(self, name: str) -> Any:

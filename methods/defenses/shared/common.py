@@ -1,5 +1,6 @@
 """Pieces every defense shares: the base config, the clean extra set, per-epoch evaluation with DER, and the
 hand-off of per-sample scores and pools (written by the orchestrator as scores.parquet)."""
+
 from __future__ import annotations
 
 import math
@@ -65,13 +66,16 @@ def clean_subset(backdoor: Backdoor, clean_ratio: float, clean_seed: int | None 
     count = max(1, int(round(clean_ratio * len(labels))))
     by_class = [torch.nonzero((labels == k) & ~flags).flatten() for k in range(data.num_classes)]
     g = torch.Generator().manual_seed(int(seed))
-    picked = [members[torch.randperm(len(members), generator=g)[:quota]]
-              for members, quota in zip(by_class, stratified_quotas([len(m) for m in by_class], count))]
+    picked = [
+        members[torch.randperm(len(members), generator=g)[:quota]]
+        for members, quota in zip(by_class, stratified_quotas([len(m) for m in by_class], count))
+    ]
     return torch.cat(picked).sort().values.to(data.y_train.device)
 
 
-def split_blind_signals(model: nn.Module, backdoor: Backdoor, metrics: dict[str, float], split: str,
-                        batch_size: int = 1024) -> dict[str, float]:
+def split_blind_signals(
+    model: nn.Module, backdoor: Backdoor, metrics: dict[str, float], split: str, batch_size: int = 1024
+) -> dict[str, float]:
     """The blind signals of one split (adversarial concentration, the canary's ASR when one is planted) and the
     blind score built on them and on `metrics`' accuracy of that split."""
     out = blind_signals(model, backdoor.data, backdoor.blind, batch_size, splits=(split,))
@@ -86,8 +90,9 @@ def evaluate_with_der(model: nn.Module, backdoor: Backdoor, batch_size: int = 10
     metrics = evaluate(unwrap(model), backdoor.data, batch_size=batch_size)
     before = backdoor.metrics
     for split in ("val", "test"):
-        metrics[f"{split}_der"] = der(before[f"{split}_acc"], before[f"{split}_asr"],
-                                      metrics[f"{split}_acc"], metrics[f"{split}_asr"])
+        metrics[f"{split}_der"] = der(
+            before[f"{split}_acc"], before[f"{split}_asr"], metrics[f"{split}_acc"], metrics[f"{split}_asr"]
+        )
     metrics.update(split_blind_signals(model, backdoor, metrics, "val", batch_size))
     return metrics
 
@@ -101,9 +106,15 @@ def _same(a: float, b: float) -> bool:
     return a == b or (math.isnan(a) and math.isnan(b))
 
 
-def final_result(ctx: RunContext, model: nn.Module, backdoor: Backdoor, last: tuple[int, dict[str, float]],
-                 extra: dict[str, float] | None = None, kept_step: int | None = None,
-                 batch_size: int = 1024) -> DefenseResult:
+def final_result(
+    ctx: RunContext,
+    model: nn.Module,
+    backdoor: Backdoor,
+    last: tuple[int, dict[str, float]],
+    extra: dict[str, float] | None = None,
+    kept_step: int | None = None,
+    batch_size: int = 1024,
+) -> DefenseResult:
     """Every defense returns through here, so that its result is the model it returns.
 
     `last` is (step, metrics) of the run's last ctx.report ({} when a resumed run had nothing left to train);
@@ -151,19 +162,35 @@ class DefenseRun:
         """The defender's clean extra set (its `clean_ratio`), the same images for every defense of the attack."""
         return clean_subset(self.backdoor, self.cfg.clean_ratio, self.cfg.clean_seed)
 
-    def batches(self, n: int, batch_size: int, generator: torch.Generator | None,
-                drop_last: bool = False):
+    def batches(self, n: int, batch_size: int, generator: torch.Generator | None, drop_last: bool = False):
         """Index batches over n samples, this rank's share of each under a multi-worker context."""
         return minibatches(n, batch_size, generator, self.device, drop_last, self.ctx.rank, self.ctx.world_size)
 
-    def train_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, x_uint8: torch.Tensor,
-                    y: torch.Tensor, batch_size: int, generator: torch.Generator,
-                    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    def train_epoch(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        x_uint8: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        generator: torch.Generator,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """methods.core.training.train_epoch on this context's ranks."""
         extra = {} if loss_fn is None else {"loss_fn": loss_fn}
-        return train_epoch(model, optimizer, x_uint8, y, batch_size, generator, augment, **extra,
-                           rank=self.ctx.rank, world_size=self.ctx.world_size)
+        return train_epoch(
+            model,
+            optimizer,
+            x_uint8,
+            y,
+            batch_size,
+            generator,
+            augment,
+            **extra,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+        )
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         return evaluate_with_der(model, self.backdoor, self.cfg.eval_batch_size)
@@ -172,25 +199,34 @@ class DefenseRun:
         """A stage's `evaluate`: `model` evaluated with DER after every step."""
         return evaluation(model, self.backdoor, self.cfg.eval_batch_size)
 
-    def finish(self, model: nn.Module, last: tuple[int, dict[str, float]], extra: dict[str, float] | None = None,
-               kept_step: int | None = None) -> DefenseResult:
+    def finish(
+        self,
+        model: nn.Module,
+        last: tuple[int, dict[str, float]],
+        extra: dict[str, float] | None = None,
+        kept_step: int | None = None,
+    ) -> DefenseResult:
         """The run's result: `model` (the weights of `kept_step`, or of the last step), see final_result."""
         return final_result(self.ctx, model, self.backdoor, last, extra, kept_step, self.cfg.eval_batch_size)
 
 
-def hand_off_scores(ctx: RunContext, backdoor: Backdoor, scores: torch.Tensor | np.ndarray,
-                    pools: torch.Tensor | np.ndarray) -> dict[str, float]:
+def hand_off_scores(
+    ctx: RunContext, backdoor: Backdoor, scores: torch.Tensor | np.ndarray, pools: torch.Tensor | np.ndarray
+) -> dict[str, float]:
     """Hand every training sample's score and pool (0 clean, 1 poison, 2 uncertain) over for scores.parquet;
     returns the split metrics of that final split."""
     data = backdoor.data
     as_np = lambda a: a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)  # noqa: E731
     pools_np, flags = as_np(pools).astype(np.int64), as_np(data.poison_flags).astype(bool)
-    ctx.hand_off("scores", {
-        "index": np.arange(len(flags)),
-        "label": as_np(data.y_train),
-        "original_label": as_np(data.y_train_orig),
-        "true_poisoned": flags,
-        "score": as_np(scores).astype(np.float64),
-        "pool": np.array([POOL_NAMES[int(p)] for p in pools_np]),
-    })
+    ctx.hand_off(
+        "scores",
+        {
+            "index": np.arange(len(flags)),
+            "label": as_np(data.y_train),
+            "original_label": as_np(data.y_train_orig),
+            "true_poisoned": flags,
+            "score": as_np(scores).astype(np.float64),
+            "pool": np.array([POOL_NAMES[int(p)] for p in pools_np]),
+        },
+    )
     return split_metrics(pools_np, flags, as_np(scores))

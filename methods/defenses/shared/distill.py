@@ -1,5 +1,6 @@
 """The stages FT, NAD and ARGD are built from: CE fine-tuning on clean data with the clean pipeline of the NAD/ARGD
 code (FT itself and the teachers), and attention distillation into the student."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -22,23 +23,56 @@ def clean_augment(info: DatasetInfo, cutout_length: int) -> Callable[[torch.Tens
     return lambda x, g: cutout(standard_augment(x, info, g), cutout_length, g)
 
 
-def finetune_stage(defense: DefenseRun, name: str, index: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                   x: torch.Tensor, y: torch.Tensor, g: torch.Generator, epochs: int, batch_size: int,
-                   lr_at: Callable[[int], float]) -> Stage:
+def finetune_stage(
+    defense: DefenseRun,
+    name: str,
+    index: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    g: torch.Generator,
+    epochs: int,
+    batch_size: int,
+    lr_at: Callable[[int], float],
+) -> Stage:
     """CE fine-tuning of `model` on (x, y) with the clean pipeline (the run's Cutout length), one epoch a step,
     reported with the stage's `index`: FT itself, NAD's and ARGD's fine-tuned teacher, ARGD's scratch teacher."""
-    return defense.engine.epochs(name, epochs, model, x, y, batch_size, optimizer=optimizer, generator=g, lr_at=lr_at,
-                                 augment=clean_augment(defense.data.info, defense.cfg.cutout_length),
-                                 evaluate=defense.evaluation(model), extra={"stage": float(index)})
+    return defense.engine.epochs(
+        name,
+        epochs,
+        model,
+        x,
+        y,
+        batch_size,
+        optimizer=optimizer,
+        generator=g,
+        lr_at=lr_at,
+        augment=clean_augment(defense.data.info, defense.cfg.cutout_length),
+        evaluate=defense.evaluation(model),
+        extra={"stage": float(index)},
+    )
 
 
-def teacher_stage(defense: DefenseRun, teacher: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                  lr_at: Callable[[int], float]) -> Stage:
+def teacher_stage(
+    defense: DefenseRun, teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, lr_at: Callable[[int], float]
+) -> Stage:
     """The teacher of NAD and ARGD (stage 0): CE on the clean subset for teacher_epochs, lr per epoch from `lr_at`."""
     cfg: DistillConfig = defense.cfg
     optimizer = sgd(teacher.parameters(), lr_at(0), cfg.momentum, cfg.weight_decay, cfg.nesterov)
-    return finetune_stage(defense, "teacher", 0, teacher, optimizer, x, y, defense.generator("teacher"),
-                          cfg.teacher_epochs, cfg.batch_size, lr_at)
+    return finetune_stage(
+        defense,
+        "teacher",
+        0,
+        teacher,
+        optimizer,
+        x,
+        y,
+        defense.generator("teacher"),
+        cfg.teacher_epochs,
+        cfg.batch_size,
+        lr_at,
+    )
 
 
 class StudentForward(nn.Module):
@@ -57,13 +91,22 @@ class StudentForward(nn.Module):
 
 
 # (logits, labels, student maps, teacher maps, head loss or None) -> named, already-weighted terms, CE included
-LossFn = Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor | None],
-                  dict[str, torch.Tensor]]
+LossFn = Callable[
+    [torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor | None], dict[str, torch.Tensor]
+]
 
 
-def distill_stage(defense: DefenseRun, student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer,
-                  x: torch.Tensor, y: torch.Tensor, g: torch.Generator, loss_terms: LossFn,
-                  head: nn.Module | None = None) -> Stage:
+def distill_stage(
+    defense: DefenseRun,
+    student: nn.Module,
+    teacher: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    g: torch.Generator,
+    loss_terms: LossFn,
+    head: nn.Module | None = None,
+) -> Stage:
     """The student stage (stage 1): per batch, the frozen teacher's attention maps under no_grad, then the sum of
     the method's `loss_terms` on the student. Reports each term's epoch mean."""
     cfg: DistillConfig = defense.cfg

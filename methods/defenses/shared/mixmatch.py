@@ -12,6 +12,7 @@ the log-difference), so small shapes, whose Gamma draws underflow, still give a 
 rounds are vectorised over all requested draws, which is why `mixup_lambdas` draws a whole epoch's coefficients
 at once: the host checks acceptance once per round, never per training step.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,8 +51,9 @@ def _log_gamma_samples(concentration: float, n: int, g: torch.Generator, device:
     return out
 
 
-def sample_beta(alpha: float, beta: float, n: int, g: torch.Generator,
-                device: torch.device | None = None) -> torch.Tensor:
+def sample_beta(
+    alpha: float, beta: float, n: int, g: torch.Generator, device: torch.device | None = None
+) -> torch.Tensor:
     """n draws of Beta(alpha, beta) (float32) from the generator `g` only."""
     if alpha <= 0 or beta <= 0:
         raise ValueError(f"mixup_alpha: Beta parameters must be > 0, got ({alpha}, {beta})")
@@ -68,8 +70,9 @@ def mixup_lambdas(alpha: float, n: int, g: torch.Generator, device: torch.device
     return torch.maximum(lam, 1.0 - lam)
 
 
-def mixup(x: torch.Tensor, targets: torch.Tensor, lam: torch.Tensor | float,
-          g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def mixup(
+    x: torch.Tensor, targets: torch.Tensor, lam: torch.Tensor | float, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mix every sample (and its soft target) with a random partner of the same batch:
     lam * own + (1 - lam) * partner, the partners a permutation drawn from `g`."""
     perm = torch.randperm(x.shape[0], generator=g, device=x.device)
@@ -101,7 +104,7 @@ def interleave(chunks: list[torch.Tensor]) -> list[torch.Tensor]:
     if any(c.shape[0] != batch for c in chunks):
         raise ValueError(f"interleave: chunks must have equal sizes, got {[c.shape[0] for c in chunks]}")
     offsets = _chunk_offsets(batch, len(chunks))
-    parts = [[c[offsets[p]:offsets[p + 1]] for p in range(len(chunks))] for c in chunks]
+    parts = [[c[offsets[p] : offsets[p + 1]] for p in range(len(chunks))] for c in chunks]
     for i in range(1, len(chunks)):
         parts[i][i], parts[0][i] = parts[0][i], parts[i][i]
     return [torch.cat(p, dim=0) for p in parts]
