@@ -8,6 +8,12 @@ a defender can compute, so that a `knowledge: blind` sweep has more to select on
   many classes. Lower is better for a defense.
 - `canary_asr`: the defender's own backdoor (methods/defenses/shared/canary.py), planted before the defense; its ASR
   after the defense, measured with the canary trigger the defender knows. Lower is better.
+- `label_excess`: over the training labels, the largest share of (a fixed subsample of) the training images carrying
+  a label that the model does not predict as it, minus that class's error on the clean held-out split. A
+  dirty-label backdoor gives the target's label to images of other classes; a model that keeps the backdoor
+  predicts them as that label, one without it predicts their own class, so the label loses far more of its
+  images than its clean error explains (about half of it at 10% all-to-one). Higher is better. It does not see
+  clean-label attacks, whose poisoned images keep their own labels.
 - `blind_score`: acc - adv_concentration (methods/defenses/shared/common.py, which has the accuracy), the blind analogue
   of ACC - ASR: a repaired model keeps its clean accuracy and spreads adversarial examples over the classes.
   Higher is better.
@@ -123,6 +129,42 @@ def adv_concentration(
     return counts.max().item() / len(idx)
 
 
+# Training images label_excess reads: enough for the poisoned share of a target label to show (about 500
+# poisoned among 5,000 at 10%), few enough that a CIFAR-sized training set costs one small inference pass a report.
+LABEL_EXCESS_IMAGES = 5000
+
+
+def label_excess(
+    train_predicted: torch.Tensor,
+    train_labels: torch.Tensor,
+    held_out_predicted: torch.Tensor,
+    held_out_labels: torch.Tensor,
+    num_classes: int,
+) -> float:
+    """The largest, over the labels, of the share of the training images carrying a label that the model does not
+    predict as it, minus the held-out error of that class. A label no held-out image has counts its whole share;
+    a label no training image carries is skipped."""
+    excess = []
+    for label in range(num_classes):
+        carried = train_labels == label
+        if not bool(carried.any()):
+            continue
+        flipped = (train_predicted[carried] != label).float().mean()
+        in_class = held_out_labels == label
+        error = (held_out_predicted[in_class] != label).float().mean() if bool(in_class.any()) else 0.0
+        excess.append(float(flipped - error))
+    return max(excess)
+
+
+def training_label_excess(model: nn.Module, data: Any, split: str, signals: BlindSignals, batch_size: int) -> float:
+    """label_excess of the model on a fixed subsample of the training set, against the clean `split`."""
+    idx = subsample(len(data.y_train), LABEL_EXCESS_IMAGES, signals.seed).to(data.y_train.device)
+    train_predicted = predict_logits(model, data.x_train[idx], batch_size).argmax(1)
+    x, y = data.clean_set(split)
+    held_out_predicted = predict_logits(model, x, batch_size).argmax(1)
+    return label_excess(train_predicted, data.y_train[idx], held_out_predicted, y, data.info.num_classes)
+
+
 def canary_asr(
     model: nn.Module, canary: Canary, split: str, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024
 ) -> float:
@@ -140,7 +182,10 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _split_signals(model: nn.Module, data: Any, signals: BlindSignals, split: str, batch_size: int) -> dict[str, float]:
     x, y = data.clean_set(split)
-    out = {f"{split}_adv_concentration": adv_concentration(model, x, y, signals, batch_size)}
+    out = {
+        f"{split}_adv_concentration": adv_concentration(model, x, y, signals, batch_size),
+        f"{split}_label_excess": training_label_excess(model, data, split, signals, batch_size),
+    }
     if signals.canary is not None:
         out[f"{split}_canary_asr"] = canary_asr(model, signals.canary, split, x, y, batch_size)
     return out

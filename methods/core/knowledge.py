@@ -54,6 +54,8 @@ BLIND_METRICS = frozenset(
         # canary backdoor, measured with the canary trigger the defender chose (never the attacker's)
         "adv_concentration",
         "canary_asr",
+        # methods/core/blind_signals.py: the training labels a model no longer predicts beyond its clean error
+        "label_excess",
         # acc - adv_concentration (methods/defenses/shared/common.py): blind, as both of its terms are; the blind
         # analogue of ACC - ASR that a blind sweep can maximise
         "blind_score",
@@ -118,4 +120,10 @@ def knowledge_of(metric: str) -> str:
 def blind_metrics(split: str = "val") -> list[str]:
     """The blind metrics of an evaluation split that every defense reports, for messages (`canary_asr` only when a
     canary is planted)."""
-    return [f"{split}_acc", f"{split}_adv_concentration", f"{split}_blind_score", f"{split}_canary_asr"]
+    return [
+        f"{split}_acc",
+        f"{split}_adv_concentration",
+        f"{split}_label_excess",
+        f"{split}_blind_score",
+        f"{split}_canary_asr",
+    ]

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from methods.attacks.base import Backdoor
+from methods.core.blind_signals import label_excess
 from methods.core.context import RunContext
 from methods.core.engine import Stage
 from methods.core.method import register_method
@@ -119,28 +120,6 @@ def random_mask(n: int, fraction: float, seed: int, device: torch.device) -> tor
 
 def trusted_pools(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, POOL_CLEAN, POOL_UNCERTAIN)
-
-
-def label_excess(
-    train_predicted: torch.Tensor,
-    train_labels: torch.Tensor,
-    val_predicted: torch.Tensor,
-    val_labels: torch.Tensor,
-    num_classes: int,
-) -> float:
-    """The largest, over the labels, of the share of the training images carrying a label that the model no longer
-    predicts as it, minus the validation error of that class (`pbe_step0_label_excess`, PBEConfig.step0_rule).
-    A label no validation image has counts its whole flip share."""
-    excess = []
-    for label in range(num_classes):
-        carried = train_labels == label
-        if not bool(carried.any()):
-            continue
-        flipped = (train_predicted[carried] != label).float().mean()
-        in_class = val_labels == label
-        val_error = (val_predicted[in_class] != label).float().mean() if bool(in_class.any()) else 0.0
-        excess.append(float(flipped - val_error))
-    return max(excess)
 
 
 def step0_failed(rule: str, metrics: dict[str, float], cfg: PBEConfig) -> bool:

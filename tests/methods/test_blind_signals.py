@@ -24,6 +24,19 @@ def test_adv_concentration_is_higher_for_a_backdoored_than_for_a_clean_model(bad
     assert "val_canary_asr" not in backdoored, "no canary, no canary ASR"
 
 
+def test_label_excess_is_low_for_the_backdoored_model_and_high_for_one_without_the_backdoor(
+    badnets_backdoor, clean_reference
+):
+    data = badnets_backdoor.data
+    backdoored = blind_signals(badnets_backdoor.build_model(), data)
+    # the same recipe trained on nothing poisoned (same split), read against the attacked training set's labels:
+    # it predicts the poisoned images as their own digits, which the target's label then loses
+    clean = blind_signals(clean_reference.build_model(), data)
+    for split in ("val", "test"):
+        key = f"{split}_label_excess"
+        assert backdoored[key] < 0.1 and clean[key] > 0.3, (split, backdoored[key], clean[key])
+
+
 def test_adv_concentration_disturbs_neither_the_rng_nor_the_model(badnets_backdoor):
     model = badnets_backdoor.build_model()
     model.train()

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from methods.core.blind_signals import label_excess
 from methods.core.context import LocalContext
 from methods.core.method import get_method
 from methods.core.metrics import POOL_CLEAN, POOL_UNCERTAIN
@@ -17,7 +18,6 @@ from methods.core.training import derive_seed
 from methods.defenses.pbe import (
     PBEConfig,
     clean_originals,
-    label_excess,
     label_quotas,
     logit_similarity,
     prediction_similarity,
