@@ -21,7 +21,7 @@ from tests.conftest import train_backdoor
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = ("val_acc", "val_asr", "test_acc", "test_asr")
 # measured only for the returned model (methods.defenses.shared.common.final_result); no canary is planted here
-TEST_SIGNALS = {"test_adv_concentration", "test_blind_score"}
+TEST_SIGNALS = {"test_adv_concentration", "test_label_excess", "test_blind_score"}
 # Fewer epochs than the search spaces' quick blocks, which mostly shrink the data (that a defense on the shared
 # backdoor does not use): a couple of epochs per stage is enough to move the weights.
 SPLIT = {"sd_pretrain_epochs": 1, "sd_ft_epochs": 1, "fct_n_draws": 1}
