@@ -72,9 +72,7 @@ BLIND_METRICS = frozenset(
         "pbe_step",
         "pbe_attempt",
         "pbe_step0_canary_failed",  # PBE's step-0 check against the canary's ASR: the defender's own backdoor
-        # PBE's step-0 label excess (training labels the model stopped predicting, beyond the clean val error) and
-        # the check on it
-        "pbe_step0_label_excess",
+        # PBE's step-0 check against the label excess (a blind signal, methods/core/blind_signals.py)
         "pbe_step0_label_excess_failed",
         # D-BR's round counters and the accuracy floor of its selection rule, from val ACC
         "br_round",

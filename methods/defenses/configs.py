@@ -207,7 +207,7 @@ SIMILARITIES = ("cosine_logits", "kl_softmax", "argmax")
 
 
 # PBE's step-0 checks (PBEConfig.step0_rule): the metric each reads, and the flag it reports.
-STEP0_CHECK_METRICS = {"val_asr": "val_asr", "canary": "val_canary_asr", "label_excess": "pbe_step0_label_excess"}
+STEP0_CHECK_METRICS = {"val_asr": "val_asr", "canary": "val_canary_asr", "label_excess": "val_label_excess"}
 STEP0_FAILED_FLAGS = {
     "val_asr": "pbe_step0_failed",
     "canary": "pbe_step0_canary_failed",
@@ -256,7 +256,7 @@ class PBEConfig(AdversarialFinetuneConfig):
     retry_eps_scale: float = ranged(1.5, 1.0, 100.0, "radius of a rerun of step 0 / radius of the attempt before")
     # How step 0 is checked (STEP0_CHECK_METRICS: the metric each check reads):
     # - "val_asr": failed when its val ASR is above step0_max_val_asr. Oracle: it applies the trigger.
-    # - "label_excess": failed when `pbe_step0_label_excess` is below step0_min_label_excess. Per training label,
+    # - "label_excess": failed when `val_label_excess` is below step0_min_label_excess. Per training label,
     #   the share of the images carrying it that the model no longer predicts as it, minus the validation error
     #   of that class; the largest over the labels. A step 0 that erased a dirty-label trigger lets the poisoned
     #   images fall back to their own classes, so their (target) label loses far more of its images than the

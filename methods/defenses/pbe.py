@@ -16,7 +16,8 @@ held more poison than the training set). So here step 0 can be made stronger (`s
 validation split: when its val ASR is above `step0_max_val_asr`, it is rerun from the infected model on a new
 random draw with a radius `retry_eps_scale` times larger, at most `step0_retries` times. The defaults (no
 rerun, the same radius) are the paper's. That check reads the trigger, so under knowledge blind step 0 is checked
-on what an erased dirty-label trigger leaves in the training set instead (`pbe_step0_label_excess`: the poisoned
+on what an erased dirty-label trigger leaves in the training set instead (the blind signal `val_label_excess` of
+every report, methods/core/blind_signals.py: the poisoned
 images fall back to their own classes, so their label loses more of its images than its class's validation error
 explains), or, when asked (`step0_rule`, PBEConfig), on the val ASR of the defender's own canary or not at all.
 
@@ -25,9 +26,9 @@ failed attempts, step s epoch e is (a + s) * E + e). Every report carries `pbe_s
 split metrics of the subset being trained on (trusted = clean pool, the rest = uncertain pool, so
 pool_clean_poisoned_frac is the true poisoned fraction of the subset trained on) and, once a re-scoring exists, the
 AUROC of its scores; the last epoch of a step adds `pbe_next_poisoned_frac`, the true poisoned fraction of the
-subset it selects (or draws anew after a failed step 0), and step 0 adds `pbe_step0_label_excess` and the flag of
-its check (`pbe_step0_failed` for val ASR, `pbe_step0_label_excess_failed`, `pbe_step0_canary_failed`). The
-true flags are only reported, never used. The hand-off score is 1 - similarity, so higher means more suspicious.
+subset it selects (or draws anew after a failed step 0), and step 0 adds the flag of its check (`pbe_step0_failed`
+for val ASR, `pbe_step0_label_excess_failed`, `pbe_step0_canary_failed`). The true flags are only reported, never
+used. The hand-off score is 1 - similarity, so higher means more suspicious.
 
 Deviations from the official code (github.com/John-niu-07/BPE), as docs/methods.md#pbe describes:
 - PGD with random start and [0, 1] clamping (REC), as in AFT; the flags restore the original loop.
@@ -51,7 +52,6 @@ import torch
 import torch.nn.functional as F
 
 from methods.attacks.base import Backdoor
-from methods.core.blind_signals import label_excess
 from methods.core.context import RunContext
 from methods.core.engine import Stage
 from methods.core.method import register_method
@@ -206,19 +206,14 @@ def run(ctx: RunContext, cfg: PBEConfig) -> DefenseResult:
             kept.similarity = prediction_similarity(reference, current, cfg.similarity)
             split = split_metrics(trusted_pools(trained_on), data.poison_flags, 1.0 - kept.similarity)
             rule = cfg.step0_check() if stage == 0 else "unchecked"
-            if stage == 0:
-                val_predicted = predict_logits(model, data.x_val, cfg.eval_batch_size).argmax(dim=1)
-                extra["pbe_step0_label_excess"] = label_excess(
-                    current.argmax(dim=1), data.y_train, val_predicted, data.y_val, data.info.num_classes
-                )
-            failed = rule != "unchecked" and step0_failed(rule, {**metrics, **extra}, cfg)
+            failed = rule != "unchecked" and step0_failed(rule, metrics, cfg)
             if rule != "unchecked":
                 extra[STEP0_FAILED_FLAGS[rule]] = float(failed)
             if failed and kept.attempt < cfg.step0_retries:
                 kept.attempt += 1
                 checked = STEP0_CHECK_METRICS[rule]
                 ctx.progress(
-                    f"pbe: step 0 failed its {rule} check ({checked} {({**metrics, **extra})[checked]:.3f}); "
+                    f"pbe: step 0 failed its {rule} check ({checked} {metrics[checked]:.3f}); "
                     f"rerun {kept.attempt} of {cfg.step0_retries} from the infected "
                     f"model, new draw, PGD radius {cfg.step0_config(kept.attempt).adv_eps:.4f}"
                 )

@@ -172,7 +172,7 @@ def test_the_blind_label_excess_check_fails_the_step0_that_left_the_backdoor():
         step0 = ctx.reports[-1][1]
         outcomes[radius] = (
             result.metrics["val_asr"],
-            step0["pbe_step0_label_excess"],
+            step0["val_label_excess"],
             step0["pbe_step0_label_excess_failed"],
         )
     print(f"\nstep 0 on badnets seed 3 (val ASR, label excess, failed): {outcomes}")
