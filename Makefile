@@ -29,10 +29,10 @@ lint: env
 
 test: env lint
 	@sh scripts/browser-deps.sh
-	$(VENV)/bin/python -m pytest tests --durations=30
+	$(VENV)/bin/python -m pytest tests --durations=30 -n 2 --dist loadgroup
 
 test-fast: env
-	$(VENV)/bin/python -m pytest tests -m "not slow"
+	$(VENV)/bin/python -m pytest tests -m "not slow" -n 2 --dist loadgroup
 
 # The pure-torch tests (methods, efficacy included, and units) on CUDA. Meant for a GPU box that may have only
 # torch, torchvision and pytest: it uses .venv when there is one, else $(PYTHON) as it is, and tests that need

@@ -1,4 +1,4 @@
-"""What the registry-wide method tests share: a method's tiny config (its search space's quick block with every
+"""What the registry-wide method tests share: a method's tiny config (its search space's fixed and quick blocks, every
 length count cut to at most 2) and the tiny backdoored model the defenses start from."""
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ LENGTH_WORDS = ("epoch", "round", "iterations", "n_steps", "draws", "pgd_steps",
 
 
 def quick_values(name: str) -> dict:
-    """The method keys of its search space's quick block (data.* keys are replaced by TINY_DATA)."""
+    """The method keys of its search space's fixed and quick blocks, quick last, as `bdo tune --quick` applies them
+    (data.* keys are replaced by TINY_DATA)."""
     raw = yaml.safe_load((SPACES / f"{name}.yaml").read_text()) or {}
-    return {k: v for k, v in (raw.get("quick") or {}).items() if "." not in k}
+    merged = {**(raw.get("fixed") or {}), **(raw.get("quick") or {})}
+    return {k: v for k, v in merged.items() if "." not in k}
 
 
 def tiny_config(name: str, **overrides):

@@ -27,6 +27,7 @@ from methods.defenses.shared.mixmatch import (
     squared_error,
     uninterleave,
 )
+from tests.conftest import assert_defended
 
 PRESET = yaml.safe_load((Path(__file__).resolve().parents[2] / "search_spaces/presets/digits/asd.yaml").read_text())
 
@@ -249,8 +250,7 @@ def test_asd_trained_from_scratch_removes_the_backdoor(digits_backdoor, clean_re
         "val_der",
     ):
         assert all(key in m for _, m in ctx.reports), key
-    assert after["test_asr"] <= 0.10
-    assert after["test_acc"] >= clean["test_acc"] - 0.03
+    assert_defended(f"asd on {digits_backdoor.attack}", after, clean)
     assert last["pool_clean_poisoned_frac"] < 0.01
     scores = ctx.hand_offs["scores"]
     assert len(scores["score"]) == len(digits_backdoor.data.y_train)

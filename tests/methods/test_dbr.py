@@ -13,6 +13,7 @@ from methods.core.context import LocalContext
 from methods.core.method import get_method
 from methods.defenses.dbr import DBRConfig, _ascent, chosen, update_candidates
 from methods.defenses.sd import sd_steps
+from tests.conftest import assert_defended
 
 PRESET = yaml.safe_load((Path(__file__).resolve().parents[2] / "search_spaces/presets/digits/dbr.yaml").read_text())
 
@@ -107,8 +108,7 @@ def test_dbr_removes_the_backdoor_on_digits(digits_backdoor):
         f"{after['split_clean_precision']:.3f}"
     )
     assert before["test_asr"] >= 0.9
-    assert after["test_asr"] <= 0.10
-    assert after["test_acc"] >= before["test_acc"] - 0.03
+    assert_defended(f"dbr on {digits_backdoor.attack}", after, before)
 
 
 def test_best_val_acc_keeps_the_best_round_and_the_later_of_a_tie():

@@ -15,6 +15,7 @@ from methods.core.context import LocalContext
 from methods.core.method import get_method
 from methods.defenses.dst import DSTConfig, mixed_cross_entropy, supcon_loss, supcon_lr, supcon_positive_mask
 from methods.defenses.sd import sd_steps
+from tests.conftest import assert_defended
 
 PRESET = yaml.safe_load((Path(__file__).resolve().parents[2] / "search_spaces/presets/digits/dst.yaml").read_text())
 
@@ -127,5 +128,4 @@ def test_dst_trains_a_clean_model_from_the_poisoned_set(digits_backdoor, clean_r
         f"{after['test_acc']:.3f} ASR {after['test_asr']:.3f}, poison pool precision "
         f"{after['split_poison_precision']:.3f}"
     )
-    assert after["test_asr"] <= 0.10
-    assert after["test_acc"] >= clean["test_acc"] - 0.03
+    assert_defended(f"dst on {digits_backdoor.attack}", after, clean)

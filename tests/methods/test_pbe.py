@@ -25,7 +25,7 @@ from methods.defenses.pbe import (
     top_fraction_mask,
     trusted_pools,
 )
-from tests.conftest import train_backdoor
+from tests.conftest import MAX_MEAN_ACC_LOSS, assert_defended, meets_cell_bar, train_backdoor
 
 PRESET = yaml.safe_load((Path(__file__).resolve().parents[2] / "search_spaces/presets/digits/pbe.yaml").read_text())
 SPLIT_KEYS = {"split_clean_precision", "split_clean_recall", "pool_clean_size", "pool_clean_poisoned_frac"}
@@ -61,8 +61,7 @@ def test_pbe_without_clean_data_removes_the_backdoor_and_filters_the_poison(digi
                 f"({m['pool_clean_poisoned_frac']:.3f} poisoned), AUROC {m['split_auroc']:.3f}"
             )
     assert before["test_asr"] >= 0.9
-    assert after["test_asr"] <= 0.10
-    assert after["test_acc"] >= before["test_acc"] - 0.03
+    assert_defended(f"pbe on {digits_backdoor.attack}", after, before)
     assert trusted_frac < 0.5 * actual
 
     reruns = int(after["pbe_attempt"])
@@ -130,32 +129,33 @@ def test_a_step0_that_fails_on_validation_is_rerun_from_the_infected_model(badne
     assert dict(ctx_ok.reports)[per]["pbe_step0_failed"] == 0.0
 
 
-def pbe_outcome(attack: str, seed: int) -> tuple[dict, dict, bool]:
-    """(before, after, passed) of the preset on `attack` trained with `seed`, PBE run with the same seed."""
+def pbe_outcome(attack: str, seed: int) -> tuple[dict, dict]:
+    """(before, after) of the preset on `attack` trained with `seed`, PBE run with the same seed."""
     backdoor = train_backdoor(attack, seed=seed)
     _, result = run_pbe(backdoor, seed=seed)
     before, after = backdoor.metrics, result.metrics
-    passed = after["test_asr"] <= 0.10 and after["test_acc"] >= before["test_acc"] - 0.03
     print(
         f"\npbe {attack} seed {seed}: test ACC {before['test_acc']:.3f} -> {after['test_acc']:.3f}, ASR "
         f"{before['test_asr']:.3f} -> {after['test_asr']:.3f}, step 0 reruns {int(after['pbe_attempt'])}"
     )
-    return before, after, passed
+    return before, after
 
 
 @pytest.mark.slow
 def test_pbe_does_not_depend_on_its_first_draw():
     # The digits preset was tuned on validation on these seeds (see its comments), where the earlier preset
-    # failed on 4 of 5; the bar is the robustness bar (ASR <= 0.10, at most 3 points of ACC lost) on 4 of 5.
-    passed = [pbe_outcome("badnets", seed)[2] for seed in range(1, 6)]
-    assert sum(passed) >= 4, passed
+    # failed on 4 of 5: the bar (conftest's) holds on 4 of 5, and the mean ACC lost over all five within 3 points.
+    outcomes = [pbe_outcome("badnets", seed) for seed in range(1, 6)]
+    lost = [before["test_acc"] - after["test_acc"] for before, after in outcomes]
+    passed = [meets_cell_bar(after, before) for before, after in outcomes]
+    assert sum(passed) >= 4 and sum(lost) / len(lost) <= MAX_MEAN_ACC_LOSS, (passed, lost)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("attack", ["trojan", "blend"])
 def test_pbe_keeps_accuracy_on_a_seed_no_preset_uses(attack):
-    before, after, passed = pbe_outcome(attack, 23)
-    assert passed, (before, after)
+    before, after = pbe_outcome(attack, 23)
+    assert_defended(f"pbe on {attack} seed 23", after, before)
 
 
 @pytest.mark.slow

@@ -95,6 +95,7 @@ def test_pure_torch_rows_run_without_ray_and_mlflow(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # about 5 minutes alone on 2 cores; under the other xdist worker's load it can take 3x
 def test_quick_suite_fills_every_row(tmp_path):
     data, stdout = run_suite(tmp_path)
     rows = {r["name"]: r for r in data["rows"]}
