@@ -11,39 +11,48 @@ kernels by processor). These defenses lose 1-4 points a cell; held per cell at 3
 on an AMD EPYC runner (3.0-3.6 points lost) that all passed on the machine the presets were tuned on. The mean over
 four cells is the defense's cost; the 5-point cap still fails a defense that breaks one cell.
 
+The full study (examples/study-robustness-digits.yaml, seeds 6 and 7, 24 cells) takes about half an hour of both cores
+of the 2-core runner, a third of the whole suite; the suite runs it with seed 7 only (12 cells), holds each cell to
+the cell bar and prints each defense's mean; the mean bar is held on the full study's four cells a defense, not on
+two (`BDO_FULL_STUDIES=1 pytest tests/integration/test_robustness.py` runs and holds all 24, as
+docs/results/digits.md reports them).
+
 One cell is run and printed but not held: D-BR on Blend, a limit of the method in this setting measured over
 seeds 3-5 against every alternative setting tried (docs/results/digits.md, "On seeds no preset was tuned on"): SD's
 split fails on some seeds, and where it is perfect unlearning lowers ASR only as fast as it costs accuracy."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
+import yaml
 
 from orchestrator.cli import main
 from tests.conftest import MAX_MEAN_ACC_LOSS, meets_cell_bar
 from tests.integration.conftest import runs
 
-# its study took 1793 s on one xdist worker of an AMD EPYC 2-core runner, beside the other worker: a 1800 s timeout
-# sits at that edge, and this one only stops a hung run
+# the full study took 1793 s on one xdist worker of an AMD EPYC 2-core runner, beside the other worker; the reduced
+# one about half that: the timeout only stops a hung run
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
-DEFENSES = ["aft", "argd", "asd", "dbr", "dst", "pbe"]
+FULL_STUDY = Path(__file__).resolve().parents[2] / "examples" / "study-robustness-digits.yaml"
 FROM_SCRATCH = {"asd", "dst"}  # compared against the clean model: they never start from the backdoored weights
-ATTACKS, SEEDS = ["badnets", "blend"], [6, 7]
 KNOWN_LIMITS = {("dbr", "blend")}
-STUDY = f"""\
-name: robustness
-attacks: [{", ".join(ATTACKS)}]
-defenses: [{", ".join(DEFENSES)}]
-seeds: [{", ".join(map(str, SEEDS))}]
-clean: true
-tune: {{num_samples: 0}}
-jobs: 2
-"""
+REDUCED_SEEDS = [7]
+
+
+def study_spec() -> dict:
+    spec = yaml.safe_load(FULL_STUDY.read_text())
+    if os.environ.get("BDO_FULL_STUDIES") != "1":
+        spec["seeds"] = REDUCED_SEEDS
+    return spec
 
 
 def test_every_defense_meets_the_bar_on_unseen_seeds(workdir, capsys):
-    (workdir / "study.yaml").write_text(STUDY)
+    spec = study_spec()
+    (workdir / "study.yaml").write_text(yaml.safe_dump(spec))
     code = main(["study", str(workdir / "study.yaml")])
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
@@ -80,9 +89,10 @@ def test_every_defense_meets_the_bar_on_unseen_seeds(workdir, capsys):
     for defense, cells in sorted(losses.items()):
         mean = sum(cells) / len(cells)
         results.append(f"{defense}: mean ACC lost {100 * mean:.1f} points over {len(cells)} cells")
-        if mean > MAX_MEAN_ACC_LOSS:
+        if mean > MAX_MEAN_ACC_LOSS and spec["seeds"] != REDUCED_SEEDS:
             failures.append(results[-1])
     print("\n".join(sorted(results)))
-    assert len(results) == len(DEFENSES) * len(ATTACKS) * len(SEEDS) + len(DEFENSES), sorted(results)
+    defenses, attacks, seeds = spec["defenses"], spec["attacks"], spec["seeds"]
+    assert len(results) == len(defenses) * len(attacks) * len(seeds) + len(defenses), sorted(results)
     assert all(poisoned["test_asr"] >= 0.9 for (_, _, clean), poisoned in reference.items() if not clean)
     assert not failures, "\n".join(failures)
