@@ -11,8 +11,8 @@ kernels by processor). These defenses lose 1-4 points a cell; held per cell at 3
 on an AMD EPYC runner (3.0-3.6 points lost) that all passed on the machine the presets were tuned on. The mean over
 four cells is the defense's cost; the 5-point cap still fails a defense that breaks one cell.
 
-The full study (examples/study-robustness-digits.yaml, seeds 6 and 7, 24 cells) takes about half an hour of both cores
-of the 2-core runner, a third of the whole suite; the suite runs it with seed 7 only (12 cells), holds each cell to
+The full study (examples/study-robustness-digits.yaml, seeds 6 and 7, 24 cells) takes up to half an hour of both cores
+of the 2-core runner; the suite runs it with seed 7 only (12 cells), holds each cell to
 the cell bar and prints each defense's mean; the mean bar is held on the full study's four cells a defense, not on
 two (`BDO_FULL_STUDIES=1 pytest tests/integration/test_robustness.py` runs and holds all 24, as
 docs/results/digits.md reports them).
@@ -33,8 +33,8 @@ from orchestrator.cli import main
 from tests.conftest import MAX_MEAN_ACC_LOSS, meets_cell_bar
 from tests.integration.conftest import runs
 
-# the full study took 1793 s on one xdist worker of an AMD EPYC 2-core runner, beside the other worker; the reduced
-# one about half that: the timeout only stops a hung run
+# the reduced study took 296 s on an AMD EPYC 2-core runner (two runs at a time, beside the other xdist worker); the
+# full one took up to 1793 s there under heavier load: the timeout only stops a hung run
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 FULL_STUDY = Path(__file__).resolve().parents[2] / "examples" / "study-robustness-digits.yaml"
