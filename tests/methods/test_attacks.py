@@ -116,17 +116,29 @@ def preset_settings(name: str, seed: int, dataset: str = "digits", model: str = 
     return {k: v for k, v in full.items() if k in DIGITS_ATTACK or v != defaults[k]}
 
 
-def assert_implants(name: str, m: dict, clean: dict, min_asr: float = MIN_ASR) -> None:
+def implant_shortfall(
+    name: str, m: dict, clean: dict, max_drop: float = MAX_ACC_DROP, min_asr: float = MIN_ASR
+) -> str | None:
+    """Prints the attack's figures; returns what falls short of the bar (None when it implants)."""
     print(
         f"{name}: test_acc {m['test_acc']:.3f} (clean {clean['test_acc']:.3f}), test_asr {m['test_asr']:.3f}, "
         f"poison_count {m['poison_count']:.0f}"
     )
-    assert m["poison_count"] > 0
-    assert m["test_asr"] >= min_asr, f"{name}: test ASR {m['test_asr']:.3f} < {min_asr}"
-    assert m["test_acc"] >= clean["test_acc"] - MAX_ACC_DROP, (
-        f"{name}: test ACC {m['test_acc']:.3f} is more than {MAX_ACC_DROP} below clean training "
-        f"({clean['test_acc']:.3f})"
-    )
+    if m["poison_count"] == 0:
+        return f"{name}: nothing poisoned"
+    if m["test_asr"] < min_asr:
+        return f"{name}: test ASR {m['test_asr']:.3f} < {min_asr}"
+    if m["test_acc"] < clean["test_acc"] - max_drop:
+        return (
+            f"{name}: test ACC {m['test_acc']:.3f} is more than {max_drop} below clean training "
+            f"({clean['test_acc']:.3f})"
+        )
+    return None
+
+
+def assert_implants(name: str, m: dict, clean: dict, min_asr: float = MIN_ASR) -> None:
+    shortfall = implant_shortfall(name, m, clean, min_asr=min_asr)
+    assert shortfall is None, shortfall
 
 
 @pytest.mark.parametrize("seed", [TUNED_SEED, pytest.param(UNSEEN_SEED, marks=pytest.mark.slow)])
@@ -201,14 +213,11 @@ def test_attacks_implant_on_synthetic_with_small_cnn():
         clean = train_synthetic(name, **{**settings, "poison_rate": 0.0})
         if stronger:
             assert backdoor.metrics["papers_regime"] == 0.0
-        m = backdoor.metrics
-        drops[name] = clean.metrics["test_acc"] - m["test_acc"]
-        print(
-            f"{name} synthetic: test_acc {m['test_acc']:.3f} (clean {clean.metrics['test_acc']:.3f}), "
-            f"test_asr {m['test_asr']:.3f}, poison_count {m['poison_count']:.0f}"
+        drops[name] = clean.metrics["test_acc"] - backdoor.metrics["test_acc"]
+        shortfall = implant_shortfall(
+            f"{name} synthetic", backdoor.metrics, clean.metrics, max_drop=SYNTHETIC_MAX_CELL_ACC_DROP
         )
-        if m["poison_count"] == 0 or m["test_asr"] < MIN_ASR or drops[name] > SYNTHETIC_MAX_CELL_ACC_DROP:
-            failures.append(f"{name}: test ASR {m['test_asr']:.3f}, ACC lost {drops[name]:.3f}")
+        failures += [shortfall] if shortfall else []
     mean = sum(drops.values()) / len(drops)
     if mean > MAX_ACC_DROP:
         failures.append(f"mean ACC lost {mean:.3f} > {MAX_ACC_DROP}")
