@@ -14,7 +14,7 @@ ATTACK_COLUMNS = {"no_defense_run_ids": "no defense", "clean_run_ids": "clean mo
 
 
 # An attack run reports papers_regime 0 when its configuration lies outside the range its papers evaluated
-# (methods/attacks/configs.py); its row is marked so that nobody reads the cell as that paper's attack.
+# (methods/attacks/configs/shared.py); its row is marked so that nobody reads the cell as that paper's attack.
 PAPERS_REGIME = "papers_regime"
 OUTSIDE_PAPERS_MARK = "*"
 OUTSIDE_PAPERS_NOTE = (

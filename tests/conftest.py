@@ -135,7 +135,7 @@ def clean_recipe(attack: str, settings: dict) -> tuple[str, dict]:
     at rate 0 with the shared training fields, so the clean references of several attacks are trained once."""
     if attack not in TRIGGER_ONLY_FIELDS or settings.get("poison_rate") != 0.0:
         return attack, settings
-    from methods.attacks.configs import AttackConfig
+    from methods.attacks.configs.shared import AttackConfig
 
     shared = set(AttackConfig.__dataclass_fields__) - {"label_mode", "target", "poison_index_mode"}
     return "badnets", {k: v for k, v in settings.items() if k in shared}

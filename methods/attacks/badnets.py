@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from methods.attacks.base import run_attack
-from methods.attacks.configs import BadNetsConfig
+from methods.attacks.configs.badnets import BadNetsConfig
 from methods.attacks.triggers import PatchTrigger, four_corner_pattern, grid_pattern, image_file_pattern, square_pattern
 from methods.core.method import register_method
 from methods.data.configs import DatasetInfo

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from methods.attacks.configs import AttackConfig
+from methods.attacks.configs.shared import AttackConfig
 from methods.attacks.triggers import Trigger, trigger_from_state
 from methods.core.blind_signals import BlindSignals
 from methods.core.context import RunContext

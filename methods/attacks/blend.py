@@ -6,7 +6,7 @@ randomPixelTrigger of NAD/D-BR) or a user image file (`file`)."""
 from __future__ import annotations
 
 from methods.attacks.base import run_attack
-from methods.attacks.configs import BlendConfig
+from methods.attacks.configs.blend import BlendConfig
 from methods.attacks.triggers import BlendTrigger, image_file_pattern, random_pattern, stripe_pattern
 from methods.core.method import register_method
 from methods.data.configs import DatasetInfo

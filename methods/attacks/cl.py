@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from methods.attacks.base import build_poisoned_data, run_attack, train_classifier
-from methods.attacks.configs import CLConfig
+from methods.attacks.configs.cl import CLConfig
 from methods.attacks.triggers import PatchTrigger, four_corner_pattern
 from methods.core.method import register_method
 from methods.core.metrics import accuracy

@@ -6,7 +6,7 @@ clean-label by default."""
 from __future__ import annotations
 
 from methods.attacks.base import run_attack
-from methods.attacks.configs import SIGConfig
+from methods.attacks.configs.sig import SIGConfig
 from methods.attacks.triggers import AdditiveTrigger, sig_signal
 from methods.core.method import register_method
 from methods.data.configs import DatasetInfo

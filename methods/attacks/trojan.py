@@ -6,7 +6,7 @@ repositories: x' = clip(x + T)."""
 from __future__ import annotations
 
 from methods.attacks.base import run_attack
-from methods.attacks.configs import TrojanConfig
+from methods.attacks.configs.trojan import TrojanConfig
 from methods.attacks.triggers import AdditiveTrigger, trojan_patch
 from methods.core.method import register_method
 from methods.data.configs import DatasetInfo

@@ -12,7 +12,7 @@ import functools
 import torch
 
 from methods.attacks.base import PoisonedData, run_attack
-from methods.attacks.configs import WaNetConfig
+from methods.attacks.configs.wanet import WaNetConfig
 from methods.attacks.triggers import WarpTrigger, wanet_backdoor_grid, wanet_grids, wanet_noise_grids, warp
 from methods.core.method import register_method
 from methods.data.augment import backdoor_pipeline_augment

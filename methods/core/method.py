@@ -1,10 +1,10 @@
 """Methods: declared without torch, run with it.
 
-A method is declared on its config class, in its kind's torch-free module (methods/attacks/configs.py,
-methods/defenses/configs.py): `@declare_method(name, kind)` records its name, kind, config class and whether it
-splits samples, so validation knows every method and its config without importing torch. Its `run(ctx, cfg)`
-lives in methods/<kind>s/<name>.py under `@register_method(name)`; that module is imported the first time the
-run (or the docstring that `bdo list` summarises) is asked for.
+A method is declared on its config class, in its own module of its kind's torch-free configs package
+(methods/attacks/configs/<name>.py, methods/defenses/configs/<name>.py): `@declare_method(name, kind)` records its
+name, kind, config class and whether it splits samples, so validation knows every method and its config without
+importing torch. Its `run(ctx, cfg)` lives in methods/<kind>s/<name>.py under `@register_method(name)`; that module
+is imported the first time the run (or the docstring that `bdo list` summarises) is asked for.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,13 @@ def declare_method(
         return config
 
     return decorator
+
+
+def declare_package(package: str, path: list[str]) -> None:
+    """Import every module of a kind's configs package (`package`, its `__path__`), in name order, so that each
+    module's `@declare_method` declares its method: a new method's config module needs no list to be added to."""
+    for module in pkgutil.iter_modules(path):
+        importlib.import_module(f"{package}.{module.name}")
 
 
 def register_method(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

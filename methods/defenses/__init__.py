@@ -1,7 +1,7 @@
 """The defenses. Importing the package registers how every defense is run: through methods/defenses/shared/canary.py,
 which hands the defense a context whose backdoor carries the blind signals' settings and, when its config asks,
 the canary. canary.py imports torch, so it is imported at the first dispatch: validation imports this package
-(for configs.py) and must stay torch-free.
+(for configs/) and must stay torch-free.
 """
 
 from __future__ import annotations

@@ -31,7 +31,8 @@ from methods.core.pgd import pgd_untargeted
 from methods.core.training import descend, minibatches, sgd, to_float, unwrap
 from methods.data.augment import backdoor_pipeline_augment
 from methods.data.configs import DatasetInfo
-from methods.defenses.configs import AdversarialFinetuneConfig, AFTConfig
+from methods.defenses.configs.aft import AFTConfig
+from methods.defenses.configs.shared import AdversarialFinetuneConfig
 from methods.defenses.shared.common import DefenseResult, DefenseRun
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from methods.core.context import RunContext
 from methods.core.method import register_method
 from methods.core.training import derive_seed, sgd
-from methods.defenses.configs import ARGDConfig
+from methods.defenses.configs.argd import ARGDConfig
 from methods.defenses.shared.attention import TransferHeads, edge_loss, weighted_at_loss
 from methods.defenses.shared.common import DefenseRun
 from methods.defenses.shared.distill import distill_stage, teacher_stage

@@ -47,7 +47,7 @@ from methods.core.metrics import POOL_CLEAN, POOL_POISON, split_metrics
 from methods.core.training import derive_seed, descend, to_float, train_epoch
 from methods.data.augment import standard_augment
 from methods.data.configs import DatasetInfo
-from methods.defenses.configs import ASDConfig
+from methods.defenses.configs.asd import ASDConfig
 from methods.defenses.shared.common import DefenseRun, hand_off_scores
 from methods.defenses.shared.mixmatch import (
     interleave,

@@ -36,7 +36,7 @@ from methods.core.metrics import POOL_CLEAN, POOL_POISON
 from methods.core.schedules import set_lr
 from methods.core.training import predict_logits, sgd
 from methods.data.augment import standard_augment
-from methods.defenses.configs import BR_MARGIN_METRICS, DBRConfig
+from methods.defenses.configs.dbr import BR_MARGIN_METRICS, DBRConfig
 from methods.defenses.sd import pool_indices, sd_stages
 from methods.defenses.shared.common import DefenseRun
 

@@ -39,7 +39,7 @@ from methods.core.metrics import POOL_CLEAN, POOL_POISON
 from methods.core.schedules import set_lr
 from methods.core.training import derive_seed, descend, predict_features, to_float
 from methods.data.augment import strong_augment
-from methods.defenses.configs import DSTConfig
+from methods.defenses.configs.dst import DSTConfig
 from methods.defenses.sd import pool_indices, sd_stages
 from methods.defenses.shared.common import DefenseRun
 from methods.models.base import BackdoorModel, build_model

@@ -20,7 +20,7 @@ from __future__ import annotations
 from methods.core.context import RunContext
 from methods.core.method import register_method
 from methods.core.training import sgd
-from methods.defenses.configs import FTConfig
+from methods.defenses.configs.ft import FTConfig
 from methods.defenses.shared.common import DefenseRun
 from methods.defenses.shared.distill import finetune_stage
 

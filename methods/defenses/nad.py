@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from methods.core.context import RunContext
 from methods.core.method import register_method
 from methods.core.training import sgd
-from methods.defenses.configs import NADConfig
+from methods.defenses.configs.nad import NADConfig
 from methods.defenses.shared.attention import weighted_at_loss
 from methods.defenses.shared.common import DefenseRun
 from methods.defenses.shared.distill import distill_stage, teacher_stage

@@ -59,7 +59,7 @@ from methods.core.metrics import POOL_CLEAN, POOL_UNCERTAIN, split_metrics
 from methods.core.training import derive_seed, predict_logits, sgd
 from methods.data.base import load_splits
 from methods.defenses.aft import adversarial_finetune_epoch
-from methods.defenses.configs import SIMILARITIES, STEP0_CHECK_METRICS, STEP0_FAILED_FLAGS, PBEConfig
+from methods.defenses.configs.pbe import SIMILARITIES, STEP0_CHECK_METRICS, STEP0_FAILED_FLAGS, PBEConfig
 from methods.defenses.shared.common import DefenseResult, DefenseRun, hand_off_scores
 
 ARGMAX_TIE_WEIGHT = 1e-3

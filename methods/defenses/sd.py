@@ -46,7 +46,7 @@ from methods.core.metrics import POOL_CLEAN, POOL_POISON, POOL_UNCERTAIN, auroc
 from methods.core.training import derive_seed, sgd, to_float, unwrap
 from methods.data.augment import horizontal_flip, random_crop, random_rotate_translate
 from methods.data.configs import DatasetInfo
-from methods.defenses.configs import SDConfig
+from methods.defenses.configs.sd import SDConfig
 from methods.defenses.shared.common import DefenseRun, hand_off_scores
 from methods.models.base import BackdoorModel, build_model
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from methods.core.schedules import scaled_steps, stepped_lr
-from methods.defenses.configs import FTConfig
+from methods.defenses.configs.ft import FTConfig
 from methods.defenses.shared.attention import cutout
 from methods.defenses.shared.common import clean_subset, stratified_quotas
 

@@ -4,12 +4,13 @@ declare and register a defense that trains through the engine, reports every ste
 from __future__ import annotations
 
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
-import methods.defenses.configs as defense_configs
 from methods.core.context import LocalContext, StopRun
 from methods.core.method import RUNS, get_method
 from methods.core.registry import METHODS
@@ -27,15 +28,20 @@ def example_blocks() -> list[str]:
 
 @pytest.fixture
 def example():
-    """The example's config block run where it belongs (configs.py's namespace), its run block as its own module."""
+    """The example's two blocks run as the modules they belong in: its config module and its run module."""
     config_block, run_block = example_blocks()
+    names = [f"methods.defenses.configs.{NAME}", f"methods.defenses.{NAME}"]
     try:
-        exec(config_block, dict(vars(defense_configs)))
-        exec(run_block, {"__name__": get_method(NAME).module})
+        for name, block in zip(names, (config_block, run_block)):
+            module = sys.modules[name] = types.ModuleType(name)
+            # compiled on its own, so that this file's `from __future__` does not leak into the example
+            exec(compile(block, f"README.md ({name})", "exec", dont_inherit=True), module.__dict__)
         yield get_method(NAME)
     finally:  # the registries are global: later registry-wide tests must not meet the example
         METHODS._items.pop(NAME, None)
         RUNS._items.pop(NAME, None)
+        for name in names:
+            sys.modules.pop(name, None)
 
 
 def test_the_readme_declares_a_config_and_a_run():

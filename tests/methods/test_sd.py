@@ -15,7 +15,7 @@ from methods.core.context import LocalContext
 from methods.core.method import get_method
 from methods.core.metrics import POOL_CLEAN, POOL_POISON, POOL_UNCERTAIN
 from methods.data.embedded import DIGITS_INFO
-from methods.defenses.configs import FCT_RESAMPLES, FCT_TRANSFORMS
+from methods.defenses.configs.sd import FCT_RESAMPLES, FCT_TRANSFORMS
 from methods.defenses.sd import (
     SDConfig,
     centroid_separation_loss,

@@ -28,7 +28,7 @@ def test_every_declared_method_has_its_run_and_every_run_is_declared():
     for name, spec in METHODS.items():
         assert spec.run.__module__ == spec.module == f"methods.{spec.kind}s.{name}"
         assert spec.kind in ("attack", "defense")
-        assert spec.config_cls.__module__ == f"methods.{spec.kind}s.configs"
+        assert spec.config_cls.__module__ == f"methods.{spec.kind}s.configs.{name}"  # one config module each
         assert spec.doc, f"{spec.module} has no docstring for bdo list"
 
 

@@ -32,7 +32,7 @@ from methods.attacks.triggers import PatchTrigger, grid_pattern
 from methods.core.blind_signals import BlindSignals, Canary, canary_asr, dataset_eps
 from methods.core.training import derive_seed, make_generator, sgd, train_epoch
 from methods.data.augment import standard_augment
-from methods.defenses.configs import DefenseConfig
+from methods.defenses.configs.shared import DefenseConfig
 from methods.defenses.shared.common import clean_subset
 
 CANARY_BATCH_SIZE = 64

@@ -13,7 +13,7 @@ from methods.core.schedules import set_lr
 from methods.core.training import descend, sgd, to_float
 from methods.data.augment import standard_augment
 from methods.data.configs import DatasetInfo
-from methods.defenses.configs import DistillConfig
+from methods.defenses.configs.shared import DistillConfig
 from methods.defenses.shared.attention import attention_map, cutout
 from methods.defenses.shared.common import DefenseRun
 
