@@ -1,5 +1,5 @@
 """Validation never imports torch or ray: bad input fails in well under the ~2 s that `import torch` costs, and
-`--dry-run` says what would run without paying for it (issue 21)."""
+`--dry-run` says what would run without paying for it."""
 
 from __future__ import annotations
 
