@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from methods.core.context import RunContext
 from methods.core.engine import Stage
 from methods.core.method import register_method
-from methods.core.metrics import POOL_CLEAN, POOL_POISON
+from methods.core.metrics import POOL_CLEAN, POOL_POISON, accuracy
 from methods.core.schedules import set_lr
 from methods.core.training import predict_logits, sgd
 from methods.data.augment import standard_augment
@@ -55,21 +55,27 @@ def _beats(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 def update_candidates(
-    candidates: list[dict[str, Any]], new: dict[str, Any], margin: float, rule: str
+    candidates: list[dict[str, Any]], new: dict[str, Any], margin: float, rule: str, ceiling: float = float("inf")
 ) -> list[dict[str, Any]]:
     """The rounds (dicts with round, acc, risk and whatever else the caller keeps) that the kept-round rule may
     still choose after more rounds; `risk` is the value a margin rule minimises (BR_MARGIN_METRICS). Under a
-    margin rule the final choice is a round within the margin of the final best ACC that no other round beats on
-    both ACC and risk; both properties only get stricter as rounds are added, so dropping the rounds that fail
-    either now loses nothing, and only these rounds' weights need to be held. Under best_val_acc the only
-    candidate is the best round so far, and last holds the newest."""
+    margin rule the final choice is a round within the margin of min(the final best ACC, `ceiling`) that no other
+    round beats on both ACC and risk; both properties only get stricter as rounds are added, so dropping the
+    rounds that fail either now loses nothing, and only these rounds' weights need to be held. Under
+    best_val_acc the only candidate is the best round so far, and last holds the newest."""
     if rule == "last":
         return [new]
     if rule == "best_val_acc":
         return [new] if not candidates or new["acc"] >= candidates[0]["acc"] else candidates
     pool = candidates + [new]
-    floor = max(c["acc"] for c in pool) - margin
+    floor = acc_floor(max(c["acc"] for c in pool), margin, ceiling)
     return [c for c in pool if c["acc"] >= floor and not any(_beats(d, c) for d in pool if d is not c)]
+
+
+def acc_floor(best_acc: float, margin: float, ceiling: float = float("inf")) -> float:
+    """The val_acc a kept round must reach under a margin rule: `margin` below the best round, or below `ceiling`
+    (the suspect model's val_acc under br_acc_reference suspect) where that is lower."""
+    return min(best_acc, ceiling) - margin
 
 
 def chosen(candidates: list[dict[str, Any]]) -> dict[str, Any]:
@@ -89,7 +95,8 @@ def run(ctx: RunContext, cfg: DBRConfig):
     optimizer = sgd(model.parameters(), cfg.br_lr, cfg.momentum, cfg.weight_decay)
     g = defense.generator("br")
     engine.track({"br": model}, {"br": optimizer}, generators={"br": g})
-    carried = engine.keep(candidates=[], best_acc=float("-inf"))
+    # suspect_acc: the val_acc of the model D-BR was given, read before the first round
+    carried = engine.keep(candidates=[], best_acc=float("-inf"), suspect_acc=None)
     pools: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     newest: dict[str, Any] = {}  # this round's candidate entry, completed once the round is reported
 
@@ -97,6 +104,9 @@ def run(ctx: RunContext, cfg: DBRConfig):
         for name, code in (("clean", POOL_CLEAN), ("poison", POOL_POISON)):
             idx = pool_indices(sd_split.pools, code)
             pools[name] = data.x_train[idx], data.y_train[idx]
+        if carried.suspect_acc is None:  # a resumed run has it from its checkpoint
+            x, y = data.clean_set("val")
+            carried.suspect_acc = accuracy(predict_logits(model, x, cfg.eval_batch_size).argmax(1), y)
 
     def poison_pool_fit(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         """The share of the suspected-poisoned pool the model still predicts as its training label: a backdoor
@@ -112,6 +122,9 @@ def run(ctx: RunContext, cfg: DBRConfig):
     rule = cfg.selection_rule()
     # the metric a margin rule minimises; the other rules read val_acc only, so their candidates carry no risk
     minimised = BR_MARGIN_METRICS.get(rule)
+
+    def ceiling() -> float:
+        return carried.suspect_acc if cfg.br_acc_reference == "suspect" else float("inf")
 
     def br_round(i: int) -> dict[str, float]:
         rnd = i + 1
@@ -130,7 +143,7 @@ def run(ctx: RunContext, cfg: DBRConfig):
             "risk": metrics[minimised] if minimised else None,
             "report": metrics,
         }
-        carried.candidates = update_candidates(carried.candidates, entry, cfg.br_acc_margin, rule)
+        carried.candidates = update_candidates(carried.candidates, entry, cfg.br_acc_margin, rule, ceiling())
         metrics.update(
             {
                 **sd_split.metrics,
@@ -138,7 +151,7 @@ def run(ctx: RunContext, cfg: DBRConfig):
                 "br_unlearn_loss": -unlearn.item(),
                 "br_relearn_loss": relearn.item(),
                 "br_kept_round": float(chosen(carried.candidates)["round"]),
-                "br_acc_floor": carried.best_acc - cfg.br_acc_margin,
+                "br_acc_floor": acc_floor(carried.best_acc, cfg.br_acc_margin, ceiling()),
             }
         )
         newest["entry"] = entry
@@ -149,7 +162,12 @@ def run(ctx: RunContext, cfg: DBRConfig):
         newest["entry"]["weights"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
     last = engine.run([*sd_run, Stage("br", cfg.br_rounds, br_round, begin=split_pools, after_report=keep_weights)])
-    best_acc = carried.best_acc
+    best_acc, floor = carried.best_acc, acc_floor(carried.best_acc, cfg.br_acc_margin, ceiling())
+    reference = (
+        f"best {best_acc:.4f}"
+        if floor == best_acc - cfg.br_acc_margin
+        else f"the suspect model's {carried.suspect_acc:.4f}, below the best round's {best_acc:.4f}"
+    )
     kept = chosen(carried.candidates)
     model.load_state_dict(kept["weights"])
     ctx.progress(
@@ -158,12 +176,12 @@ def run(ctx: RunContext, cfg: DBRConfig):
             ""
             if minimised is None
             else f", the lowest {minimised} ({kept['risk']:.4f}) among the rounds with val ACC >= "
-            f"{best_acc - cfg.br_acc_margin:.4f} (best {best_acc:.4f} - margin {cfg.br_acc_margin})"
+            f"{floor:.4f} ({reference} - margin {cfg.br_acc_margin})"
         )
     )
     return defense.finish(
         model,
         last,
-        {**kept["report"], "br_kept_round": float(kept["round"]), "br_acc_floor": best_acc - cfg.br_acc_margin},
+        {**kept["report"], "br_kept_round": float(kept["round"]), "br_acc_floor": floor},
         kept_step=kept["step"],
     )

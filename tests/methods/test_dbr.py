@@ -34,6 +34,7 @@ def test_unlearning_loss_is_negative_cross_entropy():
         ({"br_select": "val_acc_minus_asr"}, "br_select"),
         ({"br_acc_margin": -0.01}, "br_acc_margin"),
         ({"br_unlearn_lr_scale": -1.0}, "br_unlearn_lr_scale"),
+        ({"br_acc_reference": "clean"}, "br_acc_reference"),
     ],
 )
 def test_bad_dbr_config_names_the_field(values, message):
@@ -41,10 +42,11 @@ def test_bad_dbr_config_names_the_field(values, message):
         DBRConfig.from_dict(values)
 
 
-def brute_force_choice(rounds: list[tuple[float, float]], margin: float) -> int:
+def brute_force_choice(rounds: list[tuple[float, float]], margin: float, ceiling: float = math.inf) -> int:
     """The margin rule stated in DBRConfig, over every (val ACC, minimised metric) round at once: index of the
-    lowest metric among the rounds whose val ACC is within `margin` of the best (ties: higher ACC, then later)."""
-    best = max(acc for acc, _ in rounds)
+    lowest metric among the rounds whose val ACC is within `margin` of the best, or of `ceiling` (the suspect
+    model's) where that is lower (ties: higher ACC, then later)."""
+    best = min(max(acc for acc, _ in rounds), ceiling)
     eligible = [i for i, (acc, _) in enumerate(rounds) if acc >= best - margin]
     return min(eligible, key=lambda i: (rounds[i][1], -rounds[i][0], -i))
 
@@ -57,12 +59,14 @@ def test_kept_round_candidates_give_the_rule_over_all_rounds(seed):
     n = int(torch.randint(1, 15, (1,), generator=g))
     values = [(0.05 * int(a), 0.05 * int(b)) for a, b in torch.randint(10, 21, (n, 2), generator=g).tolist()]
     margin = 0.05 * int(torch.randint(0, 4, (1,), generator=g))
+    # half the cases count the margin from a suspect model's accuracy, which some rounds exceed
+    ceiling = 0.05 * int(torch.randint(10, 21, (1,), generator=g)) if seed % 2 else math.inf
     candidates = []
     for i, (acc, asr) in enumerate(values):
         candidates = update_candidates(
-            candidates, {"round": i + 1, "acc": acc, "risk": asr}, margin, "asr_within_acc_margin"
+            candidates, {"round": i + 1, "acc": acc, "risk": asr}, margin, "asr_within_acc_margin", ceiling
         )
-        assert chosen(candidates)["round"] == brute_force_choice(values[: i + 1], margin) + 1
+        assert chosen(candidates)["round"] == brute_force_choice(values[: i + 1], margin, ceiling) + 1
     assert len(candidates) <= n
 
 
@@ -80,6 +84,24 @@ def test_the_margin_rule_never_trades_accuracy_for_asr():
     for i, (acc, asr) in enumerate(rounds):
         last = update_candidates(last, {"round": i + 1, "acc": acc, "risk": asr}, 0.02, "last")
     assert chosen(last)["round"] == 4
+
+
+def test_the_margin_counts_from_the_suspect_model_when_relearning_lifted_a_round_above_it():
+    # cifar10_jpeg's cpu recipe, BadNets seed 0 (val ACC, val ASR by round): the first relearning lifted val ACC
+    # from the suspect model's 0.724 to 0.734, and the rounds that removed the trigger lost less than 2 points
+    # against the suspect model but more against that round
+    rounds = [(0.734, 0.98), (0.714, 0.063), (0.706, 0.039), (0.694, 0.036)]
+
+    def kept(ceiling: float) -> int:
+        candidates = []
+        for i, (acc, asr) in enumerate(rounds):
+            entry = {"round": i + 1, "acc": acc, "risk": asr}
+            candidates = update_candidates(candidates, entry, 0.02, "asr_within_acc_margin", ceiling)
+        return chosen(candidates)["round"]
+
+    assert kept(math.inf) == 2, "best_round: within 0.02 of 0.734"
+    assert kept(0.724) == 3, "suspect: within 0.02 of 0.724; round 4 lost 3 points"
+    assert kept(0.75) == 2, "a suspect model above every round changes nothing"
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ PLAIN = FastPath(bf16=False, channels_last=False, cudnn_benchmark=False)
 # Config values that send a method down a path with other stages or a varying length.
 OTHER_PATHS = {
     "argd": [{"teacher_mode": "scratch_wrn40_2"}],
-    "dbr": [{"fct_model": "backdoored"}],
+    "dbr": [{"fct_model": "backdoored", "br_acc_reference": "suspect"}],  # the cifar10 cpu recipe's path
     "dst": [{"fct_model": "backdoored"}],
     "pbe": [{"step0_retries": 1, "step0_max_val_asr": 0.0}],  # step 0 fails and is rerun: the run grows
 }
