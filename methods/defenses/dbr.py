@@ -95,7 +95,7 @@ def run(ctx: RunContext, cfg: DBRConfig):
     optimizer = sgd(model.parameters(), cfg.br_lr, cfg.momentum, cfg.weight_decay)
     g = defense.generator("br")
     engine.track({"br": model}, {"br": optimizer}, generators={"br": g})
-    # suspect_acc: the val_acc of the model D-BR was given, read before the first round
+    # suspect_acc: the val_acc of the model D-BR was given, read before the first round (br_acc_reference suspect)
     carried = engine.keep(candidates=[], best_acc=float("-inf"), suspect_acc=None)
     pools: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     newest: dict[str, Any] = {}  # this round's candidate entry, completed once the round is reported
@@ -104,7 +104,8 @@ def run(ctx: RunContext, cfg: DBRConfig):
         for name, code in (("clean", POOL_CLEAN), ("poison", POOL_POISON)):
             idx = pool_indices(sd_split.pools, code)
             pools[name] = data.x_train[idx], data.y_train[idx]
-        if carried.suspect_acc is None:  # a resumed run has it from its checkpoint
+        # only the suspect reference reads it; a resumed run has it from its checkpoint
+        if cfg.br_acc_reference == "suspect" and carried.suspect_acc is None:
             x, y = data.clean_set("val")
             carried.suspect_acc = accuracy(predict_logits(model, x, cfg.eval_batch_size).argmax(1), y)
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from methods.attacks.configs.shared import (
-    AttackConfig,
-)
+from methods.attacks.configs.shared import AttackConfig, check_pattern_file
 from methods.core.config import choice, ranged
 from methods.core.method import declare_method
 
@@ -20,7 +18,4 @@ class BadNetsConfig(AttackConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.pattern == "file" and not self.patch_file:
-            raise ValueError("patch_file: required when pattern is 'file'")
-        if self.patch_file and self.pattern != "file":  # any other pattern never reads it: the file would be ignored
-            raise ValueError(f"patch_file: read only by pattern 'file', not {self.pattern!r}; set pattern=file too")
+        check_pattern_file(self.pattern, "patch_file", self.patch_file)

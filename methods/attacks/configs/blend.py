@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from methods.attacks.configs.shared import (
-    AttackConfig,
-)
+from methods.attacks.configs.shared import AttackConfig, check_pattern_file
 from methods.core.config import choice, ranged
 from methods.core.method import declare_method
 
@@ -21,7 +19,4 @@ class BlendConfig(AttackConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.pattern == "file" and not self.pattern_file:
-            raise ValueError("pattern_file: required when pattern is 'file'")
-        if self.pattern_file and self.pattern != "file":  # any other pattern never reads it: the file would be ignored
-            raise ValueError(f"pattern_file: read only by pattern 'file', not {self.pattern!r}; set pattern=file too")
+        check_pattern_file(self.pattern, "pattern_file", self.pattern_file)

@@ -63,6 +63,15 @@ class AttackConfig(Config):
             raise ValueError(f"model: unknown {self.model!r}; known: {', '.join(MODEL_NAMES)}")
 
 
+def check_pattern_file(pattern: str, file_field: str, file: str | None) -> None:
+    """BadNets' and Blend's `file` pattern: it needs its file, and a file given with any other pattern would be
+    ignored, so both are refused."""
+    if pattern == "file" and not file:
+        raise ValueError(f"{file_field}: required when pattern is 'file'")
+    if file and pattern != "file":
+        raise ValueError(f"{file_field}: read only by pattern 'file', not {pattern!r}; set pattern=file too")
+
+
 # The clean-label attacks' papers' range: at most half the target class poisoned, a test trigger at most 1.5x
 # the training one (SIG's 60 against 40), CL's PGD radius at most 16/255.
 MAX_CLASS_FRACTION, MAX_TEST_STRENGTH, MAX_CL_PGD_EPS = 0.5, 1.5, 16 / 255
