@@ -145,6 +145,9 @@ class Sizes:
     share_epochs: int
     orch_images: int  # training images of the orchestrator rows
     orch_epochs: int  # epochs of the orchestrator-overhead trial (first one is start-up)
+    # the short-epoch variant: an epoch as short as a GPU's, so that the fixed per-epoch costs show
+    short_epoch_images: int
+    short_epoch_epochs: int
     sweep_trials: int
     sweep_concurrency: int
     sweep_attack_epochs: int
@@ -168,6 +171,8 @@ def sizes_for(quick: bool, device: str) -> Sizes:
             share_epochs=1,
             orch_images=512,
             orch_epochs=3,
+            short_epoch_images=256,
+            short_epoch_epochs=3,
             sweep_trials=2,
             sweep_concurrency=2,
             sweep_attack_epochs=1,
@@ -189,6 +194,8 @@ def sizes_for(quick: bool, device: str) -> Sizes:
             share_epochs=3,
             orch_images=50_000,
             orch_epochs=5,
+            short_epoch_images=10_000,
+            short_epoch_epochs=8,
             sweep_trials=8,
             sweep_concurrency=4,
             sweep_attack_epochs=5,
@@ -209,6 +216,8 @@ def sizes_for(quick: bool, device: str) -> Sizes:
         share_epochs=2,
         orch_images=10_000,
         orch_epochs=4,
+        short_epoch_images=2_000,
+        short_epoch_epochs=8,
         sweep_trials=8,
         sweep_concurrency=2,
         sweep_attack_epochs=2,

@@ -86,6 +86,16 @@ def all_cases() -> list[Case]:
         )
     )
     cases.append(
+        Case(
+            "orchestrator.epoch.short",
+            "benchmarks.orchestrator:bench_epoch",
+            ("orchestrator.epoch.short",),
+            {"short": True},
+            needs=ray,
+            group="ray",
+        )
+    )
+    cases.append(
         Case("sweep", "benchmarks.orchestrator:bench_sweep", ("sweep.reuse", "sweep.naive"), needs=ray, group="ray")
     )
     cases.append(

@@ -156,13 +156,21 @@ def label_excess(
     return max(excess)
 
 
-def training_label_excess(model: nn.Module, data: Any, split: str, signals: BlindSignals, batch_size: int) -> float:
-    """label_excess of the model on a fixed subsample of the training set, against the clean `split`."""
+def training_predictions(
+    model: nn.Module, data: Any, signals: BlindSignals, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted, labels) of the model on label_excess's fixed subsample of the training set."""
     idx = subsample(len(data.y_train), LABEL_EXCESS_IMAGES, signals.seed).to(data.y_train.device)
-    train_predicted = predict_logits(model, data.x_train[idx], batch_size).argmax(1)
+    return predict_logits(model, data.x_train[idx], batch_size).argmax(1), data.y_train[idx]
+
+
+def training_label_excess(
+    model: nn.Module, data: Any, split: str, batch_size: int, training: tuple[torch.Tensor, torch.Tensor]
+) -> float:
+    """label_excess of the model's `training` predictions (training_predictions) against the clean `split`."""
     x, y = data.clean_set(split)
     held_out_predicted = predict_logits(model, x, batch_size).argmax(1)
-    return label_excess(train_predicted, data.y_train[idx], held_out_predicted, y, data.info.num_classes)
+    return label_excess(*training, held_out_predicted, y, data.info.num_classes)
 
 
 def canary_asr(
@@ -180,11 +188,16 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.device == b.device and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
-def _split_signals(model: nn.Module, data: Any, signals: BlindSignals, split: str, batch_size: int) -> dict[str, float]:
+def _split_signals(
+    model: nn.Module, data: Any, signals: BlindSignals, split: str, batch_size: int, memo: dict
+) -> dict[str, float]:
     x, y = data.clean_set(split)
+    # the training-set pass is the costliest part (up to LABEL_EXCESS_IMAGES images) and the same for every split
+    if "training" not in memo:
+        memo["training"] = training_predictions(model, data, signals, batch_size)
     out = {
         f"{split}_adv_concentration": adv_concentration(model, x, y, signals, batch_size),
-        f"{split}_label_excess": training_label_excess(model, data, split, signals, batch_size),
+        f"{split}_label_excess": training_label_excess(model, data, split, batch_size, memo["training"]),
     }
     if signals.canary is not None:
         out[f"{split}_canary_asr"] = canary_asr(model, signals.canary, split, x, y, batch_size)
@@ -207,9 +220,10 @@ def blind_signals(
         memo and memo["keys"] == list(state) and all(_same_tensor(a, b) for a, b in zip(memo["state"], state.values()))
     )
     if not same:
+        memo.clear()  # everything in it belongs to the weights it was computed for
         memo.update(keys=list(state), state=[v.detach().clone() for v in state.values()], out={})
     # per split: the step reports evaluate val only and the final evaluation adds test for the same weights
     for split in splits:
         if split not in memo["out"]:
-            memo["out"][split] = _split_signals(bare, data, signals, split, batch_size)
+            memo["out"][split] = _split_signals(bare, data, signals, split, batch_size, memo)
     return {k: v for split in splits for k, v in memo["out"][split].items()}

@@ -144,3 +144,24 @@ def test_steps_report_the_validation_signals_and_the_result_adds_the_test_split(
     measured = blind_signals(model, badnets_backdoor.data, splits=("test",))
     assert final["test_adv_concentration"] == measured["test_adv_concentration"]
     assert final["test_blind_score"] == final["test_acc"] - final["test_adv_concentration"]
+
+
+def test_the_training_set_pass_is_made_once_per_weights(badnets_backdoor, monkeypatch):
+    # label_excess's pass over the training set is the costliest signal; the final result adds the test split
+    # for the weights of the last report, which must reuse that pass, and changed weights must not
+    from methods.core import blind_signals as module
+
+    calls = []
+    real = module.training_predictions
+    monkeypatch.setattr(module, "training_predictions", lambda *args: calls.append(1) or real(*args))
+    data, model = badnets_backdoor.data, badnets_backdoor.build_model()
+    signals = default_signals(data.info)
+    blind_signals(model, data, signals, splits=("val",))
+    both = blind_signals(model, data, signals, splits=("val", "test"))
+    assert len(calls) == 1
+    assert both == blind_signals(model, data, default_signals(data.info)), "the same as computed afresh"
+    with torch.no_grad():
+        next(model.parameters()).add_(0.5)
+    changed = blind_signals(model, data, signals, splits=("test",))
+    assert len(calls) == 3
+    assert changed == blind_signals(model, data, default_signals(data.info), splits=("test",))

@@ -68,7 +68,12 @@ def test_selection_by_name_and_prefix():
         select(cases, "nonsense")
     grouped = batches(select(cases, None))
     ray = [b for b in grouped if b[0].group == "ray"]
-    assert len(ray) == 1 and {c.name for c in ray[0]} == {"orchestrator.epoch", "sweep", "tune.trivial"}
+    assert len(ray) == 1 and {c.name for c in ray[0]} == {
+        "orchestrator.epoch",
+        "orchestrator.epoch.short",
+        "sweep",
+        "tune.trivial",
+    }
 
 
 def test_table_marks_skipped_rows_and_missing_numbers():
