@@ -70,7 +70,13 @@ def train_synthetic(name: str, **settings) -> Backdoor:
     return train_backdoor(name, data_config=SYNTHETIC_DATA, **settings)
 
 
+# Both tests train synthetic's clean badnets recipe; conftest's cache holds it per xdist worker, so they share one
+# worker and the model is trained once (about 40 s of a 2-core runner).
+SYNTHETIC_GROUP = pytest.mark.xdist_group("synthetic-small-cnn")
+
+
 @pytest.mark.slow
+@SYNTHETIC_GROUP
 def test_synthetic_is_learnable_by_a_small_cnn_without_saturating():
     started = time.perf_counter()
     settings = {**preset_settings("badnets", TUNED_SEED, dataset="synthetic", poison_rate=0.0), **SYNTHETIC_SCHEDULE}
@@ -202,6 +208,7 @@ SYNTHETIC_MAX_CELL_ACC_DROP = 0.03
 
 
 @pytest.mark.slow
+@SYNTHETIC_GROUP
 def test_attacks_implant_on_synthetic_with_small_cnn():
     drops, failures = {}, []
     for name in ["badnets", "blend", "sig", "wanet"]:
