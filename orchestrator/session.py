@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,7 +61,11 @@ class Session:
                 if self.address:
                     ray.init(address=self.address, **kwargs)
                 else:
-                    with local_ray_in_its_own_session():
+                    # Ray starts its workers, so every trial, at niceness 15 to keep its own daemons responsive;
+                    # beside other work at the default priority a trial then got ~1/28 of a shared core (a quick
+                    # epoch: 0.6 s plain, 37-42 s in a trial, benchmarks/RESULTS.md). On the user's own machine
+                    # the trials are the user's work, so a local Ray runs them at 0 unless the user says otherwise.
+                    with local_ray_in_its_own_session(), environment_default("RAY_worker_niceness", "0"):
                         ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
             self._started_ray = True
         alive = [n for n in ray.nodes() if n.get("Alive")]
@@ -129,6 +135,19 @@ NETWORK_FILESYSTEMS = frozenset(
         "fuse.beegfs",
     }
 )
+
+
+@contextlib.contextmanager
+def environment_default(name: str, value: str) -> Iterator[None]:
+    """`name` set to `value` inside the block unless the environment already sets it, as before afterwards."""
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
 
 
 def mount_of(path: Path, mounts: str) -> tuple[str, str] | None:
