@@ -29,17 +29,18 @@ def test_environment_default_sets_only_what_is_unset_and_restores_it(monkeypatch
 
 
 PROBE = """
-import os, sys, tempfile
+import os, tempfile
 from pathlib import Path
 import ray
 from orchestrator.session import Session
 
-tmp = Path(tempfile.mkdtemp())
-session = Session(f"sqlite:///{tmp / 'mlflow.db'}", "bdo", tmp / "runs", tmp / "data")
-session.start_ray(num_cpus=1)
-niceness = ray.get(ray.remote(lambda: os.nice(0)).remote())
-print(niceness, os.environ.get("RAY_worker_niceness", "unset"))
-session.stop_ray()
+with tempfile.TemporaryDirectory() as tmp:
+    tmp = Path(tmp)
+    session = Session(f"sqlite:///{tmp / 'mlflow.db'}", "bdo", tmp / "runs", tmp / "data")
+    session.start_ray(num_cpus=1)
+    niceness = ray.get(ray.remote(lambda: os.nice(0)).remote())
+    print(niceness, os.environ.get("RAY_worker_niceness", "unset"))
+    session.stop_ray()
 """
 
 
